@@ -1,0 +1,1 @@
+"""Model card templates, filled on save_pretrained and push_to_hub."""

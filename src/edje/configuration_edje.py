@@ -1,0 +1,164 @@
+"""EDJE model configuration."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from transformers import BertConfig, PretrainedConfig
+
+ADAPTER_MODES = ("compressed", "local")
+# The token whose input embeddings the image tokens replace in the joint encoder.
+IMAGE_TOKEN = "<image>"
+
+
+class EDJEConfig(PretrainedConfig):
+    r"""Configuration of an [`EDJEModel`]: the vision encoder it reads, adapter, joint encoder.
+
+    Args:
+        text_config (`dict` or `BertConfig`, *optional*):
+            The joint encoder (a BERT-style encoder). Its `hidden_size` is the width of the stored
+            image tokens; its vocabulary includes the `<image>` token.
+        vision_encoder_name (`str`, *optional*):
+            The frozen vision encoder the raw tokens come from: a Hub id, a local folder, or one of
+            the offline names in `edje.backbones`. Only needed to encode pixels.
+        vision_hidden_size (`int`, defaults to 384):
+            Width `d_vis` of the raw vision tokens.
+        vision_num_tokens (`int`, defaults to 257):
+            Number `n` of raw vision tokens per image (CLS, registers and patches).
+        vision_num_heads (`int`, defaults to 6):
+            Heads of the vision encoder; the adapter's cross-attention uses as many by default.
+        vision_image_size (`int`, *optional*):
+            Side in pixels the vision encoder was run at (recorded for the token-store fingerprint).
+        adapter_mode (`str`, defaults to `"compressed"`):
+            `"compressed"`: `num_image_tokens` learned queries attend over the raw tokens.
+            `"local"`: a per-token MLP over all `n` raw tokens (the uncompressed teacher).
+        num_image_tokens (`int`, defaults to 64):
+            Tokens `m` stored per image in `"compressed"` mode. Ignored in `"local"` mode, where
+            every raw token is kept.
+        adapter_num_heads (`int`, *optional*):
+            Heads of the adapter's cross-attention; defaults to `vision_num_heads`.
+        adapter_mlp_size (`int`, defaults to 8192):
+            Hidden width of the adapter's MLP.
+        adapter_qk_norm (`bool`, defaults to `False`):
+            LayerNorm the adapter's queries and keys (not in the paper; steadies small-data
+            training).
+        adapter_position_embedding (`bool`, defaults to `False`):
+            Learn a position embedding added to the raw tokens before the adapter (not in
+            the paper).
+        image_token_id (`int`, *optional*):
+            Token id of `<image>`: the slots whose input embeddings the image tokens replace.
+        max_caption_length (`int`, defaults to 64):
+            Caption tokens kept, `[CLS]` and `[SEP]` included; longer captions are truncated.
+
+    Example:
+
+    ```python
+    >>> from edje import EDJEConfig
+    >>> config = EDJEConfig(text_config={"hidden_size": 32, "num_hidden_layers": 2,
+    ...     "num_attention_heads": 2, "intermediate_size": 64}, vision_hidden_size=32,
+    ...     vision_num_tokens=17, vision_num_heads=2, num_image_tokens=4,
+    ...     adapter_mlp_size=64, image_token_id=5)
+    >>> config.image_token_shape
+    (4, 32)
+
+    ```
+    """
+
+    model_type = "edje"
+    sub_configs: ClassVar[dict[str, type]] = {"text_config": BertConfig}
+
+    def __init__(
+        self,
+        text_config: dict[str, Any] | BertConfig | None = None,
+        vision_encoder_name: str | None = None,
+        vision_hidden_size: int = 384,
+        vision_num_tokens: int = 257,
+        vision_num_heads: int = 6,
+        vision_image_size: int | None = None,
+        adapter_mode: str = "compressed",
+        num_image_tokens: int = 64,
+        adapter_num_heads: int | None = None,
+        adapter_mlp_size: int = 8192,
+        adapter_qk_norm: bool = False,
+        adapter_position_embedding: bool = False,
+        image_token_id: int | None = None,
+        max_caption_length: int = 64,
+        **kwargs: Any,
+    ):
+        if text_config is None:
+            text_config = BertConfig(
+                hidden_size=384, num_attention_heads=12, intermediate_size=1536
+            )
+        elif isinstance(text_config, dict):
+            text_config = BertConfig(**{k: v for k, v in text_config.items() if k != "model_type"})
+        self.text_config = text_config
+        self.vision_encoder_name = vision_encoder_name
+        self.vision_hidden_size = vision_hidden_size
+        self.vision_num_tokens = vision_num_tokens
+        self.vision_num_heads = vision_num_heads
+        self.vision_image_size = vision_image_size
+        self.adapter_mode = adapter_mode
+        self.num_image_tokens = num_image_tokens
+        self.adapter_num_heads = adapter_num_heads or vision_num_heads
+        self.adapter_mlp_size = adapter_mlp_size
+        self.adapter_qk_norm = adapter_qk_norm
+        self.adapter_position_embedding = adapter_position_embedding
+        self.image_token_id = image_token_id
+        self.max_caption_length = max_caption_length
+        super().__init__(**kwargs)
+        self._validate()
+
+    @property
+    def tokens_per_image(self) -> int:
+        """Tokens each image contributes to the joint encoder (`m`, or `n` in local mode)."""
+        return (
+            self.num_image_tokens if self.adapter_mode == "compressed" else self.vision_num_tokens
+        )
+
+    @property
+    def image_token_shape(self) -> tuple[int, int]:
+        """Shape of one image's stored tokens: `(tokens_per_image, joint hidden size)`."""
+        return (self.tokens_per_image, self.text_config.hidden_size)
+
+    def _validate(self) -> None:
+        if self.adapter_mode not in ADAPTER_MODES:
+            raise ValueError(
+                f"EDJEConfig: adapter_mode must be one of {ADAPTER_MODES}, "
+                f"got {self.adapter_mode!r}."
+            )
+        positive = {
+            "vision_hidden_size": self.vision_hidden_size,
+            "vision_num_tokens": self.vision_num_tokens,
+            "vision_num_heads": self.vision_num_heads,
+            "num_image_tokens": self.num_image_tokens,
+            "adapter_num_heads": self.adapter_num_heads,
+            "adapter_mlp_size": self.adapter_mlp_size,
+            "max_caption_length": self.max_caption_length,
+        }
+        for name, value in positive.items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"EDJEConfig: {name} must be a positive int, got {value!r}.")
+        if self.vision_hidden_size % self.adapter_num_heads:
+            raise ValueError(
+                f"EDJEConfig: vision_hidden_size ({self.vision_hidden_size}) must be divisible by "
+                f"adapter_num_heads ({self.adapter_num_heads})."
+            )
+        if self.max_caption_length < 3:
+            raise ValueError(
+                "EDJEConfig: max_caption_length counts [CLS] and [SEP], so it must be at least 3, "
+                f"got {self.max_caption_length}."
+            )
+        total = self.max_caption_length + self.tokens_per_image + 1
+        positions = self.text_config.max_position_embeddings
+        if total > positions:
+            raise ValueError(
+                f"EDJEConfig: a pair takes up to {total} positions (caption "
+                f"{self.max_caption_length} + image {self.tokens_per_image} + [SEP]), but the "
+                f"joint encoder has max_position_embeddings={positions}."
+            )
+        vocab = self.text_config.vocab_size
+        if self.image_token_id is not None and not 0 <= self.image_token_id < vocab:
+            raise ValueError(
+                f"EDJEConfig: image_token_id must be in [0, {vocab}) (the joint encoder's "
+                f"vocabulary), got {self.image_token_id}."
+            )

@@ -1,0 +1,43 @@
+"""Data sets: Flickr30k, COCO, your own images, and the built-in offline set.
+
+Every loader returns a ``datasets.Dataset`` (a ``DatasetDict`` of them for the built-in set)
+with one schema, ``edje.data.SCHEMA``:
+
+=============  ==============================  ===============================================
+column         feature                         meaning
+=============  ==============================  ===============================================
+``image``      ``datasets.Image()``            the picture (decoded to PIL when read)
+``image_id``   ``Value("string")``             unique within a data set
+``captions``   ``Sequence(Value("string"))``   one or more non-empty captions of this image
+``split``      ``Value("string")``             ``"train"``, ``"validation"``, ``"test"``, ...
+=============  ==============================  ===============================================
+
+Captions are flattened for retrieval as ``texts = [c for row in ds for c in row["captions"]]``
+with ``text_to_image`` the row index of each caption (see ``edje.metrics``).
+
+Example:
+    >>> from edje.data import make_builtin_dataset
+    >>> ds = make_builtin_dataset(seed=0, n_train_triplets=2, n_train_single=1,
+    ...                           n_val_triplets=1, n_test_triplets=1)
+    >>> row = ds["test"][0]
+    >>> sorted(row), row["split"]
+    (['captions', 'image', 'image_id', 'split'], 'test')
+"""
+
+from edje.data.builtin import make_builtin_dataset, make_builtin_scenes, save_builtin_dataset
+from edje.data.columns import from_dataset
+from edje.data.folder import load_image_folder
+from edje.data.karpathy import HubSource, load_coco_karpathy, load_flickr30k
+from edje.data.schema import SCHEMA
+
+__all__ = [
+    "SCHEMA",
+    "HubSource",
+    "from_dataset",
+    "load_coco_karpathy",
+    "load_flickr30k",
+    "load_image_folder",
+    "make_builtin_dataset",
+    "make_builtin_scenes",
+    "save_builtin_dataset",
+]

@@ -1,0 +1,51 @@
+"""Model cards for saved EDJE models, filled from `model_cards/edje.md`."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from string import Template
+from typing import Any
+
+from huggingface_hub import ModelCardData
+
+CARD_TEMPLATE = "edje.md"
+
+
+def render_model_card(model: Any, *, repo_id: str | None = None, results: str | None = None) -> str:
+    """The model card text for `model` (an `EDJEModel`), with optional results in markdown."""
+    config = model.config
+    text = config.text_config
+    m, d = config.image_token_shape
+    if config.adapter_mode == "compressed":
+        adapter = f"{m} learned queries, cross-attention with {config.adapter_num_heads} heads"
+    else:
+        adapter = "local: per-token MLP, no compression"
+    card_data = ModelCardData(
+        library_name="edje",
+        tags=["edje", "reranker", "image-text-retrieval", "vision-language"],
+    )
+    template = Template(resources.files("edje.model_cards").joinpath(CARD_TEMPLATE).read_text())
+    return template.substitute(
+        card_data=card_data.to_yaml(),
+        model_name=repo_id or "EDJE reranker",
+        repo_id=repo_id or "path/to/this/folder",
+        vision_encoder=config.vision_encoder_name,
+        vision_num_tokens=config.vision_num_tokens,
+        vision_hidden_size=config.vision_hidden_size,
+        adapter=adapter,
+        tokens_per_image=m,
+        hidden_size=d,
+        bytes_per_image=f"{m * d * 2:,}",
+        num_layers=text.num_hidden_layers,
+        max_caption_length=config.max_caption_length,
+        num_parameters=f"{sum(p.numel() for p in model.parameters()):,}",
+        results=results or "Not evaluated yet.",
+    )
+
+
+def write_model_card(model: Any, save_directory: str | Path, **kwargs: Any) -> Path:
+    """Write `README.md` into `save_directory`; kwargs go to `render_model_card`."""
+    path = Path(save_directory) / "README.md"
+    path.write_text(render_model_card(model, **kwargs), encoding="utf-8")
+    return path

@@ -1,0 +1,448 @@
+"""EDJE: the token-compression adapter and the joint encoder that scores (caption, image) pairs.
+
+Data path: pixels -> frozen vision encoder -> raw tokens [B, n, d_vis] -> adapter -> image tokens
+[B, m, d] (what a token store keeps) -> joint encoder over `[CLS] caption [SEP] <image> x m [SEP]`
+-> pooled [CLS] -> Linear(d -> 1): one match logit per pair.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import BertModel, PreTrainedModel
+from transformers import initialization as init
+from transformers.utils import ModelOutput
+
+from .configuration_edje import IMAGE_TOKEN, EDJEConfig
+
+# edje's own loaders know the offline backbone names and write model cards. Saved checkpoints also
+# carry this file as remote code, which must load where edje is not installed; transformers does
+# not require the imports inside a try block.
+try:
+    from edje.backbones import load_text_encoder, load_vision_encoder, vision_encoder_spec
+except ImportError:
+    load_text_encoder = load_vision_encoder = vision_encoder_spec = None
+try:
+    from edje.model_card import write_model_card
+except ImportError:
+    write_model_card = None
+
+
+# Where `save_pretrained(..., save_vision_encoder=True)` puts the frozen vision tower.
+VISION_SUBFOLDER = "vision_encoder"
+
+
+class TokenCompressionAdapter(nn.Module):
+    """Compress `n` raw vision tokens into `m` tokens of the joint encoder's width.
+
+    `m` learned queries attend over key/value projections of the raw tokens (one multi-head
+    cross-attention), then `H + MLP(LayerNorm(H))`, then a projection to the joint width.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> adapter = TokenCompressionAdapter(vision_dim=32, out_dim=16, num_queries=4,
+    ...     num_heads=2, mlp_dim=64)
+    >>> adapter(torch.randn(3, 17, 32)).shape
+    torch.Size([3, 4, 16])
+
+    ```
+    """
+
+    def __init__(
+        self,
+        vision_dim: int,
+        out_dim: int,
+        num_queries: int,
+        num_heads: int,
+        mlp_dim: int,
+        qk_norm: bool = False,
+        num_positions: int | None = None,
+    ):
+        super().__init__()
+        self.num_heads = num_heads
+        self.queries = nn.Parameter(torch.randn(1, num_queries, vision_dim))
+        # Optional extras, not in the paper: a learned position per raw token, q and k LayerNorm.
+        self.position_embedding = (
+            nn.Parameter(torch.zeros(1, num_positions, vision_dim)) if num_positions else None
+        )
+        self.query_norm = nn.LayerNorm(vision_dim) if qk_norm else nn.Identity()
+        self.key_norm = nn.LayerNorm(vision_dim) if qk_norm else nn.Identity()
+        self.key = nn.Linear(vision_dim, vision_dim)
+        self.value = nn.Linear(vision_dim, vision_dim)
+        self.norm = nn.LayerNorm(vision_dim)
+        self.mlp = nn.Sequential(
+            nn.Linear(vision_dim, mlp_dim), nn.GELU(), nn.Linear(mlp_dim, vision_dim)
+        )
+        self.proj = nn.Linear(vision_dim, out_dim)
+
+    def forward(self, vision_tokens: torch.Tensor) -> torch.Tensor:
+        batch, _, dim = vision_tokens.shape  # (B, n, d_vis)
+        if self.position_embedding is not None:
+            vision_tokens = vision_tokens + self.position_embedding
+        heads, head_dim = self.num_heads, dim // self.num_heads
+        q = self.query_norm(self.queries).expand(batch, -1, -1)  # (B, m, d_vis)
+        k = self.key_norm(self.key(vision_tokens))  # (B, n, d_vis)
+        v = self.value(vision_tokens)
+        q, k, v = (x.view(batch, -1, heads, head_dim).transpose(1, 2) for x in (q, k, v))
+        h = F.scaled_dot_product_attention(q, k, v)  # (B, nh, m, hs)
+        h = h.transpose(1, 2).reshape(batch, -1, dim)  # (B, m, d_vis)
+        h = h + self.mlp(self.norm(h))
+        return self.proj(h)  # (B, m, d)
+
+
+class LocalProjector(nn.Module):
+    """The uncompressed "local" variant: a per-token MLP keeping all `n` raw tokens.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> LocalProjector(vision_dim=32, out_dim=16, mlp_dim=64)(torch.randn(3, 17, 32)).shape
+    torch.Size([3, 17, 16])
+
+    ```
+    """
+
+    def __init__(self, vision_dim: int, out_dim: int, mlp_dim: int):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(vision_dim, mlp_dim), nn.GELU(), nn.Linear(mlp_dim, out_dim)
+        )
+
+    def forward(self, vision_tokens: torch.Tensor) -> torch.Tensor:
+        return self.mlp(vision_tokens)  # (B, n, d_vis) -> (B, n, d)
+
+
+@dataclass
+class EDJEOutput(ModelOutput):
+    """Output of [`EDJEModel`].
+
+    Args:
+        loss: binary cross-entropy of `logits` against `labels`, when labels are given.
+        logits: one match logit per pair, shape `[B]`.
+        pooled_output: the pooled `[CLS]` state the head reads, shape `[B, d]`.
+        image_tokens: the image tokens the joint encoder read, shape `[B, m, d]`.
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    pooled_output: torch.Tensor | None = None
+    image_tokens: torch.Tensor | None = None
+
+
+class EDJEPreTrainedModel(PreTrainedModel):
+    config_class = EDJEConfig
+    config: EDJEConfig
+    base_model_prefix = "edje"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, TokenCompressionAdapter):
+            init.normal_(module.queries, std=module.queries.shape[-1] ** -0.5)
+            if module.position_embedding is not None:
+                init.zeros_(module.position_embedding)
+
+
+class EDJEModel(EDJEPreTrainedModel):
+    """EDJE: scores (caption, image) pairs from stored image tokens.
+
+    `forward` takes the processor's `input_ids`, `attention_mask` and `token_type_ids` with exactly
+    one of `image_tokens` (stored, `[B, m, d]`), `vision_tokens` (raw, `[B, n, d_vis]`) or
+    `pixel_values`, and returns one logit per pair.
+
+    Example (offline, on the two pip-installed backbones; the model is untrained):
+
+    ```python
+    >>> import torch
+    >>> from edje import EDJEModel, EDJEProcessor
+    >>> from edje.backbones import OFFLINE_TEXT, OFFLINE_VISION
+    >>> from skimage import data
+    >>> from PIL import Image
+    >>> model = EDJEModel.from_backbones(vision=OFFLINE_VISION, text=OFFLINE_TEXT)
+    >>> processor = EDJEProcessor.from_backbones(vision=OFFLINE_VISION, text=OFFLINE_TEXT)
+    >>> inputs = processor(text=["an astronaut"], images=[Image.fromarray(data.astronaut())],
+    ...     return_tensors="pt")
+    >>> with torch.no_grad():
+    ...     model(**inputs).logits.shape
+    torch.Size([1])
+
+    ```
+    """
+
+    def __init__(self, config: EDJEConfig, vision_encoder: nn.Module | None = None):
+        super().__init__(config)
+        if config.adapter_mode == "compressed":
+            self.adapter = TokenCompressionAdapter(
+                vision_dim=config.vision_hidden_size,
+                out_dim=config.text_config.hidden_size,
+                num_queries=config.num_image_tokens,
+                num_heads=config.adapter_num_heads,
+                mlp_dim=config.adapter_mlp_size,
+                qk_norm=config.adapter_qk_norm,
+                num_positions=config.vision_num_tokens
+                if config.adapter_position_embedding
+                else None,
+            )
+        else:
+            self.adapter = LocalProjector(
+                config.vision_hidden_size, config.text_config.hidden_size, config.adapter_mlp_size
+            )
+        self.joint_encoder = BertModel(config.text_config, add_pooling_layer=True)
+        self.itm_head = nn.Linear(config.text_config.hidden_size, 1)
+        # Held outside the module tree: frozen, never trained, never saved with EDJE's weights.
+        self._vision_encoder: list[nn.Module] = []
+        self._vision_source: str | os.PathLike | None = None
+        if vision_encoder is not None:
+            self.set_vision_encoder(vision_encoder)
+        self.post_init()
+
+    # -- vision side -------------------------------------------------------------------------
+
+    @property
+    def vision_encoder(self) -> nn.Module:
+        """The frozen vision encoder, loaded from `config.vision_encoder_name` on first use."""
+        if not self._vision_encoder:
+            self.set_vision_encoder(self._load_vision_encoder())
+        return self._vision_encoder[0]
+
+    def set_vision_encoder(self, vision_encoder: nn.Module) -> None:
+        """Attach a vision encoder; it is frozen (eval mode, no gradients)."""
+        vision_encoder.eval().requires_grad_(False)
+        self._vision_encoder[:] = [vision_encoder]
+
+    def _load_vision_encoder(self) -> nn.Module:
+        name = self.config.vision_encoder_name
+        if name is None:
+            raise ValueError(
+                "EDJEModel: pixel_values need a vision encoder, but config.vision_encoder_name is "
+                "None. Pass vision_tokens or image_tokens, or attach one with set_vision_encoder()."
+            )
+        from transformers import AutoModel
+
+        # A vision encoder saved beside the checkpoint: the vision tower itself, loaded as saved.
+        if name == VISION_SUBFOLDER and self._vision_source is not None:
+            source = Path(self._vision_source)
+            if source.is_dir():
+                return AutoModel.from_pretrained(source / VISION_SUBFOLDER)
+            return AutoModel.from_pretrained(str(self._vision_source), subfolder=VISION_SUBFOLDER)
+        if load_vision_encoder is None:
+            return AutoModel.from_pretrained(name)
+        model, _ = load_vision_encoder(name, image_size=self.config.vision_image_size)
+        return model
+
+    @torch.no_grad()
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Pixels `[B, 3, H, W]` -> raw vision tokens `[B, n, d_vis]` from the frozen encoder."""
+        encoder = self.vision_encoder
+        param = next(encoder.parameters())
+        if param.device != pixel_values.device:
+            encoder.to(pixel_values.device)
+        tokens = encoder(pixel_values=pixel_values.to(param.dtype)).last_hidden_state
+        return tokens.to(self.dtype)
+
+    def compress(self, vision_tokens: torch.Tensor) -> torch.Tensor:
+        """Raw vision tokens `[B, n, d_vis]` -> image tokens `[B, m, d]`, as a token store keeps."""
+        expected = (self.config.vision_num_tokens, self.config.vision_hidden_size)
+        _check_shape("vision_tokens", vision_tokens, expected, "[B, n, d_vis]")
+        return self.adapter(vision_tokens.to(self.dtype))
+
+    # -- joint encoder -----------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        image_tokens: torch.Tensor | None = None,
+        vision_tokens: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> EDJEOutput:
+        """Score each (caption, image) row: returns `EDJEOutput` with `logits` of shape `[B]`."""
+        given = {
+            name: value
+            for name, value in (
+                ("image_tokens", image_tokens),
+                ("vision_tokens", vision_tokens),
+                ("pixel_values", pixel_values),
+            )
+            if value is not None
+        }
+        if len(given) != 1:
+            raise ValueError(
+                "EDJEModel.forward expects exactly one of image_tokens, vision_tokens or "
+                f"pixel_values, got {sorted(given) or 'none'}."
+            )
+        if pixel_values is not None:
+            vision_tokens = self.encode_images(pixel_values)
+        if vision_tokens is not None:
+            image_tokens = self.compress(vision_tokens)
+        _check_shape("image_tokens", image_tokens, self.config.image_token_shape, "[B, m, d]")
+        if image_tokens.shape[0] != input_ids.shape[0]:
+            raise ValueError(
+                f"EDJEModel.forward: {input_ids.shape[0]} captions but {image_tokens.shape[0]} "
+                "images; pairs are scored row by row, so the batch sizes must match."
+            )
+        inputs_embeds = self._embed_pair(input_ids, image_tokens)
+        encoded = self.joint_encoder(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            **kwargs,
+        )
+        logits = self.itm_head(encoded.pooler_output).squeeze(-1)  # (B,)
+        loss = None
+        if labels is not None:
+            loss = F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+        return EDJEOutput(
+            loss=loss, logits=logits, pooled_output=encoded.pooler_output, image_tokens=image_tokens
+        )
+
+    def _embed_pair(self, input_ids: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
+        """Word embeddings with each `<image>` slot replaced by the image's tokens, in order.
+
+        Position and segment embeddings and the embedding LayerNorm are applied afterwards by the
+        joint encoder, as for any other token.
+        """
+        slots = input_ids == self.config.image_token_id  # (B, L)
+        per_row = slots.sum(dim=1)
+        m = image_tokens.shape[1]
+        if not bool((per_row == m).all()):
+            raise ValueError(
+                f"EDJEModel: every row of input_ids must hold {m} <image> tokens (id "
+                f"{self.config.image_token_id}), got {sorted(set(per_row.tolist()))}. Build inputs "
+                "with EDJEProcessor."
+            )
+        embeds = self.joint_encoder.embeddings.word_embeddings(input_ids)  # (B, L, d)
+        return embeds.masked_scatter(slots.unsqueeze(-1), image_tokens.to(embeds.dtype))
+
+    # -- construction and saving -------------------------------------------------------------
+
+    @classmethod
+    def from_backbones(
+        cls, vision: str, text: str, *, vision_image_size: int | None = None, **config_kwargs: Any
+    ) -> EDJEModel:
+        """Build a new, untrained EDJE around a vision encoder and a BERT-family text encoder.
+
+        The joint encoder starts from the text encoder's weights, with one added `<image>` token;
+        the adapter and head are freshly initialised. `config_kwargs` go to [`EDJEConfig`].
+        `vision` and `text` are Hub ids, local folders or the offline names in `edje.backbones`.
+        """
+        if load_text_encoder is None:
+            raise ImportError("EDJEModel.from_backbones needs the edje package: pip install edje")
+        vision_model, image_processor = load_vision_encoder(vision, image_size=vision_image_size)
+        spec = vision_encoder_spec(vision_model, image_processor)
+        text_model, tokenizer = load_text_encoder(text)
+        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+        text_config = text_model.config.to_dict()
+        text_config["vocab_size"] = len(tokenizer)
+        config = EDJEConfig(
+            text_config=text_config,
+            vision_encoder_name=vision,
+            vision_hidden_size=spec["hidden_size"],
+            vision_num_tokens=spec["num_tokens"],
+            vision_num_heads=spec["num_heads"],
+            vision_image_size=spec["image_size"],
+            image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+            **config_kwargs,
+        )
+        model = cls(config, vision_encoder=vision_model)
+        text_model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        missing, unexpected = model.joint_encoder.load_state_dict(
+            text_model.state_dict(), strict=False
+        )
+        if unexpected or any(not key.startswith("pooler.") for key in missing):
+            raise ValueError(
+                f"EDJEModel.from_backbones: text encoder {text!r} does not fit a BertModel "
+                f"(missing {missing}, unexpected {unexpected})."
+            )
+        return model
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        model._vision_source = pretrained_model_name_or_path
+        # Weights memory-mapped from safetensors can sit at unaligned addresses, where CPU kernels
+        # take other code paths; aligned copies make a loaded model score bitwise as it was saved.
+        for tensor in (*model.parameters(), *model.buffers()):
+            if tensor.device.type == "cpu" and tensor.data_ptr() % 64:
+                tensor.data = tensor.data.clone()
+        return model
+
+    def save_pretrained(self, save_directory, *args, save_vision_encoder: bool = False, **kwargs):
+        """Save config, safetensors weights and a model card; the vision encoder only if asked.
+
+        With `save_vision_encoder=True` the frozen encoder goes to `vision_encoder/` beside the
+        weights and the saved config names it there, so the folder encodes pixels on its own.
+        """
+        kwargs.pop("safe_serialization", None)  # safetensors only
+        if save_vision_encoder:
+            self.vision_encoder.save_pretrained(Path(save_directory) / VISION_SUBFOLDER)
+            original_name = self.config.vision_encoder_name
+            self.config.vision_encoder_name = VISION_SUBFOLDER
+        try:
+            super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            if save_vision_encoder:
+                self.config.vision_encoder_name = original_name
+        if kwargs.get("is_main_process", True) and write_model_card is not None:
+            write_model_card(self, save_directory)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: str = "Upload EDJE model",
+        private: bool | None = None,
+        token: str | bool | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        save_vision_encoder: bool = False,
+    ) -> Any:
+        """Upload exactly what `save_pretrained` writes (safetensors, config, code, model card)."""
+        import tempfile
+
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token if isinstance(token, str) else None)
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, save_vision_encoder=save_vision_encoder)
+            if write_model_card is not None:
+                write_model_card(self, folder, repo_id=repo_id)
+            return api.upload_folder(
+                repo_id=repo_id,
+                folder_path=folder,
+                commit_message=commit_message,
+                revision=revision,
+                create_pr=create_pr,
+            )
+
+
+def _check_shape(name: str, tensor: torch.Tensor, expected: tuple[int, int], layout: str) -> None:
+    if tensor.dim() != 3 or tuple(tensor.shape[1:]) != expected:
+        raise ValueError(
+            f"EDJEModel: {name} must have shape {layout} = [B, {expected[0]}, {expected[1]}], "
+            f"got {list(tensor.shape)}."
+        )
+
+
+__all__ = [
+    "EDJEModel",
+    "EDJEOutput",
+    "EDJEPreTrainedModel",
+    "LocalProjector",
+    "TokenCompressionAdapter",
+]

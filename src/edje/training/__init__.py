@@ -1,0 +1,1 @@
+"""Training: LightningModules, DataModule, losses and teachers."""

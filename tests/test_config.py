@@ -1,0 +1,64 @@
+"""EDJEConfig: defaults from the paper, validation, serialisation, AutoConfig."""
+
+from __future__ import annotations
+
+import pytest
+from transformers import AutoConfig, BertConfig
+
+from edje import EDJEConfig
+
+
+def test_defaults_follow_the_paper():
+    config = EDJEConfig()
+    assert config.num_image_tokens == 64
+    assert config.image_token_shape == (64, 384)
+    assert config.max_caption_length == 64
+    assert config.adapter_mode == "compressed"
+    assert config.adapter_mlp_size == 8192
+    assert config.adapter_num_heads == config.vision_num_heads
+
+
+def test_local_mode_keeps_every_raw_token():
+    assert EDJEConfig(adapter_mode="local", vision_num_tokens=257).image_token_shape == (257, 384)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (
+            {"adapter_mode": "pooled"},
+            r"adapter_mode must be one of \('compressed', 'local'\), got 'pooled'",
+        ),
+        ({"num_image_tokens": 0}, "num_image_tokens must be a positive int, got 0"),
+        ({"adapter_mlp_size": 1.5}, "adapter_mlp_size must be a positive int, got 1.5"),
+        (
+            {"vision_hidden_size": 30, "vision_num_heads": 4},
+            r"vision_hidden_size \(30\) must be divisible",
+        ),
+        ({"max_caption_length": 2}, "at least 3, got 2"),
+        ({"num_image_tokens": 500}, "max_position_embeddings=512"),
+        ({"image_token_id": 30522}, r"image_token_id must be in \[0, 30522\) .*, got 30522"),
+    ],
+)
+def test_invalid_values_raise_value_error_naming_what_is_allowed(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        EDJEConfig(**kwargs)
+
+
+def test_round_trip_through_a_folder_and_auto_config(tmp_path):
+    config = EDJEConfig(
+        text_config={"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2},
+        vision_encoder_name="edje:dinov2-small",
+        num_image_tokens=8,
+        image_token_id=7,
+    )
+    config.save_pretrained(tmp_path)
+    loaded = AutoConfig.from_pretrained(tmp_path)
+    assert isinstance(loaded, EDJEConfig)
+    assert isinstance(loaded.text_config, BertConfig)
+    assert loaded.text_config.hidden_size == 32
+    assert loaded.to_diff_dict() == config.to_diff_dict()
+
+
+def test_auto_config_resolves_the_model_type():
+    assert isinstance(AutoConfig.for_model("edje"), EDJEConfig)

@@ -1,0 +1,35 @@
+"""The examples users copy: README code blocks and the public docstrings run as written."""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCTESTED = ["edje.configuration_edje", "edje.modeling_edje", "edje.processing_edje"]
+
+
+def readme_python_blocks() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
+
+
+def test_readme_python_examples_run(tmp_path, monkeypatch):
+    blocks = readme_python_blocks()
+    assert blocks
+    monkeypatch.chdir(tmp_path)
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), {})
+    assert (tmp_path / "my-edje" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("module_name", DOCTESTED)
+def test_docstring_examples_run(module_name):
+    module = importlib.import_module(module_name)
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0
+    assert result.failed == 0

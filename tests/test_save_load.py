@@ -1,0 +1,136 @@
+"""Saving and loading as any transformers model: safetensors only, Auto classes, remote code."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors import safe_open
+from transformers import AutoModel
+
+from edje import EDJEModel
+
+PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}
+CAPTIONS = ["a small red circle left of a large blue square", "a green star"]
+
+
+def inputs_for(processor):
+    torch.manual_seed(1)
+    return processor(text=CAPTIONS, image_tokens=torch.randn(2, 4, 32))
+
+
+def saved_files(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+
+def test_round_trip_restores_identical_logits(tiny_model, tiny_processor, tmp_path):
+    inputs = inputs_for(tiny_processor)
+    expected = tiny_model(**inputs).logits
+    tiny_model.save_pretrained(tmp_path)
+    loaded = EDJEModel.from_pretrained(tmp_path).eval()
+    assert torch.equal(loaded(**inputs).logits, expected)
+
+
+def test_auto_model_resolves_edje(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path)
+    assert type(AutoModel.from_pretrained(tmp_path)) is EDJEModel
+
+
+def test_saved_folder_holds_safetensors_and_no_pickles(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path)
+    files = saved_files(tmp_path)
+    assert "model.safetensors" in files
+    assert not [f for f in files if Path(f).suffix in PICKLE_SUFFIXES]
+    assert {"config.json", "README.md", "configuration_edje.py", "modeling_edje.py"} <= set(files)
+
+
+def test_vision_encoder_is_not_saved_unless_asked(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path)
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:
+        keys = list(f.keys())
+    assert keys and all(k.split(".")[0] in {"adapter", "joint_encoder", "itm_head"} for k in keys)
+    assert not (tmp_path / "vision_encoder").exists()
+
+
+def test_saved_vision_encoder_encodes_pixels_from_the_folder(tiny_model, tiny_processor, tmp_path):
+    tiny_model.config.vision_encoder_name = "not/used-after-saving"
+    tiny_model.save_pretrained(tmp_path, save_vision_encoder=True)
+    assert tiny_model.config.vision_encoder_name == "not/used-after-saving"
+    assert (
+        json.loads((tmp_path / "config.json").read_text())["vision_encoder_name"]
+        == "vision_encoder"
+    )
+    assert (tmp_path / "vision_encoder" / "model.safetensors").is_file()
+    images = [Image.fromarray(np.full((28, 28, 3), 90, dtype=np.uint8))] * 2
+    inputs = tiny_processor(text=CAPTIONS, images=images)
+    loaded = EDJEModel.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(loaded(**inputs).logits, tiny_model(**inputs).logits)
+    assert all(not p.requires_grad for p in loaded.vision_encoder.parameters())
+
+
+def test_model_card_describes_the_model(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path)
+    card = (tmp_path / "README.md").read_text()
+    assert card.startswith("---\n") and "library_name: edje" in card
+    assert "| stored tokens per image | 4 x 32 |" in card
+    assert "$" not in card.split("```")[0]  # every template field filled
+
+
+def test_trust_remote_code_loads_without_edje_installed(tiny_model, tiny_processor, tmp_path):
+    inputs = inputs_for(tiny_processor)
+    expected = tiny_model(**inputs).logits
+    tiny_model.save_pretrained(tmp_path)
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in inputs.items()}, tmp_path / "inputs.safetensors")
+    script = f"""
+import sys
+sys.modules["edje"] = None  # as if edje were not installed
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModel
+model = AutoModel.from_pretrained({str(tmp_path)!r}, trust_remote_code=True).eval()
+assert "transformers_modules" in type(model).__module__, type(model).__module__
+inputs = load_file({str(tmp_path / "inputs.safetensors")!r})
+print(model(**inputs).logits.tolist())
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    logits = json.loads(result.stdout.strip().splitlines()[-1])
+    assert logits == expected.tolist()
+
+
+def test_push_to_hub_uploads_exactly_the_saved_files_calls_checked_not_the_hub(
+    tiny_model, tmp_path, monkeypatch
+):
+    """The Hub is unreachable here: this checks the huggingface_hub calls and the files sent."""
+    from huggingface_hub import HfApi, RepoUrl
+
+    calls = []
+
+    def create_repo(self, repo_id, **kwargs):
+        calls.append(("create_repo", repo_id, kwargs))
+        return RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def upload_folder(self, *, repo_id, folder_path, **kwargs):
+        calls.append(("upload_folder", repo_id, saved_files(Path(folder_path))))
+        card = (Path(folder_path) / "README.md").read_text()
+        calls.append(("card names repo", f'from_pretrained("{repo_id}")' in card))
+        return "commit-url"
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    assert tiny_model.push_to_hub("someone/edje-tiny", private=True) == "commit-url"
+    tiny_model.save_pretrained(tmp_path)
+    assert calls == [
+        ("create_repo", "someone/edje-tiny", {"private": True, "exist_ok": True}),
+        ("upload_folder", "someone/edje-tiny", saved_files(tmp_path)),
+        ("card names repo", True),
+    ]
