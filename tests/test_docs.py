@@ -10,7 +10,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCTESTED = ["edje.configuration_edje", "edje.modeling_edje", "edje.processing_edje"]
+DOCTESTED = [
+    "edje.backbones",
+    "edje.configuration_edje",
+    "edje.modeling_edje",
+    "edje.processing_edje",
+]
 
 
 def readme_python_blocks() -> list[str]:
