@@ -114,3 +114,14 @@ def test_offline_backbones_score_a_real_photo_without_the_hub(monkeypatch):
     assert raw.shape == (2, 257, 384)
     assert not torch.allclose(raw[0], raw[1])  # the encoder sees the photos
     assert logits.shape == (2,) and torch.isfinite(logits).all()
+
+
+def test_siglip2_naflex_is_refused_with_the_checkpoint_to_use(tiny_text_folder, tmp_path):
+    from transformers import Siglip2ImageProcessor, Siglip2VisionConfig, Siglip2VisionModel
+
+    Siglip2VisionModel(Siglip2VisionConfig(**TINY, patch_size=8, num_patches=16)).save_pretrained(
+        tmp_path
+    )
+    Siglip2ImageProcessor(patch_size=8, max_num_patches=16).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="NaFlex.*siglip2-large-patch16-384"):
+        EDJEModel.from_backbones(vision=str(tmp_path), text=str(tiny_text_folder))

@@ -82,21 +82,26 @@ def test_model_card_describes_the_model(tiny_model, tmp_path):
 
 
 def test_trust_remote_code_loads_without_edje_installed(tiny_model, tiny_processor, tmp_path):
-    inputs = inputs_for(tiny_processor)
-    expected = tiny_model(**inputs).logits
+    torch.manual_seed(1)
+    tokens = torch.randn(2, 4, 32)
+    expected = tiny_model(**tiny_processor(text=CAPTIONS, image_tokens=tokens)).logits
     tiny_model.save_pretrained(tmp_path)
+    tiny_processor.save_pretrained(tmp_path)
     from safetensors.torch import save_file
 
-    save_file({k: v.contiguous() for k, v in inputs.items()}, tmp_path / "inputs.safetensors")
+    save_file({"tokens": tokens}, tmp_path / "tokens.safetensors")
     script = f"""
 import sys
 sys.modules["edje"] = None  # as if edje were not installed
-import torch
 from safetensors.torch import load_file
-from transformers import AutoModel
-model = AutoModel.from_pretrained({str(tmp_path)!r}, trust_remote_code=True).eval()
-assert "transformers_modules" in type(model).__module__, type(model).__module__
-inputs = load_file({str(tmp_path / "inputs.safetensors")!r})
+from transformers import AutoModel, AutoProcessor
+folder = {str(tmp_path)!r}
+model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+for obj in (model, processor):
+    assert "transformers_modules" in type(obj).__module__, type(obj).__module__
+tokens = load_file(folder + "/tokens.safetensors")["tokens"]
+inputs = processor(text={CAPTIONS!r}, image_tokens=tokens)
 print(model(**inputs).logits.tolist())
 """
     result = subprocess.run(

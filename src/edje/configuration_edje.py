@@ -28,7 +28,10 @@ class EDJEConfig(PretrainedConfig):
         vision_num_heads (`int`, defaults to 6):
             Heads of the vision encoder; the adapter's cross-attention uses as many by default.
         vision_image_size (`int`, *optional*):
-            Side in pixels the vision encoder was run at (recorded for the token-store fingerprint).
+            Side in pixels the vision encoder was run at.
+        vision_image_processor (`dict`, *optional*):
+            The image processor's settings (`to_dict()`): with the encoder's name and weights,
+            what made the raw tokens, recorded for token-store fingerprints.
         adapter_mode (`str`, defaults to `"compressed"`):
             `"compressed"`: `num_image_tokens` learned queries attend over the raw tokens.
             `"local"`: a per-token MLP over all `n` raw tokens (the uncompressed teacher).
@@ -75,6 +78,7 @@ class EDJEConfig(PretrainedConfig):
         vision_num_tokens: int = 257,
         vision_num_heads: int = 6,
         vision_image_size: int | None = None,
+        vision_image_processor: dict[str, Any] | None = None,
         adapter_mode: str = "compressed",
         num_image_tokens: int = 64,
         adapter_num_heads: int | None = None,
@@ -97,6 +101,7 @@ class EDJEConfig(PretrainedConfig):
         self.vision_num_tokens = vision_num_tokens
         self.vision_num_heads = vision_num_heads
         self.vision_image_size = vision_image_size
+        self.vision_image_processor = vision_image_processor
         self.adapter_mode = adapter_mode
         self.num_image_tokens = num_image_tokens
         self.adapter_num_heads = adapter_num_heads or vision_num_heads

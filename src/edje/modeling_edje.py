@@ -344,6 +344,12 @@ class EDJEModel(EDJEPreTrainedModel):
             raise ImportError("EDJEModel.from_backbones needs the edje package: pip install edje")
         vision_model, image_processor = load_vision_encoder(vision, image_size=vision_image_size)
         spec = vision_encoder_spec(vision_model, image_processor)
+        if spec["model_type"].startswith("siglip2"):
+            raise ValueError(
+                f"EDJEModel.from_backbones: {vision!r} is a SigLIP2 NaFlex model, whose forward "
+                "needs per-image patch masks; use a fixed-resolution SigLIP2 checkpoint such as "
+                "google/siglip2-large-patch16-384 (model type 'siglip')."
+            )
         text_model, tokenizer = load_text_encoder(text)
         tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
         text_config = text_model.config.to_dict()
@@ -355,6 +361,7 @@ class EDJEModel(EDJEPreTrainedModel):
             vision_num_tokens=spec["num_tokens"],
             vision_num_heads=spec["num_heads"],
             vision_image_size=spec["image_size"],
+            vision_image_processor=image_processor.to_dict(),
             image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
             **config_kwargs,
         )

@@ -12,8 +12,8 @@ column         feature                         meaning
 ``split``      ``Value("string")``             ``"train"``, ``"validation"``, ``"test"``, ...
 =============  ==============================  ===============================================
 
-Captions are flattened for retrieval as ``texts = [c for row in ds for c in row["captions"]]``
-with ``text_to_image`` the row index of each caption (see ``edje.metrics``).
+For retrieval, ``flatten_captions(ds)`` gives every caption in row order and, for each, the
+row index of its image: the ``text_to_image`` that ``edje.metrics.recall_at_k`` takes.
 
 Example:
     >>> from edje.data import make_builtin_dataset
@@ -28,11 +28,12 @@ from edje.data.builtin import make_builtin_dataset, make_builtin_scenes, save_bu
 from edje.data.columns import from_dataset
 from edje.data.folder import load_image_folder
 from edje.data.karpathy import HubSource, load_coco_karpathy, load_flickr30k
-from edje.data.schema import SCHEMA
+from edje.data.schema import SCHEMA, flatten_captions
 
 __all__ = [
     "SCHEMA",
     "HubSource",
+    "flatten_captions",
     "from_dataset",
     "load_coco_karpathy",
     "load_flickr30k",
