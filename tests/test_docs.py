@@ -12,6 +12,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 DOCTESTED = [
     "edje.backbones",
+    "edje.data",
+    "edje.data.builtin",
+    "edje.metrics",
     "edje.configuration_edje",
     "edje.modeling_edje",
     "edje.processing_edje",

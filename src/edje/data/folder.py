@@ -1,0 +1,189 @@
+"""Your own images: a folder of images plus ``metadata.jsonl`` or ``metadata.csv``.
+
+Metadata columns: ``file_name`` (relative to the folder) and ``caption`` (one string) and/or
+``captions`` (a list; in CSV a JSON list such as ``["a dog", "a brown dog"]``), optionally
+``image_id`` (default: the file name's stem). Several rows may name the same file: their
+captions are merged. Other columns are ignored. This is the layout of ``datasets``'
+imagefolder, so the same folder also loads with ``load_dataset("imagefolder", ...)``.
+
+Images in the folder that no metadata row names are an error by default (so that a typo in
+``file_name`` cannot silently drop data); ``skip_uncaptioned=True`` skips them with a warning.
+
+Example:
+    >>> import json, tempfile
+    >>> from pathlib import Path
+    >>> from PIL import Image
+    >>> from edje.data.folder import load_image_folder
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> Image.new("RGB", (8, 8), "red").save(folder / "red.png")
+    >>> row = {"file_name": "red.png", "captions": ["a red square", "red"]}
+    >>> _ = (folder / "metadata.jsonl").write_text(json.dumps(row) + "\\n")
+    >>> ds = load_image_folder(folder, split="test")
+    >>> ds[0]["image_id"], ds[0]["captions"], ds[0]["split"]
+    ('red', ['a red square', 'red'], 'test')
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import warnings
+from pathlib import Path
+
+import datasets
+
+from edje.data.columns import caption_list
+from edje.data.schema import make_dataset
+
+__all__ = ["IMAGE_EXTENSIONS", "load_image_folder"]
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+METADATA_NAMES = ("metadata.jsonl", "metadata.csv")
+
+
+def load_image_folder(
+    folder: str | Path,
+    metadata: str | Path | None = None,
+    *,
+    split: str | None = None,
+    skip_uncaptioned: bool = False,
+) -> datasets.Dataset:
+    """Load a folder of captioned images in the common schema.
+
+    Args:
+        folder: the image folder (images may sit in sub-folders; ``file_name`` is relative).
+        metadata: the metadata file; default ``folder/metadata.jsonl`` or ``metadata.csv``.
+        split: the ``split`` value; default the folder's name (``data/test`` -> ``"test"``).
+        skip_uncaptioned: skip images no row names, with a warning, instead of raising.
+
+    Raises:
+        FileNotFoundError: the folder, the metadata file, or a listed image is missing.
+        ValueError: wrong metadata columns, an empty caption, uncaptioned images, or two
+            files with the same image id.
+    """
+    folder = Path(folder).resolve()  # the dataset keeps paths: make them cwd-independent
+    if not folder.is_dir():
+        raise FileNotFoundError(f"load_image_folder: {folder} is not a folder")
+    metadata = Path(metadata) if metadata is not None else _find_metadata(folder)
+    by_file = _merge_rows(_read_rows(metadata), metadata)
+    for file_name in by_file:
+        if not (folder / file_name).is_file():
+            raise FileNotFoundError(
+                f"{metadata}: file_name {file_name!r} is listed but {folder / file_name} "
+                "does not exist"
+            )
+    _check_uncaptioned(folder, set(by_file), skip_uncaptioned)
+    ids = _check_unique_ids(by_file, metadata)
+    return make_dataset(
+        [str(folder / f) for f in by_file],
+        ids,
+        [captions for _, captions in by_file.values()],
+        split or folder.name,
+    )
+
+
+def _find_metadata(folder: Path) -> Path:
+    found = [folder / name for name in METADATA_NAMES if (folder / name).is_file()]
+    if not found:
+        raise FileNotFoundError(
+            f"load_image_folder: no metadata in {folder}; expected one of {METADATA_NAMES}"
+        )
+    if len(found) > 1:
+        raise ValueError(f"load_image_folder: both {found[0]} and {found[1]} exist; keep one")
+    return found[0]
+
+
+def _read_rows(metadata: Path) -> list[dict]:
+    """Rows as dicts; a CSV ``captions`` cell holding a JSON list becomes that list."""
+    if not metadata.is_file():
+        raise FileNotFoundError(f"load_image_folder: metadata file {metadata} does not exist")
+    text = metadata.read_text(encoding="utf-8")
+    if metadata.suffix == ".jsonl":
+        rows = []
+        for line_no, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{metadata}, line {line_no}: not valid JSON ({err})") from err
+    elif metadata.suffix == ".csv":
+        rows = list(csv.DictReader(text.splitlines()))
+        for row_no, row in enumerate(rows, start=1):
+            cell = row.get("captions")
+            if isinstance(cell, str) and cell.strip().startswith("["):
+                try:
+                    row["captions"] = json.loads(cell)
+                except json.JSONDecodeError as err:
+                    raise ValueError(
+                        f"{metadata}, row {row_no}: captions {cell!r} is not a JSON list ({err})"
+                    ) from err
+    else:
+        raise ValueError(f"load_image_folder: metadata must be .jsonl or .csv, got {metadata}")
+    if not rows:
+        raise ValueError(f"{metadata}: no rows")
+    columns = set().union(*(row.keys() for row in rows))
+    if "file_name" not in columns or not columns & {"caption", "captions"}:
+        raise ValueError(
+            f"{metadata}: expected columns 'file_name' and 'caption' or 'captions' "
+            f"(optionally 'image_id'), got {sorted(columns)}"
+        )
+    return rows
+
+
+def _merge_rows(rows: list[dict], metadata: Path) -> dict[str, tuple[str | None, list[str]]]:
+    """file_name -> (image_id or None, captions of all its rows, in order)."""
+    by_file: dict[str, tuple[str | None, list[str]]] = {}
+    for row_no, row in enumerate(rows, start=1):
+        where = f"{metadata}, row {row_no}"
+        file_name = row.get("file_name")
+        if not isinstance(file_name, str) or not file_name.strip():
+            raise ValueError(f"{where}: expected a file_name, got {file_name!r}")
+        captions = []
+        for column in ("caption", "captions"):
+            if row.get(column) not in (None, ""):  # a CSV row may leave one of the two empty
+                captions += caption_list(row[column], f"{where} ({file_name}), {column!r}")
+        if not captions:
+            raise ValueError(f"{where} ({file_name}): empty caption; expected a non-empty string")
+        image_id = row.get("image_id") or None
+        old_id, old_captions = by_file.get(file_name, (image_id, []))
+        if old_id != image_id and image_id is not None and old_id is not None:
+            raise ValueError(
+                f"{where} ({file_name}): image_id {image_id!r} differs from {old_id!r} given "
+                "in an earlier row for the same file"
+            )
+        by_file[file_name] = (old_id or image_id, old_captions + captions)
+    return by_file
+
+
+def _check_uncaptioned(folder: Path, listed: set[str], skip: bool) -> None:
+    on_disk = {
+        p.relative_to(folder).as_posix()
+        for p in folder.rglob("*")
+        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+    }
+    uncaptioned = sorted(on_disk - {Path(f).as_posix() for f in listed})
+    if not uncaptioned:
+        return
+    message = (
+        f"load_image_folder: {len(uncaptioned)} image(s) in {folder} have no caption in the "
+        f"metadata, e.g. {uncaptioned[:5]}"
+    )
+    if not skip:
+        raise ValueError(message + "; add rows for them or pass skip_uncaptioned=True")
+    warnings.warn(message + "; skipped", stacklevel=3)
+
+
+def _check_unique_ids(
+    by_file: dict[str, tuple[str | None, list[str]]], metadata: Path
+) -> list[str]:
+    ids, owner = [], {}
+    for file_name, (image_id, _) in by_file.items():
+        image_id = image_id or Path(file_name).stem
+        if image_id in owner:
+            raise ValueError(
+                f"{metadata}: image_id {image_id!r} is used by both {owner[image_id]!r} and "
+                f"{file_name!r}; ids must be unique (give an image_id column)"
+            )
+        owner[image_id] = file_name
+        ids.append(image_id)
+    return ids

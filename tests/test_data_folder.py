@@ -1,0 +1,180 @@
+"""Your own data: an image folder with metadata.jsonl / metadata.csv, and from_dataset."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import datasets
+import pytest
+from PIL import Image
+
+from edje.data import SCHEMA, from_dataset, load_image_folder, save_builtin_dataset
+
+
+def write_images(folder, names):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(names):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (6, 6), (40 * i, 0, 0)).save(folder / name)
+    return folder
+
+
+def write_jsonl(folder, rows):
+    text = "".join(json.dumps(row) + "\n" for row in rows)
+    (folder / "metadata.jsonl").write_text(text, encoding="utf-8")
+
+
+def write_csv(folder, header, rows):
+    with open(folder / "metadata.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def test_jsonl_rows_for_one_file_merge_and_ids_default_to_the_stem(tmp_path):
+    folder = write_images(tmp_path / "photos", ["a.png", "sub/b.jpg"])
+    write_jsonl(
+        folder,
+        [
+            {"file_name": "a.png", "caption": "a dark square"},
+            {"file_name": "sub/b.jpg", "captions": ["a red square", " red "], "extra": 1},
+            {"file_name": "a.png", "captions": ["nearly black"]},
+        ],
+    )
+    ds = load_image_folder(folder)
+    assert ds.features == SCHEMA
+    assert list(ds["image_id"]) == ["a", "b"]
+    assert list(ds["captions"]) == [["a dark square", "nearly black"], ["a red square", "red"]]
+    assert list(ds["split"]) == ["photos", "photos"]
+    assert ds[1]["image"].getpixel((0, 0)) == (40, 0, 0)
+
+
+def test_csv_with_caption_and_json_list_captions_and_explicit_ids(tmp_path):
+    folder = write_images(tmp_path / "x", ["one.png", "two.png"])
+    write_csv(
+        folder,
+        ["file_name", "caption", "captions", "image_id"],
+        [["one.png", "first", "", "id-1"], ["two.png", "", '["second", "2nd"]', "id-2"]],
+    )
+    ds = load_image_folder(folder, split="test")
+    assert list(ds["image_id"]) == ["id-1", "id-2"]
+    assert list(ds["captions"]) == [["first"], ["second", "2nd"]]
+    assert set(ds["split"]) == {"test"}
+
+
+def test_builtin_set_saved_as_a_folder_loads_back(tmp_path):
+    sizes = dict(n_train_triplets=2, n_train_single=1, n_val_triplets=1, n_test_triplets=2)
+    out = save_builtin_dataset(tmp_path / "shapes", seed=0, image_size=32, **sizes)
+    ds = load_image_folder(out / "test")
+    assert len(ds) == 6 and set(ds["split"]) == {"test"}
+    assert ds[0]["image_id"] == "test-0000-scene" and len(ds[0]["captions"]) == 2
+
+
+def test_missing_listed_file_names_the_file(tmp_path):
+    folder = write_images(tmp_path / "f", ["a.png"])
+    write_jsonl(
+        folder, [{"file_name": "a.png", "caption": "x"}, {"file_name": "gone.png", "caption": "y"}]
+    )
+    with pytest.raises(FileNotFoundError, match=r"'gone\.png' is listed but .*gone\.png"):
+        load_image_folder(folder)
+
+
+@pytest.mark.parametrize("caption", ["", "   ", [], ["ok", " "]])
+def test_empty_or_whitespace_caption_names_the_row(tmp_path, caption):
+    folder = write_images(tmp_path / "f", ["a.png", "b.png"])
+    write_jsonl(
+        folder,
+        [{"file_name": "a.png", "caption": "fine"}, {"file_name": "b.png", "captions": caption}],
+    )
+    with pytest.raises(ValueError, match=r"row 2 \(b\.png\)"):
+        load_image_folder(folder)
+
+
+def test_uncaptioned_images_raise_or_are_skipped_with_a_warning(tmp_path):
+    folder = write_images(tmp_path / "f", ["a.png", "b.png", "c.png"])
+    write_jsonl(folder, [{"file_name": "a.png", "caption": "x"}])
+    with pytest.raises(ValueError, match=r"2 image\(s\) .* no caption .*'b\.png', 'c\.png'"):
+        load_image_folder(folder)
+    with pytest.warns(UserWarning, match="skipped"):
+        ds = load_image_folder(folder, skip_uncaptioned=True)
+    assert list(ds["image_id"]) == ["a"]
+
+
+def test_wrong_metadata_columns_list_expected_and_given(tmp_path):
+    folder = write_images(tmp_path / "f", ["a.png"])
+    write_csv(folder, ["path", "text"], [["a.png", "x"]])
+    with pytest.raises(
+        ValueError, match=r"expected columns 'file_name' and 'caption' .*\['path', 'text'\]"
+    ):
+        load_image_folder(folder)
+
+
+def test_duplicate_ids_name_both_files(tmp_path):
+    folder = write_images(tmp_path / "f", ["a/x.png", "b/x.png"])
+    write_jsonl(
+        folder, [{"file_name": "a/x.png", "caption": "1"}, {"file_name": "b/x.png", "caption": "2"}]
+    )
+    with pytest.raises(ValueError, match=r"image_id 'x' is used by both 'a/x\.png' and 'b/x\.png'"):
+        load_image_folder(folder)
+
+
+def test_missing_metadata_and_both_metadata_files(tmp_path):
+    folder = write_images(tmp_path / "f", ["a.png"])
+    with pytest.raises(FileNotFoundError, match="no metadata"):
+        load_image_folder(folder)
+    write_jsonl(folder, [{"file_name": "a.png", "caption": "x"}])
+    write_csv(folder, ["file_name", "caption"], [["a.png", "x"]])
+    with pytest.raises(ValueError, match="keep one"):
+        load_image_folder(folder)
+
+
+# ---- from_dataset ----
+
+
+def image_rows(n):
+    return [Image.new("RGB", (4, 4), (i, i, i)) for i in range(n)]
+
+
+def test_from_dataset_one_row_per_caption_merges_by_id():
+    ds = datasets.Dataset.from_dict(
+        {"jpg": image_rows(3), "txt": ["a", "b", "c"], "cocoid": [7, 7, 9], "other": [0, 1, 2]}
+    )
+    out = from_dataset(
+        ds, image_column="jpg", caption_column="txt", id_column="cocoid", split="test"
+    )
+    assert out.features == SCHEMA
+    assert list(out["image_id"]) == ["7", "9"]
+    assert list(out["captions"]) == [["a", "b"], ["c"]]
+    assert out[1]["image"].getpixel((0, 0)) == (2, 2, 2)
+
+
+def test_from_dataset_list_captions_row_ids_and_max_captions():
+    ds = datasets.Dataset.from_dict({"image": image_rows(2), "caption": [["a", "b", "c"], ["d"]]})
+    out = from_dataset(ds, max_captions=2)
+    assert list(out["image_id"]) == ["0", "1"]
+    assert list(out["captions"]) == [["a", "b"], ["d"]]
+    assert set(out["split"]) == {"train"}
+
+
+def test_from_dataset_missing_column_lists_available_ones():
+    ds = datasets.Dataset.from_dict({"image": image_rows(1), "text": ["a"]})
+    with pytest.raises(
+        ValueError, match=r"\['caption'\] not found; available columns: \['image', 'text'\]"
+    ):
+        from_dataset(ds)
+
+
+def test_from_dataset_empty_caption_names_the_row():
+    ds = datasets.Dataset.from_dict({"image": image_rows(2), "caption": ["fine", " "]})
+    with pytest.raises(ValueError, match="row 1, column 'caption'"):
+        from_dataset(ds)
+
+
+def test_relative_folder_still_loads_after_changing_directory(tmp_path, monkeypatch):
+    write_images(tmp_path / "rel", ["a.png"])
+    write_jsonl(tmp_path / "rel", [{"file_name": "a.png", "caption": "x"}])
+    monkeypatch.chdir(tmp_path)
+    ds = load_image_folder("rel")
+    monkeypatch.chdir(tmp_path.parent)
+    assert ds[0]["image"].size == (6, 6)
