@@ -112,3 +112,23 @@ def test_save_and_auto_processor_round_trip(tiny_processor, tmp_path):
     got = loaded(text=["x y", "z"], image_tokens=tokens)
     for key in expected:
         assert torch.equal(expected[key], got[key])
+
+
+def test_pairs_from_captions_padded_to_max_length_match_the_processor(tiny_processor):
+    from edje.processing_edje import append_image_slots
+
+    captions = ["a red circle", "a big blue square left of a small green star", "x"]
+    padded = tiny_processor.tokenize_captions(captions, pad_to_max_length=True)
+    assert padded["input_ids"].shape == (3, tiny_processor.max_caption_length)
+    tok = tiny_processor.tokenizer
+    pairs = append_image_slots(
+        padded["input_ids"],
+        padded["attention_mask"],
+        image_token_id=tiny_processor.image_token_id,
+        sep_token_id=tok.sep_token_id,
+        pad_token_id=tok.pad_token_id,
+        num_image_tokens=4,
+    )
+    expected = tiny_processor.tokenize_pairs(captions)
+    for key in expected:
+        assert torch.equal(pairs[key], expected[key]), key

@@ -115,34 +115,72 @@ class EDJEProcessor(ProcessorMixin):
             image_data = {k: v.expand(rows, *v.shape[1:]) for k, v in image_data.items()}
         return BatchFeature(data={**text_data, **image_data}, tensor_type=return_tensors)
 
+    def tokenize_captions(
+        self, captions: list[str], pad_to_max_length: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """`[CLS] caption [SEP]` ids and attention mask, right-padded (to `max_caption_length`
+        when asked, so batches from several processes share one shape)."""
+        encoded = self.tokenizer(
+            captions,
+            truncation=True,
+            max_length=self.max_caption_length,
+            padding="max_length" if pad_to_max_length else "longest",
+            return_tensors="pt",
+        )
+        return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+
     def tokenize_pairs(
         self, captions: list[str], rows: int | None = None
     ) -> dict[str, torch.Tensor]:
         """Token ids, attention mask and segment ids for `rows` pairs (`len(captions)` or, for a
         single caption, any number: it is tokenized once and repeated)."""
         rows = len(captions) if rows is None else rows
-        encoded = self.tokenizer(
-            captions, truncation=True, max_length=self.max_caption_length, add_special_tokens=True
-        )["input_ids"]
-        m = self.num_image_tokens
-        tail = [self.image_token_id] * m + [self.tokenizer.sep_token_id]
-        length = max(len(ids) for ids in encoded) + len(tail)
-        input_ids = torch.full((len(encoded), length), self.tokenizer.pad_token_id)
-        attention_mask = torch.zeros((len(encoded), length), dtype=torch.long)
-        token_type_ids = torch.zeros((len(encoded), length), dtype=torch.long)
-        for row, ids in enumerate(encoded):
-            n = len(ids)
-            input_ids[row, : n + len(tail)] = torch.tensor(ids + tail)
-            attention_mask[row, : n + len(tail)] = 1
-            token_type_ids[row, n : n + len(tail)] = 1
-        out = {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "token_type_ids": token_type_ids,
-        }
-        if len(encoded) != rows:
+        caption = self.tokenize_captions(captions)
+        out = append_image_slots(
+            caption["input_ids"],
+            caption["attention_mask"],
+            image_token_id=self.image_token_id,
+            sep_token_id=self.tokenizer.sep_token_id,
+            pad_token_id=self.tokenizer.pad_token_id,
+            num_image_tokens=self.num_image_tokens,
+        )
+        if len(captions) != rows:
             out = {k: v.expand(rows, -1) for k, v in out.items()}
         return out
+
+
+def append_image_slots(
+    caption_ids: torch.Tensor,
+    caption_mask: torch.Tensor,
+    *,
+    image_token_id: int,
+    sep_token_id: int,
+    pad_token_id: int,
+    num_image_tokens: int,
+) -> dict[str, torch.Tensor]:
+    """Pair inputs from right-padded `[CLS] caption [SEP]` ids: `<image> x m [SEP]` follows each
+    caption, segment 1 from the first image slot on, padding at the end.
+
+    Returns `input_ids`, `attention_mask` and `token_type_ids`, each `[N, longest caption + m + 1]`.
+    """
+    lengths = caption_mask.sum(dim=1, keepdim=True)  # (N, 1)
+    m = num_image_tokens
+    width = int(lengths.max()) + m + 1
+    position = torch.arange(width, device=caption_ids.device).unsqueeze(0)  # (1, L)
+    after_caption = position - lengths  # (N, L): 0 at the first image slot
+    input_ids = torch.full((len(caption_ids), width), pad_token_id, device=caption_ids.device)
+    kept = min(width, caption_ids.shape[1])
+    captions = caption_ids[:, :kept].masked_fill(caption_mask[:, :kept] == 0, pad_token_id)
+    input_ids[:, :kept] = captions
+    input_ids = input_ids.masked_fill((after_caption >= 0) & (after_caption < m), image_token_id)
+    input_ids = input_ids.masked_fill(after_caption == m, sep_token_id)
+    attention_mask = (after_caption <= m).long()
+    token_type_ids = ((after_caption >= 0) & (after_caption <= m)).long()
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "token_type_ids": token_type_ids,
+    }
 
 
 def _as_caption_list(text: str | Sequence[str] | None) -> list[str]:
@@ -172,4 +210,4 @@ def _pair_count(num_captions: int, num_images: int) -> int:
     )
 
 
-__all__ = ["EDJEProcessor"]
+__all__ = ["EDJEProcessor", "append_image_slots"]
