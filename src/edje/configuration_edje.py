@@ -50,6 +50,9 @@ class EDJEConfig(PretrainedConfig):
             the paper).
         image_token_id (`int`, *optional*):
             Token id of `<image>`: the slots whose input embeddings the image tokens replace.
+        sep_token_id (`int`, defaults to 102), mask_token_id (`int`, defaults to 103):
+            The tokenizer's `[SEP]` and `[MASK]` ids (BERT's uncased vocabulary by default), for
+            building pairs and masking captions in training.
         max_caption_length (`int`, defaults to 64):
             Caption tokens kept, `[CLS]` and `[SEP]` included; longer captions are truncated.
 
@@ -86,6 +89,8 @@ class EDJEConfig(PretrainedConfig):
         adapter_qk_norm: bool = False,
         adapter_position_embedding: bool = False,
         image_token_id: int | None = None,
+        sep_token_id: int = 102,
+        mask_token_id: int = 103,
         max_caption_length: int = 64,
         **kwargs: Any,
     ):
@@ -109,6 +114,8 @@ class EDJEConfig(PretrainedConfig):
         self.adapter_qk_norm = adapter_qk_norm
         self.adapter_position_embedding = adapter_position_embedding
         self.image_token_id = image_token_id
+        self.sep_token_id = sep_token_id
+        self.mask_token_id = mask_token_id
         self.max_caption_length = max_caption_length
         super().__init__(**kwargs)
         self._validate()

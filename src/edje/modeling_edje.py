@@ -32,6 +32,10 @@ try:
     from edje.model_card import write_model_card
 except ImportError:
     write_model_card = None
+try:
+    from edje.fingerprint import state_dict_sha256, store_fingerprint
+except ImportError:
+    state_dict_sha256 = store_fingerprint = None
 
 
 # Where `save_pretrained(..., save_vision_encoder=True)` puts the frozen vision tower.
@@ -220,6 +224,7 @@ class EDJEModel(EDJEPreTrainedModel):
         """Attach a vision encoder; it is frozen (eval mode, no gradients)."""
         vision_encoder.eval().requires_grad_(False)
         self._vision_encoder[:] = [vision_encoder]
+        self.__dict__.pop("_vision_sha256", None)  # store_fingerprint's cached hash
 
     def _load_vision_encoder(self) -> nn.Module:
         name = self.config.vision_encoder_name
@@ -257,6 +262,36 @@ class EDJEModel(EDJEPreTrainedModel):
         _check_shape("vision_tokens", vision_tokens, expected, "[B, n, d_vis]")
         return self.adapter(vision_tokens.to(self.dtype))
 
+    def store_fingerprint(self, *, raw: bool = False) -> dict:
+        """What makes this model's stored tokens: the vision encoder (name, weight hash), the
+        image preprocessing and the adapter's weight hash (or, with `raw=True`, raw tokens).
+
+        A token store records the same; `check_store` compares them.
+        """
+        if store_fingerprint is None:
+            raise ImportError(
+                "EDJEModel.store_fingerprint needs the edje package: pip install edje"
+            )
+        if not hasattr(self, "_vision_sha256"):  # hashing a ViT-L takes seconds: once
+            self._vision_sha256 = state_dict_sha256(self.vision_encoder)
+        adapter = "raw" if raw else state_dict_sha256(self.adapter)
+        config = self.config
+        return store_fingerprint(
+            config.vision_encoder_name,
+            self._vision_sha256,
+            config.vision_image_processor,
+            adapter,
+        )
+
+    def check_store(self, store: Any, *, force: bool = False) -> None:
+        """Refuse a token store made by another vision encoder, preprocessing or adapter.
+
+        Raises `ValueError` naming the differing fields of both fingerprints; with `force=True`
+        it only warns (for people who know the tokens are compatible).
+        """
+        raw = store.fingerprint.get("adapter_sha256") == "raw"
+        store.check_fingerprint(self.store_fingerprint(raw=raw), force=force)
+
     # -- joint encoder -----------------------------------------------------------------------
 
     def forward(
@@ -289,18 +324,8 @@ class EDJEModel(EDJEPreTrainedModel):
             vision_tokens = self.encode_images(pixel_values)
         if vision_tokens is not None:
             image_tokens = self.compress(vision_tokens)
-        _check_shape("image_tokens", image_tokens, self.config.image_token_shape, "[B, m, d]")
-        if image_tokens.shape[0] != input_ids.shape[0]:
-            raise ValueError(
-                f"EDJEModel.forward: {input_ids.shape[0]} captions but {image_tokens.shape[0]} "
-                "images; pairs are scored row by row, so the batch sizes must match."
-            )
-        inputs_embeds = self._embed_pair(input_ids, image_tokens)
-        encoded = self.joint_encoder(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            token_type_ids=token_type_ids,
-            **kwargs,
+        encoded = self.encode_pairs(
+            input_ids, attention_mask, token_type_ids, image_tokens, **kwargs
         )
         logits = self.itm_head(encoded.pooler_output).squeeze(-1)  # (B,)
         loss = None
@@ -308,6 +333,28 @@ class EDJEModel(EDJEPreTrainedModel):
             loss = F.binary_cross_entropy_with_logits(logits.float(), labels.float())
         return EDJEOutput(
             loss=loss, logits=logits, pooled_output=encoded.pooler_output, image_tokens=image_tokens
+        )
+
+    def encode_pairs(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        token_type_ids: torch.Tensor | None,
+        image_tokens: torch.Tensor,
+        **kwargs: Any,
+    ):
+        """The joint encoder's output (hidden states, pooled `[CLS]`) for pair inputs."""
+        _check_shape("image_tokens", image_tokens, self.config.image_token_shape, "[B, m, d]")
+        if image_tokens.shape[0] != input_ids.shape[0]:
+            raise ValueError(
+                f"EDJEModel.forward: {input_ids.shape[0]} captions but {image_tokens.shape[0]} "
+                "images; pairs are scored row by row, so the batch sizes must match."
+            )
+        return self.joint_encoder(
+            inputs_embeds=self._embed_pair(input_ids, image_tokens),
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            **kwargs,
         )
 
     def _embed_pair(self, input_ids: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
@@ -363,6 +410,8 @@ class EDJEModel(EDJEPreTrainedModel):
             vision_image_size=spec["image_size"],
             vision_image_processor=image_processor.to_dict(),
             image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+            sep_token_id=tokenizer.sep_token_id,
+            mask_token_id=tokenizer.mask_token_id,
             **config_kwargs,
         )
         model = cls(config, vision_encoder=vision_model)

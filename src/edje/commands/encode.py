@@ -1,0 +1,144 @@
+"""`edje encode`: encode images once into a token store (raw, or compressed by an EDJE model)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+EXAMPLE = """examples:
+  # raw DINOv2 tokens of every image under photos/ (ids: paths relative to photos/)
+  edje encode --vision facebook/dinov2-small --images photos/ --out photos.raw
+  # the 64 compressed tokens a trained EDJE keeps, fp16, on 4 GPUs
+  edje encode --model my-edje --images photos/ --out photos.store --devices 4
+  # a Hugging Face dataset (Hub id, saved folder or script), ids from its "filename" column
+  edje encode --model my-edje --dataset nlphuji/flickr_1k_test_image_text_retrieval \\
+      --split test --id-column filename --out flickr.store --dtype int8
+
+Run the same command again after an interruption: images already stored are skipped.
+The exit code is 1 when some images could not be decoded (they are listed in the manifest).
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "encode",
+        help="encode images once into a token store (resumable, multi-GPU)",
+        description=(
+            "Run the frozen vision encoder (and, with --model, EDJE's token-compression adapter) "
+            "over a folder of images or a dataset, and keep the tokens in a sharded safetensors "
+            "token store with a manifest."
+        ),
+        epilog=EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    what = parser.add_argument_group("what to encode")
+    source = what.add_mutually_exclusive_group(required=True)
+    source.add_argument("--images", metavar="FOLDER", help="folder of image files (recursive)")
+    source.add_argument("--dataset", metavar="NAME_OR_DIR", help="a Hugging Face dataset")
+    what.add_argument("--split", default="train", help="dataset split (default: train)")
+    what.add_argument("--id-column", default="id", help="dataset column of image ids (default: id)")
+    what.add_argument(
+        "--image-column", default="image", help="dataset image column (default: image)"
+    )
+    how = parser.add_argument_group("encoder and store")
+    how.add_argument("--vision", metavar="NAME_OR_PATH", help="vision encoder (Hub id or folder)")
+    how.add_argument(
+        "--model", metavar="EDJE_DIR", help="a trained EDJE: store its compressed tokens"
+    )
+    how.add_argument("--image-size", type=int, default=None, help="input side in pixels")
+    how.add_argument("--out", required=True, metavar="STORE", help="store folder to write")
+    how.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "int8"])
+    how.add_argument(
+        "--shard-size", type=int, default=1024, help="images per shard (default: 1024)"
+    )
+    how.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    run_group = parser.add_argument_group("running")
+    run_group.add_argument("--batch-size", type=int, default=32)
+    run_group.add_argument(
+        "--num-workers", type=int, default=2, help="decoding processes per device"
+    )
+    run_group.add_argument("--devices", default="auto", help="devices per node: N, or auto")
+    run_group.add_argument("--num-nodes", type=int, default=1)
+    run_group.add_argument("--accelerator", default="auto", help="auto, gpu, cpu, ...")
+    run_group.add_argument("--strategy", default="auto", help="Lightning strategy, e.g. ddp")
+    run_group.add_argument("--precision", default=None, help="Lightning precision, e.g. bf16-mixed")
+    run_group.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run)
+
+
+def _load_source(args: argparse.Namespace):
+    if args.images:
+        return args.images
+    import datasets
+
+    path = args.dataset
+    try:
+        loaded = datasets.load_from_disk(path)  # a folder written by save_to_disk
+    except (FileNotFoundError, ValueError):
+        return datasets.load_dataset(path, split=args.split)
+    return loaded[args.split] if isinstance(loaded, datasets.DatasetDict) else loaded
+
+
+def _load_encoders(args: argparse.Namespace):
+    """-> (vision_encoder, image_processor, compressor or None)."""
+    from edje.backbones import load_vision_encoder
+
+    if not args.model:
+        if not args.vision:
+            raise SystemExit(
+                "edje encode: give --vision NAME_OR_PATH (raw tokens) or --model EDJE_DIR"
+            )
+        vision, processor = load_vision_encoder(args.vision, image_size=args.image_size)
+        return vision, processor, None
+    from edje import EDJEModel
+
+    model = EDJEModel.from_pretrained(args.model).eval()
+    image_size = args.image_size or model.config.vision_image_size
+    if args.vision:
+        vision, processor = load_vision_encoder(args.vision, image_size=image_size)
+        model.set_vision_encoder(vision)
+    else:
+        vision, processor = model.vision_encoder, _model_image_processor(args.model, model)
+    return vision, processor, model.compress
+
+
+def _model_image_processor(model_dir: str, model):
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(model_dir).image_processor
+    except (OSError, ValueError, AttributeError):
+        from edje.backbones import load_vision_encoder
+
+        name = model.config.vision_encoder_name
+        return load_vision_encoder(name, image_size=model.config.vision_image_size)[1]
+
+
+def run(args: argparse.Namespace) -> int:
+    from edje.encoding import encode_images
+
+    devices = int(args.devices) if str(args.devices).isdigit() else args.devices
+    vision, processor, compressor = _load_encoders(args)
+    result = encode_images(
+        _load_source(args),
+        args.out,
+        vision_encoder=vision,
+        image_processor=processor,
+        compressor=compressor,
+        id_column=args.id_column,
+        image_column=args.image_column,
+        batch_size=args.batch_size,
+        dtype=args.dtype,
+        shard_size=args.shard_size,
+        overwrite=args.overwrite,
+        accelerator=args.accelerator,
+        devices=devices,
+        num_nodes=args.num_nodes,
+        strategy=args.strategy,
+        precision=args.precision,
+        num_workers=args.num_workers,
+        progress=not args.no_progress,
+    )
+    if result.rank == 0:
+        print(result.summary(), file=sys.stderr if result.failures else sys.stdout)
+    return 0 if result.ok else 1

@@ -1,0 +1,325 @@
+"""On-disk format of a token store: shard files (safetensors) and the manifest (JSON).
+
+A store is a folder::
+
+    STORE/
+      manifest.json                   index of everything below (written last, atomically)
+      shards/r000-000000.safetensors  one file per flush of one writer (rank 0, sequence 0)
+      shards/r001-000000.safetensors  ...
+
+Each shard is a plain safetensors file (``safetensors.safe_open`` reads it) holding
+
+- ``scales``: ``[rows, m]`` ``F32``, only for int8 stores (token = int8 row x its scale),
+  stored first so both tensors stay aligned;
+- ``tokens``: ``[rows, m, d]`` in the store dtype (``F16``, ``BF16`` or ``I8``);
+
+and, in the header's ``__metadata__`` (all strings): ``format``, ``dtype`` (the store dtype),
+``ids`` (JSON list, row order),
+``failures`` (JSON object id -> reason, for the images of this shard that could not be
+encoded), ``fingerprint`` (JSON) and ``data_sha256`` (sha256 of the bytes after the header).
+Every shard describes itself, so the manifest can be rebuilt from the shard headers alone
+(which is how an interrupted run resumes and how ranks' shards are merged).
+
+The manifest holds ``format``, ``format_version``, ``dtype``, ``token_shape`` ``[m, d]``,
+``count``, ``fingerprint``, ``failures`` and ``shards``: a list of ``{"file", "rows", "bytes",
+"data_sha256", "ids"}``; the row of an id is its position in its shard's ``ids``.
+
+Files are written as ``NAME.tmp-<pid>`` and renamed, so a reader never sees half a file.
+
+Integrity checks, from cheap to thorough: opening a store stats every shard (missing or
+truncated files: the size must equal the manifest's ``bytes``); the first read of a shard parses
+its header and checks its size, row count and ``data_sha256`` field against the manifest;
+``TokenStore.verify()`` (or ``open(verify=True)``) re-hashes every shard's data, reading it all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+FORMAT = "edje-token-store"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+SHARD_DIR = "shards"
+SHARD_SUFFIX = ".safetensors"
+TMP_MARK = ".tmp-"
+
+# store dtype -> (safetensors dtype tag, numpy dtype used to memory-map the bytes)
+STORE_DTYPES: dict[str, tuple[str, np.dtype]] = {
+    "float16": ("F16", np.dtype(np.float16)),
+    "bfloat16": ("BF16", np.dtype(np.uint16)),  # numpy has no bf16: read bits, view in torch
+    "int8": ("I8", np.dtype(np.int8)),
+}
+SCALE_DTYPE = ("F32", np.dtype(np.float32))
+
+
+class StoreCorruptError(ValueError):
+    """A shard or manifest is truncated, unreadable or does not match its checksum."""
+
+
+def check_dtype(dtype: str) -> str:
+    """Return ``dtype`` if it is a store dtype, else raise a ValueError naming the choices."""
+    if dtype not in STORE_DTYPES:
+        raise ValueError(f"TokenStore: dtype must be one of {sorted(STORE_DTYPES)}, got {dtype!r}")
+    return dtype
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor of a shard lies in its file, for memory-mapping."""
+
+    dtype: str  # safetensors tag, e.g. "F16"
+    shape: tuple[int, ...]
+    offset: int  # absolute byte offset in the file
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class ShardHeader:
+    """The parsed header of one shard file."""
+
+    path: Path
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]
+    file_size: int  # expected size: header + data
+
+    @property
+    def ids(self) -> list[str]:
+        return json.loads(self.metadata.get("ids", "[]"))
+
+    @property
+    def failures(self) -> dict[str, str]:
+        return json.loads(self.metadata.get("failures", "{}"))
+
+    @property
+    def fingerprint(self) -> dict:
+        return json.loads(self.metadata.get("fingerprint", "{}"))
+
+    @property
+    def data_sha256(self) -> str:
+        return self.metadata.get("data_sha256", "")
+
+
+def _tag_itemsize(tag: str) -> int:
+    return {"F16": 2, "BF16": 2, "I8": 1, "F32": 4}[tag]
+
+
+def write_shard(
+    path: Path,
+    tensors: Mapping[str, tuple[str, tuple[int, ...], bytes | memoryview]],
+    metadata: Mapping[str, str],
+) -> int:
+    """Write a safetensors file atomically (temp name, fsync, rename); return its size.
+
+    ``tensors`` maps name -> (safetensors dtype tag, shape, raw little-endian bytes). The
+    sha256 of the data section is added to the metadata as ``data_sha256``.
+    """
+    digest = hashlib.sha256()
+    header: dict[str, object] = {}
+    start = 0
+    for name, (tag, shape, data) in tensors.items():
+        nbytes = len(memoryview(data).cast("B"))
+        expected = int(np.prod(shape, dtype=np.int64)) * _tag_itemsize(tag)
+        if nbytes != expected:
+            raise ValueError(
+                f"write_shard: {name} has {nbytes} bytes, shape {shape} needs {expected}"
+            )
+        header[name] = {"dtype": tag, "shape": list(shape), "data_offsets": [start, start + nbytes]}
+        digest.update(data)
+        start += nbytes
+    header["__metadata__"] = {**metadata, "data_sha256": digest.hexdigest()}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # safetensors pads the header to 8 bytes
+    tmp = path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)))
+            f.write(raw)
+            for _, _, data in tensors.values():
+                f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return 8 + len(raw) + start
+
+
+def read_shard_header(path: Path) -> ShardHeader:
+    """Parse a shard's header and check the file is as long as the header says.
+
+    Reads only the first ``8 + header`` bytes. Raises `StoreCorruptError` naming the file if
+    the header is unreadable or the file is truncated.
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise StoreCorruptError(f"shard {path} is truncated: {len(head)} bytes, no header")
+            (n,) = struct.unpack("<Q", head)
+            size = os.fstat(f.fileno()).st_size
+            if n > size - 8 or n > 100_000_000:
+                raise StoreCorruptError(
+                    f"shard {path} is truncated or corrupt: header of {n} bytes"
+                )
+            header = json.loads(f.read(n))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise StoreCorruptError(f"shard {path} has a corrupt header: {e}") from None
+    except FileNotFoundError:
+        raise StoreCorruptError(f"shard {path} is missing") from None
+    metadata = header.pop("__metadata__", {}) or {}
+    if metadata.get("format") != FORMAT:
+        raise StoreCorruptError(f"{path} is not an edje token-store shard (no format={FORMAT!r})")
+    tensors = {}
+    end = 0
+    try:
+        for name, info in header.items():
+            begin, stop = info["data_offsets"]
+            tensors[name] = TensorInfo(
+                info["dtype"], tuple(info["shape"]), 8 + n + begin, stop - begin
+            )
+            end = max(end, stop)
+    except (KeyError, TypeError, ValueError) as e:
+        raise StoreCorruptError(f"shard {path} has a corrupt header: {e!r}") from None
+    expected = 8 + n + end
+    if size != expected:
+        raise StoreCorruptError(
+            f"shard {path} is truncated or corrupt: {size} bytes on disk, header says {expected}"
+        )
+    return ShardHeader(Path(path), tensors, metadata, expected)
+
+
+def data_sha256(path: Path, header: ShardHeader, chunk: int = 1 << 22) -> str:
+    """sha256 of a shard's data section (everything after the header)."""
+    start = min((t.offset for t in header.tensors.values()), default=header.file_size)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(start)
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_json_atomic(path: Path, obj: object) -> None:
+    """Write JSON to a temporary name, fsync, rename: readers see the old or the new file."""
+    tmp = path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, separators=(",", ":"))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def list_shards(root: Path) -> list[Path]:
+    """Completed shard files of a store, sorted by name (temporary files excluded)."""
+    folder = Path(root) / SHARD_DIR
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.name.endswith(SHARD_SUFFIX))
+
+
+def remove_temporaries(root: Path) -> list[Path]:
+    """Delete files left half-written by a killed writer; return what was removed."""
+    removed = []
+    for folder in (Path(root), Path(root) / SHARD_DIR):
+        if folder.is_dir():
+            for p in folder.iterdir():
+                if TMP_MARK in p.name and p.is_file():
+                    p.unlink(missing_ok=True)
+                    removed.append(p)
+    return removed
+
+
+def build_manifest(
+    root: Path,
+    headers: Iterable[ShardHeader],
+    *,
+    dtype: str,
+    token_shape: tuple[int, int],
+    fingerprint: Mapping,
+) -> dict:
+    """Merge shard headers into a manifest; refuse duplicate ids and foreign shards."""
+    root = Path(root)
+    shards, failures, seen = [], {}, set()
+    for h in headers:
+        check_shard_matches(h, dtype, token_shape, fingerprint)
+        ids = h.ids
+        dup = seen.intersection(ids) or seen.intersection(h.failures)
+        if dup:
+            raise StoreCorruptError(
+                f"shard {h.path} repeats ids of other shards: {sorted(dup)[:5]}"
+            )
+        seen.update(ids)
+        seen.update(h.failures)
+        failures.update(h.failures)
+        shards.append(
+            {
+                "file": h.path.relative_to(root).as_posix(),
+                "rows": len(ids),
+                "bytes": h.file_size,
+                "data_sha256": h.data_sha256,
+                "ids": ids,
+            }
+        )
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "dtype": dtype,
+        "token_shape": list(token_shape),
+        "count": sum(s["rows"] for s in shards),
+        "fingerprint": dict(fingerprint),
+        "failures": failures,
+        "shards": shards,
+    }
+
+
+def check_shard_matches(
+    h: ShardHeader, dtype: str, token_shape: tuple[int, int], fingerprint: Mapping
+) -> None:
+    """Raise if shard ``h`` was written with another dtype, token shape or fingerprint."""
+    tokens = h.tensors.get("tokens")
+    if tokens is None or len(tokens.shape) != 3 or len(h.ids) != tokens.shape[0]:
+        raise StoreCorruptError(f"shard {h.path} has no [rows, m, d] 'tokens' matching its ids")
+    got = (h.metadata.get("dtype"), list(tokens.shape[1:]))
+    if got != (dtype, list(token_shape)):
+        raise StoreCorruptError(
+            f"shard {h.path} holds {got[0]} tokens of shape {got[1]}, "
+            f"the store expects {dtype} {list(token_shape)}"
+        )
+    if h.fingerprint != dict(fingerprint):
+        raise StoreCorruptError(
+            f"shard {h.path} was made with fingerprint {h.fingerprint}, the store expects "
+            f"{dict(fingerprint)}"
+        )
+
+
+def quantize_int8(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-token int8: ``tokens [B, m, d]`` -> ``(q int8 [B, m, d], scales f32 [B, m])``.
+
+    ``q * scale`` is within ``scale / 2 = max|token| / 254`` of each value of its token.
+    """
+    x = tokens.detach().to(torch.float32)
+    scales = x.abs().amax(dim=-1) / 127.0  # [B, m]
+    scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+    q = torch.round(x / scales.unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
+    return q, scales
+
+
+def dequantize_int8(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Inverse of `quantize_int8`: ``q [B, m, d]``, ``scales [B, m]`` -> ``[B, m, d]`` ``dtype``."""
+    if dtype == torch.bfloat16:  # int8 is exact in bf16; the fast path on CPUs
+        return q.to(torch.bfloat16) * scales.to(torch.bfloat16).unsqueeze(-1)
+    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    torch.mul(q, scales.to(torch.float32).unsqueeze(-1), out=out)
+    return out if dtype == torch.float32 else out.to(dtype)

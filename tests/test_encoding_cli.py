@@ -1,0 +1,104 @@
+"""`edje encode` end to end in this process: raw and --model stores, exit codes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from edje.cli import main
+from edje.store import TokenStore
+
+
+@pytest.fixture
+def folder(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (20, 30, 3), dtype=np.uint8)).save(images / f"{i}.png")
+    return images
+
+
+def _args(*extra):
+    return ["encode", "--accelerator", "cpu", "--devices", "1", "--num-workers", "0",
+            "--batch-size", "2", "--no-progress", *map(str, extra)]  # fmt: skip
+
+
+def test_encode_raw_store_from_a_vision_folder(
+    tmp_path, folder, tiny_vision_encoder, tiny_image_processor, capsys
+):
+    tiny_vision_encoder.save_pretrained(tmp_path / "vision")
+    tiny_image_processor.save_pretrained(tmp_path / "vision")
+    code = main(_args("--vision", tmp_path / "vision", "--images", folder, "--out", tmp_path / "s"))
+    assert code == 0
+    assert "4 images" in capsys.readouterr().out
+    store = TokenStore.open(tmp_path / "s")
+    assert store.token_shape == (5, 32) and store.fingerprint["adapter_sha256"] == "raw"
+    (folder / "bad.jpg").write_bytes(b"")
+    code = main(
+        _args(
+            "--vision",
+            tmp_path / "vision",
+            "--images",
+            folder,
+            "--out",
+            tmp_path / "s",
+            "--dtype",
+            "float16",
+        )
+    )
+    assert code == 1  # resumed: the 4 stored images skipped, the bad one failed
+    assert "bad.jpg" in capsys.readouterr().err
+    assert TokenStore.open(tmp_path / "s").failures.keys() == {"bad.jpg"}
+
+
+def test_encode_compressed_store_with_model(tmp_path, folder, tiny_model, tiny_processor):
+    tiny_model.save_pretrained(tmp_path / "edje", save_vision_encoder=True)
+    tiny_processor.save_pretrained(tmp_path / "edje")
+    code = main(
+        _args(
+            "--model",
+            tmp_path / "edje",
+            "--images",
+            folder,
+            "--out",
+            tmp_path / "s",
+            "--dtype",
+            "int8",
+        )
+    )
+    assert code == 0
+    store = TokenStore.open(tmp_path / "s")
+    assert store.token_shape == tuple(tiny_model.config.image_token_shape) and store.dtype == "int8"
+    pixels = tiny_processor.image_processor(
+        images=[Image.open(folder / "2.png").convert("RGB")], return_tensors="pt"
+    )
+    with torch.no_grad():
+        expected = tiny_model.compress(tiny_model.encode_images(pixels["pixel_values"]))[0]
+    torch.testing.assert_close(store.get("2.png").float(), expected, atol=0.05, rtol=0.05)
+    if hasattr(tiny_model, "store_fingerprint"):
+        store.check_fingerprint(tiny_model.store_fingerprint())
+
+
+def test_encode_needs_vision_or_model(tmp_path, folder):
+    with pytest.raises(SystemExit, match="--vision"):
+        main(_args("--images", folder, "--out", tmp_path / "s"))
+
+
+def test_encode_a_saved_dataset_with_named_columns(
+    tmp_path, folder, tiny_vision_encoder, tiny_image_processor
+):
+    from datasets import Dataset, DatasetDict
+    from datasets import Image as ImageFeature
+
+    tiny_vision_encoder.save_pretrained(tmp_path / "vision")
+    tiny_image_processor.save_pretrained(tmp_path / "vision")
+    rows = {"key": ["a", "b"], "picture": [str(folder / "0.png"), str(folder / "1.png")]}
+    ds = Dataset.from_dict(rows).cast_column("picture", ImageFeature())
+    DatasetDict({"test": ds}).save_to_disk(tmp_path / "ds")
+    dataset = ["--dataset", tmp_path / "ds", "--split", "test", "--id-column", "key"]
+    columns = ["--image-column", "picture", "--out", tmp_path / "s"]
+    code = main(_args("--vision", tmp_path / "vision", *dataset, *columns))
+    assert code == 0 and TokenStore.open(tmp_path / "s").ids == ["a", "b"]

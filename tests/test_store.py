@@ -1,0 +1,329 @@
+"""TokenStore: real safetensors shards in tmp folders, round trips, laziness, damage, atomicity."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from edje import store_format
+from edje.store import StoreCorruptError, TokenStore, fingerprint_diff
+
+M, D = 4, 8
+
+
+def _ids(n: int, start: int = 0) -> list[str]:
+    return [f"img{i:04d}.jpg" for i in range(start, start + n)]
+
+
+def _make(path, dtype="float16", n=10, shard_size=4, batch=3, seed=0):
+    torch.manual_seed(seed)
+    x = torch.randn(n, M, D) * 3
+    with TokenStore.create(
+        path, token_shape=(M, D), dtype=dtype, fingerprint={"adapter_sha256": "raw"},
+        shard_size=shard_size,
+    ) as w:  # fmt: skip
+        for k in range(0, n, batch):
+            w.add(_ids(n)[k : k + batch], x[k : k + batch])
+    return x
+
+
+@pytest.mark.parametrize(
+    "dtype, torch_dtype", [("float16", torch.float16), ("bfloat16", torch.bfloat16)]
+)
+def test_round_trip_is_exact_for_float_dtypes(tmp_path, dtype, torch_dtype):
+    x = _make(tmp_path / "s", dtype)
+    store = TokenStore.open(tmp_path / "s")
+    assert len(store) == 10 and store.ids == _ids(10) and store.dtype == dtype
+    got = store.gather(_ids(10))
+    assert got.dtype == torch_dtype and got.shape == (10, M, D)
+    assert torch.equal(got, x.to(torch_dtype))
+    assert torch.equal(store.get("img0003.jpg"), x[3].to(torch_dtype))
+
+
+def test_int8_error_is_within_half_a_step_per_token(tmp_path):
+    x = _make(tmp_path / "s", "int8")
+    store = TokenStore.open(tmp_path / "s")
+    got = store.gather(_ids(10)).float()
+    bound = x.abs().amax(-1, keepdim=True) / 254  # scale / 2, per token
+    assert ((got - x).abs() <= bound * 1.01 + 1e-3).all()
+    assert store.bytes_per_image == M * D + M * 4
+    from safetensors.torch import load_file
+
+    shard = load_file(tmp_path / "s" / store.manifest["shards"][0]["file"])  # plain safetensors
+    assert shard["tokens"].dtype == torch.int8 and shard["scales"].dtype == torch.float32
+    rows = len(store.manifest["shards"][0]["ids"])
+    assert torch.equal((shard["tokens"] * shard["scales"].unsqueeze(-1)).half(), got[:rows].half())
+    assert TokenStore.open(tmp_path / "s").token_dtype == torch.float16
+
+
+def test_int8_paper_shape_fits_25_kb():
+    class _Fake:
+        dtype, token_shape = "int8", (64, 384)
+
+    assert TokenStore.bytes_per_image.fget(_Fake()) <= 25_000
+
+
+def test_gather_keeps_the_order_given_across_shards_with_repeats(tmp_path):
+    x = _make(tmp_path / "s", n=23, shard_size=5, batch=2)
+    store = TokenStore.open(tmp_path / "s")
+    assert len(store.manifest["shards"]) > 3
+    order = [17, 0, 22, 3, 3, 9, 14, 1, 22]
+    assert torch.equal(store.gather([_ids(23)[i] for i in order]), x[order].half())
+    assert torch.equal(store.gather_rows(order), x[order].half())
+    assert store.gather([]).shape == (0, M, D)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "int8"])
+def test_to_device_gives_the_same_tokens_as_memory_map(tmp_path, dtype):
+    _make(tmp_path / "s", dtype, n=11)
+    store = TokenStore.open(tmp_path / "s")
+    order = _ids(11)[::-2]
+    mapped = store.gather(order)
+    assert not store.on_device and store.device is None
+    assert store.to("cpu") is store and store.on_device and store.device == torch.device("cpu")
+    assert torch.equal(store.gather(order), mapped)
+
+
+def test_ids_contains_and_missing_id_error(tmp_path):
+    _make(tmp_path / "s")
+    store = TokenStore.open(tmp_path / "s")
+    assert "img0000.jpg" in store and "nope.jpg" not in store and 3 not in store
+    with pytest.raises(KeyError, match=r"nope.jpg"):
+        store.gather(["img0000.jpg", "nope.jpg"])
+
+
+def test_shards_are_plain_safetensors_with_self_describing_headers(tmp_path):
+    x = _make(tmp_path / "s", n=6, shard_size=6, batch=6)
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert manifest["count"] == 6 and manifest["token_shape"] == [M, D]
+    shard = manifest["shards"][0]
+    with safe_open(tmp_path / "s" / shard["file"], "pt") as f:
+        assert torch.equal(f.get_tensor("tokens"), x.half())
+        meta = f.metadata()
+    assert json.loads(meta["ids"]) == _ids(6) == shard["ids"]
+    assert meta["data_sha256"] == shard["data_sha256"]
+    assert json.loads(meta["fingerprint"]) == {"adapter_sha256": "raw"}
+
+
+def test_open_reads_only_the_manifest(tmp_path, monkeypatch):
+    _make(tmp_path / "s", n=12)
+    calls = []
+    real_header, real_memmap = store_format.read_shard_header, np.memmap
+
+    def spy_header(path):
+        calls.append(("header", os.path.basename(path)))
+        return real_header(path)
+
+    def spy_memmap(*args, **kwargs):
+        calls.append(("memmap", os.path.basename(args[0])))
+        return real_memmap(*args, **kwargs)
+
+    monkeypatch.setattr("edje.store.read_shard_header", spy_header)
+    monkeypatch.setattr(np, "memmap", spy_memmap)
+    store = TokenStore.open(tmp_path / "s")
+    assert len(store) == 12 and "img0005.jpg" in store and store.fingerprint
+    assert calls == []
+    store.get("img0007.jpg")  # second shard only (rows 6..11)
+    assert calls == [("header", "r000-000001.safetensors"), ("memmap", "r000-000001.safetensors")]
+    store.gather(["img0006.jpg", "img0011.jpg"])
+    assert len(calls) == 2  # mapped once, then reused
+
+
+def test_truncated_shard_is_detected_on_open_naming_the_file(tmp_path):
+    _make(tmp_path / "s")
+    shard = tmp_path / "s" / "shards" / "r000-000001.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-10])
+    with pytest.raises(StoreCorruptError, match=r"r000-000001.safetensors.*truncated"):
+        TokenStore.open(tmp_path / "s")
+
+
+def test_missing_shard_is_detected_on_open(tmp_path):
+    _make(tmp_path / "s")
+    (tmp_path / "s" / "shards" / "r000-000000.safetensors").unlink()
+    with pytest.raises(StoreCorruptError, match=r"r000-000000.safetensors.*missing"):
+        TokenStore.open(tmp_path / "s")
+
+
+def test_corrupt_data_is_detected_by_verify_naming_the_file(tmp_path):
+    _make(tmp_path / "s")
+    shard = tmp_path / "s" / "shards" / "r000-000001.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    store = TokenStore.open(tmp_path / "s")  # same size: open is cheap and does not hash
+    with pytest.raises(StoreCorruptError, match=r"r000-000001.safetensors.*sha256"):
+        store.verify()
+    with pytest.raises(StoreCorruptError, match=r"r000-000001.safetensors"):
+        TokenStore.open(tmp_path / "s", verify=True)
+
+
+def test_corrupt_header_is_detected_on_first_read_naming_the_file(tmp_path):
+    _make(tmp_path / "s")
+    shard = tmp_path / "s" / "shards" / "r000-000000.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[10:14] = b"\xff\xfe\x00\x01"
+    shard.write_bytes(bytes(data))
+    store = TokenStore.open(tmp_path / "s")
+    with pytest.raises(StoreCorruptError, match=r"r000-000000.safetensors"):
+        store.get("img0000.jpg")
+    assert torch.isfinite(store.get("img0009.jpg").float()).all()  # other shards still read
+
+
+def test_corrupt_manifest_is_reported(tmp_path):
+    _make(tmp_path / "s")
+    (tmp_path / "s" / "manifest.json").write_text("{not json")
+    with pytest.raises(StoreCorruptError, match=r"manifest.json"):
+        TokenStore.open(tmp_path / "s")
+
+
+def test_duplicate_ids_are_refused_before_anything_is_written(tmp_path):
+    path = tmp_path / "s"
+    w = TokenStore.create(path, token_shape=(M, D), shard_size=2)
+    with pytest.raises(ValueError, match=r"duplicate ids.*'a'"):
+        w.add(["a", "b", "a"], torch.zeros(3, M, D))
+    assert list((path / "shards").iterdir()) == [] and w.done_ids == frozenset()
+    w.add(["a"], torch.zeros(1, M, D))
+    with pytest.raises(ValueError, match=r"duplicate ids.*'a'"):
+        w.add(["c", "a"], torch.zeros(2, M, D))  # would fill the shard: nothing flushed
+    with pytest.raises(ValueError, match=r"duplicate ids.*'a'"):
+        w.add_failures({"a": "broken"})
+    assert list((path / "shards").iterdir()) == []
+    w.close()
+    assert TokenStore.open(path).ids == ["a"]
+    with pytest.raises(ValueError, match=r"duplicate ids.*'a'"):  # also against a resumed store
+        TokenStore.create(path, token_shape=(M, D), resume=True).add(["a"], torch.zeros(1, M, D))
+
+
+def test_bad_shapes_types_and_values_are_refused(tmp_path):
+    w = TokenStore.create(tmp_path / "s", token_shape=(M, D))
+    with pytest.raises(ValueError, match=r"shape \[2, 4, 8\].*got \[2, 4, 9\]"):
+        w.add(["a", "b"], torch.zeros(2, M, D + 1))
+    with pytest.raises(TypeError, match=r"strings"):
+        w.add([1], torch.zeros(1, M, D))
+    with pytest.raises(ValueError, match=r"NaN"):
+        w.add(["a", "b"], torch.tensor([0.0, float("nan")]).view(2, 1, 1).expand(2, M, D))
+    with pytest.raises(ValueError, match=r"dtype must be one of"):
+        TokenStore.create(tmp_path / "t", token_shape=(M, D), dtype="float32")
+
+
+def test_existing_store_needs_resume_or_overwrite(tmp_path):
+    _make(tmp_path / "s")
+    with pytest.raises(FileExistsError, match=r"resume=True.*overwrite=True"):
+        TokenStore.create(tmp_path / "s", token_shape=(M, D))
+    with TokenStore.create(tmp_path / "s", token_shape=(M, D), overwrite=True) as w:
+        w.add(["z"], torch.ones(1, M, D))
+    assert TokenStore.open(tmp_path / "s").ids == ["z"]
+
+
+def test_resume_refuses_a_store_of_another_shape_or_fingerprint(tmp_path):
+    _make(tmp_path / "s")
+    with pytest.raises(StoreCorruptError, match=r"expects float16 \[4, 9\]"):
+        TokenStore.create(
+            tmp_path / "s", token_shape=(M, D + 1), resume=True,
+            fingerprint={"adapter_sha256": "raw"},
+        )  # fmt: skip
+    with pytest.raises(ValueError, match=r"cannot resume .*fingerprint.*overwrite=True"):
+        TokenStore.create(tmp_path / "s", token_shape=(M, D), resume=True, fingerprint={"x": 1})
+
+
+def test_failures_are_kept_with_reasons_and_count_as_done(tmp_path):
+    with TokenStore.create(tmp_path / "s", token_shape=(M, D), shard_size=2) as w:
+        w.add(["a"], torch.ones(1, M, D), failures={"b.jpg": "cannot identify image file"})
+        w.add_failures({"c.jpg": "truncated"})
+    store = TokenStore.open(tmp_path / "s")
+    assert store.ids == ["a"]
+    assert store.failures == {"b.jpg": "cannot identify image file", "c.jpg": "truncated"}
+    assert "b.jpg" not in store
+    with pytest.raises(KeyError, match=r"failed to encode"):
+        store.get("b.jpg")
+    resumed = TokenStore.create(tmp_path / "s", token_shape=(M, D), resume=True)
+    assert resumed.done_ids == {"a", "b.jpg", "c.jpg"}
+
+
+def test_shard_write_is_atomic_when_interrupted(tmp_path, monkeypatch):
+    x = _make(tmp_path / "s", n=4, shard_size=4, batch=4)
+    before = (tmp_path / "s" / "manifest.json").read_bytes()
+    w = TokenStore.create(tmp_path / "s", token_shape=(M, D), resume=True, shard_size=2,
+                          fingerprint={"adapter_sha256": "raw"})  # fmt: skip
+    real_fsync = os.fsync
+
+    def crash(fd):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fsync", crash)
+    with pytest.raises(OSError, match=r"disk full"):
+        w.add(["new1", "new2"], torch.zeros(2, M, D))  # fills a shard -> flush -> crash
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    names = sorted(p.name for p in (tmp_path / "s" / "shards").iterdir())
+    assert names == ["r000-000000.safetensors"]  # no half shard, no temporary left
+    assert (tmp_path / "s" / "manifest.json").read_bytes() == before
+    assert torch.equal(TokenStore.open(tmp_path / "s").gather(_ids(4)), x.half())
+
+
+def test_leftover_temporaries_are_invisible_to_readers_and_removed_on_resume(tmp_path):
+    _make(tmp_path / "s")
+    junk = tmp_path / "s" / "shards" / "r000-000099.safetensors.tmp-12345"
+    junk.write_bytes(b"half a shard")
+    (tmp_path / "s" / "manifest.json.tmp-12345").write_text("{")
+    assert len(TokenStore.open(tmp_path / "s")) == 10
+    TokenStore.create(tmp_path / "s", token_shape=(M, D), resume=True,
+                      fingerprint={"adapter_sha256": "raw"})  # fmt: skip
+    assert not junk.exists() and not (tmp_path / "s" / "manifest.json.tmp-12345").exists()
+
+
+def test_store_pickles_without_its_memory_maps(tmp_path):
+    x = _make(tmp_path / "s")
+    store = TokenStore.open(tmp_path / "s")
+    store.get("img0001.jpg")
+    clone = pickle.loads(pickle.dumps(store))
+    assert all(m is None for m in clone._mapped)
+    assert torch.equal(clone.gather(_ids(10)), x.half())
+
+
+def test_empty_store_opens(tmp_path):
+    TokenStore.create(tmp_path / "s", token_shape=(M, D)).close()
+    store = TokenStore.open(tmp_path / "s")
+    assert len(store) == 0 and store.ids == [] and store.to("cpu").gather([]).shape == (0, M, D)
+
+
+def test_check_fingerprint_names_both_and_differing_fields(tmp_path):
+    fp = {"vision_weights_sha256": "aaa", "adapter_sha256": "raw", "edje_version": "0.1",
+          "image_processor": {"size": {"height": 224}}}  # fmt: skip
+    with TokenStore.create(tmp_path / "s", token_shape=(M, D), fingerprint=fp) as w:
+        w.add(["a"], torch.zeros(1, M, D))
+    store = TokenStore.open(tmp_path / "s")
+    store.check_fingerprint({**fp, "edje_version": "9.9", "vision_name": "other/name"})
+    other = {**fp, "adapter_sha256": "bbb", "image_processor": {"size": {"height": 112}}}
+    with pytest.raises(ValueError) as info:
+        store.check_fingerprint(other)
+    msg = str(info.value)
+    assert "adapter_sha256: store='raw', expected='bbb'" in msg
+    assert "image_processor.size.height: store=224, expected=112" in msg
+    assert "store fingerprint:" in msg and "expected fingerprint:" in msg
+    assert "vision_weights_sha256" not in msg.split("store fingerprint")[0]
+    with pytest.warns(UserWarning, match=r"adapter_sha256"):
+        store.check_fingerprint(other, force=True)
+
+
+def test_fingerprint_diff_reports_missing_fields():
+    assert fingerprint_diff({"a": 1}, {"a": 1, "b": 2}) == {"b": (None, 2)}
+    assert fingerprint_diff({"a": 1, "c": 3}, {"a": 1}) == {}  # only what is expected counts
+    assert fingerprint_diff({"a": {"x": 1}}, {"a": {"x": 2}}) == {"a.x": (1, 2)}
+
+
+@pytest.mark.parametrize("out", [torch.float32, torch.bfloat16, torch.float16])
+def test_gather_dtype_argument_for_int8_and_float_stores(tmp_path, out):
+    x = _make(tmp_path / "q", "int8")
+    q = TokenStore.open(tmp_path / "q")
+    got = q.gather(_ids(10), dtype=out)
+    assert got.dtype == out
+    assert ((got.float() - x).abs() <= x.abs().amax(-1, keepdim=True) / 127 + 1e-2).all()
+    assert torch.equal(q.to("cpu").gather(_ids(10), dtype=out), got)
+    _make(tmp_path / "f", "float16")
+    assert TokenStore.open(tmp_path / "f").gather(_ids(3), dtype=out).dtype == out

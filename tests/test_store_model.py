@@ -1,0 +1,89 @@
+"""A real EDJEModel with a real token store: its fingerprint, its refusal of foreign stores, and
+scores from stored tokens equal to scores from pixels."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import make_tiny_config
+from edje import EDJEModel
+from edje.encoding import encode_images
+from edje.store import TokenStore
+
+
+def photos(count: int = 4) -> list[Image.Image]:
+    rng = np.random.default_rng(0)
+    return [
+        Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)) for _ in range(count)
+    ]
+
+
+def model_for(tiny_processor, tiny_vision_encoder, seed: int) -> EDJEModel:
+    config = make_tiny_config(
+        len(tiny_processor.tokenizer),
+        tiny_processor.image_token_id,
+        vision_encoder_name="tiny/dinov2",
+        vision_image_processor=tiny_processor.image_processor.to_dict(),
+    )
+    torch.manual_seed(seed)
+    return EDJEModel(config, vision_encoder=tiny_vision_encoder).eval()
+
+
+def encode(model, processor, out, images, compressed=True):
+    paths = []
+    for i, image in enumerate(images):
+        path = out.parent / f"{out.name}-{i}.png"
+        image.save(path)
+        paths.append(str(path))
+    return encode_images(
+        paths,
+        out,
+        ids=[f"img{i}" for i in range(len(paths))],
+        vision_encoder=model.vision_encoder,
+        image_processor=processor.image_processor,
+        compressor=model.compress if compressed else None,
+        fingerprint=model.store_fingerprint(raw=not compressed),
+        accelerator="cpu",
+        devices=1,
+        progress=False,
+    )
+
+
+def test_model_accepts_its_own_stores_and_refuses_another_adapters(
+    tiny_processor, tiny_vision_encoder, tmp_path
+):
+    model = model_for(tiny_processor, tiny_vision_encoder, seed=0)
+    other = model_for(tiny_processor, tiny_vision_encoder, seed=1)
+    encode(model, tiny_processor, tmp_path / "compressed", photos())
+    encode(model, tiny_processor, tmp_path / "raw", photos(), compressed=False)
+    compressed, raw = TokenStore.open(tmp_path / "compressed"), TokenStore.open(tmp_path / "raw")
+    model.check_store(compressed)
+    model.check_store(raw)
+    other.check_store(raw)  # same vision encoder and preprocessing: raw tokens are shared
+    with pytest.raises(ValueError, match="adapter_sha256"):
+        other.check_store(compressed)
+    with pytest.warns(UserWarning, match="adapter_sha256"):
+        other.check_store(compressed, force=True)
+
+
+def test_scores_from_stored_tokens_match_scores_from_pixels(
+    tiny_processor, tiny_vision_encoder, tmp_path
+):
+    model = model_for(tiny_processor, tiny_vision_encoder, seed=0)
+    images = photos()
+    encode(model, tiny_processor, tmp_path / "store", images)
+    store = TokenStore.open(tmp_path / "store")
+    captions = ["a noisy photo", "another", "a third", "the last one"]
+    with torch.no_grad():
+        pixels = tiny_processor(text=captions, images=images)
+        expected_tokens = model.compress(model.encode_images(pixels["pixel_values"]))
+        from_pixels = model(**pixels).logits
+        tokens = store.gather([f"img{i}" for i in range(4)], dtype=torch.float32)
+        from_store = model(**tiny_processor(text=captions, image_tokens=tokens)).logits
+    # fp16 storage of the compressed tokens is the only difference.
+    torch.testing.assert_close(tokens, expected_tokens, rtol=1e-3, atol=1e-3)
+    assert (tokens - expected_tokens).abs().max() > 0  # they were stored in fp16
+    torch.testing.assert_close(from_store, from_pixels, rtol=0, atol=1e-4)
