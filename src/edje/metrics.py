@@ -34,7 +34,7 @@ from typing import Literal, NamedTuple
 
 import torch
 
-__all__ = ["recall_at_k", "reranked_recall_at_k"]
+__all__ = ["pair_accuracy", "recall_at_k", "reranked_recall_at_k"]
 
 T2I_KEY = "image_retrieval_recall@{k}"
 I2T_KEY = "text_retrieval_recall@{k}"
@@ -134,6 +134,24 @@ def reranked_recall_at_k(
         has_caption = torch.bincount(text_to_image, minlength=n_images)[:n_images].to(device) > 0
         out.update(_recall(standing.select(has_caption), ks, ties, I2T_KEY))
     return out
+
+
+def pair_accuracy(scores: torch.Tensor) -> float:
+    """Share of (caption, wrong image) pairs scored below the caption's own image, in percent.
+
+    ``scores`` is square ``[n, n]``: caption i belongs to image i. Ties count as errors.
+
+    Example:
+        >>> import torch
+        >>> pair_accuracy(torch.tensor([[2.0, 1.0], [0.5, 0.5]]))
+        50.0
+    """
+    _check_scores(scores, "scores", ndim=2)
+    if scores.shape[0] != scores.shape[1]:
+        raise ValueError(f"pair_accuracy: scores must be square, got {tuple(scores.shape)}")
+    positive = scores.diagonal()[:, None]
+    wrong = ~torch.eye(len(scores), dtype=torch.bool, device=scores.device)
+    return float((scores < positive)[wrong].float().mean() * 100)
 
 
 # ---- where each query's best correct item stands among the wrong ones ----

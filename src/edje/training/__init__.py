@@ -1,1 +1,24 @@
-"""Training: LightningModules, DataModule, losses and teachers."""
+"""Training: the LightningModule, the DataModule, the objectives and the distillation teachers.
+
+The network, the teacher, the first stage and the optimizer come in from a recipe
+(`recipes/*.yaml`, run with `edje fit --config ...`); the LightningModule defines no layers.
+"""
+
+from edje.training.datamodule import EDJEDataModule, load_splits, stable_key
+from edje.training.export import ExportEDJE
+from edje.training.module import EDJETrainingModule
+from edje.training.network import EDJEForPreTraining
+from edje.training.teachers import BlipITMTeacher, EDJETeacher, Teacher, TeacherPairs
+
+__all__ = [
+    "BlipITMTeacher",
+    "EDJEDataModule",
+    "EDJEForPreTraining",
+    "EDJETeacher",
+    "EDJETrainingModule",
+    "ExportEDJE",
+    "Teacher",
+    "TeacherPairs",
+    "load_splits",
+    "stable_key",
+]

@@ -1,0 +1,50 @@
+"""`edje fit`: train EDJE from a YAML recipe through LightningCLI."""
+
+from __future__ import annotations
+
+import argparse
+
+EXAMPLE = """example:
+  edje fit --config recipes/quickstart.yaml
+  edje fit --config recipes/quickstart.yaml --trainer.max_steps 200 --data.batch_size 32
+  edje fit --config recipes/finetune_custom.yaml --print_config   # the full resolved recipe
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "fit",
+        help="train EDJE from a recipe (recipes/*.yaml) with Lightning",
+        description=(
+            "Train EDJE with LightningCLI: the recipe names the network, first stage, teacher, "
+            "optimizer, data and trainer; any value can be overridden as --section.key value. "
+            "All arguments after `fit` go to LightningCLI (`edje fit --help` lists them)."
+        ),
+        epilog=EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        add_help=False,  # --help goes to LightningCLI, which knows every option
+    )
+    # Everything after `fit` is LightningCLI's: the `edje` parser passes it through unparsed.
+    parser.set_defaults(func=run, pass_through=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    cli = make_cli(args.pass_through_args)
+    return 0 if cli.trainer.state.status.value == "finished" else 1
+
+
+def make_cli(cli_args: list[str], run: bool = True):
+    """The LightningCLI of `edje fit` (`run=False` parses and instantiates only)."""
+    from lightning.pytorch.cli import LightningCLI
+
+    from edje.training import EDJEDataModule, EDJETrainingModule
+
+    return LightningCLI(
+        EDJETrainingModule,
+        EDJEDataModule,
+        args=(["fit"] if run else []) + list(cli_args),
+        run=run,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"epilog": EXAMPLE},
+        auto_configure_optimizers=False,  # the optimizer is the module's own argument
+    )

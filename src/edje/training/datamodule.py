@@ -1,0 +1,289 @@
+"""`EDJEDataModule`: (caption, raw image tokens) pairs from a `datasets` data set and a raw token
+store, with the first stage's embeddings that mining and text recovery need."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import torch
+from datasets import Dataset, DatasetDict, concatenate_datasets
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader
+
+from edje.backbones import OFFLINE_TEXT, OFFLINE_VISION, load_vision_encoder, resolve_backbone
+from edje.data import flatten_captions
+
+logger = logging.getLogger(__name__)
+SPLITS = ("train", "validation", "test")
+
+
+def stable_key(text: str) -> int:
+    """A 63-bit integer for a string, equal across processes and runs (unlike `hash`)."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big") >> 1
+
+
+def load_splits(
+    data: str | DatasetDict, seed: int = 0, builtin: dict[str, int] | None = None
+) -> DatasetDict:
+    """`"builtin"`, `"flickr30k"`, `"coco"`, a folder of images with metadata (one folder per
+    split in `train/`, `validation/`, `test/`, or a single folder used for training), or a
+    `DatasetDict` in edje's schema as it is. `builtin` sizes the built-in set
+    (`make_builtin_dataset`'s `n_*` arguments)."""
+    from edje import data as edje_data
+
+    if isinstance(data, DatasetDict):
+        return data
+    if data == "builtin":
+        return edje_data.make_builtin_dataset(seed=seed, **(builtin or {}))
+    if data in ("flickr30k", "coco"):
+        load = edje_data.load_flickr30k if data == "flickr30k" else edje_data.load_coco_karpathy
+        return DatasetDict({split: load(split) for split in SPLITS})
+    folder = Path(data)
+    if not folder.is_dir():
+        raise ValueError(
+            f"EDJEDataModule: data must be 'builtin', 'flickr30k', 'coco' or a folder, got {data!r}"
+        )
+    present = [s for s in SPLITS if (folder / s).is_dir()]
+    if not present:
+        return DatasetDict({"train": edje_data.load_image_folder(folder, split="train")})
+    return DatasetDict({s: edje_data.load_image_folder(folder / s, split=s) for s in present})
+
+
+class EDJEDataModule(LightningDataModule):
+    """Pairs for `EDJETrainingModule`, one per caption.
+
+    The raw token store (the vision encoder's tokens of every image of every split) is built on
+    first use at `store` and reused after. Images the store could not encode are reported, and
+    their captions left out, with a warning naming them.
+
+    Args:
+        data: what `load_splits` takes.
+        store: folder of the raw token store.
+        first_stage: an `EmbeddingModel` or the folder/Hub id of one; it must embed raw vision
+            tokens (`encode_vision_tokens`), as the offline linear probe does. A folder that
+            does not exist yet gets a `LinearProbeEmbedding` fitted on the train split (seconds,
+            on cached features). `None`: no mining signal (random negatives only) and no
+            text-embedding targets.
+        vision, vision_image_size: the vision encoder the store is built with (the network's).
+        text: the tokenizer's backbone (the network's text encoder).
+        builtin: sizes of the built-in set when `data` is "builtin" (e.g. a reduced one for
+            tests: `{"n_train_triplets": 20, "n_test_triplets": 4}`).
+        max_caption_length: caption tokens kept, `[CLS]` and `[SEP]` included.
+    """
+
+    def __init__(
+        self,
+        data: str | DatasetDict = "builtin",
+        store: str = "outputs/raw.store",
+        first_stage=None,
+        vision: str = OFFLINE_VISION,
+        vision_image_size: int | None = None,
+        text: str = OFFLINE_TEXT,
+        batch_size: int = 64,
+        eval_batch_size: int | None = None,
+        max_caption_length: int = 64,
+        num_workers: int = 0,
+        encode_batch_size: int = 64,
+        seed: int = 0,
+        builtin: dict[str, int] | None = None,
+    ):
+        super().__init__()
+        self.data, self.store_path = data, Path(store)
+        self.first_stage = first_stage
+        self.vision, self.vision_image_size, self.text = vision, vision_image_size, text
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.max_caption_length = max_caption_length
+        self.num_workers = num_workers
+        self.encode_batch_size = encode_batch_size
+        self.seed = seed
+        self.builtin = builtin
+        self.splits: DatasetDict | None = None
+        self.pairs: dict[str, PairTable] = {}
+
+    # -- Lightning hooks -----------------------------------------------------------------------
+
+    def prepare_data(self) -> None:
+        """Build (or finish) the raw token store; runs on one process per machine."""
+        from edje.encoding import encode_images
+
+        splits = load_splits(self.data, self.seed, self.builtin)
+        vision_model, image_processor = load_vision_encoder(
+            self.vision, image_size=self.vision_image_size
+        )
+        everything = concatenate_datasets(list(splits.values()))
+        result = encode_images(
+            everything,
+            self.store_path,
+            vision_encoder=vision_model,
+            image_processor=image_processor,
+            id_column="image_id",
+            image_column="image",
+            batch_size=self.encode_batch_size,
+            devices=1,
+        )
+        logger.info(result.summary())
+        if isinstance(self.first_stage, str | Path) and not Path(self.first_stage).exists():
+            self._fit_first_stage(splits["train"])
+
+    def _fit_first_stage(self, train: Dataset) -> None:
+        """Fit the offline linear probe on the train split's cached raw tokens and captions."""
+        from edje.first_stage import LinearProbeEmbedding
+        from edje.store import TokenStore
+
+        store = TokenStore.open(self.store_path)
+        texts, text_to_image = flatten_captions(train)
+        ids = list(train["image_id"])
+        keep = torch.tensor([ids[i] not in store.failures for i in text_to_image.tolist()])
+        usable = [i for i in ids if i not in store.failures]
+        row = {image_id: n for n, image_id in enumerate(usable)}
+        probe = LinearProbeEmbedding(self.vision, self.text, image_size=self.vision_image_size)
+        image_features = torch.cat(
+            [
+                store.gather(usable[s : s + 256], torch.float32)[:, 0]
+                for s in range(0, len(usable), 256)
+            ]
+        )
+        kept_texts = [t for t, k in zip(texts, keep.tolist(), strict=True) if k]
+        targets = torch.tensor([row[ids[i]] for i in text_to_image[keep].tolist()])
+        text_features = probe.backbones.text_features(kept_texts, 256, None)
+        probe.fit(image_features, text_features, targets, seed=self.seed)
+        probe.save_pretrained(self.first_stage)
+        logger.info("first stage fitted on %d captions: %s", len(kept_texts), self.first_stage)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.pairs:
+            return
+        from transformers import AutoTokenizer
+
+        from edje.first_stage import load_embedding_model
+        from edje.store import TokenStore
+
+        self.splits = load_splits(self.data, self.seed, self.builtin)
+        self.store = TokenStore.open(self.store_path)
+        if isinstance(self.first_stage, str | Path):
+            self.first_stage = load_embedding_model(self.first_stage)
+        self.tokenizer = AutoTokenizer.from_pretrained(resolve_backbone(self.text))
+        for name, split in self.splits.items():
+            self.pairs[name] = PairTable.build(split, self.store, self.first_stage, name)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True, batch_size=self.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("validation", shuffle=False, batch_size=self.eval_batch_size)
+
+    # -- lookups for teachers that need the data itself ----------------------------------------
+
+    def images_by_key(self, keys) -> list:
+        """PIL images of image keys (from any split)."""
+        return [self._table_with(key, "image_rows").image(key) for key in keys]
+
+    def captions_by_key(self, keys) -> list[str]:
+        """Caption texts of caption keys (from any split)."""
+        return [self._table_with(key, "caption_texts").caption_texts[key] for key in keys]
+
+    def _table_with(self, key: int, lookup: str) -> PairTable:
+        for table in self.pairs.values():
+            if key in getattr(table, lookup):
+                return table
+        raise KeyError(f"EDJEDataModule: no image or caption has key {key}.")
+
+    # -- batches -------------------------------------------------------------------------------
+
+    def _loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader:
+        if split not in self.pairs:
+            raise ValueError(
+                f"EDJEDataModule: the data has no {split!r} split (it has {sorted(self.pairs)})."
+            )
+        pairs = self.pairs[split]
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(
+            range(len(pairs)),
+            batch_size=batch_size,
+            shuffle=shuffle,
+            drop_last=shuffle,  # equal batch shapes on every process for gathering negatives
+            generator=generator,
+            num_workers=self.num_workers,
+            collate_fn=lambda rows: self.collate(pairs, rows),
+        )
+
+    def collate(self, pairs: PairTable, rows: list[int]) -> dict[str, torch.Tensor]:
+        index = torch.as_tensor(rows)
+        encoded = self.tokenizer(
+            [pairs.captions[i] for i in rows],
+            truncation=True,
+            max_length=self.max_caption_length,
+            padding="max_length",
+            return_tensors="pt",
+        )
+        image_ids = [pairs.image_ids[i] for i in rows]
+        return {
+            "caption_ids": encoded["input_ids"],
+            "caption_mask": encoded["attention_mask"],
+            "vision_tokens": self.store.gather(image_ids, dtype=torch.float32),
+            "image_key": pairs.image_keys[index],
+            "caption_key": pairs.caption_keys[index],
+            "text_embedding": pairs.text_embeddings[index],
+            "image_embedding": pairs.image_embeddings[index],
+        }
+
+
+class PairTable:
+    """One split's captions with their image ids, keys and first-stage embeddings."""
+
+    def __init__(self, split: Dataset, captions, image_ids, text_embeddings, image_embeddings):
+        self.split, self.captions, self.image_ids = split, captions, image_ids
+        self.caption_keys = torch.tensor([stable_key(c) for c in captions])
+        self.image_keys = torch.tensor([stable_key(i) for i in image_ids])
+        self.text_embeddings, self.image_embeddings = text_embeddings, image_embeddings
+        self.caption_texts = dict(zip(self.caption_keys.tolist(), captions, strict=True))
+        self.image_rows = {stable_key(i): row for row, i in enumerate(split["image_id"])}
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def image(self, key: int):
+        return self.split[self.image_rows[key]]["image"]
+
+    @classmethod
+    def build(cls, split: Dataset, store, first_stage, name: str) -> PairTable:
+        texts, text_to_image = flatten_captions(split)
+        ids = split["image_id"]
+        failed = [i for i in ids if i in store.failures]
+        if failed:
+            logger.warning(
+                "%s split: %d images could not be encoded and their captions are left out: %s",
+                name,
+                len(failed),
+                ", ".join(f"{i} ({store.failures[i]})" for i in failed[:5]),
+            )
+        missing = [i for i in ids if i not in store and i not in store.failures]
+        if missing:
+            raise ValueError(
+                f"EDJEDataModule: {len(missing)} images of the {name} split are not in the token "
+                f"store {store.path} (e.g. {missing[:3]}); delete it to rebuild, or point "
+                "`store` elsewhere."
+            )
+        keep = [
+            k for k, image in enumerate(text_to_image.tolist()) if ids[image] not in store.failures
+        ]
+        captions = [texts[k] for k in keep]
+        image_ids = [ids[int(text_to_image[k])] for k in keep]
+        text_embeddings = image_embeddings = torch.zeros(len(keep), 1)
+        if first_stage is not None and keep:
+            text_embeddings = first_stage.encode_texts(captions)
+            distinct = sorted(set(image_ids))
+            per_image = torch.cat(
+                [
+                    first_stage.encode_vision_tokens(
+                        store.gather(distinct[s : s + 256], torch.float32)
+                    )
+                    for s in range(0, len(distinct), 256)
+                ]
+            )
+            position = {image_id: n for n, image_id in enumerate(distinct)}
+            image_embeddings = per_image[[position[i] for i in image_ids]]
+        return cls(split, captions, image_ids, text_embeddings, image_embeddings)
