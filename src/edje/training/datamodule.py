@@ -172,7 +172,9 @@ class EDJEDataModule(LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True, batch_size=self.batch_size)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | list:
+        if "validation" not in self.pairs:
+            return []  # no validation split: Lightning skips validation
         return self._loader("validation", shuffle=False, batch_size=self.eval_batch_size)
 
     # -- lookups for teachers that need the data itself ----------------------------------------
