@@ -151,7 +151,9 @@ class EDJETrainingModule(LightningModule):
             )
         if not bool(usable.all()):  # a small last batch: score the rows that have negatives
             batch, same = {k: v[usable] for k, v in batch.items()}, same[usable]
-        tokens = edje.compress(batch["vision_tokens"])  # (B, m, d)
+        # Every gathered image once through the adapter: positives and negatives reuse it.
+        everyone_tokens = edje.compress(everyone["vision_tokens"])  # (W*B, m, d)
+        tokens = everyone_tokens[:local][usable]  # (B, m, d): this process's positives
         neg_image, neg_caption = self._mine(batch, everyone, same, generator)
         self._remote_share = torch.cat([neg_image, neg_caption]).ge(local).float().mean()
         captions = torch.cat(
@@ -160,7 +162,7 @@ class EDJETrainingModule(LightningModule):
         masks = torch.cat(
             [batch["caption_mask"], batch["caption_mask"], everyone["caption_mask"][neg_caption]]
         )
-        images = torch.cat([tokens, edje.compress(everyone["vision_tokens"][neg_image]), tokens])
+        images = torch.cat([tokens, everyone_tokens[neg_image], tokens])
         logits = self.network.itm_logits(self._pairs(captions, masks), images)  # (3B,)
         positive, negative_image, negative_caption = logits.chunk(3)
         terms = {}
