@@ -1,0 +1,63 @@
+"""Every shipped recipe parses against the classes it names (nothing is downloaded)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from lightning.pytorch.cli import LightningCLI
+
+from edje.training import EDJEDataModule, EDJETrainingModule
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+REQUIRED = {
+    "pretrain",
+    "distill_blip",
+    "finetune_coco",
+    "finetune_flickr30k",
+    "finetune_custom",
+    "quickstart",
+}
+
+
+class ParseOnlyCLI(LightningCLI):
+    """Parses and type-checks a recipe, instantiating nothing (no weights are loaded)."""
+
+    def instantiate_classes(self) -> None:
+        pass
+
+
+def test_the_required_recipes_are_shipped():
+    assert {p.stem for p in RECIPES} >= REQUIRED
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+def test_recipe_parses(recipe):
+    cli = ParseOnlyCLI(
+        EDJETrainingModule,
+        EDJEDataModule,
+        args=["--config", str(recipe)],
+        run=False,
+        auto_configure_optimizers=False,
+    )
+    config = cli.config
+    assert config.model.network.class_path == "edje.training.EDJEForPreTraining"
+    assert config.model.optimizer.class_path == "torch.optim.AdamW"
+    assert config.data.store and config.data.data
+    callbacks = [c.class_path for c in config.trainer.callbacks or []]
+    assert "edje.training.ExportEDJE" in callbacks, f"{recipe.name} does not export its model"
+
+
+def test_a_misspelled_key_is_refused(tmp_path):
+    """The parse test would catch a typo: jsonargparse checks keys against the signatures."""
+    quickstart = next(p for p in RECIPES if p.stem == "quickstart")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(quickstart.read_text().replace("negative_topk:", "negative_top_k:"))
+    with pytest.raises(SystemExit):
+        ParseOnlyCLI(
+            EDJETrainingModule,
+            EDJEDataModule,
+            args=["--config", str(broken)],
+            run=False,
+            auto_configure_optimizers=False,
+        )
