@@ -1,0 +1,388 @@
+"""Two-stage retrieval: a first stage proposes top-k candidates, EDJE reranks them, R@k both ways.
+
+Text -> image: each caption retrieves images (``image_retrieval_recall@k``). Image -> text: each
+image retrieves captions, a hit when any of its captions is in the top k
+(``text_retrieval_recall@k``). Ties count against the query (``edje.metrics``).
+
+- First-stage recall comes from the full caption x image score matrix when it has at most
+  ``full_matrix_limit`` entries, else from the FAISS candidates (where a tie at the k-th place
+  cannot be seen).
+- Reranking scores the deepest candidate list once; a shallower depth K reads its first K
+  columns. Past the depth (k >= K), the reranked top k holds the same items as the first
+  stage's, so its recall@k is the first stage's.
+- Image tokens come from a token store by image id when given (compressed ``[m, d]`` tokens, or
+  raw ``[n, d_vis]`` tokens that the model compresses), else from
+  ``model.compress(model.encode_images(pixels))``, computed once per image.
+
+Example (first stage only: a toy embedding model that knows colours):
+    >>> import torch
+    >>> from PIL import Image
+    >>> from edje.data.schema import make_dataset
+    >>> from edje.evaluation import evaluate
+    >>> from edje.first_stage import EmbeddingModel
+    >>> class Colours(EmbeddingModel):
+    ...     embedding_dim = 3
+    ...     def encode_texts(self, texts, batch_size=256, show_progress_bar=None):
+    ...         rows = [[float(c in t) + 0.01 for c in ("red", "green", "blue")] for t in texts]
+    ...         return torch.nn.functional.normalize(torch.tensor(rows), dim=-1)
+    ...     def encode_images(self, images, batch_size=64, show_progress_bar=None):
+    ...         rows = [[v / 255 + 0.01 for v in im.getpixel((0, 0))] for im in images]
+    ...         return torch.nn.functional.normalize(torch.tensor(rows), dim=-1)
+    >>> ds = make_dataset([Image.new("RGB", (4, 4), c) for c in ("red", "blue")], ["r", "b"],
+    ...                   [["a red square"], ["a blue square", "blue"]], "test")
+    >>> report = evaluate(ds, Colours(), k=2, ks=(1, 2), show_progress_bar=False)
+    >>> report.first_stage_metrics["image_retrieval_recall@1"]
+    100.0
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from edje.evaluation_report import Candidates, EvaluationReport
+from edje.first_stage.base import EmbeddingModel, progress
+from edje.first_stage.features import DatasetImages
+from edje.first_stage.index import VectorIndex
+from edje.metrics import I2T_KEY, T2I_KEY, recall_at_k, reranked_recall_at_k
+
+__all__ = [
+    "Candidates",
+    "EvaluationReport",
+    "evaluate",
+    "image_token_source",
+    "rerank_candidates",
+    "search_both_ways",
+]
+
+FULL_MATRIX_LIMIT = 50_000_000  # captions x images; 200 MB in float32
+
+
+@dataclass
+class _Timer:
+    seconds: dict[str, float]
+
+    def __call__(self, name: str, start: float) -> None:
+        self.seconds[name] = round(time.perf_counter() - start, 3)
+
+
+def evaluate(
+    dataset: Any,
+    first_stage: EmbeddingModel,
+    model: Any = None,
+    processor: Any = None,
+    store: Any = None,
+    *,
+    k: int = 10,
+    ks: Sequence[int] = (1, 5, 10),
+    extra_k: Sequence[int] = (),
+    batch_size: int = 256,
+    image_batch_size: int = 64,
+    device: str | torch.device | None = None,
+    dataset_name: str | None = None,
+    full_matrix_limit: int = FULL_MATRIX_LIMIT,
+    show_progress_bar: bool | None = None,
+    force_store: bool = False,
+) -> EvaluationReport:
+    """First stage -> top-k both ways -> EDJE rerank -> recall@k, side by side.
+
+    Args:
+        dataset: a ``datasets.Dataset`` in the edje schema (image, image_id, captions, split).
+        first_stage: the embedding model proposing candidates.
+        model, processor: an ``EDJEModel`` and its ``EDJEProcessor``; without them only the
+            first stage is reported.
+        store: a ``TokenStore`` holding every image id of ``dataset`` (the fast path).
+        k: the rerank depth reported as "reranked"; ``extra_k`` adds more depths.
+        ks: recall cut-offs in the tables; the curves cover 1 .. the deepest depth.
+        batch_size: (caption, image) pairs per forward pass of the reranker.
+        image_batch_size: images per forward pass of the vision encoders.
+        device: where the models run (default: CUDA if available, else CPU).
+        dataset_name: what the report calls the data (default: ``dataset.info.dataset_name``).
+        full_matrix_limit: the most captions x images to score in full for first-stage recall.
+        show_progress_bar: tqdm bars (``None``: when stderr is a terminal).
+        force_store: use a store whose fingerprint differs from the model's (a warning instead
+            of the `ValueError` naming both fingerprints).
+    """
+    ks, depths = _check_ks(ks, k, extra_k)
+    if (model is None) != (processor is None):
+        raise ValueError("evaluate: give model and processor together, or neither")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    timer, start = _Timer({}), time.perf_counter()
+    texts, text_to_image, image_ids = _captions_and_ids(dataset)
+    curve_ks = list(range(1, max([*depths, *ks]) + 1))
+
+    t = time.perf_counter()
+    first_stage.to(device)
+    image_emb = first_stage.encode_images(
+        DatasetImages(dataset), batch_size=image_batch_size, show_progress_bar=show_progress_bar
+    ).cpu()
+    text_emb = first_stage.encode_texts(texts, show_progress_bar=show_progress_bar).cpu()
+    timer("embed", t)
+
+    t = time.perf_counter()
+    candidates = search_both_ways(text_emb, image_emb, max(curve_ks))
+    first_curve, source = _first_stage_recall(
+        text_emb, image_emb, text_to_image, candidates, curve_ks, full_matrix_limit
+    )
+    timer("search", t)
+
+    reranked: dict[int, dict[str, float]] = {}
+    pairs = 0
+    if model is not None:
+        t = time.perf_counter()
+        model.to(device).eval()
+        if store is not None:
+            model.check_store(store, force=force_store)
+        tokens = image_token_source(
+            model, processor, dataset, store, image_ids, device, image_batch_size, show_progress_bar
+        )
+        timer("image_tokens", t)  # the vision encoder without a store; a lookup with one
+        t = time.perf_counter()
+        deepest = max(depths)
+        candidates = candidates.truncate(deepest)
+        candidates.t2i_rerank, candidates.i2t_rerank = rerank_candidates(
+            model, processor, tokens, texts, candidates, batch_size, device, show_progress_bar
+        )
+        pairs = candidates.t2i.numel() + candidates.i2t.numel()
+        for depth in depths:
+            reranked[depth] = _reranked_curve(
+                candidates, text_to_image, depth, curve_ks, first_curve
+            )
+        timer("rerank", t)
+    timer("total", start)
+    return EvaluationReport.build(
+        model=_name(model),
+        first_stage=first_stage.name,
+        dataset=_describe(dataset, dataset_name, len(texts)),
+        k=k,
+        ks=ks,
+        depths=depths,
+        first_stage_curve=first_curve,
+        reranked_curves=reranked,
+        curve_ks=curve_ks,
+        pairs_scored=pairs,
+        seconds=timer.seconds,
+        device=str(device),
+        first_stage_recall_from=source,
+        candidates=candidates,
+    )
+
+
+# ---- first stage ----
+
+
+def search_both_ways(text_emb: torch.Tensor, image_emb: torch.Tensor, depth: int) -> Candidates:
+    """Exact top-``depth`` by inner product: captions over images and images over captions."""
+    images = VectorIndex(image_emb.shape[1])
+    images.add(image_emb)
+    t2i_scores, t2i = images.search(text_emb, depth)
+    captions = VectorIndex(text_emb.shape[1])
+    captions.add(text_emb)
+    i2t_scores, i2t = captions.search(image_emb, depth)
+    return Candidates(t2i=t2i, t2i_first=t2i_scores, i2t=i2t, i2t_first=i2t_scores)
+
+
+def _first_stage_recall(text_emb, image_emb, text_to_image, candidates, curve_ks, limit):
+    if len(text_emb) * len(image_emb) <= limit:
+        scores = text_emb.float() @ image_emb.float().T
+        return recall_at_k(scores, text_to_image, ks=curve_ks), "full score matrix"
+    return _candidate_recall(
+        candidates.t2i,
+        candidates.t2i_first,
+        candidates.i2t,
+        candidates.i2t_first,
+        text_to_image,
+        curve_ks,
+    ), "faiss candidates"
+
+
+def _candidate_recall(t2i, t2i_scores, i2t, i2t_scores, text_to_image, curve_ks):
+    # Queries may see fewer candidates than asked (a small gallery): cut the curve there.
+    t2i_ks = [k for k in curve_ks if k <= t2i.shape[1]]
+    i2t_ks = [k for k in curve_ks if k <= i2t.shape[1]]
+    out = reranked_recall_at_k(text_to_image, t2i_candidates=t2i, t2i_scores=t2i_scores, ks=t2i_ks)
+    out.update(
+        reranked_recall_at_k(text_to_image, i2t_candidates=i2t, i2t_scores=i2t_scores, ks=i2t_ks)
+    )
+    return _fill_past_gallery(out, curve_ks)
+
+
+def _fill_past_gallery(metrics: dict[str, float], curve_ks: list[int]) -> dict[str, float]:
+    """A k past the gallery size lists the whole gallery: recall@k is recall@(gallery size)."""
+    for key in (T2I_KEY, I2T_KEY):
+        last = None
+        for k in curve_ks:
+            name = key.format(k=k)
+            if name in metrics:
+                last = metrics[name]
+            elif last is not None:
+                metrics[name] = last
+    return metrics
+
+
+# ---- reranking ----
+
+
+def image_token_source(
+    model, processor, dataset, store, image_ids, device, image_batch_size, show_progress_bar
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``rows -> image tokens [len(rows), m, d]`` on ``device``, from the store or computed."""
+    expected = tuple(model.config.image_token_shape)
+    raw = (model.config.vision_num_tokens, model.config.vision_hidden_size)
+    if store is not None:
+        shape = tuple(store.token_shape)
+        if shape not in (expected, raw):
+            raise ValueError(
+                f"evaluate: the token store {store.path} holds {list(shape)} tokens per image; "
+                f"the model expects compressed {list(expected)} or raw {list(raw)}"
+            )
+        rows = torch.from_numpy(store.index(image_ids))  # KeyError names a missing id
+
+        def from_store(index: torch.Tensor) -> torch.Tensor:
+            tokens = store.gather_rows(rows[index.cpu()]).to(device, model.dtype)
+            return tokens if shape == expected else model.compress(tokens)
+
+        return from_store
+    tokens = _encode_all(model, processor, dataset, device, image_batch_size, show_progress_bar)
+    return lambda index: tokens[index.to(tokens.device)]
+
+
+@torch.inference_mode()
+def _encode_all(model, processor, dataset, device, batch_size, show_progress_bar):
+    images = DatasetImages(dataset)
+    out = []
+    with progress(len(images), show_progress_bar, "image tokens", "img") as bar:
+        for start in range(0, len(images), batch_size):
+            chunk = [image.convert("RGB") for image in images[start : start + batch_size]]
+            pixels = processor.image_processor(images=chunk, return_tensors="pt")["pixel_values"]
+            out.append(model.compress(model.encode_images(pixels.to(device))))
+            bar.update(len(chunk))
+    return torch.cat(out)
+
+
+@torch.inference_mode()
+def rerank_candidates(
+    model,
+    processor,
+    image_tokens: Callable[[torch.Tensor], torch.Tensor],
+    texts: Sequence[str],
+    candidates: Candidates,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    show_progress_bar: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """EDJE logits for every candidate, both ways: ``(t2i [T, K], i2t [I, K])`` float32.
+
+    One caption against its K candidate images, and one image against its K candidate
+    captions, packed ``batch_size // K`` queries per forward pass.
+    """
+    device = torch.device(device)
+    total = candidates.t2i.numel() + candidates.i2t.numel()
+
+    def score(captions: list[str], tokens: torch.Tensor) -> torch.Tensor:
+        inputs = processor(text=captions, image_tokens=tokens).to(device)
+        return model(**inputs).logits.float().cpu()
+
+    with progress(total, show_progress_bar, "rerank", "pair") as bar:
+        t2i = _score_rows(
+            candidates.t2i,
+            batch_size,
+            lambda rows, cands: score(
+                [texts[t] for t in rows.tolist() for _ in range(cands.shape[1])],
+                image_tokens(cands.reshape(-1)),
+            ),
+            bar,
+        )
+        i2t = _score_rows(
+            candidates.i2t,
+            batch_size,
+            lambda rows, cands: score(
+                [texts[c] for c in cands.reshape(-1).tolist()],
+                image_tokens(rows).repeat_interleave(cands.shape[1], dim=0),
+            ),
+            bar,
+        )
+    return t2i, i2t
+
+
+def _score_rows(candidates: torch.Tensor, batch_size: int, score, bar) -> torch.Tensor:
+    n, depth = candidates.shape
+    per_batch = max(1, batch_size // max(depth, 1))
+    out = torch.empty(n, depth)
+    for start in range(0, n, per_batch):
+        rows = torch.arange(start, min(n, start + per_batch))
+        out[rows] = score(rows, candidates[rows]).view(len(rows), depth)
+        bar.update(len(rows) * depth)
+    return out
+
+
+def _reranked_curve(candidates, text_to_image, depth, curve_ks, first_curve):
+    within = [k for k in curve_ks if k <= depth]
+    t2i_depth, i2t_depth = min(depth, candidates.t2i.shape[1]), min(depth, candidates.i2t.shape[1])
+    out = _candidate_recall(
+        candidates.t2i[:, :t2i_depth],
+        candidates.t2i_rerank[:, :t2i_depth],
+        candidates.i2t[:, :i2t_depth],
+        candidates.i2t_rerank[:, :i2t_depth],
+        text_to_image,
+        within,
+    )
+    for k in curve_ks[len(within) :]:  # past the depth: the first stage's top k, reordered
+        for key in (T2I_KEY, I2T_KEY):
+            out[key.format(k=k)] = first_curve[key.format(k=k)]
+    return out
+
+
+# ---- inputs and descriptions ----
+
+
+def _check_ks(ks, k, extra_k) -> tuple[list[int], list[int]]:
+    ks = [ks] if isinstance(ks, int) else list(ks)
+    depths = sorted({k, *extra_k})
+    for name, values in (("ks", ks), ("k / extra_k", depths)):
+        if not values or any(not isinstance(v, int) or v < 1 for v in values):
+            raise ValueError(f"evaluate: {name} must be positive integers, got {values}")
+    return sorted(set(ks)), depths
+
+
+def _captions_and_ids(dataset):
+    from edje.data import flatten_captions
+
+    if isinstance(dataset, dict):  # a DatasetDict
+        raise ValueError(
+            f"evaluate: expected one split (a datasets.Dataset), got splits {sorted(dataset)}; "
+            "pass e.g. dataset['test']"
+        )
+    missing = [c for c in ("image", "image_id", "captions") if c not in dataset.column_names]
+    if missing:
+        raise ValueError(
+            f"evaluate: the data set lacks column(s) {missing}; expected the edje schema "
+            f"(image, image_id, captions, split), got {dataset.column_names}"
+        )
+    if len(dataset) == 0:
+        raise ValueError("evaluate: the data set is empty; expected at least one image")
+    texts, text_to_image = flatten_captions(dataset)
+    if not texts:
+        raise ValueError("evaluate: the data set has no captions; expected at least one")
+    return texts, text_to_image, list(dataset["image_id"])
+
+
+def _describe(dataset, name: str | None, n_texts: int) -> dict[str, Any]:
+    splits = sorted(set(dataset["split"])) if "split" in dataset.column_names else []
+    info_name = getattr(getattr(dataset, "info", None), "dataset_name", None)
+    return {
+        "name": name or info_name or "dataset",
+        "split": splits[0] if len(splits) == 1 else ",".join(splits) or None,
+        "images": len(dataset),
+        "captions": n_texts,
+    }
+
+
+def _name(model) -> str | None:
+    if model is None:
+        return None
+    return getattr(model, "name_or_path", None) or type(model).__name__

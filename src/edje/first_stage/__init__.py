@@ -1,0 +1,49 @@
+"""The first stage: embedding models for top-k retrieval, hard negatives and text targets.
+
+- :class:`EmbeddingModel`: the interface (``encode_texts``, ``encode_images``,
+  ``encode_vision_tokens``; L2-normalised float32 ``[N, D]``).
+- :class:`LinearProbeEmbedding`: offline, two linear heads over the frozen offline backbones,
+  trained contrastively on cached features in seconds.
+- :class:`TransformersEmbedding`: CLIP / SigLIP / SigLIP2 by Hub id or folder.
+- :class:`VectorIndex`: FAISS top-k search (exact inner product by default).
+- :func:`load_embedding_model`: either model from a folder or a Hub id.
+
+Example:
+    >>> import torch
+    >>> from edje.first_stage import LinearProbeEmbedding, VectorIndex
+    >>> probe = LinearProbeEmbedding(vision_dim=8, text_dim=8, embedding_dim=4)
+    >>> images = probe.embed_image_features(torch.randn(5, 8))
+    >>> index = VectorIndex(probe.embedding_dim)
+    >>> index.add(images)
+    >>> scores, positions = index.search(images, k=1)
+    >>> positions.flatten().tolist()  # each image finds itself
+    [0, 1, 2, 3, 4]
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from edje.first_stage.base import EmbeddingModel
+from edje.first_stage.index import VectorIndex
+from edje.first_stage.linear_probe import CONFIG_NAME, LinearProbeEmbedding
+from edje.first_stage.transformers_embedding import TransformersEmbedding
+
+__all__ = [
+    "EmbeddingModel",
+    "LinearProbeEmbedding",
+    "TransformersEmbedding",
+    "VectorIndex",
+    "load_embedding_model",
+]
+
+
+def load_embedding_model(name_or_path: str | os.PathLike, **kwargs) -> EmbeddingModel:
+    """A folder written by ``LinearProbeEmbedding.save_pretrained``, else a transformers model.
+
+    ``kwargs`` go to :class:`TransformersEmbedding` (``device``, ``dtype``, ``max_length``).
+    """
+    if (Path(name_or_path) / CONFIG_NAME).is_file():
+        return LinearProbeEmbedding.from_pretrained(name_or_path)
+    return TransformersEmbedding(name_or_path, **kwargs)

@@ -1,0 +1,118 @@
+"""The embedding-model interface every first stage implements.
+
+An embedding model maps texts and images into one space where the dot product of two
+L2-normalised vectors ranks candidates. EDJE uses it three ways: top-k retrieval before
+reranking, hard-negative mining over a training batch, and text-embedding targets.
+
+Example:
+    >>> import torch
+    >>> from edje.first_stage import EmbeddingModel
+    >>> class Bag(EmbeddingModel):  # a toy: one dimension per known word
+    ...     words = ["red", "blue"]
+    ...     embedding_dim = 2
+    ...     def encode_texts(self, texts, batch_size=64, show_progress_bar=None):
+    ...         rows = [[float(w in t) + 1e-6 for w in self.words] for t in texts]
+    ...         return torch.nn.functional.normalize(torch.tensor(rows), dim=-1)
+    ...     def encode_images(self, images, batch_size=64, show_progress_bar=None):
+    ...         raise NotImplementedError
+    >>> Bag().encode_texts(["a red circle"]).round(decimals=3)
+    tensor([[1., 0.]])
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from abc import ABCMeta, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["EmbeddingModel", "atomic_write", "batches", "progress"]
+
+
+class EmbeddingModel(nn.Module, metaclass=ABCMeta):
+    """Texts and images -> L2-normalised float32 embeddings ``[N, embedding_dim]``, no grad,
+    on the model's device (``model.to(device)`` moves it, frozen backbones included).
+
+    Subclasses implement ``embedding_dim``, ``encode_texts`` and ``encode_images`` (PIL
+    images), and ``encode_vision_tokens`` where the embedding can be read from the raw vision
+    tokens a training batch already holds. ``name`` is what reports call the model.
+    """
+
+    embedding_dim: int
+    name: str = "embedding-model"
+
+    @abstractmethod
+    def encode_texts(
+        self, texts: Sequence[str], batch_size: int = 256, show_progress_bar: bool | None = None
+    ) -> torch.Tensor:
+        """Texts -> ``[N, embedding_dim]`` float32, each row of unit length."""
+
+    @abstractmethod
+    def encode_images(
+        self, images: Sequence[Any], batch_size: int = 64, show_progress_bar: bool | None = None
+    ) -> torch.Tensor:
+        """PIL images -> ``[N, embedding_dim]`` float32, each row of unit length."""
+
+    def encode_vision_tokens(self, vision_tokens: torch.Tensor) -> torch.Tensor:
+        """Raw vision-encoder tokens ``[N, n, d_vis]`` -> ``[N, embedding_dim]``, if possible.
+
+        Only models whose image embedding is a function of the vision tower's
+        ``last_hidden_state`` can do this; the others raise ``NotImplementedError``.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} cannot embed raw vision tokens; use encode_images(images)"
+        )
+
+    @property
+    def device(self) -> torch.device:
+        param = next(self.parameters(), None)
+        return param.device if param is not None else torch.device("cpu")
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError(f"{type(self).__name__}: call encode_texts / encode_images, not the model")
+
+
+def batches(items: Sequence[Any], batch_size: int) -> Iterator[Sequence[Any]]:
+    """Consecutive slices of ``items`` of at most ``batch_size``."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+    for start in range(0, len(items), batch_size):
+        yield items[start : start + batch_size]
+
+
+def progress(total: int, show: bool | None, desc: str, unit: str = "it"):
+    """A tqdm bar; ``show=None`` shows it when stderr is a terminal."""
+    from tqdm.auto import tqdm
+
+    disable = not (sys.stderr.isatty() if show is None else show)
+    return tqdm(total=total, desc=desc, unit=unit, disable=disable, dynamic_ncols=True)
+
+
+def check_embeddings(embeddings: torch.Tensor, dim: int, who: str, name: str) -> torch.Tensor:
+    """Raise ValueError unless ``embeddings`` is ``[N, dim]``; return it as float32."""
+    if not isinstance(embeddings, torch.Tensor) or embeddings.ndim != 2:
+        shape = tuple(getattr(embeddings, "shape", ())) or type(embeddings).__name__
+        raise ValueError(f"{who}: {name} must be a 2-D tensor [N, {dim}], got {shape}")
+    if embeddings.shape[1] != dim:
+        raise ValueError(f"{who}: {name} must have {dim} columns, got {tuple(embeddings.shape)}")
+    return embeddings.float()
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> None:
+    """Call ``write(temp_path)`` on a temporary sibling of ``path``, then rename it into place,
+    so readers never see a partial file."""
+    path = Path(path)
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(temp)
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
