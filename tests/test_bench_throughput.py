@@ -1,0 +1,57 @@
+"""bench/throughput.py on CPU, small sizes: the JSON is complete and parity holds. Never timed."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "throughput.py"
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    spec = importlib.util.spec_from_file_location("bench_throughput", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path_factory.mktemp("bench") / "cpu-small.json"
+    argv = ["--device", "cpu", "--sizes", "small", "--batch-sizes", "8", "16", "--seconds", "0"]
+    module.main([*argv, "--candidates", "4", "--parity-queries", "8", "--out", str(out)])
+    return json.loads(out.read_text())
+
+
+def test_header_names_device_versions_and_peak(report):
+    for key in ("device", "torch", "transformers", "dtype", "token_source", "flops_per_pair"):
+        assert report[key], key
+    assert report["device_type"] == "cpu"
+    assert report["matmul_peak"]["square_tflops"] > 0
+    low, high = report["caption_pieces_min_max"]
+    assert 12 <= low <= high <= 20
+
+
+def test_every_case_ran_with_figures_per_batch_size(report):
+    cases = report["cases"]
+    expected = {"edje_transformers", "fast_eager", "onnx_fp32", "onnx_int8", "blip_full"}
+    assert expected | {"blip_cached"} <= set(cases)
+    for name, case in cases.items():
+        assert "error" not in case, (name, case.get("error"))
+        assert set(case["by_batch_size"]) == {"8", "16"}, name
+        for per_source in case["by_batch_size"].values():
+            for figures in per_source.values():
+                assert figures["pairs_per_s"] > 0
+                assert figures["mfu"] > 0
+                assert figures["peak_memory_bytes"] > 0
+    assert set(cases["fast_eager"]["by_batch_size"]["16"]) == {"resident", "memmap"}
+
+
+def test_parity_fields_within_tolerance(report):
+    cases = report["cases"]
+    for name in ("edje_transformers", "fast_eager", "onnx_fp32"):
+        parity = cases[name]["parity"]
+        assert parity["max_abs_diff"] < 1e-4, name
+        assert parity["top10_order_agreement"] == 1.0, name
+    int8 = cases["onnx_int8"]["parity"]
+    assert int8["max_abs_diff"] < 0.5 and int8["top1_agreement"] >= 0.5
+    assert cases["blip_cached"]["parity_vs_full_max_abs_prob_diff"] < 1e-5
