@@ -30,9 +30,11 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
     blocks = readme_python_blocks()
     assert blocks
     monkeypatch.chdir(tmp_path)
+    namespace: dict = {}  # blocks build on each other, as a reader runs them
     for block in blocks:
-        exec(compile(block, "README.md", "exec"), {})
+        exec(compile(block, "README.md", "exec"), namespace)
     assert (tmp_path / "my-edje" / "model.safetensors").is_file()
+    assert namespace["stored"].shape == (1, 64, 384)
 
 
 @pytest.mark.parametrize("module_name", DOCTESTED)
