@@ -144,3 +144,6 @@ def test_quickstart_recipe_trains_and_its_loss_decreases(tmp_path, monkeypatch):
     model = Path("outputs/quickstart/model")
     assert (model / "model.safetensors").is_file() and (model / "processor_config.json").is_file()
     assert EDJEModel.from_pretrained(model).config.num_image_tokens == 16
+    card = (model / "README.md").read_text()
+    assert "image_retrieval_recall" in card or "R@1" in card, card
+    assert "(seed 0)" in card and (model / "evaluation" / "report.json").is_file()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from pathlib import Path
 
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -14,16 +15,29 @@ logger = logging.getLogger(__name__)
 class ExportEDJE(Callback):
     """Saves `network.edje` and its processor to `dirpath` whenever `monitor` improves (or at
     the end of training when there is no validation), ready for `EDJEModel.from_pretrained`.
+    At the end of training the exported model is evaluated on the data module's test split
+    (first stage vs reranked, R@1/5/10 both ways) and its model card gets the table, the
+    command and the seed.
 
     Args:
         dirpath: the exported model's folder.
         monitor, mode: the validation metric that picks the best model.
+        evaluate_test: run the test-split evaluation for the model card.
+        k: rerank depth of that evaluation.
     """
 
-    def __init__(self, dirpath: str, monitor: str = "val/pair_accuracy", mode: str = "max"):
+    def __init__(
+        self,
+        dirpath: str,
+        monitor: str = "val/pair_accuracy",
+        mode: str = "max",
+        evaluate_test: bool = True,
+        k: int = 10,
+    ):
         if mode not in ("max", "min"):
             raise ValueError(f"ExportEDJE: mode must be 'max' or 'min', got {mode!r}.")
         self.dirpath, self.monitor, self.mode = Path(dirpath), monitor, mode
+        self.evaluate_test, self.k = evaluate_test, k
         self.best = -math.inf if mode == "max" else math.inf
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -41,6 +55,37 @@ class ExportEDJE(Callback):
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if math.isinf(self.best):  # never validated: the final weights are the result
             self.export(trainer, pl_module)
+        datamodule = trainer.datamodule
+        if self.evaluate_test and trainer.is_global_zero and datamodule is not None:
+            self.write_card_with_test_results(datamodule)
+
+    def write_card_with_test_results(self, datamodule) -> None:
+        """Evaluate the exported model on the test split and fill its model card."""
+        import sys
+
+        from edje.evaluation import evaluate
+        from edje.model_card import write_model_card
+        from edje.modeling_edje import EDJEModel
+        from edje.processing_edje import EDJEProcessor
+
+        splits, first_stage = datamodule.splits, datamodule.first_stage
+        if splits is None or "test" not in splits or first_stage is None:
+            logger.info("ExportEDJE: no test split or first stage: the card has no results")
+            return
+        model = EDJEModel.from_pretrained(self.dirpath).eval()
+        processor = EDJEProcessor.from_pretrained(self.dirpath)
+        report = evaluate(splits["test"], first_stage, model, processor, datamodule.store, k=self.k)
+        from_cli = bool(sys.argv) and Path(sys.argv[0]).name == "edje"
+        command = f"`{' '.join(['edje', *sys.argv[1:]])}`" if from_cli else "the Python API"
+        seed = os.environ.get("PL_GLOBAL_SEED", "not set")  # what seed_everything used
+        data = datamodule.data if isinstance(datamodule.data, str) else "a DatasetDict"
+        results = (
+            f"{report.to_markdown()}\n\nTrained with {command} (seed {seed}); evaluated on the "
+            f"test split of `{data}`."
+        )
+        write_model_card(model, self.dirpath, results=results)
+        report.save(self.dirpath / "evaluation", plot=True)
+        logger.info("ExportEDJE: test results written to %s/README.md", self.dirpath)
 
     def export(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not trainer.is_global_zero:
