@@ -18,6 +18,7 @@ DOCTESTED = [
     "edje.configuration_edje",
     "edje.modeling_edje",
     "edje.processing_edje",
+    "edje.rerank",
 ]
 
 

@@ -123,5 +123,5 @@ def test_siglip2_naflex_is_refused_with_the_checkpoint_to_use(tiny_text_folder, 
         tmp_path
     )
     Siglip2ImageProcessor(patch_size=8, max_num_patches=16).save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="NaFlex.*siglip2-large-patch16-384"):
+    with pytest.raises(ValueError, match=r"NaFlex.*siglip2-large-patch16-384"):
         EDJEModel.from_backbones(vision=str(tmp_path), text=str(tiny_text_folder))

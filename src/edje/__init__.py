@@ -9,6 +9,7 @@ from transformers import AutoConfig, AutoModel, AutoProcessor
 from edje.configuration_edje import EDJEConfig
 from edje.modeling_edje import EDJEModel, EDJEOutput, LocalProjector, TokenCompressionAdapter
 from edje.processing_edje import EDJEProcessor
+from edje.rerank import EDJEReranker
 
 __version__ = "0.1.0.dev0"
 
@@ -25,6 +26,7 @@ __all__ = [
     "EDJEModel",
     "EDJEOutput",
     "EDJEProcessor",
+    "EDJEReranker",
     "LocalProjector",
     "TokenCompressionAdapter",
     "__version__",

@@ -1,0 +1,177 @@
+"""`edje search`: first stage top-k, then EDJE reranks them; one query from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+EXAMPLE = """examples:
+  # caption -> images: a saved index over the store's ids (see `edje index --help`)
+  edje search --model my-edje --store photos.store --first-stage my-probe \\
+      --index photos.index "a dog catching a frisbee"
+  # a store of raw tokens needs no index: the first stage embeds them on the fly
+  edje search --model my-edje --store photos.raw --first-stage my-probe --k 50 --top 5 "a dog"
+  # image -> captions: the query is an image file, candidates one caption per line
+  edje search --images --model my-edje --first-stage my-probe --captions captions.txt dog.jpg
+
+--first-stage embeds the query (and, with --images, the captions). --captions reads one caption
+per line, or JSONL lines with a "caption" (or "text") field. The table lists rank, image id (or
+caption line), EDJE's reranked score and the first stage's score; --json prints the same list.
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "search",
+        help="search a token store with a caption (or captions with an image): top-k, rerank",
+        description=(
+            "Retrieve the first stage's top-k candidates for QUERY, rerank them with EDJE and "
+            "print the best. Caption -> images by default; --images for image -> captions."
+        ),
+        epilog=EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("query", metavar="QUERY", help="a caption (an image path with --images)")
+    parser.add_argument("--model", required=True, metavar="EDJE_DIR", help="EDJE folder or id")
+    parser.add_argument("--first-stage", required=True, metavar="DIR_OR_ID", help="embedding model")
+    parser.add_argument("--store", metavar="STORE", help="token store of the images")
+    parser.add_argument("--index", metavar="DIR", help="a saved VectorIndex over the store's ids")
+    parser.add_argument("--images", action="store_true", help="image -> captions (--captions)")
+    parser.add_argument("--captions", metavar="FILE", help="candidate captions for --images")
+    parser.add_argument("--k", type=int, default=10, help="first-stage candidates (default: 10)")
+    parser.add_argument("--top", type=int, default=None, metavar="N", help="print the best N")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: auto)")
+    parser.add_argument("--force", action="store_true", help="use a store of another fingerprint")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from edje.first_stage import load_embedding_model
+
+    if args.k < 1:
+        raise SystemExit(f"edje search: --k must be a positive integer, got {args.k}")
+    first_stage = load_embedding_model(args.first_stage)
+    if args.device:
+        first_stage.to(args.device)
+    hits = search_captions(args, first_stage) if args.images else search_images(args, first_stage)
+    if args.json:
+        print(json.dumps(hits, indent=2))
+    else:
+        print_table(hits, "caption" if args.images else "image_id")
+    return 0
+
+
+def search_images(args: argparse.Namespace, first_stage) -> list[dict]:
+    """Caption -> images: index top-k, then `EDJEReranker.rank_many`."""
+    from edje.rerank import EDJEReranker
+    from edje.store import TokenStore
+
+    if not args.store:
+        raise SystemExit("edje search: caption -> image search needs --store (the image tokens)")
+    store = TokenStore.open(args.store)
+    index = load_index(args.index) if args.index else index_from_store(store, first_stage)
+    scores, positions = index.search(first_stage.encode_texts([args.query]), k=args.k)
+    reranker = EDJEReranker(args.model, store=store, device=args.device, force_store=args.force)
+    hits = reranker.rank_many([args.query], positions, scores, top_k=args.top, ids=index.ids)[0]
+    return [{"rank": r, **hit} for r, hit in enumerate(hits, 1)]
+
+
+def search_captions(args: argparse.Namespace, first_stage) -> list[dict]:
+    """Image -> captions: exact top-k over the caption file, then `EDJEReranker.predict`."""
+    import torch
+
+    from edje.encoding import load_rgb
+    from edje.rerank import EDJEReranker
+
+    if not args.captions:
+        raise SystemExit("edje search --images: give the candidate captions with --captions FILE")
+    captions = read_captions(args.captions)
+    image = load_rgb(args.query)
+    similarity = first_stage.encode_texts(captions) @ first_stage.encode_images([image])[0]
+    first_scores, lines = similarity.topk(min(args.k, len(captions)))
+    reranker = EDJEReranker(
+        args.model, store=args.store, device=args.device, force_store=args.force
+    )
+    pairs = [(captions[i], image) for i in lines.tolist()]  # one image: encoded once
+    scores = reranker.predict(pairs, convert_to_tensor=True).float().cpu()
+    order = torch.sort(scores, descending=True, stable=True).indices.tolist()[: args.top]
+    return [
+        {
+            "rank": r,
+            "corpus_id": int(lines[i]),
+            "caption": captions[lines[i]],
+            "score": float(scores[i]),
+            "first_stage_rank": i,
+            "first_stage_score": float(first_scores[i]),
+        }
+        for r, i in enumerate(order, 1)
+    ]
+
+
+def load_index(path: str):
+    from edje.first_stage import VectorIndex
+
+    index = VectorIndex.load(path)
+    if index.ids is None:
+        raise SystemExit(f"edje search: the index {path} holds no ids; rebuild it with edje index")
+    return index
+
+
+def index_from_store(store, first_stage):
+    """An exact index over a raw-token store; a compressed store cannot be embedded."""
+    import torch
+
+    from edje.first_stage import VectorIndex
+
+    hint = (
+        "build an index with `edje index --first-stage F --images FOLDER --out INDEX` (ids: "
+        "paths relative to FOLDER, as `edje encode --images` names them) and pass --index INDEX"
+    )
+    if store.fingerprint.get("adapter_sha256") != "raw":
+        raise SystemExit(
+            f"edje search: {store.path} holds compressed EDJE tokens, which the first stage "
+            f"cannot embed; {hint}."
+        )
+    ids, chunks = store.ids, []
+    try:
+        for start in range(0, len(ids), 256):
+            tokens = store.gather(ids[start : start + 256]).float()
+            chunks.append(first_stage.encode_vision_tokens(tokens))
+    except NotImplementedError as e:
+        raise SystemExit(f"edje search: {e}; {hint}.") from None
+    embeddings = torch.cat(chunks)
+    index = VectorIndex(embeddings.shape[1])
+    index.add(embeddings, ids=ids)
+    return index
+
+
+def read_captions(path: str) -> list[str]:
+    """One caption per line, or JSONL objects with "caption" / "text"; blank lines skipped."""
+    captions = []
+    with open(path, encoding="utf-8") as file:
+        for number, line in enumerate(file, 1):
+            line = line.strip()
+            if line.startswith("{"):
+                record = json.loads(line)
+                line = record.get("caption", record.get("text"))
+                if not isinstance(line, str):
+                    raise SystemExit(f'edje search: {path}:{number}: no "caption" or "text" field')
+            if line:
+                captions.append(line)
+    if not captions:
+        raise SystemExit(f"edje search: no captions in {path}")
+    return captions
+
+
+def print_table(hits: list[dict], what: str) -> None:
+    if not hits:
+        print("no results", file=sys.stderr)
+        return
+    width = max(len(what), *(len(str(h[what])) for h in hits))
+    print(f"{'rank':>4}  {what:<{width}}  {'score':>8}  {'first stage':>11}")
+    for hit in hits:
+        first = hit.get("first_stage_score")
+        first = "" if first is None else f"{first:11.4f}"
+        print(f"{hit['rank']:>4}  {hit[what]!s:<{width}}  {hit['score']:8.4f}  {first:>11}")

@@ -1,0 +1,439 @@
+"""EDJEReranker: sentence-transformers CrossEncoder's `predict` / `rank`, over stored image tokens.
+
+Documents (the images) may be given as
+
+- image ids of a `TokenStore` (str): their tokens are read from the store, nothing is encoded;
+- PIL images or image file paths: encoded on the fly (vision encoder + adapter), once each;
+- image tokens, a tensor `[m, d]` per document or one `[K, m, d]` for all of them.
+
+A str is read as a store id first, then as a file path (so an id that is also a file name is
+the store's); a `pathlib.Path` is always a file. Kinds may be mixed in one call.
+
+Scoring goes through `edje.fast_scoring.FastScorer` (padding-free, equal to `EDJEModel.forward`
+up to float rounding); `fast=False` runs `EDJEModel.forward` itself, the reference.
+
+Example (a tiny random model; `EDJEReranker("path/to/edje", store="photos.store")` for a real one):
+
+```python
+>>> import torch
+>>> from edje import EDJEConfig, EDJEModel, EDJEProcessor
+>>> from edje.backbones import OFFLINE_TEXT, OFFLINE_VISION
+>>> from edje.rerank import EDJEReranker
+>>> processor = EDJEProcessor.from_backbones(vision=OFFLINE_VISION, text=OFFLINE_TEXT,
+...     num_image_tokens=4)
+>>> tiny = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+...     intermediate_size=64, vocab_size=len(processor.tokenizer))
+>>> config = EDJEConfig(text_config=tiny, vision_hidden_size=32, vision_num_tokens=5,
+...     vision_num_heads=2, num_image_tokens=4, adapter_mlp_size=64,
+...     image_token_id=processor.image_token_id)
+>>> reranker = EDJEReranker(EDJEModel(config), processor=processor, device="cpu")
+>>> images = torch.randn(3, 4, 32)  # three images' tokens [K, m, d]
+>>> reranker.predict([("a red circle", images[0]), ("a blue square", images[1])]).shape
+(2,)
+>>> hits = reranker.rank("a red circle", images, top_k=2)  # best first
+>>> len(hits), sorted(hits[0]), hits[0]["score"] >= hits[1]["score"]
+(2, ['corpus_id', 'score'], True)
+
+```
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["EDJEReranker"]
+
+PIXEL_BATCH = 32  # images per vision-encoder forward when documents are pixels
+
+
+class EDJEReranker:
+    """Rerank images for a caption with EDJE, shaped like sentence-transformers' CrossEncoder.
+
+    Args:
+        model: an `EDJEModel`, or a folder / Hub id to load one (and its processor) from.
+        store: a `TokenStore` or its path, where document ids are looked up. It must have been
+            made by this model's vision encoder, preprocessing and adapter (or hold raw vision
+            tokens, which are compressed on the fly); `force_store=True` only warns.
+        device: where to score (default: CUDA if available, else CPU). The model is moved there.
+        dtype: scoring dtype (default: float32 on CPU, bfloat16 on CUDA).
+        processor: the `EDJEProcessor` (required when `model` is a model object).
+        force_store: use a store whose fingerprint differs from the model's.
+        fast: score with `FastScorer` (default); `False` runs `EDJEModel.forward` in the model's
+            own dtype, the reference implementation.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        store: Any = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        processor: Any = None,
+        force_store: bool = False,
+        *,
+        fast: bool = True,
+    ):
+        from edje import EDJEModel, EDJEProcessor
+        from edje.store import TokenStore
+
+        if isinstance(model, str | os.PathLike):
+            source = model
+            model = EDJEModel.from_pretrained(source)
+            processor = processor or EDJEProcessor.from_pretrained(source)
+        if processor is None:
+            raise ValueError(
+                "EDJEReranker: an EDJEModel object needs its processor: "
+                "EDJEReranker(model, processor=EDJEProcessor...), or pass a model folder."
+            )
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.model = model.to(self.device).eval()
+        self.processor = processor
+        self.token_shape = tuple(model.config.image_token_shape)  # (m, d)
+        if isinstance(store, str | os.PathLike):
+            store = TokenStore.open(store)
+        if store is not None:
+            model.check_store(store, force=force_store)
+        self.store = store
+        # A store of raw vision tokens is compressed by the adapter when read.
+        self._raw_store = store is not None and store.fingerprint.get("adapter_sha256") == "raw"
+        self.scorer = None
+        if fast:
+            from edje.fast_scoring import FastScorer
+
+            self.scorer = FastScorer(model, processor, dtype=self.dtype, device=self.device)
+
+    # -- CrossEncoder API ----------------------------------------------------------------------
+
+    def predict(
+        self,
+        pairs: Sequence[tuple[str, Any]],
+        batch_size: int = 32,
+        show_progress_bar: bool | None = None,
+        activation_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        convert_to_numpy: bool = True,
+        convert_to_tensor: bool = False,
+    ) -> np.ndarray | torch.Tensor | list[float]:
+        """Score `(caption, document)` pairs: sigmoid of EDJE's logits, in the order given.
+
+        `activation_fn=torch.nn.Identity()` returns the logits. Pairs are sorted by caption
+        (same caption together, similar lengths together) into batches of `batch_size`, and the
+        original order is restored. A single pair `(caption, document)` gives a single score.
+        Returns a float32 numpy array (default), a tensor (`convert_to_tensor=True`, on the
+        reranker's device) or a list of floats (both False).
+        """
+        single = len(pairs) == 2 and isinstance(pairs[0], str)
+        pairs = [pairs] if single else list(pairs)
+        captions = []
+        for i, pair in enumerate(pairs):
+            if not isinstance(pair, list | tuple) or len(pair) != 2:
+                raise ValueError(f"EDJEReranker.predict: pair {i} must be (caption, document).")
+            captions.append(_check_caption(pair[0], f"pair {i}"))
+        documents = self._resolve([pair[1] for pair in pairs])
+        order = sorted(range(len(pairs)), key=lambda i: (len(captions[i]), captions[i]))
+        logits = torch.zeros(len(pairs), device=self.device)
+        with _progress(len(pairs), show_progress_bar, "EDJE predict", "pair") as bar:
+            for start in range(0, len(order), batch_size):
+                rows = order[start : start + batch_size]
+                tokens = documents.tokens(rows)
+                logits[rows] = self._score_pairs([captions[r] for r in rows], tokens)
+                bar.update(len(rows))
+        scores = (activation_fn or torch.sigmoid)(logits)
+        if convert_to_tensor:
+            return scores[0] if single else scores
+        scores = scores.float().cpu()
+        out = scores.numpy() if convert_to_numpy else scores.tolist()
+        return out[0] if single else out
+
+    def rank(
+        self,
+        query: str,
+        documents: Sequence[Any] | torch.Tensor,
+        top_k: int | None = None,
+        return_documents: bool = False,
+        batch_size: int = 32,
+        show_progress_bar: bool | None = None,
+    ) -> list[dict[str, Any]]:
+        """Rank documents for one caption, best first.
+
+        Returns `[{"corpus_id": i, "score": s}, ...]` where `i` indexes `documents` and `s` is
+        the sigmoid score; entries for store ids also hold `"image_id"`, and
+        `return_documents=True` adds `"document"`. Ties keep the input order (a stable sort on
+        the logits). `top_k` keeps the best `top_k`.
+        """
+        query = _check_caption(query, "query")
+        resolved = self._resolve(documents)
+        logits = torch.zeros(len(resolved), device=self.device)
+        with _progress(len(resolved), show_progress_bar, "EDJE rank", "image") as bar:
+            for start in range(0, len(resolved), batch_size):
+                stop = min(start + batch_size, len(resolved))
+                logits[start:stop] = self._score_one(query, resolved.tokens(range(start, stop)))
+                bar.update(stop - start)
+        hits = []
+        for i in _best_first(logits)[:top_k]:
+            hit = {"corpus_id": i, "score": float(torch.sigmoid(logits[i]))}
+            if resolved.image_ids[i] is not None:
+                hit["image_id"] = resolved.image_ids[i]
+            if return_documents:
+                hit["document"] = documents[i]
+            hits.append(hit)
+        return hits
+
+    def rank_many(
+        self,
+        queries: Sequence[str],
+        candidate_ids: Any,
+        first_stage_scores: Any = None,
+        top_k: int | None = None,
+        ids: Sequence[str] | None = None,
+        batch_size: int = 32,
+        show_progress_bar: bool | None = None,
+    ) -> list[list[dict[str, Any]]]:
+        """Rerank a first stage's candidates for many captions at once: the second stage in one
+        call.
+
+        Args:
+            queries: Q captions.
+            candidate_ids: `[Q, K]` store ids (str), or integer positions as a FAISS search
+                returns them (`VectorIndex.search(...)[1]`). Positions index `ids` (e.g.
+                `VectorIndex.ids`), or the store's rows when `ids` is None. Negative positions
+                (FAISS's "no result") are dropped.
+            first_stage_scores: `[Q, K]` first-stage scores, reported beside EDJE's.
+            top_k: keep the best `top_k` per query.
+            ids: the image id of each position.
+
+        Returns, per query, entries best first: `{"corpus_id", "image_id", "score",
+        "first_stage_rank", "first_stage_score"?}`. `corpus_id` is the position given (for
+        str candidates, the column in the query's row, as `rank`'s index); `first_stage_rank` is
+        the 0-based column. Ties keep the first stage's order.
+        """
+        if self.store is None:
+            raise ValueError("EDJEReranker.rank_many: candidates are image ids, but no store.")
+        queries = [_check_caption(q, f"query {i}") for i, q in enumerate(_as_list(queries))]
+        rows = _as_rows(candidate_ids, len(queries), "candidate_ids")
+        fs = None if first_stage_scores is None else _as_rows(first_stage_scores, len(queries))
+        id_of = ids if ids is not None else self.store.ids
+        columns, image_ids, corpus_ids = [], [], []  # per query, for its kept candidates
+        for row in rows:
+            positions = bool(row) and isinstance(row[0], int | np.integer)
+            keep = [c for c, cand in enumerate(row) if not (positions and cand < 0)]
+            if positions and row and max(row) >= len(id_of):
+                raise ValueError(
+                    f"EDJEReranker.rank_many: candidate position {max(row)} is past the "
+                    f"{len(id_of)} ids it indexes (pass ids=VectorIndex.ids)."
+                )
+            columns.append(keep)
+            image_ids.append([id_of[row[c]] if positions else str(row[c]) for c in keep])
+            corpus_ids.append([int(row[c]) if positions else c for c in keep])
+        results: list[list[dict[str, Any]]] = []
+        with _progress(len(queries), show_progress_bar, "EDJE rank_many", "query") as bar:
+            for chunk in _chunks_of_equal_length(image_ids, batch_size):
+                logits = self._score_many(
+                    [queries[q] for q in chunk], [image_ids[q] for q in chunk]
+                )
+                for q, row_logits in zip(chunk, logits, strict=True):
+                    hits = []
+                    for i in _best_first(row_logits)[:top_k]:
+                        hit = {
+                            "corpus_id": corpus_ids[q][i],
+                            "image_id": image_ids[q][i],
+                            "score": float(torch.sigmoid(row_logits[i])),
+                            "first_stage_rank": columns[q][i],
+                        }
+                        if fs is not None:
+                            hit["first_stage_score"] = float(fs[q][columns[q][i]])
+                        hits.append(hit)
+                    results.append(hits)
+                bar.update(len(chunk))
+        return results
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _resolve(self, documents: Any) -> _Documents:
+        return _Documents(self, documents)
+
+    @torch.inference_mode()
+    def _score_pairs(self, captions: list[str], tokens: torch.Tensor) -> torch.Tensor:
+        if self.scorer is not None:
+            return self.scorer.score_pairs(captions, tokens)
+        inputs = self.processor(text=captions, image_tokens=tokens).to(self.device)
+        inputs["image_tokens"] = inputs["image_tokens"].to(self.model.dtype)
+        return self.model(**inputs).logits.float()
+
+    @torch.inference_mode()
+    def _score_one(self, caption: str, tokens: torch.Tensor) -> torch.Tensor:
+        if self.scorer is not None:
+            return self.scorer.score(caption, tokens)
+        return self._score_pairs([caption] * len(tokens), tokens)
+
+    @torch.inference_mode()
+    def _score_many(self, queries: list[str], image_ids: list[list[str]]) -> list[torch.Tensor]:
+        """Logits per query for its candidates; equal-length lists in one `score_queries` call."""
+        k = len(image_ids[0])
+        if k == 0:
+            return [torch.zeros(0, device=self.device) for _ in queries]
+        tokens = self._from_store([i for row in image_ids for i in row])
+        if self.scorer is not None and all(len(row) == k for row in image_ids):
+            return list(
+                self.scorer.score_queries(queries, tokens.view(len(queries), k, *self.token_shape))
+            )
+        out, start = [], 0
+        for query, row in zip(queries, image_ids, strict=True):
+            out.append(self._score_one(query, tokens[start : start + len(row)]))
+            start += len(row)
+        return out
+
+    @torch.inference_mode()
+    def _encode_pixels(self, images: list[Any]) -> torch.Tensor:
+        from edje.encoding import load_rgb  # the store's decoding: modes, transparency
+
+        out = []
+        for start in range(0, len(images), PIXEL_BATCH):
+            batch = [load_rgb(image) for image in images[start : start + PIXEL_BATCH]]
+            pixels = self.processor.image_processor(images=batch, return_tensors="pt")
+            vision = self.model.encode_images(pixels["pixel_values"].to(self.device))
+            out.append(self.model.compress(vision).float())
+        return torch.cat(out)
+
+    @torch.inference_mode()
+    def _from_store(self, image_ids: list[str]) -> torch.Tensor:
+        tokens = self.store.gather(image_ids).to(self.device)
+        if self._raw_store:
+            tokens = self.model.compress(tokens.to(self.model.dtype))
+        return tokens.float()
+
+
+class _Documents:
+    """Documents resolved to image tokens: pixels encoded once, store ids read per batch."""
+
+    def __init__(self, reranker: EDJEReranker, documents: Any):
+        from PIL import Image
+
+        self.reranker = reranker
+        if isinstance(documents, torch.Tensor):
+            _check_tokens(documents, reranker.token_shape, "documents", "[K, m, d]", 3)
+            documents = list(documents)
+        documents = _as_list(documents)
+        store = reranker.store
+        self.kinds: list[tuple[str, Any]] = []  # ("id", str) | ("tensor", [m, d]) | ("pixels", j)
+        self.image_ids: list[str | None] = []
+        self._images: list[Any] = []  # PIL images / paths to encode, in first-seen order
+        to_encode: dict[Any, int] = {}  # one encoding per image object or path
+        for i, doc in enumerate(documents):
+            image_id = None
+            if isinstance(doc, str) and store is not None and doc in store:
+                kind, image_id = ("id", doc), doc
+            elif isinstance(doc, torch.Tensor):
+                _check_tokens(doc, reranker.token_shape, f"document {i}", "[m, d]", 2)
+                kind = ("tensor", doc)
+            elif isinstance(doc, Image.Image) or _is_file(doc):
+                key = id(doc) if isinstance(doc, Image.Image) else str(Path(doc).resolve())
+                kind = ("pixels", to_encode.setdefault(key, len(to_encode)))
+                if len(to_encode) > len(self._images):
+                    self._images.append(doc)
+            elif isinstance(doc, Path):
+                raise FileNotFoundError(f"EDJEReranker: document {i}: no image file at {doc}.")
+            elif isinstance(doc, str) and store is None:
+                raise ValueError(
+                    f"EDJEReranker: document {i} is {doc!r}, neither an existing image file nor "
+                    "an id (no store was given: EDJEReranker(model, store=...))."
+                )
+            elif isinstance(doc, str):
+                raise KeyError(
+                    f"EDJEReranker: document {i}: image id {doc!r} is not in the store "
+                    f"{store.path} (nor an existing image file)."
+                )
+            else:
+                raise ValueError(
+                    f"EDJEReranker: document {i} must be a store id (str), a PIL image, an image "
+                    f"path or image tokens [m, d]; got {type(doc).__name__}."
+                )
+            self.kinds.append(kind)
+            self.image_ids.append(image_id)
+        self.pixels = reranker._encode_pixels(self._images) if self._images else None
+
+    def __len__(self) -> int:
+        return len(self.kinds)
+
+    def tokens(self, rows: Sequence[int]) -> torch.Tensor:
+        """Image tokens `[len(rows), m, d]` (float32, on the reranker's device)."""
+        device = self.reranker.device
+        out = torch.empty(len(rows), *self.reranker.token_shape, device=device)
+        id_rows = [n for n, r in enumerate(rows) if self.kinds[r][0] == "id"]
+        if id_rows:
+            image_ids = [self.kinds[rows[n]][1] for n in id_rows]
+            out[id_rows] = self.reranker._from_store(image_ids)
+        for n, r in enumerate(rows):
+            kind, value = self.kinds[r]
+            if kind == "tensor":
+                out[n] = value.to(device, torch.float32)
+            elif kind == "pixels":
+                out[n] = self.pixels[value]
+        return out
+
+
+def _chunks_of_equal_length(rows: list[list], batch_size: int) -> list[list[int]]:
+    """Consecutive row indices grouped while their lengths are equal, about `batch_size`
+    candidates per group (at least one row)."""
+    chunks: list[list[int]] = []
+    for index, row in enumerate(rows):
+        last = chunks[-1] if chunks else None
+        if last and len(rows[last[0]]) == len(row) and (len(last) + 1) * len(row) <= batch_size:
+            last.append(index)
+        else:
+            chunks.append([index])
+    return chunks
+
+
+def _best_first(logits: torch.Tensor) -> list[int]:
+    """Indices by descending logit; a stable sort, so ties keep the input order."""
+    return torch.sort(logits.float().cpu(), descending=True, stable=True).indices.tolist()
+
+
+def _check_caption(caption: Any, where: str) -> str:
+    if not isinstance(caption, str) or not caption.strip():
+        raise ValueError(f"EDJEReranker: {where} must be a non-empty caption str, got {caption!r}.")
+    return caption
+
+
+def _check_tokens(tokens, shape: tuple, where: str, layout: str, dims: int) -> None:
+    if tokens.dim() != dims or tuple(tokens.shape[-2:]) != shape:
+        raise ValueError(
+            f"EDJEReranker: {where} as image tokens must have shape {layout} with "
+            f"[m, d] = {list(shape)}, got {list(tokens.shape)}."
+        )
+
+
+def _is_file(doc: Any) -> bool:
+    return isinstance(doc, str | Path) and Path(doc).is_file()
+
+
+def _as_list(items: Any) -> list:
+    if isinstance(items, str):
+        raise ValueError(f"EDJEReranker: expected a list, got a single str {items!r}.")
+    return list(items)
+
+
+def _as_rows(table: Any, count: int, name: str = "first_stage_scores") -> list[list]:
+    """`[Q, K]` tensor / array / nested lists -> Q lists of Python values."""
+    if isinstance(table, torch.Tensor | np.ndarray):
+        table = table.tolist()
+    rows = [list(row) for row in _as_list(table)]
+    if len(rows) != count:
+        raise ValueError(
+            f"EDJEReranker.rank_many: {name} has {len(rows)} rows for {count} queries."
+        )
+    return rows
+
+
+def _progress(total: int, show: bool | None, desc: str, unit: str):
+    """A tqdm bar; `show=None` shows it when stderr is a terminal."""
+    from edje.first_stage.base import progress
+
+    return progress(total, show, desc, unit)

@@ -1,0 +1,285 @@
+"""`edje serve`: an HTTP rerank service in the Cohere/Jina shape, on FastAPI + uvicorn.
+
+Endpoints:
+
+- `POST /v1/rerank`: `{"model"?, "query", "documents", "top_n"?, "return_documents"?}` ->
+  `{"id", "model", "results": [{"index", "relevance_score", "document"?}], "meta"}`, best
+  first; `relevance_score` is the sigmoid of EDJE's logit. Documents are image ids in the store
+  (plain strings or `{"image_id": ...}`) or base64 images (`{"image": ...}`); see
+  `edje.serve_requests` for the checks. Client mistakes get a 4xx `{"message": ...}`; a failure
+  while scoring gets a 500 `{"message": ...}` and the server goes on.
+- `GET /health`: `{"status": "ok", "model", "store_images", "batching": {...counters}}`.
+- `GET /v1/models`: the served model, OpenAI-style.
+
+Concurrent requests are scored together (`edje.serve_batching.MicroBatcher`). The scoring
+backend is anything with the three methods of `ScoringBackend`: `RerankerBackend` over an
+`edje.rerank.EDJEReranker` (what `edje serve` runs), or `EDJEBackend`, a thin one on
+`FastScorer` + `TokenStore` + `EDJEProcessor`.
+
+Example (the tiny model and store as in `tests/test_serve.py`):
+
+    app = create_app(EDJEBackend(model, processor, store), model_name="edje-tiny")
+    with serve_in_background(app) as url:  # http://127.0.0.1:<free port>
+        ...  # POST f"{url}/v1/rerank"
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the handlers' `Request` annotations,
+# imported inside `create_app` so that `import edje.serve` works without the serving extra.
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol
+
+import torch
+
+from edje.serve_batching import MicroBatcher
+from edje.serve_requests import (
+    Document,
+    RequestError,
+    ServeLimits,
+    decode_documents,
+    parse_json,
+    parse_rerank_request,
+    unknown_ids_message,
+)
+
+__all__ = [
+    "EDJEBackend",
+    "RequestError",
+    "RerankerBackend",
+    "ScoringBackend",
+    "ServeLimits",
+    "create_app",
+    "run_server",
+    "serve_in_background",
+]
+
+IMAGE_ENCODE_BATCH = 64  # base64 images encoded per vision-encoder forward
+
+
+class ScoringBackend(Protocol):
+    """What the service needs from a reranker. `prepare` and `score_pairs` run on one device
+    thread; `score_pairs` gets the prepared documents of several requests concatenated."""
+
+    def unknown_ids(self, image_ids: Sequence[str]) -> list[str]:
+        """The ids not in the store, in the order given (checked before any work)."""
+
+    def prepare(self, documents: Sequence[Document]) -> Sequence[Any]:
+        """Store ids and decoded images -> what `score_pairs` takes (e.g. tokens `[K, m, d]`)."""
+
+    def score_pairs(self, queries: Sequence[str], documents: Sequence[Any]) -> torch.Tensor:
+        """Logits `[N]`: `queries[i]` against prepared `documents[i]`."""
+
+
+class RerankerBackend:
+    """Over an `edje.rerank.EDJEReranker`: its store lookups, image encoding and scoring
+    (`predict`, one call per batch of pairs)."""
+
+    def __init__(self, reranker) -> None:
+        self.reranker = reranker
+
+    def unknown_ids(self, image_ids: Sequence[str]) -> list[str]:
+        store = self.reranker.store
+        return [i for i in image_ids if store is None or i not in store]
+
+    def prepare(self, documents: Sequence[Document]) -> Sequence[Any]:
+        return list(documents)  # the reranker resolves ids and encodes images in `predict`
+
+    def score_pairs(self, queries: Sequence[str], documents: Sequence[Any]) -> torch.Tensor:
+        return self.reranker.predict(
+            list(zip(queries, documents, strict=True)),
+            batch_size=max(len(queries), 1),
+            activation_fn=torch.nn.Identity(),  # logits: the service applies the sigmoid
+            convert_to_tensor=True,
+            show_progress_bar=False,
+        )
+
+
+class EDJEBackend:
+    """A thin backend without `edje.rerank`: stored tokens by id, base64 images encoded on the
+    fly, and `FastScorer` for the pairs (scores equal `EDJEModel`'s up to float rounding)."""
+
+    def __init__(self, model, processor, store=None, *, device=None, force_store=False) -> None:
+        from edje.fast_scoring import FastScorer
+
+        self.model = model.eval()
+        if device is not None:
+            self.model.to(device)
+        if store is not None:
+            model.check_store(store, force=force_store)  # refuse another encoder's tokens
+            _ = "" in store  # build the id index now, not during the first request
+        self.processor, self.store = processor, store
+        self.scorer = FastScorer(self.model, processor)
+
+    def unknown_ids(self, image_ids: Sequence[str]) -> list[str]:
+        if self.store is None:
+            return list(image_ids)
+        return [i for i in image_ids if i not in self.store]
+
+    @torch.inference_mode()
+    def prepare(self, documents: Sequence[Document]) -> torch.Tensor:
+        """Image tokens `[K, m, d]`: gathered from the store, or encoded from the pixels."""
+        m, d = self.model.config.image_token_shape
+        out = torch.empty(len(documents), m, d, dtype=self.scorer.dtype, device=self.scorer.device)
+        ids = [(i, doc) for i, doc in enumerate(documents) if isinstance(doc, str)]
+        if ids:
+            rows = [i for i, _ in ids]
+            tokens = self.store.gather([doc for _, doc in ids], dtype=self.scorer.dtype)
+            out[rows] = tokens.to(self.scorer.device)
+        images = [(i, doc) for i, doc in enumerate(documents) if not isinstance(doc, str)]
+        for start in range(0, len(images), IMAGE_ENCODE_BATCH):
+            chunk = images[start : start + IMAGE_ENCODE_BATCH]
+            pixels = self.processor.image_processor(
+                images=[image for _, image in chunk], return_tensors="pt"
+            )["pixel_values"].to(self.model.device)
+            tokens = self.model.compress(self.model.encode_images(pixels))
+            out[[i for i, _ in chunk]] = tokens.to(self.scorer.dtype)
+        return out
+
+    def score_pairs(self, queries: Sequence[str], documents: torch.Tensor) -> torch.Tensor:
+        return self.scorer.score_pairs(list(queries), documents)
+
+
+def create_app(
+    backend: ScoringBackend,
+    *,
+    model_name: str = "edje",
+    limits: ServeLimits | None = None,
+    store_size: int | None = None,
+):
+    """The FastAPI app serving `backend`; run it with `run_server` or `serve_in_background`."""
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse
+    from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException
+
+    limits = limits or ServeLimits()
+    batcher = MicroBatcher(
+        backend.score_pairs,
+        max_pairs=limits.max_batch_pairs,
+        max_wait_s=limits.max_wait_ms / 1000,
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        # One device thread: forwards (and image encoding) never run concurrently on the device.
+        app.state.device_thread = ThreadPoolExecutor(1, thread_name_prefix="edje-device")
+        batcher.start(app.state.device_thread)
+        try:
+            yield
+        finally:
+            await batcher.stop()
+            app.state.device_thread.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="edje rerank", lifespan=lifespan)
+    app.state.batcher, app.state.limits = batcher, limits
+
+    @app.exception_handler(RequestError)
+    async def client_error(request: Request, error: RequestError):
+        return JSONResponse({"message": error.message}, status_code=error.status)
+
+    @app.exception_handler(HTTPException)  # unknown routes, wrong methods: the same JSON shape
+    async def http_error(request: Request, error: HTTPException):
+        return JSONResponse({"message": str(error.detail)}, status_code=error.status_code)
+
+    @app.get("/health")
+    async def health():
+        return {
+            "status": "ok",
+            "model": model_name,
+            "store_images": store_size,
+            "batching": batcher.stats.as_dict(),
+        }
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model"}]}
+
+    @app.post("/v1/rerank")
+    async def rerank(request: Request):
+        started = time.perf_counter()
+        body = await _read_body(request, limits.max_body_bytes)
+        job = parse_rerank_request(parse_json(body), limits, model_name)
+        documents = await run_in_threadpool(decode_documents, job.documents, limits)
+        unknown = backend.unknown_ids([d for d in documents if isinstance(d, str)])
+        if unknown:
+            raise RequestError(400, unknown_ids_message(unknown))
+        try:
+            loop = asyncio.get_running_loop()
+            device_thread = request.app.state.device_thread
+            prepared = await loop.run_in_executor(device_thread, backend.prepare, documents)
+            logits = await batcher.score(job.query, prepared)
+        except Exception as error:  # the server's fault, not the client's: 500, and go on
+            message = f"scoring failed: {type(error).__name__}: {error}"
+            return JSONResponse({"message": message}, status_code=500)
+        # Ordered by logit (sigmoids of large logits tie at 1.0); a stable sort: ties by index.
+        values = logits.tolist()
+        order = sorted(range(len(values)), key=lambda i: -values[i])
+        scores = logits.sigmoid().tolist()
+        results = []
+        for index in order[: job.top_n]:
+            result: dict[str, Any] = {"index": index, "relevance_score": scores[index]}
+            if job.return_documents:
+                result["document"] = job.documents[index]
+            results.append(result)
+        elapsed_ms = round(1000 * (time.perf_counter() - started), 3)
+        meta = {"documents": len(documents), "elapsed_ms": elapsed_ms}
+        return {"id": uuid.uuid4().hex, "model": model_name, "results": results, "meta": meta}
+
+    return app
+
+
+async def _read_body(request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it is known to exceed `limit` (never read whole)."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise RequestError(400, f"invalid Content-Length {declared!r}.")
+        if int(declared) > limit:
+            raise RequestError(413, f"the body is {declared} bytes; at most {limit} are taken.")
+    chunks, size = [], 0
+    async for chunk in request.stream():  # chunked bodies declare no length: count as they come
+        size += len(chunk)
+        if size > limit:
+            raise RequestError(413, f"the body is over the {limit} bytes taken.")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def run_server(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+    """Serve `app` until interrupted (Ctrl-C)."""
+    import uvicorn
+
+    uvicorn.run(app, host=host, port=port, log_level=log_level)
+
+
+@contextlib.contextmanager
+def serve_in_background(
+    app, host: str = "127.0.0.1", port: int = 0, timeout: float = 30.0
+) -> Iterator[str]:
+    """Run `app` on a thread (port 0: a free one); yields its base URL, stops it on exit."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind((host, port))
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + timeout
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("serve_in_background: the server did not start.")
+            time.sleep(0.01)
+        yield f"http://{host}:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout)
+        sock.close()

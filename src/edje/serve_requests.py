@@ -1,0 +1,167 @@
+"""Parsing and checking `POST /v1/rerank` bodies: every mistake is a `RequestError` (4xx).
+
+A request, in the Cohere/Jina rerank shape:
+
+    {"model": "edje-base",                   # optional; must be the served name if given
+     "query": "a dog on a beach",
+     "documents": ["img-17",                 # a plain string is an image id in the store
+                   {"image_id": "img-42"},   # the same, spelled out
+                   {"image": "<base64 JPEG/PNG/...>"}],  # or "data:image/png;base64,..."
+     "top_n": 2,                             # optional, null = all
+     "return_documents": false}              # optional: echo each document as sent
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image
+
+Document = str | Image.Image  # an image id in the store, or a decoded image
+NAMED_AT_MOST = 10  # unknown ids / bad documents named in one error message
+
+
+@dataclass(frozen=True)
+class ServeLimits:
+    """What one request may ask for; larger requests get a 4xx before any work is done."""
+
+    max_documents: int = 1000
+    max_body_bytes: int = 32 * 1024 * 1024
+    max_batch_pairs: int = 512  # pairs in one forward, across requests
+    max_wait_ms: float = 5.0  # how long a forward waits for other requests to join it
+    max_image_pixels: int = 40_000_000  # a decoded base64 image (decompression bombs)
+
+    def __post_init__(self) -> None:
+        for name in ("max_documents", "max_body_bytes", "max_batch_pairs", "max_image_pixels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ServeLimits: {name} must be >= 1, got {getattr(self, name)}.")
+        if self.max_wait_ms < 0:
+            raise ValueError(f"ServeLimits: max_wait_ms must be >= 0, got {self.max_wait_ms}.")
+
+
+class RequestError(Exception):
+    """A client mistake: answered with `status` and `{"message": message}`."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+@dataclass(frozen=True)
+class RerankRequest:
+    query: str
+    documents: list[Any]  # as sent (echoed with return_documents)
+    top_n: int | None
+    return_documents: bool
+
+
+def parse_json(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError) as error:  # UnicodeDecodeError is a ValueError
+        raise RequestError(400, f"the body is not valid JSON: {error}") from None
+
+
+def parse_rerank_request(payload: Any, limits: ServeLimits, model_name: str) -> RerankRequest:
+    if not isinstance(payload, dict):
+        raise RequestError(400, f"the body must be a JSON object, got {_kind(payload)}.")
+    known = {"model", "query", "documents", "top_n", "return_documents"}
+    unknown = sorted(set(payload) - known)
+    if unknown:
+        raise RequestError(400, f"unknown fields {unknown}; expected some of {sorted(known)}.")
+    model = payload.get("model")
+    if model is not None and model != model_name:
+        raise RequestError(
+            400, f"model {model!r} is not served here; it serves {model_name!r} (or omit 'model')."
+        )
+    query = payload.get("query")
+    if not isinstance(query, str) or not query.strip():
+        raise RequestError(400, f"'query' must be a non-empty string, got {_kind(query)}.")
+    documents = payload.get("documents")
+    if not isinstance(documents, list) or not documents:
+        raise RequestError(400, f"'documents' must be a non-empty list, got {_kind(documents)}.")
+    if len(documents) > limits.max_documents:
+        raise RequestError(
+            400, f"{len(documents)} documents; this server takes at most {limits.max_documents}."
+        )
+    bad = [i for i, doc in enumerate(documents) if not _is_document(doc)]
+    if bad:
+        raise RequestError(
+            400,
+            f"documents {bad[:NAMED_AT_MOST]} are neither an image id string, "
+            '{"image_id": "<id>"} nor {"image": "<base64>"}.',
+        )
+    top_n = payload.get("top_n")
+    if top_n is not None and (not isinstance(top_n, int) or isinstance(top_n, bool) or top_n < 1):
+        raise RequestError(400, f"'top_n' must be an integer >= 1 or null, got {top_n!r}.")
+    return_documents = payload.get("return_documents", False)
+    if not isinstance(return_documents, bool):
+        raise RequestError(
+            400, f"'return_documents' must be true or false, got {_kind(return_documents)}."
+        )
+    return RerankRequest(query, documents, top_n, return_documents)
+
+
+def decode_documents(documents: list[Any], limits: ServeLimits) -> list[Document]:
+    """Image ids as strings, base64 images decoded to RGB `PIL.Image`s (400 naming bad ones)."""
+    out: list[Document] = []
+    bad: list[str] = []
+    for index, doc in enumerate(documents):
+        if isinstance(doc, str):
+            out.append(doc)
+        elif "image_id" in doc:
+            out.append(doc["image_id"])
+        else:
+            try:
+                out.append(_decode_image(doc["image"], limits.max_image_pixels))
+            except ValueError as error:
+                bad.append(f"{index} ({error})")
+    if bad:
+        raise RequestError(
+            400, f"documents {', '.join(bad[:NAMED_AT_MOST])} are not decodable images."
+        )
+    return out
+
+
+def unknown_ids_message(unknown: list[str]) -> str:
+    named = ", ".join(repr(i) for i in unknown[:NAMED_AT_MOST])
+    more = f" and {len(unknown) - NAMED_AT_MOST} more" if len(unknown) > NAMED_AT_MOST else ""
+    return f"image ids not in the store: {named}{more}."
+
+
+def _decode_image(text: str, max_pixels: int) -> Image.Image:
+    if text.startswith("data:"):  # a data URL: data:image/png;base64,....
+        text = text.partition(",")[2]
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("invalid base64") from None
+    try:
+        image = Image.open(io.BytesIO(raw))
+        width, height = image.size
+        if width * height > max_pixels:  # checked before decoding the pixels
+            raise ValueError(f"{width}x{height} pixels, over the {max_pixels} allowed")
+        image.load()
+        return image.convert("RGB")
+    except ValueError:
+        raise
+    except Exception as error:  # PIL raises many kinds (UnidentifiedImageError, OSError, ...)
+        raise ValueError(f"not an image: {type(error).__name__}") from None
+
+
+def _is_document(doc: Any) -> bool:
+    if isinstance(doc, str):
+        return bool(doc)
+    if not isinstance(doc, dict) or len(doc) != 1:
+        return False
+    ((key, value),) = doc.items()
+    return key in ("image_id", "image") and isinstance(value, str) and bool(value)
+
+
+def _kind(value: Any) -> str:
+    return "null" if value is None else f"{type(value).__name__} {value!r}"[:80]

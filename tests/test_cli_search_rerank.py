@@ -1,0 +1,203 @@
+"""`edje index`, `edje search` and `edje rerank` end to end, in-process, on a tiny random EDJE."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import make_tiny_config
+from edje import EDJEModel
+from edje.cli import main
+from edje.rerank import EDJEReranker
+from edje.store import TokenStore
+
+CAPTIONS = ["a cat", "a red circle", "dogs in the park", "two birds", "a boat", "snow"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def files(tiny_processor, tiny_vision_encoder, tmp_path_factory):
+    """A saved model, photos, a compressed and a raw store of them, a first stage, captions."""
+    root = tmp_path_factory.mktemp("cli")
+    config = make_tiny_config(
+        len(tiny_processor.tokenizer),
+        tiny_processor.image_token_id,
+        vision_image_processor=tiny_processor.image_processor.to_dict(),
+    )
+    torch.manual_seed(0)
+    model = EDJEModel(config, vision_encoder=tiny_vision_encoder).eval()
+    model.save_pretrained(root / "edje", save_vision_encoder=True)
+    tiny_processor.save_pretrained(root / "edje")
+    tiny_processor.image_processor.save_pretrained(root / "edje" / "vision_encoder")
+    rng = np.random.default_rng(0)
+    (root / "photos").mkdir()
+    photos = [Image.fromarray(rng.integers(0, 255, (28, 28, 3), dtype=np.uint8)) for _ in range(5)]
+    ids = [f"p{i}.png" for i in range(5)]
+    for name, photo in zip(ids, photos, strict=True):
+        photo.save(root / "photos" / name)
+    with torch.no_grad():
+        pixels = tiny_processor.image_processor(images=photos, return_tensors="pt")
+        raw = model.encode_images(pixels["pixel_values"])
+        compressed = model.compress(raw)
+    for name, tokens, fingerprint in (
+        ("store", compressed, model.store_fingerprint()),
+        ("raw", raw, model.store_fingerprint(raw=True)),
+    ):
+        with TokenStore.create(
+            root / name, token_shape=tokens.shape[1:], fingerprint=fingerprint
+        ) as w:
+            w.add(ids, tokens)
+    from edje.first_stage import LinearProbeEmbedding
+
+    torch.manual_seed(0)
+    probe = LinearProbeEmbedding(
+        vision=str(root / "edje" / "vision_encoder"), vision_dim=32, embedding_dim=8, image_size=28
+    )
+    probe.save_pretrained(root / "probe")
+    (root / "captions.txt").write_text("\n".join(CAPTIONS[:3]) + "\n\n")
+    (root / "captions.jsonl").write_text(
+        "\n".join(json.dumps({"caption": c}) for c in CAPTIONS[3:]) + "\n"
+    )
+    return root, ids, photos
+
+
+def run_json(capsys, argv: list[str]) -> list[dict]:
+    capsys.readouterr()
+    assert main(argv) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_search_caption_to_images_with_a_saved_index_and_a_raw_store(files, capsys):
+    root, _, _ = files
+    assert main(["index", "--first-stage", str(root / "probe"), "--images", str(root / "photos"),
+                 "--out", str(root / "photos.index")]) == 0  # fmt: skip
+    common = ["search", "--model", str(root / "edje"), "--first-stage", str(root / "probe")]
+    common += ["--device", "cpu"]
+    query = "a cat on a mat"
+    indexed = [*common, "--store", str(root / "store"), "--index", str(root / "photos.index")]
+    hits = run_json(capsys, [*indexed, "--k", "4", "--json", query])
+    assert [h["rank"] for h in hits] == [1, 2, 3, 4]
+    expected = EDJEReranker(str(root / "edje"), store=root / "store", device="cpu").rank(
+        query, [h["image_id"] for h in hits]
+    )
+    assert [h["image_id"] for h in hits] == [e["image_id"] for e in expected]
+    assert [h["score"] for h in hits] == pytest.approx([e["score"] for e in expected], abs=1e-6)
+    assert sorted(h["first_stage_rank"] for h in hits) == [0, 1, 2, 3]
+    # raw store, no index: the first stage embeds the stored raw tokens (CLS), same candidates
+    raw = run_json(capsys, [*common, "--store", str(root / "raw"), "--k", "4", "--json", query])
+    assert {h["image_id"] for h in raw} == {h["image_id"] for h in hits}
+    # the table, with --top
+    assert main([*indexed, "--top", "2", query]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == ["rank", "image_id", "score", "first", "stage"]
+    assert len(table) == 3 and table[1].split()[1] == hits[0]["image_id"]
+
+
+def test_search_without_an_index_on_a_compressed_store_says_how_to_build_one(files):
+    root, _, _ = files
+    with pytest.raises(SystemExit, match="edje index --first-stage"):
+        main(["search", "--model", str(root / "edje"), "--first-stage", str(root / "probe"),
+              "--store", str(root / "store"), "a cat"])  # fmt: skip
+
+
+def test_search_image_to_captions(files, capsys):
+    root, _, photos = files
+    common = ["search", "--images", "--model", str(root / "edje"), "--json", "--device", "cpu"]
+    common += ["--first-stage", str(root / "probe"), str(root / "photos" / "p0.png")]
+    for name, captions in (("captions.txt", CAPTIONS[:3]), ("captions.jsonl", CAPTIONS[3:])):
+        hits = run_json(capsys, [*common, "--captions", str(root / name)])
+        assert sorted(h["caption"] for h in hits) == sorted(captions)
+        reranker = EDJEReranker(str(root / "edje"), device="cpu")
+        expected = reranker.predict([(h["caption"], photos[0]) for h in hits])
+        assert [h["score"] for h in hits] == pytest.approx(expected.tolist(), abs=1e-6)
+        assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
+
+
+def test_rerank_streams_jsonl_to_jsonl(files, tmp_path):
+    root, ids, _ = files
+    records = [
+        {"query": "a cat", "document": ids[0]},
+        {"query": "two birds", "documents": [ids[1], str(root / "photos" / ids[2]), ids[3]]},
+        {"query": "a boat", "document": ids[4], "extra": 7},
+    ]
+    source, target = tmp_path / "pairs.jsonl", tmp_path / "scores.jsonl"
+    source.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    argv = [
+        "rerank",
+        "--model",
+        str(root / "edje"),
+        "--store",
+        str(root / "store"),
+        "--device",
+        "cpu",
+        "--input",
+        str(source),
+        "--output",
+        str(target),
+        "--batch-size",
+        "2",
+    ]
+    assert main(argv) == 0
+    out = [json.loads(line) for line in target.read_text().splitlines()]
+    reranker = EDJEReranker(str(root / "edje"), store=root / "store", device="cpu")
+    pairs = [("a cat", ids[0]), *(("two birds", d) for d in records[1]["documents"])]
+    expected = reranker.predict([*pairs, ("a boat", ids[4])]).tolist()
+    assert out[0] == {**records[0], "score": pytest.approx(expected[0], abs=1e-6)}
+    assert out[1]["scores"] == pytest.approx(expected[1:4], abs=1e-6)
+    assert out[2]["extra"] == 7 and out[2]["score"] == pytest.approx(expected[4], abs=1e-6)
+    assert main([*argv, "--logits"]) == 0
+    logits = [json.loads(line) for line in target.read_text().splitlines()]
+    assert torch.tensor(logits[0]["score"]).sigmoid().item() == pytest.approx(expected[0], abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("bad_line", "message"),
+    [
+        ("{not json", "not JSON"),
+        ('{"query": "", "document": "p0.png"}', '"query" must be'),
+        ('{"query": "a cat"}', 'exactly one of "document"'),
+        ('{"query": "a cat", "document": "nope.png"}', "'nope.png' is neither an image id"),
+    ],
+)
+def test_rerank_stops_at_a_malformed_line_and_leaves_no_output(files, tmp_path, bad_line, message):
+    root, _, _ = files
+    source, target = tmp_path / "pairs.jsonl", tmp_path / "scores.jsonl"
+    good = json.dumps({"query": "a cat", "document": "p0.png"})
+    source.write_text(f"{good}\n{good}\n{bad_line}\n{good}\n")
+    with pytest.raises(SystemExit, match=f"pairs.jsonl:3: .*{message}"):
+        main(
+            [
+                "rerank",
+                "--model",
+                str(root / "edje"),
+                "--store",
+                str(root / "store"),
+                "--device",
+                "cpu",
+                "--input",
+                str(source),
+                "--output",
+                str(target),
+                "--batch-size",
+                "1",
+            ]
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pairs.jsonl"]  # nothing partial
+
+
+def test_help_has_examples(capsys):
+    for command in ("search", "rerank", "index"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        assert "example" in capsys.readouterr().out
