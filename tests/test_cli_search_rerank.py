@@ -18,12 +18,8 @@ from edje.store import TokenStore
 CAPTIONS = ["a cat", "a red circle", "dogs in the park", "two birds", "a boat", "snow"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny models: one thread is faster than two competing for busy cores.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -19,13 +19,8 @@ IDS = [f"img{i}" for i in range(6)]
 CAPTIONS = ["a cat", "a red circle on a big blue square", "a cat", "dogs", "two birds in a tree"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one thread is faster than two competing for busy cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny models: one thread is faster than two competing for busy cores.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_model(processor, vision_encoder, seed: int = 0) -> EDJEModel:
