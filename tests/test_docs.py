@@ -36,6 +36,9 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
         exec(compile(block, "README.md", "exec"), namespace)
     assert (tmp_path / "my-edje" / "model.safetensors").is_file()
     assert namespace["stored"].shape == (1, 64, 384)
+    # The stored tokens and the photo are the same image: the same score (fp16 storage aside).
+    scores = {entry["corpus_id"]: entry["score"] for entry in namespace["ranking"]}
+    assert sorted(scores) == [0, 1] and abs(scores[0] - scores[1]) < 1e-3
 
 
 @pytest.mark.parametrize("module_name", DOCTESTED)
