@@ -1,0 +1,1 @@
+"""Training recipes for `edje fit --config ...`, installed with the package."""
