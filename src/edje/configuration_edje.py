@@ -53,6 +53,11 @@ class EDJEConfig(PretrainedConfig):
         sep_token_id (`int`, defaults to 102), mask_token_id (`int`, defaults to 103):
             The tokenizer's `[SEP]` and `[MASK]` ids (BERT's uncased vocabulary by default), for
             building pairs and masking captions in training.
+        base_text_encoder (`str`, *optional*):
+            The text encoder the joint encoder started from (recorded by `from_backbones`); a
+            compact checkpoint stores only what differs from it.
+        compact_checkpoint (`bool`, defaults to `False`):
+            Set in saved configs whose weights are compact (see `edje.compact_checkpoint`).
         max_caption_length (`int`, defaults to 64):
             Caption tokens kept, `[CLS]` and `[SEP]` included; longer captions are truncated.
 
@@ -92,6 +97,8 @@ class EDJEConfig(PretrainedConfig):
         sep_token_id: int = 102,
         mask_token_id: int = 103,
         max_caption_length: int = 64,
+        base_text_encoder: str | None = None,
+        compact_checkpoint: bool = False,
         **kwargs: Any,
     ):
         if text_config is None:
@@ -117,6 +124,8 @@ class EDJEConfig(PretrainedConfig):
         self.sep_token_id = sep_token_id
         self.mask_token_id = mask_token_id
         self.max_caption_length = max_caption_length
+        self.base_text_encoder = base_text_encoder
+        self.compact_checkpoint = compact_checkpoint
         super().__init__(**kwargs)
         self._validate()
 

@@ -412,6 +412,7 @@ class EDJEModel(EDJEPreTrainedModel):
             image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
             sep_token_id=tokenizer.sep_token_id,
             mask_token_id=tokenizer.mask_token_id,
+            base_text_encoder=text,
             **config_kwargs,
         )
         model = cls(config, vision_encoder=vision_model)
@@ -428,7 +429,9 @@ class EDJEModel(EDJEPreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        model = _load_compact(cls, pretrained_model_name_or_path, kwargs)
+        if model is None:
+            model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         model._vision_source = pretrained_model_name_or_path
         # Weights memory-mapped from safetensors can sit at unaligned addresses, where CPU kernels
         # take other code paths; aligned copies make a loaded model score bitwise as it was saved.
@@ -437,13 +440,29 @@ class EDJEModel(EDJEPreTrainedModel):
                 tensor.data = tensor.data.clone()
         return model
 
-    def save_pretrained(self, save_directory, *args, save_vision_encoder: bool = False, **kwargs):
+    def save_pretrained(
+        self,
+        save_directory,
+        *args,
+        save_vision_encoder: bool = False,
+        compact: bool = False,
+        **kwargs,
+    ):
         """Save config, safetensors weights and a model card; the vision encoder only if asked.
 
         With `save_vision_encoder=True` the frozen encoder goes to `vision_encoder/` beside the
         weights and the saved config names it there, so the folder encodes pixels on its own.
+        With `compact=True` only the weights that differ from the base text encoder are kept,
+        in fp16 (`edje.compact_checkpoint`); loading then needs edje and that encoder.
         """
         kwargs.pop("safe_serialization", None)  # safetensors only
+        if compact:
+            from edje.compact_checkpoint import save_compact
+
+            save_compact(self, save_directory)
+            if write_model_card is not None:
+                write_model_card(self, save_directory)
+            return
         if save_vision_encoder:
             self.vision_encoder.save_pretrained(Path(save_directory) / VISION_SUBFOLDER)
             original_name = self.config.vision_encoder_name
@@ -485,6 +504,26 @@ class EDJEModel(EDJEPreTrainedModel):
                 revision=revision,
                 create_pr=create_pr,
             )
+
+
+def _load_compact(cls, name_or_path, kwargs: dict) -> EDJEModel | None:
+    """The model of a compact checkpoint (see `save_pretrained(compact=True)`), else None."""
+    config = kwargs.get("config")
+    if config is None:
+        config = EDJEConfig.from_pretrained(name_or_path)
+    if not getattr(config, "compact_checkpoint", False):
+        return None
+    from edje.compact_checkpoint import COMPACT_WEIGHTS, load_compact
+
+    local = Path(name_or_path) / COMPACT_WEIGHTS
+    if not local.is_file():
+        from huggingface_hub import hf_hub_download
+
+        local = hf_hub_download(str(name_or_path), COMPACT_WEIGHTS)
+    config.compact_checkpoint = False  # the loaded model is a whole one
+    dtype = kwargs.get("dtype") or kwargs.get("torch_dtype")
+    model = load_compact(cls, config, local)
+    return model.to(dtype) if isinstance(dtype, torch.dtype) else model
 
 
 def _check_shape(name: str, tensor: torch.Tensor, expected: tuple[int, int], layout: str) -> None:

@@ -24,6 +24,8 @@ class ExportEDJE(Callback):
         monitor, mode: the validation metric that picks the best model.
         evaluate_test: run the test-split evaluation for the model card.
         k: rerank depth of that evaluation.
+        compact: save only what differs from the base text encoder, in fp16
+            (`EDJEModel.save_pretrained(compact=True)`).
     """
 
     def __init__(
@@ -33,11 +35,12 @@ class ExportEDJE(Callback):
         mode: str = "max",
         evaluate_test: bool = True,
         k: int = 10,
+        compact: bool = False,
     ):
         if mode not in ("max", "min"):
             raise ValueError(f"ExportEDJE: mode must be 'max' or 'min', got {mode!r}.")
         self.dirpath, self.monitor, self.mode = Path(dirpath), monitor, mode
-        self.evaluate_test, self.k = evaluate_test, k
+        self.evaluate_test, self.k, self.compact = evaluate_test, k, compact
         self.best = -math.inf if mode == "max" else math.inf
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -91,7 +94,7 @@ class ExportEDJE(Callback):
         if not trainer.is_global_zero:
             return
         edje = pl_module.network.edje
-        edje.save_pretrained(self.dirpath)
+        edje.save_pretrained(self.dirpath, compact=self.compact)
         datamodule = trainer.datamodule
         if datamodule is not None:
             processor_for(edje, datamodule).save_pretrained(self.dirpath)

@@ -20,6 +20,8 @@ class EDJEForPreTraining(nn.Module):
 
     Build from exactly one source: an `EDJEModel`, a saved EDJE (`pretrained`, folder or Hub id),
     or two backbones (`vision` and `text`, with `EDJEConfig` fields in `config`).
+    `freeze_word_embeddings` leaves the joint encoder's word embeddings as the text encoder's
+    (11.7M weights for MiniLM), so a compact checkpoint need not store them.
 
     Example:
 
@@ -43,6 +45,7 @@ class EDJEForPreTraining(nn.Module):
         vision_image_size: int | None = None,
         text_embedding_dim: int | None = None,
         mlm: bool = True,
+        freeze_word_embeddings: bool = False,
         config: dict[str, Any] | None = None,
     ):
         super().__init__()
@@ -62,6 +65,8 @@ class EDJEForPreTraining(nn.Module):
                 vision=vision, text=text, vision_image_size=vision_image_size, **(config or {})
             )
         self.edje = edje
+        if freeze_word_embeddings:  # keeps them the text encoder's: compact checkpoints skip them
+            edje.joint_encoder.embeddings.word_embeddings.weight.requires_grad_(False)
         text_config = edje.config.text_config
         hidden = text_config.hidden_size
         self.mlm_transform = (
