@@ -36,6 +36,10 @@ try:
     from edje.fingerprint import state_dict_sha256, store_fingerprint
 except ImportError:
     state_dict_sha256 = store_fingerprint = None
+try:
+    from edje.compact_checkpoint import COMPACT_WEIGHTS, load_compact, save_compact
+except ImportError:
+    COMPACT_WEIGHTS = load_compact = save_compact = None
 
 
 # Where `save_pretrained(..., save_vision_encoder=True)` puts the frozen vision tower.
@@ -457,8 +461,8 @@ class EDJEModel(EDJEPreTrainedModel):
         """
         kwargs.pop("safe_serialization", None)  # safetensors only
         if compact:
-            from edje.compact_checkpoint import save_compact
-
+            if save_compact is None:
+                raise ImportError("compact checkpoints need the edje package: pip install edje")
             save_compact(self, save_directory)
             if write_model_card is not None:
                 write_model_card(self, save_directory)
@@ -508,18 +512,22 @@ class EDJEModel(EDJEPreTrainedModel):
 
 def _load_compact(cls, name_or_path, kwargs: dict) -> EDJEModel | None:
     """The model of a compact checkpoint (see `save_pretrained(compact=True)`), else None."""
+    hub = {k: kwargs[k] for k in ("revision", "token", "cache_dir", "subfolder") if k in kwargs}
     config = kwargs.get("config")
     if config is None:
-        config = EDJEConfig.from_pretrained(name_or_path)
+        config = EDJEConfig.from_pretrained(name_or_path, **hub)
     if not getattr(config, "compact_checkpoint", False):
         return None
-    from edje.compact_checkpoint import COMPACT_WEIGHTS, load_compact
-
-    local = Path(name_or_path) / COMPACT_WEIGHTS
+    if load_compact is None:
+        raise ImportError(
+            f"{name_or_path} is a compact EDJE checkpoint (weights relative to its text "
+            "encoder): loading it needs the edje package: pip install edje"
+        )
+    local = Path(name_or_path, hub.get("subfolder") or "", COMPACT_WEIGHTS)
     if not local.is_file():
         from huggingface_hub import hf_hub_download
 
-        local = hf_hub_download(str(name_or_path), COMPACT_WEIGHTS)
+        local = hf_hub_download(str(name_or_path), COMPACT_WEIGHTS, **hub)
     config.compact_checkpoint = False  # the loaded model is a whole one
     dtype = kwargs.get("dtype") or kwargs.get("torch_dtype")
     model = load_compact(cls, config, local)
