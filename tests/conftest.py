@@ -95,6 +95,39 @@ def make_tiny_config(tokenizer_size: int, image_token_id: int, **overrides):
     return EDJEConfig(**values)
 
 
+def make_tiny_model(processor, vision_encoder, seed: int = 0):
+    """A tiny EDJE whose config names its vision encoder and preprocessing (for stores)."""
+    import torch
+
+    from edje import EDJEModel
+
+    config = make_tiny_config(
+        len(processor.tokenizer),
+        processor.image_token_id,
+        vision_encoder_name="tiny/dinov2",
+        vision_image_processor=processor.image_processor.to_dict(),
+    )
+    torch.manual_seed(seed)
+    return EDJEModel(config, vision_encoder=vision_encoder).eval()
+
+
+def spread_weights_(model):
+    """Random, non-trivial joint-encoder weights, biases and LayerNorms so every term matters and
+    scores spread (std about 0.2-1; the default init, std 0.02, gives nearly equal logits)."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in [
+            *model.joint_encoder.named_parameters(),
+            *model.itm_head.named_parameters(),
+        ]:
+            if "LayerNorm" in name or "bias" in name:
+                p.normal_(0.0 if "bias" in name else 1.0, 0.1)
+            else:
+                p.normal_(0.0, p.shape[-1] ** -0.5)
+    return model
+
+
 @pytest.fixture
 def tiny_config(tiny_processor):
     return make_tiny_config(len(tiny_processor.tokenizer), tiny_processor.image_token_id)

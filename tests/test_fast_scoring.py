@@ -8,7 +8,7 @@ import importlib
 import pytest
 import torch
 
-from conftest import make_tiny_config
+from conftest import make_tiny_config, spread_weights_
 from edje import EDJEModel
 from edje.fast_encoder import PackedBert
 from edje.fast_fp8 import Fp8Linear, fp8_supported
@@ -36,19 +36,7 @@ def random_model(processor, seed, **text):
     config = make_tiny_config(len(processor.tokenizer), processor.image_token_id)
     for key, value in text.items():
         setattr(config.text_config, key, value)
-    model = EDJEModel(config).eval()
-    # Random, non-trivial weights, biases and LayerNorms so every term matters and scores spread
-    # (the default init, std 0.02, gives nearly equal logits).
-    with torch.no_grad():
-        for name, p in [
-            *model.joint_encoder.named_parameters(),
-            *model.itm_head.named_parameters(),
-        ]:
-            if "LayerNorm" in name or "bias" in name:
-                p.normal_(0.0 if "bias" in name else 1.0, 0.1)
-            else:
-                p.normal_(0.0, p.shape[-1] ** -0.5)
-    return model
+    return spread_weights_(EDJEModel(config).eval())
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import edje.onnx_export as onnx_export
-from conftest import make_tiny_config
+from conftest import make_tiny_config, spread_weights_
 from edje import EDJEModel
 from edje.onnx_export import OnnxScorer, export_onnx
 
@@ -30,17 +30,7 @@ def spread_model(processor, seed, layers=2):
     torch.manual_seed(seed)
     config = make_tiny_config(len(processor.tokenizer), processor.image_token_id)
     config.text_config.num_hidden_layers = layers
-    model = EDJEModel(config).eval()
-    with torch.no_grad():
-        for name, p in [
-            *model.joint_encoder.named_parameters(),
-            *model.itm_head.named_parameters(),
-        ]:
-            if "LayerNorm" in name or "bias" in name:
-                p.normal_(0.0 if "bias" in name else 1.0, 0.1)
-            else:
-                p.normal_(0.0, p.shape[-1] ** -0.5)
-    return model
+    return spread_weights_(EDJEModel(config).eval())
 
 
 def reference(model, processor, captions, tokens):

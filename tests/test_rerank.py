@@ -10,8 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import make_tiny_config
-from edje import EDJEModel
+from conftest import make_tiny_model
 from edje.rerank import EDJEReranker
 from edje.store import TokenStore
 
@@ -23,20 +22,9 @@ CAPTIONS = ["a cat", "a red circle on a big blue square", "a cat", "dogs", "two 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def make_model(processor, vision_encoder, seed: int = 0) -> EDJEModel:
-    config = make_tiny_config(
-        len(processor.tokenizer),
-        processor.image_token_id,
-        vision_encoder_name="tiny/dinov2",
-        vision_image_processor=processor.image_processor.to_dict(),
-    )
-    torch.manual_seed(seed)
-    return EDJEModel(config, vision_encoder=vision_encoder).eval()
-
-
 @pytest.fixture(scope="module")
 def model(tiny_processor, tiny_vision_encoder):
-    return make_model(tiny_processor, tiny_vision_encoder)
+    return make_tiny_model(tiny_processor, tiny_vision_encoder)
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +169,7 @@ def test_model_folder_and_raw_store(model, tiny_processor, store, tmp_path):
 
 
 def test_foreign_store_refused_unless_forced(tiny_processor, tiny_vision_encoder, store):
-    other = make_model(tiny_processor, tiny_vision_encoder, seed=1)
+    other = make_tiny_model(tiny_processor, tiny_vision_encoder, seed=1)
     with pytest.raises(ValueError, match="adapter_sha256"):
         EDJEReranker(other, store=store, processor=tiny_processor, device="cpu")
     with pytest.warns(UserWarning, match="adapter_sha256"):

@@ -8,8 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import make_tiny_config
-from edje import EDJEModel
+from conftest import make_tiny_model
 from edje.encoding import encode_images
 from edje.store import TokenStore
 
@@ -19,17 +18,6 @@ def photos(count: int = 4) -> list[Image.Image]:
     return [
         Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)) for _ in range(count)
     ]
-
-
-def model_for(tiny_processor, tiny_vision_encoder, seed: int) -> EDJEModel:
-    config = make_tiny_config(
-        len(tiny_processor.tokenizer),
-        tiny_processor.image_token_id,
-        vision_encoder_name="tiny/dinov2",
-        vision_image_processor=tiny_processor.image_processor.to_dict(),
-    )
-    torch.manual_seed(seed)
-    return EDJEModel(config, vision_encoder=tiny_vision_encoder).eval()
 
 
 def encode(model, processor, out, images, compressed=True):
@@ -55,8 +43,8 @@ def encode(model, processor, out, images, compressed=True):
 def test_model_accepts_its_own_stores_and_refuses_another_adapters(
     tiny_processor, tiny_vision_encoder, tmp_path
 ):
-    model = model_for(tiny_processor, tiny_vision_encoder, seed=0)
-    other = model_for(tiny_processor, tiny_vision_encoder, seed=1)
+    model = make_tiny_model(tiny_processor, tiny_vision_encoder, seed=0)
+    other = make_tiny_model(tiny_processor, tiny_vision_encoder, seed=1)
     encode(model, tiny_processor, tmp_path / "compressed", photos())
     encode(model, tiny_processor, tmp_path / "raw", photos(), compressed=False)
     compressed, raw = TokenStore.open(tmp_path / "compressed"), TokenStore.open(tmp_path / "raw")
@@ -72,7 +60,7 @@ def test_model_accepts_its_own_stores_and_refuses_another_adapters(
 def test_scores_from_stored_tokens_match_scores_from_pixels(
     tiny_processor, tiny_vision_encoder, tmp_path
 ):
-    model = model_for(tiny_processor, tiny_vision_encoder, seed=0)
+    model = make_tiny_model(tiny_processor, tiny_vision_encoder, seed=0)
     images = photos()
     encode(model, tiny_processor, tmp_path / "store", images)
     store = TokenStore.open(tmp_path / "store")

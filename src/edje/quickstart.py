@@ -27,7 +27,7 @@ class Steps:
 
     def __call__(self, message: str) -> None:
         self.count += 1
-        print(f"[{self.count}] {message} ({time.perf_counter() - self.start:.0f}s)", flush=True)
+        print(f"[{self.count}] {message} ({time.perf_counter() - self.start:.1f}s)", flush=True)
 
 
 def shipped_checkpoint() -> Path | None:

