@@ -96,6 +96,7 @@ def test_sixty_four_pairs_overfit_to_95_percent_pair_accuracy(sixty_four_scenes,
         )
     # Every caption against all 63 wrong images, not only the negatives it trained on.
     accuracy = pair_accuracy(scores)
+    print(f"all-pairs accuracy {accuracy:.1f}% after {trainer.global_step} steps")  # pytest -s
     assert accuracy >= 95.0, f"pair accuracy {accuracy:.1f}% after {trainer.global_step} steps"
 
 
