@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -24,17 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from edje.hardware import cpu_name
 from edje.store import TokenStore
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def make_store(path: Path, n: int, shape: tuple[int, int], dtype: str, shard_size: int) -> float:

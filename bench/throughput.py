@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import tempfile
@@ -32,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from edje.hardware import describe_hardware
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -64,13 +65,6 @@ _WORD_TEXT = (
     "another behind front smiling jumping climbing rock wall tree stage city"
 )
 WORDS = _WORD_TEXT.split()
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def sync(device: torch.device) -> None:
@@ -485,7 +479,7 @@ def main(argv: list[str] | None = None) -> dict:
             for r in per_source.values():
                 r["mfu"] = r["pairs_per_s"] * r["flops_per_pair"] / (peak["square_tflops"] * 1e12)
     report = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+        "device": describe_hardware(device),
         "device_type": device.type,
         "cuda": torch.version.cuda,
         "capability": list(torch.cuda.get_device_capability(device))

@@ -39,6 +39,8 @@ def test_compact_checkpoint_keeps_only_changed_weights_and_scores_identically(fi
     assert dtypes == {torch.float16}
     assert not any("word_embeddings" in k or "layer.0." in k for k in keys)
     assert any(k.startswith("joint_encoder.encoder.layer.5.") for k in keys)
+    card = (tmp_path / "README.md").read_text()  # says edje is needed, not remote code alone
+    assert "compact" in card and "pip install edje" in card and "trust_remote_code" not in card
     full_bytes = sum(t.numel() * 2 for t in fine_tuned.state_dict().values())
     assert (tmp_path / COMPACT_WEIGHTS).stat().st_size < 0.5 * full_bytes
 

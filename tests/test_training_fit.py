@@ -101,8 +101,8 @@ def test_sixty_four_pairs_overfit_to_95_percent_pair_accuracy(sixty_four_scenes,
 
 
 def test_quickstart_recipe_trains_and_its_loss_decreases(tmp_path, monkeypatch):
-    """The shipped recipe on a reduced built-in set for a few CPU steps: the path runs end to
-    end (store, first stage, training, export) and the loss goes down."""
+    """The shipped recipe on a reduced built-in set for 40 CPU steps: the path runs end to end
+    (store, first stage, training, export) and the loss goes down."""
     from pathlib import Path
 
     from edje.commands.fit import make_cli
@@ -120,9 +120,9 @@ def test_quickstart_recipe_trains_and_its_loss_decreases(tmp_path, monkeypatch):
             "--trainer.precision",
             "32",
             "--trainer.max_steps",
-            "8",
+            "40",  # ITM alone (the recipe's objective) leaves chance after a few dozen steps
             "--trainer.val_check_interval",
-            "4",
+            "20",
             "--trainer.log_every_n_steps",
             "1",
             "--trainer.logger",
@@ -133,15 +133,13 @@ def test_quickstart_recipe_trains_and_its_loss_decreases(tmp_path, monkeypatch):
             "false",
             "--model.warmup_steps",
             "1",
-            "--model.optimizer.init_args.lr",
-            "1e-3",
         ]
     )
     with open(next(Path("logs").rglob("metrics.csv"))) as f:
         rows = list(csv.DictReader(f))
     losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
-    assert len(losses) == 8
-    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses
+    assert len(losses) == 40
+    assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10, losses
     model = Path("outputs/quickstart/model")
     # Exported compact (word embeddings frozen, so only what changed is kept, in fp16).
     weights = model / "edje_compact.safetensors"
@@ -151,3 +149,4 @@ def test_quickstart_recipe_trains_and_its_loss_decreases(tmp_path, monkeypatch):
     card = (model / "README.md").read_text()
     assert "image_retrieval_recall" in card or "R@1" in card, card
     assert "(seed 0)" in card and (model / "evaluation" / "report.json").is_file()
+    assert " cores of " in card and "pip install edje" in card  # hardware; compact: needs edje

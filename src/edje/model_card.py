@@ -12,8 +12,11 @@ from huggingface_hub import ModelCardData
 CARD_TEMPLATE = "edje.md"
 
 
-def render_model_card(model: Any, *, repo_id: str | None = None, results: str | None = None) -> str:
-    """The model card text for `model` (an `EDJEModel`), with optional results in markdown."""
+def render_model_card(
+    model: Any, *, repo_id: str | None = None, results: str | None = None, compact: bool = False
+) -> str:
+    """The model card text for `model` (an `EDJEModel`), with optional results in markdown;
+    `compact`: the weights were saved with `save_pretrained(compact=True)`."""
     config = model.config
     text = config.text_config
     m, d = config.image_token_shape
@@ -25,6 +28,18 @@ def render_model_card(model: Any, *, repo_id: str | None = None, results: str | 
         library_name="edje",
         tags=["edje", "reranker", "image-text-retrieval", "vision-language"],
     )
+    if compact:
+        loading_note = (
+            f"These weights are compact: only what differs from `{config.base_text_encoder}` "
+            "(the text encoder the joint encoder started from), in fp16. Loading them needs "
+            "`pip install edje`, which takes the rest from that encoder by name."
+        )
+    else:
+        folder = repo_id or "path/to/this/folder"
+        loading_note = (
+            f'Without edje installed, `AutoModel.from_pretrained("{folder}", '
+            "trust_remote_code=True)` loads the same model from the code saved beside the weights."
+        )
     template = Template(resources.files("edje.model_cards").joinpath(CARD_TEMPLATE).read_text())
     return template.substitute(
         card_data=card_data.to_yaml(),
@@ -40,6 +55,7 @@ def render_model_card(model: Any, *, repo_id: str | None = None, results: str | 
         num_layers=text.num_hidden_layers,
         max_caption_length=config.max_caption_length,
         num_parameters=f"{sum(p.numel() for p in model.parameters()):,}",
+        loading_note=loading_note,
         results=results or "Not evaluated yet.",
     )
 

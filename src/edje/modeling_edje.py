@@ -465,7 +465,7 @@ class EDJEModel(EDJEPreTrainedModel):
                 raise ImportError("compact checkpoints need the edje package: pip install edje")
             save_compact(self, save_directory)
             if write_model_card is not None:
-                write_model_card(self, save_directory)
+                write_model_card(self, save_directory, compact=True)
             return
         if save_vision_encoder:
             self.vision_encoder.save_pretrained(Path(save_directory) / VISION_SUBFOLDER)

@@ -43,6 +43,12 @@ class ExportEDJE(Callback):
         self.evaluate_test, self.k, self.compact = evaluate_test, k, compact
         self.best = -math.inf if mode == "max" else math.inf
 
+    def state_dict(self) -> dict:
+        return {"best": self.best}  # a resumed run exports only what beats the earlier best
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.best = state_dict["best"]
+
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking:
             return
@@ -62,11 +68,16 @@ class ExportEDJE(Callback):
         if self.evaluate_test and trainer.is_global_zero and datamodule is not None:
             self.write_card_with_test_results(datamodule)
 
-    def write_card_with_test_results(self, datamodule) -> None:
-        """Evaluate the exported model on the test split and fill its model card."""
+    def write_card_with_test_results(
+        self, datamodule, command: str | None = None, details: str = ""
+    ) -> None:
+        """Evaluate the exported model on the test split and fill its model card. `command`
+        (markdown) says how it was trained, by default this process's `edje` command line;
+        `details` (a sentence) is added after it."""
         import sys
 
         from edje.evaluation import evaluate
+        from edje.hardware import describe_hardware
         from edje.model_card import write_model_card
         from edje.modeling_edje import EDJEModel
         from edje.processing_edje import EDJEProcessor
@@ -77,16 +88,20 @@ class ExportEDJE(Callback):
             return
         model = EDJEModel.from_pretrained(self.dirpath).eval()
         processor = EDJEProcessor.from_pretrained(self.dirpath)
-        report = evaluate(splits["test"], first_stage, model, processor, datamodule.store, k=self.k)
-        from_cli = bool(sys.argv) and Path(sys.argv[0]).name == "edje"
-        command = f"`{' '.join(['edje', *sys.argv[1:]])}`" if from_cli else "the Python API"
-        seed = os.environ.get("PL_GLOBAL_SEED", "not set")  # what seed_everything used
         data = datamodule.data if isinstance(datamodule.data, str) else "a DatasetDict"
+        report = evaluate(
+            splits["test"], first_stage, model, processor, datamodule.store, k=self.k,
+            dataset_name=data,
+        )  # fmt: skip
+        if command is None:
+            from_cli = bool(sys.argv) and Path(sys.argv[0]).name == "edje"
+            command = f"`{' '.join(['edje', *sys.argv[1:]])}`" if from_cli else "the Python API"
+        seed = os.environ.get("PL_GLOBAL_SEED", "not set")  # what seed_everything used
         results = (
-            f"{report.to_markdown()}\n\nTrained with {command} (seed {seed}); evaluated on the "
-            f"test split of `{data}`."
-        )
-        write_model_card(model, self.dirpath, results=results)
+            f"{report.to_markdown()}\n\nTrained with {command} (seed {seed}) on "
+            f"{describe_hardware()}; evaluated on the test split of `{data}`. {details}"
+        ).rstrip()
+        write_model_card(model, self.dirpath, results=results, compact=self.compact)
         report.save(self.dirpath / "evaluation", plot=True)
         logger.info("ExportEDJE: test results written to %s/README.md", self.dirpath)
 

@@ -1,0 +1,35 @@
+"""`ExportEDJE`: the best model survives a resume; the card names the hardware."""
+
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+import torch
+
+from edje.hardware import describe_hardware
+from edje.training import ExportEDJE
+
+
+def validated(callback: ExportEDJE, value: float, exported: list[float]) -> None:
+    trainer = SimpleNamespace(
+        sanity_checking=False, callback_metrics={"val/pair_accuracy": torch.tensor(value)}
+    )
+    callback.export = lambda trainer, module: exported.append(value)
+    callback.on_validation_end(trainer, None)
+
+
+def test_a_resumed_run_exports_only_what_beats_the_best_before_it(tmp_path):
+    first, exported = ExportEDJE(str(tmp_path)), []
+    validated(first, 0.8, exported)
+    validated(first, 0.7, exported)
+    resumed = ExportEDJE(str(tmp_path))  # a new process, restored from the Lightning checkpoint
+    resumed.load_state_dict(first.state_dict())
+    validated(resumed, 0.75, exported)  # worse than the export already on disk: kept
+    validated(resumed, 0.85, exported)
+    assert exported == [0.8, 0.85]
+
+
+def test_hardware_line_names_the_cpu_and_the_cores_this_process_may_use():
+    line = describe_hardware("cpu")
+    assert line.startswith(f"{len(os.sched_getaffinity(0))} cores of ")
