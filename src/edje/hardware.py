@@ -20,11 +20,11 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def describe_hardware(device: str | torch.device | None = None) -> str:
-    """`1 x NVIDIA H100 80GB HBM3` for a CUDA device (the current one by default when CUDA is
-    available), else the CPU with the number of cores this process may use."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+def describe_hardware(device: str | torch.device, count: int = 1) -> str:
+    """`2 x NVIDIA H100 80GB HBM3` for `count` CUDA devices like `device`, else the CPU with
+    the number of cores this process may use."""
+    device = torch.device(device)
     if device.type == "cuda":
-        return f"1 x {torch.cuda.get_device_name(device)}"
+        return f"{count} x {torch.cuda.get_device_name(device)}"
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return f"{cores} cores of {cpu_name()}"

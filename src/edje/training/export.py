@@ -66,18 +66,19 @@ class ExportEDJE(Callback):
             self.export(trainer, pl_module)
         datamodule = trainer.datamodule
         if self.evaluate_test and trainer.is_global_zero and datamodule is not None:
-            self.write_card_with_test_results(datamodule)
+            from edje.hardware import describe_hardware
 
-    def write_card_with_test_results(
-        self, datamodule, command: str | None = None, details: str = ""
-    ) -> None:
-        """Evaluate the exported model on the test split and fill its model card. `command`
-        (markdown) says how it was trained, by default this process's `edje` command line;
-        `details` (a sentence) is added after it."""
+            devices = trainer.num_devices * trainer.num_nodes
+            self.write_card_with_test_results(
+                datamodule, describe_hardware(pl_module.device, count=devices)
+            )
+
+    def write_card_with_test_results(self, datamodule, hardware: str) -> None:
+        """Evaluate the exported model on the test split and fill its model card (with the
+        command, the seed and the `hardware` it was trained on)."""
         import sys
 
         from edje.evaluation import evaluate
-        from edje.hardware import describe_hardware
         from edje.model_card import write_model_card
         from edje.modeling_edje import EDJEModel
         from edje.processing_edje import EDJEProcessor
@@ -93,14 +94,13 @@ class ExportEDJE(Callback):
             splits["test"], first_stage, model, processor, datamodule.store, k=self.k,
             dataset_name=data,
         )  # fmt: skip
-        if command is None:
-            from_cli = bool(sys.argv) and Path(sys.argv[0]).name == "edje"
-            command = f"`{' '.join(['edje', *sys.argv[1:]])}`" if from_cli else "the Python API"
+        from_cli = bool(sys.argv) and Path(sys.argv[0]).name == "edje"
+        command = f"`{' '.join(['edje', *sys.argv[1:]])}`" if from_cli else "the Python API"
         seed = os.environ.get("PL_GLOBAL_SEED", "not set")  # what seed_everything used
         results = (
-            f"{report.to_markdown()}\n\nTrained with {command} (seed {seed}) on "
-            f"{describe_hardware()}; evaluated on the test split of `{data}`. {details}"
-        ).rstrip()
+            f"{report.to_markdown()}\n\nTrained with {command} (seed {seed}) on {hardware}; "
+            f"evaluated on the test split of `{data}`."
+        )
         write_model_card(model, self.dirpath, results=results, compact=self.compact)
         report.save(self.dirpath / "evaluation", plot=True)
         logger.info("ExportEDJE: test results written to %s/README.md", self.dirpath)
