@@ -129,21 +129,7 @@ def test_rerank_streams_jsonl_to_jsonl(files, tmp_path):
     ]
     source, target = tmp_path / "pairs.jsonl", tmp_path / "scores.jsonl"
     source.write_text("\n".join(json.dumps(r) for r in records) + "\n")
-    argv = [
-        "rerank",
-        "--model",
-        str(root / "edje"),
-        "--store",
-        str(root / "store"),
-        "--device",
-        "cpu",
-        "--input",
-        str(source),
-        "--output",
-        str(target),
-        "--batch-size",
-        "2",
-    ]
+    argv = rerank_argv(root, source, target, batch_size=2)
     assert main(argv) == 0
     out = [json.loads(line) for line in target.read_text().splitlines()]
     reranker = EDJEReranker(str(root / "edje"), store=root / "store", device="cpu")
@@ -155,6 +141,15 @@ def test_rerank_streams_jsonl_to_jsonl(files, tmp_path):
     assert main([*argv, "--logits"]) == 0
     logits = [json.loads(line) for line in target.read_text().splitlines()]
     assert torch.tensor(logits[0]["score"]).sigmoid().item() == pytest.approx(expected[0], abs=1e-6)
+
+
+def rerank_argv(root, source, target, *, batch_size: int) -> list[str]:
+    """`edje rerank` over the fixture's model and store, on the CPU."""
+    return [
+        *("rerank", "--model", str(root / "edje"), "--store", str(root / "store")),
+        *("--device", "cpu", "--input", str(source), "--output", str(target)),
+        *("--batch-size", str(batch_size)),
+    ]
 
 
 @pytest.mark.parametrize(
@@ -172,23 +167,7 @@ def test_rerank_stops_at_a_malformed_line_and_leaves_no_output(files, tmp_path, 
     good = json.dumps({"query": "a cat", "document": "p0.png"})
     source.write_text(f"{good}\n{good}\n{bad_line}\n{good}\n")
     with pytest.raises(SystemExit, match=f"pairs.jsonl:3: .*{message}"):
-        main(
-            [
-                "rerank",
-                "--model",
-                str(root / "edje"),
-                "--store",
-                str(root / "store"),
-                "--device",
-                "cpu",
-                "--input",
-                str(source),
-                "--output",
-                str(target),
-                "--batch-size",
-                "1",
-            ]
-        )
+        main(rerank_argv(root, source, target, batch_size=1))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pairs.jsonl"]  # nothing partial
 
 
