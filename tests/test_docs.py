@@ -19,6 +19,8 @@ DOCTESTED = [
     "edje.modeling_edje",
     "edje.processing_edje",
     "edje.rerank",
+    "edje.training.losses",
+    "edje.training.sampling",
 ]
 
 

@@ -1,4 +1,5 @@
-"""Two real DDP processes (gloo on CPU): hard negatives are mined over the gathered batch."""
+"""Two real DDP processes (gloo on CPU): hard negatives are mined over the gathered batch, and
+neighbourhood batches stay whole across the processes."""
 
 from __future__ import annotations
 
@@ -71,3 +72,61 @@ def test_hard_negatives_come_from_the_batch_gathered_across_processes(tmp_path):
     # Every negative of both ranks was mined from the other process's half of the batch.
     assert ranks[0]["remote_share"] == 1.0
     assert ranks[1]["remote_share"] == 1.0
+
+
+NEIGHBOURHOODS = textwrap.dedent(
+    """
+    import json
+    import torch
+    from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+    from edje.training.sampling import NeighbourhoodSampler
+
+    # 16 images in 4 clusters, one caption each: a caption's neighbours share its cluster.
+    centres = torch.eye(4)
+    embeddings = centres[torch.arange(16) % 4] + 0.01 * torch.arange(16)[:, None]
+
+    class Captions(LightningDataModule):
+        def train_dataloader(self):
+            sampler = NeighbourhoodSampler(
+                embeddings, embeddings, torch.arange(16), group=4, pool=3,
+                num_replicas=self.trainer.world_size, rank=self.trainer.global_rank,
+            )
+            return torch.utils.data.DataLoader(range(16), batch_size=2, sampler=sampler)
+
+    class Record(LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(1))
+            self.seen = []
+
+        def training_step(self, batch, batch_idx):
+            self.seen.append(batch.tolist())
+            return (self.weight * batch.float()).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+        def on_train_end(self):
+            with open({out!r} + f"/rank{{self.global_rank}}.json", "w") as f:
+                json.dump(self.seen, f)
+
+    trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False)  # Lightning's default distributed sampling
+    trainer.fit(Record(), datamodule=Captions())
+    """
+)
+
+
+def test_neighbourhood_batches_stay_whole_across_ddp_processes(tmp_path):
+    script = tmp_path / "ddp_neighbourhoods.py"
+    script.write_text(NEIGHBOURHOODS.format(out=str(tmp_path)))
+    result = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert len(seen[0]) == len(seen[1]) == 4  # 16 captions, 2 processes, batches of 2
+    for step in range(4):  # the batch gathered at each step: one neighbourhood of 4 captions
+        gathered = seen[0][step] + seen[1][step]
+        assert len({caption % 4 for caption in gathered}) == 1, gathered

@@ -1,4 +1,5 @@
-"""`ExportEDJE`: the best model survives a resume; the card names the hardware."""
+"""`ExportEDJE`: the best model survives a resume; without a monitor the final weights are
+exported; the card names the hardware."""
 
 from __future__ import annotations
 
@@ -19,6 +20,11 @@ def validated(callback: ExportEDJE, value: float, exported: list[float]) -> None
     callback.on_validation_end(trainer, None)
 
 
+def fit_ended(callback: ExportEDJE, exported: list[float]) -> None:
+    callback.export = lambda trainer, module: exported.append("final")
+    callback.on_fit_end(SimpleNamespace(datamodule=None), None)
+
+
 def test_a_resumed_run_exports_only_what_beats_the_best_before_it(tmp_path):
     first, exported = ExportEDJE(str(tmp_path)), []
     validated(first, 0.8, exported)
@@ -33,3 +39,18 @@ def test_a_resumed_run_exports_only_what_beats_the_best_before_it(tmp_path):
 def test_hardware_line_names_the_cpu_and_the_cores_this_process_may_use():
     line = describe_hardware("cpu")
     assert line.startswith(f"{len(os.sched_getaffinity(0))} cores of ")
+
+
+def test_without_a_monitor_only_the_final_weights_are_exported(tmp_path):
+    callback, exported = ExportEDJE(str(tmp_path), monitor=None, evaluate_test=False), []
+    validated(callback, 0.9, exported)
+    validated(callback, 0.95, exported)
+    fit_ended(callback, exported)
+    assert exported == ["final"]
+
+
+def test_with_a_monitor_the_fit_end_keeps_the_best_export(tmp_path):
+    callback, exported = ExportEDJE(str(tmp_path), evaluate_test=False), []
+    validated(callback, 0.9, exported)
+    fit_ended(callback, exported)
+    assert exported == [0.9]

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 
 from edje.backbones import OFFLINE_TEXT, OFFLINE_VISION, load_vision_encoder, resolve_backbone
 from edje.data import flatten_captions
+from edje.training.sampling import NeighbourhoodSampler
 
 logger = logging.getLogger(__name__)
 SPLITS = ("train", "validation", "test")
@@ -71,6 +72,11 @@ class EDJEDataModule(LightningDataModule):
         builtin: sizes of the built-in set when `data` is "builtin" (e.g. a reduced one for
             tests: `{"n_train_triplets": 20, "n_test_triplets": 4}`).
         max_caption_length: caption tokens kept, `[CLS]` and `[SEP]` included.
+        neighbourhood_size: train batches are built of groups of this many captions, a random
+            one and captions of the images the first stage ranks closest to it
+            (`NeighbourhoodSampler`), so mined negatives include the first stage's confusions;
+            1 shuffles plainly.
+        neighbourhood_pool: a group's images come from its caption's this many closest images.
     """
 
     def __init__(
@@ -88,8 +94,15 @@ class EDJEDataModule(LightningDataModule):
         encode_batch_size: int = 64,
         seed: int = 0,
         builtin: dict[str, int] | None = None,
+        neighbourhood_size: int = 1,
+        neighbourhood_pool: int = 8,
     ):
         super().__init__()
+        if neighbourhood_size > 1 and first_stage is None:
+            raise ValueError(
+                "EDJEDataModule: neighbourhood_size > 1 groups captions by the first stage's "
+                "similarities; give a first_stage."
+            )
         self.data, self.store_path = data, Path(store)
         self.first_stage = first_stage
         self.vision, self.vision_image_size, self.text = vision, vision_image_size, text
@@ -100,6 +113,7 @@ class EDJEDataModule(LightningDataModule):
         self.encode_batch_size = encode_batch_size
         self.seed = seed
         self.builtin = builtin
+        self.neighbourhood_size, self.neighbourhood_pool = neighbourhood_size, neighbourhood_pool
         self.splits: DatasetDict | None = None
         self.pairs: dict[str, PairTable] = {}
 
@@ -202,10 +216,23 @@ class EDJEDataModule(LightningDataModule):
             )
         pairs = self.pairs[split]
         generator = torch.Generator().manual_seed(self.seed)
+        sampler = None
+        if shuffle and self.neighbourhood_size > 1:
+            sampler = NeighbourhoodSampler(
+                pairs.text_embeddings,
+                pairs.image_embeddings,
+                pairs.image_keys,
+                group=self.neighbourhood_size,
+                pool=self.neighbourhood_pool,
+                seed=self.seed,
+                num_replicas=self.trainer.world_size if self.trainer else 1,
+                rank=self.trainer.global_rank if self.trainer else 0,
+            )
         return DataLoader(
             range(len(pairs)),
             batch_size=batch_size,
-            shuffle=shuffle,
+            shuffle=shuffle and sampler is None,
+            sampler=sampler,
             drop_last=shuffle,  # equal batch shapes on every process for gathering negatives
             generator=generator,
             num_workers=self.num_workers,

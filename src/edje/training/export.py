@@ -21,7 +21,8 @@ class ExportEDJE(Callback):
 
     Args:
         dirpath: the exported model's folder.
-        monitor, mode: the validation metric that picks the best model.
+        monitor, mode: the validation metric that picks the best model; `monitor=None`
+            exports the final weights at the end of training instead.
         evaluate_test: run the test-split evaluation for the model card.
         k: rerank depth of that evaluation.
         compact: save only what differs from the base text encoder, in fp16
@@ -31,7 +32,7 @@ class ExportEDJE(Callback):
     def __init__(
         self,
         dirpath: str,
-        monitor: str = "val/pair_accuracy",
+        monitor: str | None = "val/pair_accuracy",
         mode: str = "max",
         evaluate_test: bool = True,
         k: int = 10,
@@ -50,7 +51,7 @@ class ExportEDJE(Callback):
         self.best = state_dict["best"]
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.sanity_checking:
+        if trainer.sanity_checking or self.monitor is None:
             return
         value = trainer.callback_metrics.get(self.monitor)
         if value is None:
@@ -62,7 +63,7 @@ class ExportEDJE(Callback):
             self.export(trainer, pl_module)
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if math.isinf(self.best):  # never validated: the final weights are the result
+        if self.monitor is None or math.isinf(self.best):  # the final weights are the result
             self.export(trainer, pl_module)
         datamodule = trainer.datamodule
         if self.evaluate_test and trainer.is_global_zero and datamodule is not None:
