@@ -9,7 +9,6 @@ from PIL import Image
 
 from conftest import make_tiny_config
 from edje import EDJEModel, LocalProjector, TokenCompressionAdapter
-from edje.modeling_edje import grid_position_embedding
 
 CAPTIONS = ["a small red circle left of a large blue square", "a green star"]
 
@@ -29,34 +28,6 @@ def test_adapter_options_qk_norm_and_positions_keep_shape():
     adapter = TokenCompressionAdapter(32, 16, 4, 2, 64, qk_norm=True, num_positions=17)
     assert adapter(torch.randn(3, 17, 32)).shape == (3, 4, 16)
     assert adapter.position_embedding.shape == (1, 17, 32)
-
-
-def mirrored(tokens: torch.Tensor, side: int) -> torch.Tensor:
-    """CLS first, then the patch grid flipped left to right."""
-    grid = tokens[:, 1:].view(len(tokens), side, side, -1).flip(2)
-    return torch.cat([tokens[:, :1], grid.flatten(1, 2)], dim=1)
-
-
-def test_only_the_position_embedding_tells_an_image_from_its_mirror():
-    # Attention pooling is blind to token order: positions are what carry left and right.
-    torch.manual_seed(0)
-    tokens = 50 * torch.randn(1, 17, 32)  # raw ViT tokens can be large (DINOv2-S: norm ~50)
-    plain = TokenCompressionAdapter(32, 16, 4, 2, 64, qk_norm=True).eval()
-    with_positions = TokenCompressionAdapter(32, 16, 4, 2, 64, qk_norm=True, num_positions=17)
-    with torch.no_grad():
-        same = plain(tokens) - plain(mirrored(tokens, 4))
-        apart = with_positions(tokens) - with_positions(mirrored(tokens, 4))
-    assert same.norm() < 1e-5 * plain(tokens).norm()  # identical up to rounding
-    assert apart.norm() > 1e-2 * with_positions(tokens).norm()
-
-
-def test_grid_position_embedding_gives_every_patch_its_own_place():
-    positions = grid_position_embedding(1 + 16, 32)[0]  # CLS + 4 x 4
-    assert positions[0].abs().max() == 0  # the CLS token has no place in the grid
-    distances = torch.cdist(positions[1:], positions[1:])
-    assert bool((distances + torch.eye(16) > 0.1).all())
-    with pytest.raises(ValueError, match="multiple of 4"):
-        grid_position_embedding(17, 30)
 
 
 def test_adapter_output_depends_on_every_raw_token():
@@ -194,47 +165,3 @@ def test_pixels_without_a_vision_encoder_name_say_what_to_pass(tiny_config, tiny
     images = [Image.fromarray(np.zeros((28, 28, 3), dtype=np.uint8))]
     with pytest.raises(ValueError, match="vision_encoder_name is None"):
         model(**tiny_processor(text=CAPTIONS[:1], images=images))
-
-
-def test_a_new_model_starts_its_position_embedding_on_the_grid(tiny_processor):
-    config = make_tiny_config(
-        len(tiny_processor.tokenizer),
-        tiny_processor.image_token_id,
-        adapter_position_embedding=True,
-    )
-    model = EDJEModel(config)
-    expected = grid_position_embedding(config.vision_num_tokens, config.vision_hidden_size)
-    torch.testing.assert_close(model.adapter.position_embedding.data, expected)
-
-
-def test_square_query_counts_start_as_probes_of_a_grid_of_regions():
-    adapter = TokenCompressionAdapter(32, 16, 4, 2, 64, qk_norm=True, num_positions=17)
-    torch.testing.assert_close(adapter.queries.data, grid_position_embedding(17, 32, probes=4))
-    torch.testing.assert_close(adapter.key.weight.data, torch.eye(32))
-    # Tokens equal everywhere: attention follows position only, so each probe leans to its
-    # own 2 x 2 region of the 4 x 4 patch grid.
-    with torch.no_grad():
-        keys = adapter.key_norm(
-            adapter.key(adapter.input_norm(torch.ones(1, 17, 32)) + adapter.position_embedding)
-        )
-        scores = adapter.query_norm(adapter.queries) @ keys.transpose(1, 2)  # (1, 4, 17)
-    patch = scores[0, :, 1:].view(4, 4, 4)  # probe, row, column
-    for probe, (row, col) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)]):
-        region = patch[probe, 2 * row : 2 * row + 2, 2 * col : 2 * col + 2]
-        assert region.mean() > patch[probe].mean(), probe
-
-
-def test_trained_positions_and_queries_survive_save_and_load(tiny_processor, tmp_path):
-    config = make_tiny_config(
-        len(tiny_processor.tokenizer),
-        tiny_processor.image_token_id,
-        adapter_position_embedding=True,
-    )
-    model = EDJEModel(config)
-    with torch.no_grad():
-        model.adapter.queries.add_(1.0)
-        model.adapter.position_embedding.add_(2.0)
-    model.save_pretrained(tmp_path)
-    loaded = EDJEModel.from_pretrained(tmp_path).adapter
-    torch.testing.assert_close(loaded.queries, model.adapter.queries)
-    torch.testing.assert_close(loaded.position_embedding, model.adapter.position_embedding)

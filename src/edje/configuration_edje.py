@@ -46,10 +46,8 @@ class EDJEConfig(PretrainedConfig):
             LayerNorm the adapter's queries and keys (not in the paper; steadies small-data
             training).
         adapter_position_embedding (`bool`, defaults to `False`):
-            LayerNorm the raw tokens and add a learned position embedding (2D sin-cos at the
-            start) before the adapter (not in the paper): without it the adapter's attention
-            pools tokens regardless of where they are, and left/right is lost. With a square
-            `num_image_tokens`, the queries start as probes of a grid of image regions.
+            Learn a position embedding added to the raw tokens before the adapter (not in
+            the paper).
         image_token_id (`int`, *optional*):
             Token id of `<image>`: the slots whose input embeddings the image tokens replace.
         sep_token_id (`int`, defaults to 102), mask_token_id (`int`, defaults to 103):

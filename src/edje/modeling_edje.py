@@ -7,7 +7,6 @@ Data path: pixels -> frozen vision encoder -> raw tokens [B, n, d_vis] -> adapte
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,45 +46,6 @@ except ImportError:
 VISION_SUBFOLDER = "vision_encoder"
 
 
-def grid_position_embedding(num_tokens: int, dim: int, probes: int = 0) -> torch.Tensor:
-    """`[1, n, dim]` 2D sin-cos positions for `n` raw tokens laid out as prefix tokens (CLS,
-    registers: zeros) then a square patch grid in raster order, as ViTs emit them.
-
-    Each half of `dim` encodes one axis (rows, then columns) with sines and cosines of
-    geometrically spaced frequencies, so left/right and above/below are distinct from the start.
-    With `probes` (a square number), returns instead `[1, probes, dim]`: the positions of the
-    centres of a coarser `sqrt(probes)`-square grid of regions over the same patches.
-
-    Example:
-
-    ```python
-    >>> grid_position_embedding(1 + 4, 8).shape  # CLS + a 2 x 2 grid
-    torch.Size([1, 5, 8])
-    >>> grid_position_embedding(1 + 64, 8, probes=16).shape  # the centres of 4 x 4 regions
-    torch.Size([1, 16, 8])
-
-    ```
-    """
-    if dim % 4:
-        raise ValueError(f"grid_position_embedding: dim must be a multiple of 4, got {dim}")
-    side = math.isqrt(num_tokens)
-    prefix = num_tokens - side * side
-    points = torch.arange(side, dtype=torch.float64)
-    if probes:
-        regions = math.isqrt(probes)
-        points = (torch.arange(regions, dtype=torch.float64) + 0.5) * side / regions - 0.5
-        prefix = 0
-    rows, cols = torch.meshgrid(points, points, indexing="ij")
-    quarter = dim // 4
-    frequencies = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
-    parts = []
-    for axis in (rows.flatten(), cols.flatten()):
-        angle = axis[:, None] * frequencies[None, :]  # (points, dim/4)
-        parts += [angle.sin(), angle.cos()]
-    grid = torch.cat(parts, dim=1).float()  # (points, dim)
-    return torch.cat([torch.zeros(prefix, dim), grid])[None]
-
-
 class TokenCompressionAdapter(nn.Module):
     """Compress `n` raw vision tokens into `m` tokens of the joint encoder's width.
 
@@ -118,13 +78,9 @@ class TokenCompressionAdapter(nn.Module):
         self.num_heads = num_heads
         self.queries = nn.Parameter(torch.randn(1, num_queries, vision_dim))
         # Optional extras, not in the paper: a learned position per raw token, q and k LayerNorm.
-        # The position is added to LayerNorm-ed tokens: a vision encoder's raw tokens can be
-        # large (DINOv2-S: norm ~50), and a position embedding on that scale would stay too small
-        # to learn from (measured: left/right at chance after 1,000 steps).
-        self.position_embedding, self.input_norm = None, nn.Identity()
-        if num_positions:
-            self.position_embedding = nn.Parameter(torch.zeros(1, num_positions, vision_dim))
-            self.input_norm = nn.LayerNorm(vision_dim)
+        self.position_embedding = (
+            nn.Parameter(torch.zeros(1, num_positions, vision_dim)) if num_positions else None
+        )
         self.query_norm = nn.LayerNorm(vision_dim) if qk_norm else nn.Identity()
         self.key_norm = nn.LayerNorm(vision_dim) if qk_norm else nn.Identity()
         self.key = nn.Linear(vision_dim, vision_dim)
@@ -134,28 +90,11 @@ class TokenCompressionAdapter(nn.Module):
             nn.Linear(vision_dim, mlp_dim), nn.GELU(), nn.Linear(mlp_dim, vision_dim)
         )
         self.proj = nn.Linear(vision_dim, out_dim)
-        self.init_positions_()
-
-    @torch.no_grad()
-    def init_positions_(self) -> None:
-        """With a position embedding: patches start at their sin-cos grid positions, and where
-        the query count is square the queries start as probes of a coarser grid of regions, the
-        key projection as the identity, so each compressed token first pools one region and
-        where things are survives compression (left/right at chance otherwise, measured)."""
-        if self.position_embedding is None:
-            return
-        n, dim = self.position_embedding.shape[1:]
-        init.copy_(self.position_embedding, grid_position_embedding(n, dim))
-        m = self.queries.shape[1]
-        if math.isqrt(m) ** 2 == m and math.isqrt(n) >= math.isqrt(m):
-            init.copy_(self.queries, grid_position_embedding(n, dim, probes=m))
-            init.eye_(self.key.weight)
-            init.zeros_(self.key.bias)
 
     def forward(self, vision_tokens: torch.Tensor) -> torch.Tensor:
         batch, _, dim = vision_tokens.shape  # (B, n, d_vis)
         if self.position_embedding is not None:
-            vision_tokens = self.input_norm(vision_tokens) + self.position_embedding
+            vision_tokens = vision_tokens + self.position_embedding
         heads, head_dim = self.num_heads, dim // self.num_heads
         q = self.query_norm(self.queries).expand(batch, -1, -1)  # (B, m, d_vis)
         k = self.key_norm(self.key(vision_tokens))  # (B, n, d_vis)
@@ -219,7 +158,8 @@ class EDJEPreTrainedModel(PreTrainedModel):
         super()._init_weights(module)
         if isinstance(module, TokenCompressionAdapter):
             init.normal_(module.queries, std=module.queries.shape[-1] ** -0.5)
-            module.init_positions_()
+            if module.position_embedding is not None:
+                init.zeros_(module.position_embedding)
 
 
 class EDJEModel(EDJEPreTrainedModel):
