@@ -9,6 +9,7 @@ from PIL import Image
 
 from conftest import make_tiny_config
 from edje import EDJEModel, LocalProjector, TokenCompressionAdapter
+from edje.modeling_edje import sincos_grid_positions
 
 CAPTIONS = ["a small red circle left of a large blue square", "a green star"]
 
@@ -27,7 +28,23 @@ def test_adapter_compresses_n_tokens_to_m():
 def test_adapter_options_qk_norm_and_positions_keep_shape():
     adapter = TokenCompressionAdapter(32, 16, 4, 2, 64, qk_norm=True, num_positions=17)
     assert adapter(torch.randn(3, 17, 32)).shape == (3, 4, 16)
-    assert adapter.position_embedding.shape == (1, 17, 32)
+    assert adapter.value_position_embedding.shape == (1, 17, 32)
+
+
+def test_value_positions_start_as_a_sincos_grid_that_tells_mirrored_images_apart():
+    positions = sincos_grid_positions(65, 384)  # CLS + 8 x 8 patches
+    assert torch.equal(positions[0], torch.zeros(384))
+    grid = positions[1:].view(8, 8, 384)
+    assert not torch.allclose(grid, grid.flip(1))  # left and right differ
+    assert sincos_grid_positions(10, 6).shape == (10, 6)  # no square grid: 1D, padded
+    torch.manual_seed(0)
+    tokens = torch.randn(1, 65, 384)
+    patches = tokens[:, 1:].view(1, 8, 8, 384).flip(2).flatten(1, 2)
+    mirrored = torch.cat([tokens[:, :1], patches], dim=1)
+    blind = TokenCompressionAdapter(384, 16, 4, 6, 64)  # attention pooling ignores order
+    assert torch.allclose(blind(tokens), blind(mirrored), atol=1e-5)
+    adapter = TokenCompressionAdapter(384, 16, 4, 6, 64, num_positions=65)
+    assert not torch.allclose(adapter(tokens), adapter(mirrored), atol=1e-3)
 
 
 def test_adapter_output_depends_on_every_raw_token():

@@ -46,8 +46,9 @@ class EDJEConfig(PretrainedConfig):
             LayerNorm the adapter's queries and keys (not in the paper; steadies small-data
             training).
         adapter_position_embedding (`bool`, defaults to `False`):
-            Learn a position embedding added to the raw tokens before the adapter (not in
-            the paper).
+            Learn a position embedding added to the adapter's values, started from fixed 2D
+            sine-cosine positions of the patch grid, so each pooled token carries where its
+            content lies (not in the paper; it lets the joint encoder learn "left of").
         image_token_id (`int`, *optional*):
             Token id of `<image>`: the slots whose input embeddings the image tokens replace.
         sep_token_id (`int`, defaults to 102), mask_token_id (`int`, defaults to 103):

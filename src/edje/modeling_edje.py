@@ -7,6 +7,7 @@ Data path: pixels -> frozen vision encoder -> raw tokens [B, n, d_vis] -> adapte
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,40 @@ except ImportError:
 VISION_SUBFOLDER = "vision_encoder"
 
 
+def sincos_grid_positions(num_tokens: int, dim: int) -> torch.Tensor:
+    """Fixed 2D sine-cosine positions `[num_tokens, dim]` for a square patch grid, with a
+    leading `[CLS]` at zero when `num_tokens - 1` is square (1D over the tokens otherwise).
+
+    The adapter starts its value position embedding here rather than at zero: every pooled
+    token then says where its content came from from the first step, so the joint encoder can
+    learn relations such as "left of". A zero start never left zero in practice: it has no
+    effect, so no gradient favours any direction (the quickstart's left/right stayed at chance).
+
+    Example:
+
+    ```python
+    >>> sincos_grid_positions(65, 8).shape  # DINOv2 at 112 px: CLS + 8 x 8 patches
+    torch.Size([65, 8])
+
+    ```
+    """
+    side = math.isqrt(max(num_tokens - 1, 0))
+    has_cls = side * side == num_tokens - 1
+    if not has_cls:
+        side = math.isqrt(num_tokens)
+    if side * side == num_tokens - has_cls and dim % 4 == 0:
+        rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+        coordinates = [cols.flatten(), rows.flatten()]  # x then y: half the channels each
+    else:
+        has_cls, coordinates = False, [torch.arange(num_tokens)]
+    quarter = dim // (2 * len(coordinates))
+    frequencies = 1.0 / 100 ** (torch.arange(quarter) / quarter)
+    angles = [c[:, None].float() * frequencies for c in coordinates]
+    grid = torch.cat([f(a) for a in angles for f in (torch.sin, torch.cos)], dim=-1)
+    grid = F.pad(grid, (0, dim - grid.shape[-1]))
+    return torch.cat([torch.zeros(1, dim), grid]) if has_cls else grid
+
+
 class TokenCompressionAdapter(nn.Module):
     """Compress `n` raw vision tokens into `m` tokens of the joint encoder's width.
 
@@ -77,9 +112,12 @@ class TokenCompressionAdapter(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.queries = nn.Parameter(torch.randn(1, num_queries, vision_dim))
-        # Optional extras, not in the paper: a learned position per raw token, q and k LayerNorm.
-        self.position_embedding = (
-            nn.Parameter(torch.zeros(1, num_positions, vision_dim)) if num_positions else None
+        # Optional extras, not in the paper: q and k LayerNorm, and a learned position per raw
+        # token added to the values only (see `sincos_grid_positions` for why).
+        self.value_position_embedding = (
+            nn.Parameter(sincos_grid_positions(num_positions, vision_dim)[None])
+            if num_positions
+            else None
         )
         self.query_norm = nn.LayerNorm(vision_dim) if qk_norm else nn.Identity()
         self.key_norm = nn.LayerNorm(vision_dim) if qk_norm else nn.Identity()
@@ -93,12 +131,12 @@ class TokenCompressionAdapter(nn.Module):
 
     def forward(self, vision_tokens: torch.Tensor) -> torch.Tensor:
         batch, _, dim = vision_tokens.shape  # (B, n, d_vis)
-        if self.position_embedding is not None:
-            vision_tokens = vision_tokens + self.position_embedding
         heads, head_dim = self.num_heads, dim // self.num_heads
         q = self.query_norm(self.queries).expand(batch, -1, -1)  # (B, m, d_vis)
         k = self.key_norm(self.key(vision_tokens))  # (B, n, d_vis)
         v = self.value(vision_tokens)
+        if self.value_position_embedding is not None:
+            v = v + self.value_position_embedding
         q, k, v = (x.view(batch, -1, heads, head_dim).transpose(1, 2) for x in (q, k, v))
         h = F.scaled_dot_product_attention(q, k, v)  # (B, nh, m, hs)
         h = h.transpose(1, 2).reshape(batch, -1, dim)  # (B, m, d_vis)
@@ -158,8 +196,9 @@ class EDJEPreTrainedModel(PreTrainedModel):
         super()._init_weights(module)
         if isinstance(module, TokenCompressionAdapter):
             init.normal_(module.queries, std=module.queries.shape[-1] ** -0.5)
-            if module.position_embedding is not None:
-                init.zeros_(module.position_embedding)
+            positions = module.value_position_embedding
+            if positions is not None:
+                init.copy_(positions, sincos_grid_positions(*positions.shape[1:])[None])
 
 
 class EDJEModel(EDJEPreTrainedModel):
