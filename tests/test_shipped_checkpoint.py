@@ -97,6 +97,7 @@ def test_quickstart_with_the_shipped_checkpoint_beats_its_first_stage_as_the_car
     from edje.quickstart import run_quickstart
 
     report = json.loads((run_quickstart(tmp_path) / "report.json").read_text())
+    assert (tmp_path / "model" / COMPACT_WEIGHTS).is_file()  # the model is left in the folder
     shipped = json.loads((checkpoint / "evaluation" / "report.json").read_text())
     for stage in ("first_stage_metrics", "reranked_metrics"):
         assert [report[stage][m] for m in METRICS] == pytest.approx(

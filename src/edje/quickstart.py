@@ -6,6 +6,7 @@ second run on the same folder reuses the store, the first stage and the model.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import time
@@ -111,7 +112,11 @@ def _model_folder(out: Path, model, train, builtin, step) -> Path:
             "Train one with `edje quickstart --train` (minutes on a GPU, hours on a CPU) or "
             "pass --model DIR."
         )
-    return shipped
+    # A copy in `out`, so the folder holds everything the printed `edje search` command needs.
+    copied = out / "model"
+    if not (copied / "config.json").is_file():
+        shutil.copytree(shipped, copied, dirs_exist_ok=True)
+    return copied
 
 
 def _train(out: Path, builtin: dict[str, int] | None) -> None:
