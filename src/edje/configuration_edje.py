@@ -48,7 +48,7 @@ class EDJEConfig(PretrainedConfig):
         adapter_position_embedding (`bool`, defaults to `False`):
             Learn a position embedding added to the adapter's values, started from fixed 2D
             sine-cosine positions of the patch grid, so each pooled token carries where its
-            content lies (not in the paper; it lets the joint encoder learn "left of").
+            content lies (not in the paper; it gives relations such as "left of" a path).
         image_token_id (`int`, *optional*):
             Token id of `<image>`: the slots whose input embeddings the image tokens replace.
         sep_token_id (`int`, defaults to 102), mask_token_id (`int`, defaults to 103):

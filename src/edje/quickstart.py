@@ -113,9 +113,14 @@ def _model_folder(out: Path, model, train, builtin, step) -> Path:
             "pass --model DIR."
         )
     # A copy in `out`, so the folder holds everything the printed `edje search` command needs.
+    # Copied whole then renamed, so a crash mid-copy never leaves a folder that looks done.
     copied = out / "model"
     if not (copied / "config.json").is_file():
-        shutil.copytree(shipped, copied, dirs_exist_ok=True)
+        partial = out / ".model.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.copytree(shipped, partial)
+        shutil.rmtree(copied, ignore_errors=True)
+        partial.rename(copied)
     return copied
 
 
