@@ -94,7 +94,6 @@ def builtin_features(offline_dinov2_dir, request):
 
 @pytest.fixture(scope="session")
 def trained_probe(builtin_features):
-    torch.manual_seed(0)
     probe = LinearProbeEmbedding()
     probe.backbones = builtin_features["probe_backbones"]  # share the loaded encoders
     probe.fit(*builtin_features["train"], epochs=80, show_progress_bar=False)
@@ -118,6 +117,21 @@ def test_linear_probe_beats_chance_on_the_builtin_test_split(trained_probe, buil
     assert recall["text_retrieval_recall@5"] > 20 * 100 * 5 / n_images
     assert recall["image_retrieval_recall@1"] > 30 * 100 / n_images
     assert recall["text_retrieval_recall@1"] > 30 * 100 / n_images
+
+
+def test_fit_with_one_seed_gives_identical_heads_whatever_the_global_random_state(
+    builtin_features,
+):
+    def fit(global_seed: int, seed: int) -> dict[str, torch.Tensor]:
+        torch.manual_seed(global_seed)  # what differs between two processes
+        probe = LinearProbeEmbedding()
+        probe.fit(*builtin_features["train"], epochs=2, seed=seed, show_progress_bar=False)
+        return probe.state_dict()
+
+    first, second, other_seed = fit(1, seed=0), fit(2, seed=0), fit(1, seed=1)
+    for name, tensor in first.items():
+        assert torch.equal(tensor, second[name]), name
+    assert not torch.equal(first["image_head.weight"], other_seed["image_head.weight"])
 
 
 def test_fit_lowers_the_loss_and_keeps_the_heads_frozen_afterwards(builtin_features):

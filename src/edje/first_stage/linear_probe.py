@@ -149,8 +149,10 @@ class LinearProbeEmbedding(EmbeddingModel):
     ) -> list[float]:
         """Train both heads with symmetric InfoNCE on cached features; returns epoch losses.
 
-        Each epoch draws one caption per image (so a batch never holds two positives of one
-        image), shuffles, and steps through batches of ``batch_size`` images.
+        The heads start afresh from ``seed`` (as ``nn.Linear`` initialises them), so the same
+        features and seed give the same heads whatever the global random state. Each epoch
+        draws one caption per image (so a batch never holds two positives of one image),
+        shuffles, and steps through batches of ``batch_size`` images.
 
         Args:
             image_features: ``[n_images, vision_dim]`` from ``backbones.image_features``.
@@ -171,6 +173,8 @@ class LinearProbeEmbedding(EmbeddingModel):
         device = self.device
         images, texts = images.to(device), texts.to(device)
         generator = torch.Generator().manual_seed(seed)
+        for head in (self.image_head, self.text_head):
+            _reset_linear(head, generator)
         captions = _group_captions(text_to_image, len(images))
         params = [
             p for p in self.parameters() if p is not self.logit_scale or self.learn_temperature
@@ -310,6 +314,16 @@ class LinearProbeEmbedding(EmbeddingModel):
         model = cls(config["vision"], config["text"], **{k: config[k] for k in names})
         model.load_state_dict(load_file(folder / WEIGHTS_NAME))
         return model
+
+
+@torch.no_grad()
+def _reset_linear(layer: nn.Linear, generator: torch.Generator) -> None:
+    """``nn.Linear``'s own initialisation, drawn from ``generator`` instead of the global RNG
+    (which torch seeds at random in every process)."""
+    bound = 1.0 / math.sqrt(layer.in_features)
+    for tensor in (layer.weight, layer.bias):
+        values = torch.rand(tensor.shape, generator=generator) * 2 * bound - bound
+        tensor.copy_(values.to(tensor.device))
 
 
 @contextlib.contextmanager
