@@ -3,7 +3,9 @@
 Every first-stage error on the built-in set is a scene's colour-swapped or mirrored sibling
 (`edje.data.builtin`). For each caption of each triplet this scores the caption against the
 three sibling images and reports how often its own image wins against each kind of sibling;
-0.5 is chance. Reranked R@1 stays near 50 while `mirror` sits at 0.5, whatever `swap` does.
+0.5 is chance. Colour alone tells the swapped image's captions from both its siblings, while
+the scene's and the mirror's captions each need left/right against the other: with `swap`
+solved and `mirror` at 0.5, T2I R@1 is capped near 67.
 
     python bench/confusions.py --model outputs/quickstart/model \\
         --store outputs/quickstart/raw.store --split test

@@ -108,3 +108,13 @@ def test_same_caption_text_is_never_a_negative(tiny_network, tiny_processor):
 def test_unknown_negative_strategy_is_refused_at_construction(tiny_network):
     with pytest.raises(ValueError, match="negative mix"):
         EDJETrainingModule(tiny_network, negatives={"semi-hard": 1.0})
+
+
+def test_mlm_joins_the_loss_at_its_start_step(tiny_network, tiny_processor, monkeypatch):
+    module = EDJETrainingModule(tiny_network, text_recovery_weight=0, mlm_start_step=3)
+    batch = synthetic_batch(tiny_processor)
+    for step, expected in ((0, {"itm"}), (2, {"itm"}), (3, {"itm", "mlm"}), (9, {"itm", "mlm"})):
+        monkeypatch.setattr(EDJETrainingModule, "global_step", property(lambda self, s=step: s))
+        assert set(module._losses(batch, train=True)[0]) == expected, step
+    with pytest.raises(ValueError, match="mlm_start_step must be >= 0, got -1"):
+        EDJETrainingModule(tiny_network, mlm_start_step=-1)

@@ -38,6 +38,9 @@ class EDJETrainingModule(LightningModule):
         teacher: optional `Teacher` for distillation.
         negatives: how negatives are drawn: weights over "hardest", "topk" (uniform among the
             `negative_topk` most similar) and "random".
+        mlm_start_step: MLM joins the loss from this step on (0: from the start). On a small set
+            MLM from the start holds ITM at chance; joining once ITM has learned, it sharpens
+            attribute binding (measured on the built-in set).
         warmup_steps, lr_decay_per_epoch: the paper's schedule: linear warm-up, then the
             learning rate times `lr_decay_per_epoch` after each epoch.
     """
@@ -54,6 +57,7 @@ class EDJETrainingModule(LightningModule):
         negatives: dict[str, float] | None = None,
         negative_topk: int = 16,
         mlm_probability: float = 0.5,
+        mlm_start_step: int = 0,
         warmup_steps: int = 100,
         lr_decay_per_epoch: float = 0.9,
         seed: int = 0,
@@ -72,6 +76,11 @@ class EDJETrainingModule(LightningModule):
         losses.negative_strategies(1, self.negatives)  # validate now, not at step 1
         self.negative_topk = negative_topk
         self.mlm_probability = mlm_probability
+        if mlm_start_step < 0:
+            raise ValueError(
+                f"EDJETrainingModule: mlm_start_step must be >= 0, got {mlm_start_step}"
+            )
+        self.mlm_start_step = mlm_start_step
         self.warmup_steps = warmup_steps
         self.lr_decay_per_epoch = lr_decay_per_epoch
         self.seed = seed
@@ -171,7 +180,7 @@ class EDJETrainingModule(LightningModule):
                 losses.itm_loss(positive, negative_image)
                 + losses.itm_loss(positive, negative_caption)
             ) / 2
-        if self.weights["mlm"]:
+        if self.weights["mlm"] and self.global_step >= self.mlm_start_step:
             terms["mlm"] = self._mlm(batch, tokens, generator)
         if self.weights["text_recovery"]:
             predicted = self.network.text_embedding(batch["caption_ids"], batch["caption_mask"])
