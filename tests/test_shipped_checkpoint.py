@@ -91,9 +91,9 @@ def test_quickstart_with_the_shipped_checkpoint_beats_its_first_stage_as_the_car
 ):
     """The README's main job on the full built-in set (about 2.5 minutes on 2 CPU cores).
 
-    The first stage is refitted here and its recall moves by about a point between runs (T2I
-    R@1 44.8, 45.3 and 45.8 were measured on one machine), so the figures are compared within
-    1.5 points and the claim that matters, reranking lifts T2I R@1, is checked exactly.
+    The card's table is this quickstart's own output, and the store and the first stage it
+    builds are deterministic (two fresh runs gave identical tables on the machine that made
+    the card); 0.5 points, one or two queries, are left for another CPU's rounding.
     """
     from edje.quickstart import run_quickstart
 
@@ -102,7 +102,7 @@ def test_quickstart_with_the_shipped_checkpoint_beats_its_first_stage_as_the_car
     shipped = json.loads((checkpoint / "evaluation" / "report.json").read_text())
     for stage in ("first_stage_metrics", "reranked_metrics"):
         assert [report[stage][m] for m in METRICS] == pytest.approx(
-            [shipped[stage][m] for m in METRICS], abs=1.5
+            [shipped[stage][m] for m in METRICS], abs=0.5
         ), stage
     t2i_r1 = METRICS[0]
     assert report["reranked_metrics"][t2i_r1] > report["first_stage_metrics"][t2i_r1]
