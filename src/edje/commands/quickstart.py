@@ -40,8 +40,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.train and not torch.cuda.is_available():
         print(
-            "warning: no GPU: training the quickstart EDJE on a CPU takes hours (its 5,000 "
-            "steps take about 1.7 s each on 2 cores)",
+            "warning: no GPU: training the quickstart EDJE on a CPU takes hours (its 6,500 "
+            "steps take 1.6-2.5 s each on 2 cores)",
             flush=True,
         )
     run_quickstart(args.out, model=args.model, train=args.train, k=args.k)
