@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edje.hardware import cpu_name
 from edje.store import TokenStore
+from edje.training.hardware import cpu_name
 
 
 def make_store(path: Path, n: int, shape: tuple[int, int], dtype: str, shard_size: int) -> float:
@@ -62,7 +62,7 @@ def build_rate(args: argparse.Namespace, folder: Path) -> dict:
     """images/s of `encode_images` on generated photos with the chosen encoder (CPU)."""
     from PIL import Image
 
-    from edje.encoding import encode_images
+    from edje.store.encode import encode_images
 
     images = folder / "images"
     images.mkdir()

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edje.hardware import describe_hardware
+from edje.training.hardware import describe_hardware
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -124,7 +124,11 @@ def token_source(args, m: int, d: int, count: int, device: torch.device, workdir
         from edje.store import TokenStore
     except ImportError as e:  # the store is optional: random in-memory tokens instead
         tokens = torch.randn(count, m, d, generator=torch.Generator().manual_seed(0)).half()
-        return None, tokens.to(device), f"in-memory random float16 (edje.store not importable: {e})"
+        return (
+            None,
+            tokens.to(device),
+            f"in-memory random float16 (edje.store not importable: {e})",
+        )
     path = args.store
     if path is None:
         path = workdir / "store"
@@ -243,8 +247,8 @@ def ranking_agreement(reference: torch.Tensor, scores: torch.Tensor) -> dict:
 
 def edje_cases(args, size, processor, model, device, dtype, workdir):
     """name -> (scorer fn(captions, tokens[Q, k, m, d]) -> [Q, k], notes)."""
-    from edje.fast_fp8 import fp8_supported
-    from edje.fast_scoring import FastScorer
+    from edje.scoring.fast import FastScorer
+    from edje.scoring.fp8 import fp8_supported
 
     baseline = model.to(device=device, dtype=dtype)
 
@@ -277,7 +281,7 @@ def edje_cases(args, size, processor, model, device, dtype, workdir):
             add("fast_fp8", note, fp8=True, compile=compile_fp8)
     if device.type == "cpu" and not args.no_onnx:
         try:
-            from edje.onnx_export import OnnxScorer, export_onnx
+            from edje.scoring.onnx import OnnxScorer, export_onnx
 
             cpu_model = model.float().cpu()
             for quant in (None, "int8"):

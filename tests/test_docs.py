@@ -14,7 +14,7 @@ DOCTESTED = [
     "edje.backbones",
     "edje.data",
     "edje.data.builtin",
-    "edje.metrics",
+    "edje.evaluation.metrics",
     "edje.configuration_edje",
     "edje.modeling_edje",
     "edje.processing_edje",

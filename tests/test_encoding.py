@@ -11,9 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from edje.encoding import compress_store, encode_images, find_images, load_rgb
-from edje.fingerprint import state_dict_sha256
+from edje._utils import load_rgb
 from edje.store import TokenStore
+from edje.store.encode import compress_store, encode_images, find_images
+from edje.store.fingerprint import state_dict_sha256
 
 
 def _photo(seed: int, size=(40, 30)) -> Image.Image:
@@ -306,7 +307,7 @@ def test_bound_compress_hashes_only_the_adapter_and_warns_on_disagreement(
 
 
 def test_every_rank_gets_a_batch_even_when_there_is_no_work():
-    from edje.encoding import rank_batches
+    from edje.store.encode import rank_batches
 
     assert rank_batches(5, 0, 2) == [0, 2, 4] and rank_batches(5, 1, 2) == [1, 3]
     assert rank_batches(1, 1, 2) == [1] and rank_batches(0, 0, 1) == [0]  # [n]: an empty batch

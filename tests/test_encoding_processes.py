@@ -14,8 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from edje.encoding import encode_images
 from edje.store import TokenStore
+from edje.store.encode import encode_images
 
 # The child runs the same encode as the reference; SIGKILLs itself when told to:
 #   after the N-th TokenStoreWriter.add (some shards written, a batch buffered), or
@@ -25,8 +25,8 @@ SCRIPT = textwrap.dedent(
     import json, os, signal, sys
     import torch
     from transformers import AutoImageProcessor, AutoModel
-    from edje import store_writer
-    from edje.encoding import encode_images
+    from edje.store import writer as store_writer
+    from edje.store.encode import encode_images
 
     model_dir, images, out, devices, kill_mode, kill_at = sys.argv[1:7]
     count = [0]

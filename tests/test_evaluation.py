@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from edje.evaluation import evaluate
-from edje.evaluation_report import EvaluationReport
+from edje.evaluation.metrics import recall_at_k, reranked_recall_at_k
+from edje.evaluation.report import EvaluationReport
 from edje.first_stage import EmbeddingModel
-from edje.metrics import recall_at_k, reranked_recall_at_k
 
 COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
 RGB = {"red": (220, 30, 30), "green": (30, 160, 50), "blue": (30, 70, 220),
@@ -99,7 +99,7 @@ def _compressed_tokens(model, processor, dataset) -> torch.Tensor:
 
 
 def test_docstring_examples_run():
-    for name in ("edje.evaluation", "edje.evaluation_report"):
+    for name in ("edje.evaluation.retrieval", "edje.evaluation.report", "edje.fusion"):
         module = importlib.import_module(name)
         result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
         assert result.attempted > 0 and result.failed == 0, name
@@ -318,12 +318,12 @@ def test_eval_help_has_an_example(capsys):
 
 
 def test_eval_command_names_the_data_it_expects():
-    from edje.commands.eval import load_data
+    from edje.commands.eval import load_split
 
-    with pytest.raises(SystemExit, match=re.escape("builtin | folder PATH | flickr30k")):
-        load_data(["folder"], "test")
+    with pytest.raises(SystemExit, match=re.escape("expected one of ('builtin', 'emoji'")):
+        load_split(["folder"], "test")
     with pytest.raises(SystemExit, match="got 'imagenet'"):
-        load_data(["imagenet"], "test")
+        load_split(["imagenet"], "test")
 
 
 def test_eval_command_end_to_end_on_a_folder(

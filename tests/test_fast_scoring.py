@@ -10,9 +10,9 @@ import torch
 
 from conftest import make_tiny_config, spread_weights_
 from edje import EDJEModel
-from edje.fast_encoder import PackedBert
-from edje.fast_fp8 import Fp8Linear, fp8_supported
-from edje.fast_scoring import FastScorer
+from edje.scoring.fast import FastScorer
+from edje.scoring.fp8 import Fp8Linear, fp8_supported
+from edje.scoring.packed_bert import PackedBert
 
 CAPTIONS = [
     "a dog",
@@ -155,7 +155,7 @@ def test_bad_options_raise(tiny_model):
 
 def test_varlen_path_plumbing_with_a_reference_kernel(tiny_model, tiny_processor, monkeypatch):
     """varlen_attn runs on CUDA only; check the packed offsets with a loop standing in for it."""
-    import edje.fast_encoder as fe
+    import edje.scoring.packed_bert as fe
 
     def fake_varlen(q, k, v, cu_q, cu_k, max_q, max_k):  # (T, nh, hs) each
         out = []
@@ -176,7 +176,7 @@ def test_varlen_path_plumbing_with_a_reference_kernel(tiny_model, tiny_processor
 
 def test_compiled_path_pads_rows_and_matches(tiny_model, tiny_processor, monkeypatch):
     """The compiled path's padding (rows to a few sizes) without paying for a real compile."""
-    import edje.fast_scoring as fs
+    import edje.scoring.fast as fs
 
     scorer = FastScorer(tiny_model, tiny_processor)
     calls = []
@@ -221,7 +221,7 @@ def test_fp8_linear_is_close_to_fp32():
 
 def test_fp8_scorer_ranks_like_fp32(tiny_processor, monkeypatch):
     """fp8 on CPU (torch's slow _scaled_mm), forced past the hardware guard: close to fp32."""
-    import edje.fast_scoring as fs
+    import edje.scoring.fast as fs
 
     monkeypatch.setattr(fs, "fp8_supported", lambda device: (True, ""))
     model = random_model(tiny_processor, 3)
@@ -247,7 +247,9 @@ def test_packed_bert_rejects_models_it_cannot_run():
         PackedBert(BertModel(config, add_pooling_layer=False), torch.nn.Linear(32, 1))
 
 
-@pytest.mark.parametrize("name", ["edje.fast_scoring", "edje.fast_encoder", "edje.fast_fp8"])
+@pytest.mark.parametrize(
+    "name", ["edje.scoring.fast", "edje.scoring.packed_bert", "edje.scoring.fp8"]
+)
 def test_docstring_examples_run(name):
     result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0

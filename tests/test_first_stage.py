@@ -9,13 +9,13 @@ import json
 import pytest
 import torch
 
+from edje.evaluation.metrics import recall_at_k
 from edje.first_stage import (
     LinearProbeEmbedding,
     TransformersEmbedding,
     VectorIndex,
     load_embedding_model,
 )
-from edje.metrics import recall_at_k
 
 MODULES = [
     "edje.first_stage",

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torchmetrics.retrieval import RetrievalHitRate
 
-from edje.metrics import recall_at_k, reranked_recall_at_k
+from edje.evaluation.metrics import recall_at_k, reranked_recall_at_k
 
 KS = (1, 2, 5, 10)
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import edje.onnx_export as onnx_export
+import edje.scoring.onnx as onnx_export
 from conftest import make_tiny_config, spread_weights_
 from edje import EDJEModel
-from edje.onnx_export import OnnxScorer, export_onnx
+from edje.scoring.onnx import OnnxScorer, export_onnx
 
 pytest.importorskip("onnxruntime")
 

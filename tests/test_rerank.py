@@ -75,7 +75,7 @@ def test_predict_equals_sigmoid_of_forward_in_the_order_given(reranker, model, t
     assert isinstance(as_list, list) and as_list == pytest.approx(scores.tolist(), abs=1e-6)
     single = reranker.predict(pairs[1])  # one pair: one score
     assert single == pytest.approx(float(scores[1]), abs=1e-6)
-    slow = EDJEReranker(model, processor=tiny_processor, device="cpu", fast=False)
+    slow = EDJEReranker(model, processor=tiny_processor, device="cpu", backend="torch")
     np.testing.assert_allclose(slow.predict(pairs, batch_size=3), scores, atol=1e-5, rtol=0)
 
 

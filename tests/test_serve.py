@@ -22,8 +22,7 @@ from PIL import Image
 from conftest import make_tiny_config
 from edje import EDJEModel
 from edje.rerank import EDJEReranker
-from edje.serve import (
-    EDJEBackend,
+from edje.serving.app import (
     RerankerBackend,
     ServeLimits,
     create_app,
@@ -59,9 +58,9 @@ class Exploding:
         return self.backend.score_pairs(queries, documents)
 
 
-@pytest.fixture(scope="module", params=["fast-scorer", "edje-reranker"])
+@pytest.fixture(scope="module", params=["fast", "torch"])
 def served(request, tiny_processor, tiny_vision_encoder, tmp_path_factory):
-    """The service on loopback, over each backend: `EDJEBackend` and `RerankerBackend`."""
+    """The service on loopback, over a reranker with each of two scoring backends."""
     torch.manual_seed(0)
     config = make_tiny_config(len(tiny_processor.tokenizer), tiny_processor.image_token_id)
     model = EDJEModel(config, vision_encoder=tiny_vision_encoder).eval()
@@ -72,11 +71,10 @@ def served(request, tiny_processor, tiny_vision_encoder, tmp_path_factory):
     ) as w:
         w.add(IDS, torch.randn(len(IDS), *config.image_token_shape))
     store = TokenStore.open(path)
-    if request.param == "fast-scorer":
-        backend = EDJEBackend(model, tiny_processor, store)
-    else:
-        reranker = EDJEReranker(model, store, device="cpu", processor=tiny_processor)
-        backend = RerankerBackend(reranker)
+    reranker = EDJEReranker(
+        model, store, device="cpu", processor=tiny_processor, backend=request.param
+    )
+    backend = RerankerBackend(reranker)
     app = create_app(
         Exploding(backend), model_name="edje-tiny", limits=LIMITS, store_size=len(store)
     )
@@ -368,7 +366,7 @@ def test_serve_help_has_an_example(capsys):
 def test_serve_command_serves_a_saved_model_and_store(
     tiny_processor, tiny_vision_encoder, tmp_path, monkeypatch
 ):
-    import edje.serve
+    import edje.serving.app
     from edje.cli import main
 
     config = make_tiny_config(len(tiny_processor.tokenizer), tiny_processor.image_token_id)
@@ -392,7 +390,7 @@ def test_serve_command_serves_a_saved_model_and_store(
         with serve_in_background(app) as url:
             answers.append(call(f"{url}/v1/rerank", {"query": "x y", "documents": documents}))
 
-    monkeypatch.setattr(edje.serve, "run_server", run_briefly)
+    monkeypatch.setattr(edje.serving.app, "run_server", run_briefly)
     argv = ["serve", "--model", str(tmp_path / "model"), "--store", str(tmp_path / "store")]
     assert main([*argv, "--port", "8123", "--served-name", "tiny", "--device", "cpu"]) == 0
     [(status, body)] = answers

@@ -23,7 +23,7 @@ METRICS = [f"{task}_retrieval_recall@{k}" for task in ("image", "text") for k in
 @pytest.fixture(scope="module")
 def checkpoint():
     folder = shipped_checkpoint()
-    assert folder is not None, "edje/checkpoints/quickstart/config.json is missing"
+    assert (folder / "config.json").is_file(), f"{folder}/config.json is missing"
     return folder
 
 

@@ -11,8 +11,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from edje import store_format
-from edje.store import StoreCorruptError, TokenStore, fingerprint_diff
+from edje.store import StoreCorruptError, TokenStore
+from edje.store import format as store_format
+from edje.store.fingerprint import fingerprint_diff
 
 M, D = 4, 8
 
@@ -85,8 +86,8 @@ def test_to_device_gives_the_same_tokens_as_memory_map(tmp_path, dtype):
     store = TokenStore.open(tmp_path / "s")
     order = _ids(11)[::-2]
     mapped = store.gather(order)
-    assert not store.on_device and store.device is None
-    assert store.to("cpu") is store and store.on_device and store.device == torch.device("cpu")
+    assert store.device is None
+    assert store.to("cpu") is store and store.device == torch.device("cpu")
     assert torch.equal(store.gather(order), mapped)
 
 
@@ -124,7 +125,7 @@ def test_open_reads_only_the_manifest(tmp_path, monkeypatch):
         calls.append(("memmap", os.path.basename(args[0])))
         return real_memmap(*args, **kwargs)
 
-    monkeypatch.setattr("edje.store.read_shard_header", spy_header)
+    monkeypatch.setattr("edje.store.reader.read_shard_header", spy_header)
     monkeypatch.setattr(np, "memmap", spy_memmap)
     store = TokenStore.open(tmp_path / "s")
     assert len(store) == 12 and "img0005.jpg" in store and store.fingerprint

@@ -7,7 +7,7 @@ import json
 import torch
 
 from edje import __version__
-from edje.fingerprint import image_processor_dict, state_dict_sha256, store_fingerprint
+from edje.store.fingerprint import image_processor_dict, state_dict_sha256, store_fingerprint
 
 
 def test_state_dict_sha256_is_stable_and_sensitive():

@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 
 from conftest import make_tiny_model
-from edje.encoding import encode_images
 from edje.store import TokenStore
+from edje.store.encode import encode_images
 
 
 def photos(count: int = 4) -> list[Image.Image]:

@@ -8,8 +8,8 @@ from types import SimpleNamespace
 
 import torch
 
-from edje.hardware import describe_hardware
 from edje.training import ExportEDJE
+from edje.training.hardware import describe_hardware
 
 
 def validated(callback: ExportEDJE, value: float, exported: list[float]) -> None:

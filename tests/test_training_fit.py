@@ -13,10 +13,10 @@ from conftest import make_tiny_config
 from edje import EDJEModel
 from edje.backbones import OFFLINE_TEXT, OFFLINE_VISION
 from edje.data import make_builtin_dataset
-from edje.hardware import describe_hardware
-from edje.metrics import pair_accuracy
+from edje.evaluation.metrics import pair_accuracy
 from edje.training import EDJEDataModule, EDJEForPreTraining, EDJETrainingModule
 from edje.training.export import processor_for
+from edje.training.hardware import describe_hardware
 
 RECIPE = "recipes/quickstart.yaml"
 

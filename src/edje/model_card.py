@@ -13,10 +13,16 @@ CARD_TEMPLATE = "edje.md"
 
 
 def render_model_card(
-    model: Any, *, repo_id: str | None = None, results: str | None = None, compact: bool = False
+    model: Any,
+    *,
+    repo_id: str | None = None,
+    results: str | None = None,
+    compact: bool = False,
+    warning: str | None = None,
 ) -> str:
     """The model card text for `model` (an `EDJEModel`), with optional results in markdown;
-    `compact`: the weights were saved with `save_pretrained(compact=True)`."""
+    `compact`: the weights were saved with `save_pretrained(compact=True)`; `warning`: put
+    first, as a quote (e.g. that reranking lowers recall)."""
     config = model.config
     text = config.text_config
     m, d = config.image_token_shape
@@ -57,6 +63,7 @@ def render_model_card(
         num_parameters=f"{sum(p.numel() for p in model.parameters()):,}",
         loading_note=loading_note,
         results=results or "Not evaluated yet.",
+        warning=f"> **Warning.** {warning}\n\n" if warning else "",
     )
 
 

@@ -34,7 +34,7 @@ try:
 except ImportError:
     write_model_card = None
 try:
-    from edje.fingerprint import state_dict_sha256, store_fingerprint
+    from edje.store.fingerprint import state_dict_sha256, store_fingerprint
 except ImportError:
     state_dict_sha256 = store_fingerprint = None
 try:

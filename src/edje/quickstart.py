@@ -13,6 +13,7 @@ import time
 from importlib import resources
 from pathlib import Path
 
+from edje._utils import atomic_folder
 from edje.backbones import OFFLINE_TEXT, OFFLINE_VISION
 
 IMAGE_SIZE = 112  # 65 raw tokens per scene: CLS + 8 x 8 patches
@@ -31,10 +32,9 @@ class Steps:
         print(f"[{self.count}] {message} ({time.perf_counter() - self.start:.1f}s)", flush=True)
 
 
-def shipped_checkpoint() -> Path | None:
-    """The trained quickstart EDJE shipped inside the package, if this version has one."""
-    folder = resources.files("edje").joinpath("checkpoints", SHIPPED_CHECKPOINT)
-    return Path(str(folder)) if folder.joinpath("config.json").is_file() else None
+def shipped_checkpoint() -> Path:
+    """The trained quickstart EDJE shipped inside the package."""
+    return Path(str(resources.files("edje").joinpath("checkpoints", SHIPPED_CHECKPOINT)))
 
 
 def recipe_path() -> Path:
@@ -105,22 +105,12 @@ def _model_folder(out: Path, model, train, builtin, step) -> Path:
             step("training EDJE from recipes/quickstart.yaml (minutes on a GPU, hours on a CPU)")
             _train(out, builtin)
         return trained
-    shipped = shipped_checkpoint()
-    if shipped is None:
-        raise SystemExit(
-            "edje quickstart: this version of edje ships no trained quickstart checkpoint yet. "
-            "Train one with `edje quickstart --train` (minutes on a GPU, hours on a CPU) or "
-            "pass --model DIR."
-        )
-    # A copy in `out`, so the folder holds everything the printed `edje search` command needs.
-    # Copied whole then renamed, so a crash mid-copy never leaves a folder that looks done.
+    # A copy in `out`, so the folder holds everything the printed `edje search` command needs;
+    # copied whole into a temporary folder first, so a crash mid-copy leaves no half a model.
     copied = out / "model"
     if not (copied / "config.json").is_file():
-        partial = out / ".model.partial"
-        shutil.rmtree(partial, ignore_errors=True)
-        shutil.copytree(shipped, partial)
-        shutil.rmtree(copied, ignore_errors=True)
-        partial.rename(copied)
+        with atomic_folder(copied) as partial:
+            shutil.copytree(shipped_checkpoint(), partial, dirs_exist_ok=True)
     return copied
 
 

@@ -9,8 +9,12 @@ Documents (the images) may be given as
 A str is read as a store id first, then as a file path (so an id that is also a file name is
 the store's); a `pathlib.Path` is always a file. Kinds may be mixed in one call.
 
-Scoring goes through `edje.fast_scoring.FastScorer` (padding-free, equal to `EDJEModel.forward`
-up to float rounding); `fast=False` runs `EDJEModel.forward` itself, the reference.
+Scoring goes through one of `edje.scoring`'s backends: `"fast"` (default; padding-free, equal
+to `EDJEModel.forward` up to float rounding), `"torch"` (`EDJEModel.forward` itself, the
+reference) or `"onnx"` (onnxruntime on the CPU).
+
+With first-stage scores (`rank(..., first_stage_scores=...)`, `rank_many`), candidates are ordered
+by the fused score of `edje.fusion` when the model's config holds fusion weights.
 
 Example (a tiny random model; `EDJEReranker("path/to/edje", store="photos.store")` for a real one):
 
@@ -47,6 +51,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from edje import image_tokens
+from edje._utils import progress
+from edje.fusion import fuse, fusion_weights
+
 __all__ = ["EDJEReranker"]
 
 PIXEL_BATCH = 32  # images per vision-encoder forward when documents are pixels
@@ -64,8 +72,7 @@ class EDJEReranker:
         dtype: scoring dtype (default: float32 on CPU, bfloat16 on CUDA).
         processor: the `EDJEProcessor` (required when `model` is a model object).
         force_store: use a store whose fingerprint differs from the model's.
-        fast: score with `FastScorer` (default); `False` runs `EDJEModel.forward` in the model's
-            own dtype, the reference implementation.
+        backend: `"fast"` (default), `"torch"` or `"onnx"` (see `edje.scoring`).
     """
 
     def __init__(
@@ -77,9 +84,10 @@ class EDJEReranker:
         processor: Any = None,
         force_store: bool = False,
         *,
-        fast: bool = True,
+        backend: str = "fast",
     ):
         from edje import EDJEModel, EDJEProcessor
+        from edje.scoring import make_scorer
         from edje.store import TokenStore
 
         if isinstance(model, str | os.PathLike):
@@ -101,24 +109,20 @@ class EDJEReranker:
         if store is not None:
             model.check_store(store, force=force_store)
         self.store = store
-        # A store of raw vision tokens is compressed by the adapter when read.
-        self._raw_store = store is not None and store.fingerprint.get("adapter_sha256") == "raw"
-        self.scorer = None
-        if fast:
-            from edje.fast_scoring import FastScorer
-
-            self.scorer = FastScorer(model, processor, dtype=self.dtype, device=self.device)
+        self.scorer = make_scorer(model, processor, backend, dtype=self.dtype, device=self.device)
 
     # -- CrossEncoder API ----------------------------------------------------------------------
 
     def predict(
         self,
-        pairs: Sequence[tuple[str, Any]],
+        pairs: Sequence[tuple[str, Any]] | None = None,
         batch_size: int = 32,
         show_progress_bar: bool | None = None,
         activation_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
         convert_to_numpy: bool = True,
         convert_to_tensor: bool = False,
+        *,
+        inputs: Sequence[tuple[str, Any]] | None = None,
     ) -> np.ndarray | torch.Tensor | list[float]:
         """Score `(caption, document)` pairs: sigmoid of EDJE's logits, in the order given.
 
@@ -126,8 +130,10 @@ class EDJEReranker:
         (same caption together, similar lengths together) into batches of `batch_size`, and the
         original order is restored. A single pair `(caption, document)` gives a single score.
         Returns a float32 numpy array (default), a tensor (`convert_to_tensor=True`, on the
-        reranker's device) or a list of floats (both False).
+        reranker's device) or a list of floats (both False). `inputs=` is the same as `pairs`
+        (the name newer sentence-transformers releases use).
         """
+        pairs = _one_of(pairs, inputs)
         single = len(pairs) == 2 and isinstance(pairs[0], str)
         pairs = [pairs] if single else list(pairs)
         captions = []
@@ -135,14 +141,15 @@ class EDJEReranker:
             if not isinstance(pair, list | tuple) or len(pair) != 2:
                 raise ValueError(f"EDJEReranker.predict: pair {i} must be (caption, document).")
             captions.append(_check_caption(pair[0], f"pair {i}"))
-        documents = self._resolve([pair[1] for pair in pairs])
+        documents = _Documents(self, [pair[1] for pair in pairs])
         order = sorted(range(len(pairs)), key=lambda i: (len(captions[i]), captions[i]))
         logits = torch.zeros(len(pairs), device=self.device)
-        with _progress(len(pairs), show_progress_bar, "EDJE predict", "pair") as bar:
+        with progress(len(pairs), show_progress_bar, "EDJE predict", "pair") as bar:
             for start in range(0, len(order), batch_size):
                 rows = order[start : start + batch_size]
                 tokens = documents.tokens(rows)
-                logits[rows] = self._score_pairs([captions[r] for r in rows], tokens)
+                captions_of_rows = [captions[r] for r in rows]
+                logits[rows] = self.scorer.score_pairs(captions_of_rows, tokens).to(self.device)
                 bar.update(len(rows))
         scores = (activation_fn or torch.sigmoid)(logits)
         if convert_to_tensor:
@@ -159,30 +166,38 @@ class EDJEReranker:
         return_documents: bool = False,
         batch_size: int = 32,
         show_progress_bar: bool | None = None,
+        first_stage_scores: Sequence[float] | torch.Tensor | None = None,
     ) -> list[dict[str, Any]]:
         """Rank documents for one caption, best first.
 
         Returns `[{"corpus_id": i, "score": s}, ...]` where `i` indexes `documents` and `s` is
         the sigmoid score; entries for store ids also hold `"image_id"`, and
-        `return_documents=True` adds `"document"`. Ties keep the input order (a stable sort on
-        the logits). `top_k` keeps the best `top_k`.
+        `return_documents=True` adds `"document"`. Ties keep the input order (a stable sort).
+        `top_k` keeps the best `top_k`. With `first_stage_scores` (one per document) and fusion
+        weights in the model's config, `score` is the sigmoid of the fused score
+        (`edje.fusion`) and entries add `"edje_score"` and `"first_stage_score"`.
         """
         query = _check_caption(query, "query")
-        resolved = self._resolve(documents)
+        resolved = _Documents(self, documents)
         logits = torch.zeros(len(resolved), device=self.device)
-        with _progress(len(resolved), show_progress_bar, "EDJE rank", "image") as bar:
+        with progress(len(resolved), show_progress_bar, "EDJE rank", "image") as bar:
             for start in range(0, len(resolved), batch_size):
                 stop = min(start + batch_size, len(resolved))
-                logits[start:stop] = self._score_one(query, resolved.tokens(range(start, stop)))
+                tokens = resolved.tokens(range(start, stop))
+                logits[start:stop] = self.scorer.score(query, tokens).to(self.device)
                 bar.update(stop - start)
+        first = None if first_stage_scores is None else _as_rows([first_stage_scores], 1)[0]
+        if first is not None and len(first) != len(resolved):
+            raise ValueError(
+                f"EDJEReranker.rank: {len(first)} first_stage_scores for {len(resolved)} documents."
+            )
         hits = []
-        for i in _best_first(logits)[:top_k]:
-            hit = {"corpus_id": i, "score": float(torch.sigmoid(logits[i]))}
+        for i, hit in self._hits(logits, first, top_k):
+            hits.append({"corpus_id": i, **hit})
             if resolved.image_ids[i] is not None:
-                hit["image_id"] = resolved.image_ids[i]
+                hits[-1]["image_id"] = resolved.image_ids[i]
             if return_documents:
-                hit["document"] = documents[i]
-            hits.append(hit)
+                hits[-1]["document"] = documents[i]
         return hits
 
     def rank_many(
@@ -204,109 +219,88 @@ class EDJEReranker:
                 returns them (`VectorIndex.search(...)[1]`). Positions index `ids` (e.g.
                 `VectorIndex.ids`), or the store's rows when `ids` is None. Negative positions
                 (FAISS's "no result") are dropped.
-            first_stage_scores: `[Q, K]` first-stage scores, reported beside EDJE's.
+            first_stage_scores: `[Q, K]` first-stage scores (`VectorIndex.search(...)[0]`):
+                reported beside EDJE's, and fused with them when the model's config holds
+                fusion weights (`edje.fusion`).
             top_k: keep the best `top_k` per query.
             ids: the image id of each position.
 
         Returns, per query, entries best first: `{"corpus_id", "image_id", "score",
-        "first_stage_rank", "first_stage_score"?}`. `corpus_id` is the position given (for
-        str candidates, the column in the query's row, as `rank`'s index); `first_stage_rank` is
-        the 0-based column. Ties keep the first stage's order.
+        "first_stage_rank", "first_stage_score"?, "edje_score"?}`. `corpus_id` is the position
+        given (for str candidates, the column in the query's row, as `rank`'s index);
+        `first_stage_rank` is the 0-based column. Ties keep the first stage's order.
         """
         if self.store is None:
             raise ValueError("EDJEReranker.rank_many: candidates are image ids, but no store.")
         queries = [_check_caption(q, f"query {i}") for i, q in enumerate(_as_list(queries))]
         rows = _as_rows(candidate_ids, len(queries), "candidate_ids")
         fs = None if first_stage_scores is None else _as_rows(first_stage_scores, len(queries))
-        id_of = ids if ids is not None else self.store.ids
-        columns, image_ids, corpus_ids = [], [], []  # per query, for its kept candidates
-        for row in rows:
-            positions = bool(row) and isinstance(row[0], int | np.integer)
-            keep = [c for c, cand in enumerate(row) if not (positions and cand < 0)]
-            if positions and row and max(row) >= len(id_of):
-                raise ValueError(
-                    f"EDJEReranker.rank_many: candidate position {max(row)} is past the "
-                    f"{len(id_of)} ids it indexes (pass ids=VectorIndex.ids)."
-                )
-            columns.append(keep)
-            image_ids.append([id_of[row[c]] if positions else str(row[c]) for c in keep])
-            corpus_ids.append([int(row[c]) if positions else c for c in keep])
+        kept = [self._kept_candidates(row, ids) for row in rows]  # (columns, image_ids, corpus)
         results: list[list[dict[str, Any]]] = []
-        with _progress(len(queries), show_progress_bar, "EDJE rank_many", "query") as bar:
-            for chunk in _chunks_of_equal_length(image_ids, batch_size):
-                logits = self._score_many(
-                    [queries[q] for q in chunk], [image_ids[q] for q in chunk]
-                )
+        with progress(len(queries), show_progress_bar, "EDJE rank_many", "query") as bar:
+            for chunk in _chunks_of_equal_length([k[1] for k in kept], batch_size):
+                logits = self._score_many([queries[q] for q in chunk], [kept[q][1] for q in chunk])
                 for q, row_logits in zip(chunk, logits, strict=True):
-                    hits = []
-                    for i in _best_first(row_logits)[:top_k]:
-                        hit = {
-                            "corpus_id": corpus_ids[q][i],
-                            "image_id": image_ids[q][i],
-                            "score": float(torch.sigmoid(row_logits[i])),
-                            "first_stage_rank": columns[q][i],
-                        }
-                        if fs is not None:
-                            hit["first_stage_score"] = float(fs[q][columns[q][i]])
-                        hits.append(hit)
-                    results.append(hits)
+                    columns, image_ids, corpus_ids = kept[q]
+                    first = None if fs is None else [fs[q][c] for c in columns]
+                    results.append(
+                        [
+                            {
+                                "corpus_id": corpus_ids[i],
+                                "image_id": image_ids[i],
+                                **hit,
+                                "first_stage_rank": columns[i],
+                            }
+                            for i, hit in self._hits(row_logits, first, top_k)
+                        ]
+                    )
                 bar.update(len(chunk))
         return results
 
     # -- internals -----------------------------------------------------------------------------
 
-    def _resolve(self, documents: Any) -> _Documents:
-        return _Documents(self, documents)
+    def _hits(
+        self, logits: torch.Tensor, first: list[float] | None, top_k: int | None
+    ) -> list[tuple[int, dict[str, Any]]]:
+        """`(candidate, entry)` best first: EDJE's logits, fused with the first stage's scores
+        when both are known and the model's config holds fusion weights."""
+        weights = fusion_weights(self.model.config) if first is not None else None
+        final = logits if weights is None else fuse(logits, torch.tensor(first), weights)
+        hits = []
+        for i in _best_first(final)[:top_k]:
+            hit: dict[str, Any] = {"score": float(torch.sigmoid(final[i]))}
+            if weights is not None:
+                hit["edje_score"] = float(torch.sigmoid(logits[i]))
+            if first is not None:
+                hit["first_stage_score"] = float(first[i])
+            hits.append((i, hit))
+        return hits
 
-    @torch.inference_mode()
-    def _score_pairs(self, captions: list[str], tokens: torch.Tensor) -> torch.Tensor:
-        if self.scorer is not None:
-            return self.scorer.score_pairs(captions, tokens)
-        inputs = self.processor(text=captions, image_tokens=tokens).to(self.device)
-        inputs["image_tokens"] = inputs["image_tokens"].to(self.model.dtype)
-        return self.model(**inputs).logits.float()
-
-    @torch.inference_mode()
-    def _score_one(self, caption: str, tokens: torch.Tensor) -> torch.Tensor:
-        if self.scorer is not None:
-            return self.scorer.score(caption, tokens)
-        return self._score_pairs([caption] * len(tokens), tokens)
+    def _kept_candidates(self, row: list, ids: Sequence[str] | None):
+        """A candidate row -> (kept columns, their image ids, their corpus ids)."""
+        id_of = ids if ids is not None else self.store.ids
+        positions = bool(row) and isinstance(row[0], int | np.integer)
+        keep = [c for c, cand in enumerate(row) if not (positions and cand < 0)]
+        if positions and row and max(row) >= len(id_of):
+            raise ValueError(
+                f"EDJEReranker.rank_many: candidate position {max(row)} is past the "
+                f"{len(id_of)} ids it indexes (pass ids=VectorIndex.ids)."
+            )
+        image_ids = [id_of[row[c]] if positions else str(row[c]) for c in keep]
+        return keep, image_ids, [int(row[c]) if positions else c for c in keep]
 
     @torch.inference_mode()
     def _score_many(self, queries: list[str], image_ids: list[list[str]]) -> list[torch.Tensor]:
-        """Logits per query for its candidates; equal-length lists in one `score_queries` call."""
+        """Logits per query for its candidates (equal-length rows: one `score_queries` call)."""
         k = len(image_ids[0])
         if k == 0:
             return [torch.zeros(0, device=self.device) for _ in queries]
         tokens = self._from_store([i for row in image_ids for i in row])
-        if self.scorer is not None and all(len(row) == k for row in image_ids):
-            return list(
-                self.scorer.score_queries(queries, tokens.view(len(queries), k, *self.token_shape))
-            )
-        out, start = [], 0
-        for query, row in zip(queries, image_ids, strict=True):
-            out.append(self._score_one(query, tokens[start : start + len(row)]))
-            start += len(row)
-        return out
+        tokens = tokens.view(len(queries), k, *self.token_shape)
+        return list(self.scorer.score_queries(queries, tokens).to(self.device))
 
-    @torch.inference_mode()
-    def _encode_pixels(self, images: list[Any]) -> torch.Tensor:
-        from edje.encoding import load_rgb  # the store's decoding: modes, transparency
-
-        out = []
-        for start in range(0, len(images), PIXEL_BATCH):
-            batch = [load_rgb(image) for image in images[start : start + PIXEL_BATCH]]
-            pixels = self.processor.image_processor(images=batch, return_tensors="pt")
-            vision = self.model.encode_images(pixels["pixel_values"].to(self.device))
-            out.append(self.model.compress(vision).float())
-        return torch.cat(out)
-
-    @torch.inference_mode()
     def _from_store(self, image_ids: list[str]) -> torch.Tensor:
-        tokens = self.store.gather(image_ids).to(self.device)
-        if self._raw_store:
-            tokens = self.model.compress(tokens.to(self.model.dtype))
-        return tokens.float()
+        return image_tokens.from_store(self.model, self.store, image_ids)
 
 
 class _Documents:
@@ -356,7 +350,14 @@ class _Documents:
                 )
             self.kinds.append(kind)
             self.image_ids.append(image_id)
-        self.pixels = reranker._encode_pixels(self._images) if self._images else None
+        self.pixels = None
+        if self._images:
+            self.pixels = image_tokens.from_images(
+                reranker.model,
+                reranker.processor.image_processor,
+                self._images,
+                batch_size=PIXEL_BATCH,
+            )
 
     def __len__(self) -> int:
         return len(self.kinds)
@@ -376,6 +377,12 @@ class _Documents:
             elif kind == "pixels":
                 out[n] = self.pixels[value]
         return out
+
+
+def _one_of(pairs, inputs):
+    if (pairs is None) == (inputs is None):
+        raise ValueError("EDJEReranker.predict: pass the pairs once (pairs or inputs=).")
+    return pairs if pairs is not None else inputs
 
 
 def _chunks_of_equal_length(rows: list[list], batch_size: int) -> list[list[int]]:
@@ -430,10 +437,3 @@ def _as_rows(table: Any, count: int, name: str = "first_stage_scores") -> list[l
             f"EDJEReranker.rank_many: {name} has {len(rows)} rows for {count} queries."
         )
     return rows
-
-
-def _progress(total: int, show: bool | None, desc: str, unit: str):
-    """A tqdm bar; `show=None` shows it when stderr is a terminal."""
-    from edje.first_stage.base import progress
-
-    return progress(total, show, desc, unit)

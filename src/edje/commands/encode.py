@@ -115,7 +115,7 @@ def _model_image_processor(model_dir: str, model):
 
 
 def run(args: argparse.Namespace) -> int:
-    from edje.encoding import encode_images
+    from edje.store.encode import encode_images
 
     devices = int(args.devices) if str(args.devices).isdigit() else args.devices
     vision, processor, compressor = _load_encoders(args)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import sys
+
+from edje.scoring import BACKENDS
 
 EXAMPLE = """examples:
   # the built-in offline set: train the offline first stage on its train split, then evaluate
@@ -10,14 +13,13 @@ EXAMPLE = """examples:
   # a trained EDJE over a saved first stage, Flickr30k 1k test, reranking depths 5..50
   edje eval --model my-edje --first-stage google/siglip2-large-patch16-384 \\
       --data flickr30k --k 10 --extra-k 5 20 50 --out eval-flickr --contact-sheet 8
-  # your own folder (metadata.jsonl) with tokens already in a store (edje encode --model ...)
-  edje eval --model my-edje --first-stage my-probe --data folder photos/ --store photos.store
+  # your own folder (metadata.jsonl, or train/ validation/ test/ with one each) with tokens
+  # already in a store (edje encode --model my-edje --data photos/ --out photos.store)
+  edje eval --model my-edje --first-stage my-probe --data photos/ --store photos.store
 
 Writes report.json, report.md and recall_at_k.png (and contact_sheet.png) into --out and
 prints the markdown table.
 """
-
-DATA_KINDS = ("builtin", "folder", "flickr30k", "coco")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -44,8 +46,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--data",
         nargs="+",
         required=True,
-        metavar=("KIND", "PATH"),
-        help="builtin | folder PATH | flickr30k [DATA_DIR] | coco [DATA_DIR]",
+        metavar=("NAME", "DATA_DIR"),
+        help="builtin | emoji | FOLDER | flickr30k [DATA_DIR] | coco [DATA_DIR] (see "
+        "edje.data.load_data; 'folder FOLDER' also works)",
+    )
+    parser.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="fast",
+        help="scoring backend (edje.scoring; default: fast)",
     )
     parser.add_argument("--split", default="test", help="split to evaluate (default: test)")
     parser.add_argument("--store", metavar="STORE", help="token store with every image's tokens")
@@ -71,26 +80,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def load_data(spec: list[str], split: str):
-    """``["builtin"]``, ``["folder", PATH]``, ``["flickr30k", DATA_DIR?]``, ``["coco", ...]``."""
-    kind, rest = spec[0], spec[1:]
-    if kind not in DATA_KINDS or len(rest) > 1 or (kind == "folder" and not rest):
+def load_split(spec: list[str], split: str):
+    """The `split` of `--data NAME [DATA_DIR]` (a folder: `FOLDER` or `folder FOLDER`); a
+    folder without split folders is evaluated whole."""
+    from pathlib import Path
+
+    from edje.data import load_data, load_image_folder
+
+    name, rest = (
+        (spec[1], spec[2:]) if spec[0] == "folder" and len(spec) > 1 else (spec[0], spec[1:])
+    )
+    if len(rest) > 1:
+        raise SystemExit(f"edje eval: --data expects NAME [DATA_DIR], got {' '.join(spec)!r}")
+    folder = Path(name)
+    if folder.is_dir() and not any((folder / s).is_dir() for s in ("train", "validation", "test")):
+        return load_image_folder(folder, split=split)
+    try:
+        splits = load_data(name, data_dir=rest[0] if rest else None)
+    except ValueError as error:
+        raise SystemExit(f"edje eval: {error}") from None
+    if split not in splits:
         raise SystemExit(
-            f"edje eval: --data expects one of builtin | folder PATH | flickr30k [DATA_DIR] | "
-            f"coco [DATA_DIR], got {' '.join(spec)!r}"
+            f"edje eval: {name} has no {split!r} split (it has {', '.join(splits)}); pass "
+            "--split, or lay the folder out as train/ validation/ test/."
         )
-    if kind == "builtin":
-        from edje.data import make_builtin_dataset
-
-        return make_builtin_dataset()[split]
-    if kind == "folder":
-        from edje.data import load_image_folder
-
-        return load_image_folder(rest[0], split=split)
-    from edje.data import load_coco_karpathy, load_flickr30k
-
-    loader = load_flickr30k if kind == "flickr30k" else load_coco_karpathy
-    return loader(split, data_dir=rest[0] if rest else None)
+    return splits[split]
 
 
 def load_first_stage(name: str):
@@ -109,7 +123,7 @@ def load_first_stage(name: str):
 def run(args: argparse.Namespace) -> int:
     from edje.evaluation import evaluate
 
-    dataset = load_data(args.data, args.split)
+    dataset = load_split(args.data, args.split)
     if args.limit:
         dataset = dataset.select(range(min(args.limit, len(dataset))))
     first_stage = load_first_stage(args.first_stage)
@@ -135,11 +149,15 @@ def run(args: argparse.Namespace) -> int:
         extra_k=args.extra_k,
         batch_size=args.batch_size,
         device=args.device,
-        dataset_name=args.data[0] if args.data[0] != "folder" else args.data[1],
+        backend=args.backend,
+        dataset_name=args.data[1] if args.data[0] == "folder" else args.data[0],
         show_progress_bar=True,
         force_store=args.force,
     )
     print(report.to_markdown())
+    warning = report.regressions()
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     if args.out:
         paths = report.save(args.out, dataset=dataset, contact_sheet=args.contact_sheet)
         print("wrote " + ", ".join(str(p) for p in paths.values()))

@@ -39,7 +39,13 @@ def make_cli(cli_args: list[str], run: bool = True):
 
     from edje.training import EDJEDataModule, EDJETrainingModule
 
-    return LightningCLI(
+    class EDJECLI(LightningCLI):
+        def add_arguments_to_parser(self, parser) -> None:
+            # The data is read as the network reads it: one vision encoder, tokenizer and
+            # caption length, named once in the recipe's model section.
+            parser.link_arguments("model.backbones", "data.backbones", apply_on="instantiate")
+
+    return EDJECLI(
         EDJETrainingModule,
         EDJEDataModule,
         args=(["fit"] if run else []) + list(cli_args),

@@ -48,7 +48,8 @@ def run(args: argparse.Namespace) -> int:
 
         index = index_from_store(TokenStore.open(args.store), first_stage)
     else:
-        from edje.encoding import find_images, load_rgb
+        from edje._utils import load_rgb
+        from edje.store.encode import find_images
 
         found = find_images(args.images)
         if not found:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 EXAMPLE = """examples:
@@ -46,7 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from edje.first_stage.base import progress
+    from edje._utils import atomic_write, progress
     from edje.rerank import EDJEReranker
 
     source = Path(args.input)
@@ -58,19 +57,17 @@ def run(args: argparse.Namespace) -> int:
     with source.open(encoding="utf-8") as file:
         total = sum(1 for line in file if line.strip())
     output = Path(args.output)
-    temp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
-    try:
-        with source.open(encoding="utf-8") as lines, temp.open("w", encoding="utf-8") as out:
+
+    def write(temp: str) -> None:
+        with source.open(encoding="utf-8") as lines, open(temp, "w", encoding="utf-8") as out:
             bar = progress(total, False if args.no_progress else None, "edje rerank", "line")
             with bar:
                 for batch in _batches(lines, reranker, args.batch_size, source):
                     for record in _score(reranker, batch, args.logits):
                         out.write(json.dumps(record, ensure_ascii=False) + "\n")
                     bar.update(len(batch))
-        os.replace(temp, output)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
+
+    atomic_write(output, write)
     print(f"wrote {total} lines to {output}")
     return 0
 

@@ -82,7 +82,7 @@ def search_captions(args: argparse.Namespace, first_stage) -> list[dict]:
     """Image -> captions: exact top-k over the caption file, then `EDJEReranker.predict`."""
     import torch
 
-    from edje.encoding import load_rgb
+    from edje._utils import load_rgb
     from edje.rerank import EDJEReranker
 
     if not args.captions:
@@ -129,7 +129,7 @@ def index_from_store(store, first_stage):
         "build an index with `edje index --first-stage F --images FOLDER --out INDEX` (ids: "
         "paths relative to FOLDER, as `edje encode --images` names them) and pass --index INDEX"
     )
-    if store.fingerprint.get("adapter_sha256") != "raw":
+    if not store.is_raw:
         raise SystemExit(
             f"edje search: {store.path} holds compressed EDJE tokens, which the first stage "
             f"cannot embed; {hint}."

@@ -16,7 +16,7 @@ documents are image ids in the store ("img-17" or {"image_id": "img-17"}) or bas
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from edje.serve_requests import ServeLimits
+    from edje.serving.requests import ServeLimits
 
     defaults = ServeLimits()
     parser = subparsers.add_parser(
@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as error:
         raise SystemExit(f"edje serve needs {error.name}: pip install 'edje[serving]'") from None
     from edje.rerank import EDJEReranker
-    from edje.serve import RerankerBackend, ServeLimits, create_app, run_server
+    from edje.serving.app import RerankerBackend, ServeLimits, create_app, run_server
 
     try:
         limits = ServeLimits(

@@ -12,6 +12,9 @@ column         feature                         meaning
 ``split``      ``Value("string")``             ``"train"``, ``"validation"``, ``"test"``, ...
 =============  ==============================  ===============================================
 
+``load_data(name_or_folder)`` gives the splits of any of them by one name, the same for
+``edje fit``, ``edje eval``, ``edje encode`` and ``edje index``.
+
 For retrieval, ``flatten_captions(ds)`` gives every caption in row order and, for each, the
 row index of its image: the ``text_to_image`` that ``edje.metrics.recall_at_k`` takes.
 
@@ -28,14 +31,17 @@ from edje.data.builtin import make_builtin_dataset, make_builtin_scenes, save_bu
 from edje.data.columns import from_dataset
 from edje.data.folder import load_image_folder
 from edje.data.karpathy import HubSource, load_coco_karpathy, load_flickr30k
+from edje.data.load import DATA_NAMES, load_data
 from edje.data.schema import SCHEMA, flatten_captions
 
 __all__ = [
+    "DATA_NAMES",
     "SCHEMA",
     "HubSource",
     "flatten_captions",
     "from_dataset",
     "load_coco_karpathy",
+    "load_data",
     "load_flickr30k",
     "load_image_folder",
     "make_builtin_dataset",

@@ -47,6 +47,7 @@ def load_image_folder(
     *,
     split: str | None = None,
     skip_uncaptioned: bool = False,
+    id_prefix: str = "",
 ) -> datasets.Dataset:
     """Load a folder of captioned images in the common schema.
 
@@ -55,6 +56,8 @@ def load_image_folder(
         metadata: the metadata file; default ``folder/metadata.jsonl`` or ``metadata.csv``.
         split: the ``split`` value; default the folder's name (``data/test`` -> ``"test"``).
         skip_uncaptioned: skip images no row names, with a warning, instead of raising.
+        id_prefix: put before every image id (``"test/"``: ids stay unique across split
+            folders that repeat file names).
 
     Raises:
         FileNotFoundError: the folder, the metadata file, or a listed image is missing.
@@ -76,7 +79,7 @@ def load_image_folder(
     ids = _check_unique_ids(by_file, metadata)
     return make_dataset(
         [str(folder / f) for f in by_file],
-        ids,
+        [id_prefix + i for i in ids],
         [captions for _, captions in by_file.values()],
         split or folder.name,
     )

@@ -7,7 +7,7 @@ Example:
     >>> ds = make_dataset([black, white], ["b", "w"], [["black", "dark"], ["white"]], "test")
     >>> ds.column_names
     ['image', 'image_id', 'captions', 'split']
-    >>> flatten_captions(ds)  # the texts and text_to_image that edje.metrics expects
+    >>> flatten_captions(ds)  # the texts and text_to_image that edje.evaluation.metrics expects
     (['black', 'dark', 'white'], tensor([0, 0, 1]))
 """
 

@@ -21,18 +21,14 @@ Example:
 
 from __future__ import annotations
 
-import os
-import sys
-import tempfile
 from abc import ABCMeta, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["EmbeddingModel", "atomic_write", "batches", "progress"]
+__all__ = ["EmbeddingModel", "check_embeddings"]
 
 
 class EmbeddingModel(nn.Module, metaclass=ABCMeta):
@@ -78,22 +74,6 @@ class EmbeddingModel(nn.Module, metaclass=ABCMeta):
         raise TypeError(f"{type(self).__name__}: call encode_texts / encode_images, not the model")
 
 
-def batches(items: Sequence[Any], batch_size: int) -> Iterator[Sequence[Any]]:
-    """Consecutive slices of ``items`` of at most ``batch_size``."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
-    for start in range(0, len(items), batch_size):
-        yield items[start : start + batch_size]
-
-
-def progress(total: int, show: bool | None, desc: str, unit: str = "it"):
-    """A tqdm bar; ``show=None`` shows it when stderr is a terminal."""
-    from tqdm.auto import tqdm
-
-    disable = not (sys.stderr.isatty() if show is None else show)
-    return tqdm(total=total, desc=desc, unit=unit, disable=disable, dynamic_ncols=True)
-
-
 def check_embeddings(embeddings: torch.Tensor, dim: int, who: str, name: str) -> torch.Tensor:
     """Raise ValueError unless ``embeddings`` is ``[N, dim]``; return it as float32."""
     if not isinstance(embeddings, torch.Tensor) or embeddings.ndim != 2:
@@ -102,17 +82,3 @@ def check_embeddings(embeddings: torch.Tensor, dim: int, who: str, name: str) ->
     if embeddings.shape[1] != dim:
         raise ValueError(f"{who}: {name} must have {dim} columns, got {tuple(embeddings.shape)}")
     return embeddings.float()
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> None:
-    """Call ``write(temp_path)`` on a temporary sibling of ``path``, then rename it into place,
-    so readers never see a partial file."""
-    path = Path(path)
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(temp)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise

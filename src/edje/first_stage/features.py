@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from edje.first_stage.base import batches, progress
+from edje._utils import batches, progress
 
 __all__ = ["DatasetImages", "FrozenBackbones", "mean_pool"]
 

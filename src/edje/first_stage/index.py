@@ -6,8 +6,8 @@ vectors. Results are positions in the order vectors were added; ``ids`` maps the
 
 Ties: FAISS keeps a bounded heap per query and does not document how it orders equal scores
 (in practice the earlier-added vector often wins, which can favour the correct item). The
-metrics in ``edje.metrics`` count ties against the query, so compute first-stage recall from
-the full score matrix where it fits in memory (``edje.evaluation`` does) and read FAISS
+metrics in ``edje.evaluation.metrics`` count ties against the query, so compute first-stage
+recall from the full score matrix where it fits in memory (``edje.evaluation`` does) and read FAISS
 candidates only beyond that, where a tie at the k-th place cannot be seen.
 
 Example:
@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edje.first_stage.base import atomic_write
+from edje._utils import atomic_write
 
 __all__ = ["VectorIndex"]
 

@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edje.first_stage.base import EmbeddingModel, atomic_write, check_embeddings, progress
+from edje._utils import atomic_write, progress
+from edje.first_stage.base import EmbeddingModel, check_embeddings
 from edje.first_stage.features import DatasetImages, FrozenBackbones
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "LinearProbeEmbedding"]

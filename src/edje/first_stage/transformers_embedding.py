@@ -25,7 +25,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from edje.first_stage.base import EmbeddingModel, batches, progress
+from edje._utils import batches, progress
+from edje.first_stage.base import EmbeddingModel
 
 __all__ = ["TransformersEmbedding"]
 

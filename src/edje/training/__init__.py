@@ -4,7 +4,7 @@ The network, the teacher, the first stage and the optimizer come in from a recip
 (`recipes/*.yaml`, run with `edje fit --config ...`); the LightningModule defines no layers.
 """
 
-from edje.training.datamodule import EDJEDataModule, load_splits, stable_key
+from edje.training.datamodule import EDJEDataModule, stable_key
 from edje.training.export import ExportEDJE
 from edje.training.module import EDJETrainingModule
 from edje.training.network import EDJEForPreTraining
@@ -19,6 +19,5 @@ __all__ = [
     "ExportEDJE",
     "Teacher",
     "TeacherPairs",
-    "load_splits",
     "stable_key",
 ]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 from datasets import Dataset, DatasetDict, concatenate_datasets
@@ -13,43 +14,15 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
 from edje.backbones import OFFLINE_TEXT, OFFLINE_VISION, load_vision_encoder, resolve_backbone
-from edje.data import flatten_captions
+from edje.data import flatten_captions, load_data
 from edje.training.sampling import NeighbourhoodSampler
 
 logger = logging.getLogger(__name__)
-SPLITS = ("train", "validation", "test")
 
 
 def stable_key(text: str) -> int:
     """A 63-bit integer for a string, equal across processes and runs (unlike `hash`)."""
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big") >> 1
-
-
-def load_splits(
-    data: str | DatasetDict, seed: int = 0, builtin: dict[str, int] | None = None
-) -> DatasetDict:
-    """`"builtin"`, `"flickr30k"`, `"coco"`, a folder of images with metadata (one folder per
-    split in `train/`, `validation/`, `test/`, or a single folder used for training), or a
-    `DatasetDict` in edje's schema as it is. `builtin` sizes the built-in set
-    (`make_builtin_dataset`'s `n_*` arguments)."""
-    from edje import data as edje_data
-
-    if isinstance(data, DatasetDict):
-        return data
-    if data == "builtin":
-        return edje_data.make_builtin_dataset(seed=seed, **(builtin or {}))
-    if data in ("flickr30k", "coco"):
-        load = edje_data.load_flickr30k if data == "flickr30k" else edje_data.load_coco_karpathy
-        return DatasetDict({split: load(split) for split in SPLITS})
-    folder = Path(data)
-    if not folder.is_dir():
-        raise ValueError(
-            f"EDJEDataModule: data must be 'builtin', 'flickr30k', 'coco' or a folder, got {data!r}"
-        )
-    present = [s for s in SPLITS if (folder / s).is_dir()]
-    if not present:
-        return DatasetDict({"train": edje_data.load_image_folder(folder, split="train")})
-    return DatasetDict({s: edje_data.load_image_folder(folder / s, split=s) for s in present})
 
 
 class EDJEDataModule(LightningDataModule):
@@ -60,7 +33,7 @@ class EDJEDataModule(LightningDataModule):
     their captions left out, with a warning naming them.
 
     Args:
-        data: what `load_splits` takes.
+        data: a data set name or folder, or a `DatasetDict`: what `edje.data.load_data` takes.
         store: folder of the raw token store.
         first_stage: an `EmbeddingModel` or the folder/Hub id of one; it must embed raw vision
             tokens (`encode_vision_tokens`), as the offline linear probe does. A folder that
@@ -69,9 +42,14 @@ class EDJEDataModule(LightningDataModule):
             text-embedding targets.
         vision, vision_image_size: the vision encoder the store is built with (the network's).
         text: the tokenizer's backbone (the network's text encoder).
+        backbones: the network's `vision`, `vision_image_size`, `text` and
+            `max_caption_length` (`EDJETrainingModule.backbones`; `edje fit` links it), so a
+            recipe names them once and training tokenizes as the saved model will. A value
+            given here as well must agree with it.
         builtin: sizes of the built-in set when `data` is "builtin" (e.g. a reduced one for
             tests: `{"n_train_triplets": 20, "n_test_triplets": 4}`).
-        max_caption_length: caption tokens kept, `[CLS]` and `[SEP]` included.
+        max_caption_length: caption tokens kept, `[CLS]` and `[SEP]` included (default: the
+            network's, else 64).
         neighbourhood_size: train batches are built of groups of this many captions, a random
             one and captions of the images the first stage ranks closest to it
             (`NeighbourhoodSampler`), so mined negatives include the first stage's confusions;
@@ -84,18 +62,19 @@ class EDJEDataModule(LightningDataModule):
         data: str | DatasetDict = "builtin",
         store: str = "outputs/raw.store",
         first_stage=None,
-        vision: str = OFFLINE_VISION,
+        vision: str | None = None,
         vision_image_size: int | None = None,
-        text: str = OFFLINE_TEXT,
+        text: str | None = None,
         batch_size: int = 64,
         eval_batch_size: int | None = None,
-        max_caption_length: int = 64,
+        max_caption_length: int | None = None,
         num_workers: int = 0,
         encode_batch_size: int = 64,
         seed: int = 0,
         builtin: dict[str, int] | None = None,
         neighbourhood_size: int = 1,
         neighbourhood_pool: int = 8,
+        backbones: dict[str, Any] | None = None,
     ):
         super().__init__()
         if neighbourhood_size > 1 and first_stage is None:
@@ -105,10 +84,19 @@ class EDJEDataModule(LightningDataModule):
             )
         self.data, self.store_path = data, Path(store)
         self.first_stage = first_stage
-        self.vision, self.vision_image_size, self.text = vision, vision_image_size, text
+        linked = _agreeing(
+            backbones or {},
+            vision=vision,
+            vision_image_size=vision_image_size,
+            text=text,
+            max_caption_length=max_caption_length,
+        )
+        self.vision = linked.get("vision") or OFFLINE_VISION
+        self.vision_image_size = linked.get("vision_image_size")
+        self.text = linked.get("text") or OFFLINE_TEXT
+        self.max_caption_length = linked.get("max_caption_length") or 64
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
-        self.max_caption_length = max_caption_length
         self.num_workers = num_workers
         self.encode_batch_size = encode_batch_size
         self.seed = seed
@@ -121,9 +109,9 @@ class EDJEDataModule(LightningDataModule):
 
     def prepare_data(self) -> None:
         """Build (or finish) the raw token store; runs on one process per machine."""
-        from edje.encoding import encode_images
+        from edje.store.encode import encode_images
 
-        splits = load_splits(self.data, self.seed, self.builtin)
+        splits = load_data(self.data, seed=self.seed, builtin=self.builtin)
         vision_model, image_processor = load_vision_encoder(
             self.vision, image_size=self.vision_image_size
         )
@@ -175,7 +163,7 @@ class EDJEDataModule(LightningDataModule):
         from edje.first_stage import load_embedding_model
         from edje.store import TokenStore
 
-        self.splits = load_splits(self.data, self.seed, self.builtin)
+        self.splits = load_data(self.data, seed=self.seed, builtin=self.builtin)
         self.store = TokenStore.open(self.store_path)
         if isinstance(self.first_stage, str | Path):
             self.first_stage = load_embedding_model(self.first_stage)
@@ -258,6 +246,20 @@ class EDJEDataModule(LightningDataModule):
             "text_embedding": pairs.text_embeddings[index],
             "image_embedding": pairs.image_embeddings[index],
         }
+
+
+def _agreeing(linked: dict[str, Any], **given: Any) -> dict[str, Any]:
+    """The given values over the network's, refusing a given value that contradicts it."""
+    out = {}
+    for name, value in given.items():
+        theirs = linked.get(name)
+        if value is not None and theirs is not None and value != theirs:
+            raise ValueError(
+                f"EDJEDataModule: {name}={value!r} but the network has {name}={theirs!r}; "
+                "leave it out of the data section (edje fit links it from the model)."
+            )
+        out[name] = value if value is not None else theirs
+    return out
 
 
 class PairTable:

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from edje.model_card import write_model_card
+
 logger = logging.getLogger(__name__)
 
 
@@ -67,7 +69,7 @@ class ExportEDJE(Callback):
             self.export(trainer, pl_module)
         datamodule = trainer.datamodule
         if self.evaluate_test and trainer.is_global_zero and datamodule is not None:
-            from edje.hardware import describe_hardware
+            from edje.training.hardware import describe_hardware
 
             devices = trainer.num_devices * trainer.num_nodes
             self.write_card_with_test_results(
@@ -75,12 +77,9 @@ class ExportEDJE(Callback):
             )
 
     def write_card_with_test_results(self, datamodule, hardware: str) -> None:
-        """Evaluate the exported model on the test split and fill its model card (with the
-        command, the seed and the `hardware` it was trained on)."""
-        import sys
-
-        from edje.evaluation import evaluate
-        from edje.model_card import write_model_card
+        """Choose fusion weights on the validation split, evaluate the exported model on the
+        test split and fill its model card (command, seed, `hardware`, and a warning first
+        when reranking lowers recall)."""
         from edje.modeling_edje import EDJEModel
         from edje.processing_edje import EDJEProcessor
 
@@ -90,21 +89,43 @@ class ExportEDJE(Callback):
             return
         model = EDJEModel.from_pretrained(self.dirpath).eval()
         processor = EDJEProcessor.from_pretrained(self.dirpath)
+        if "validation" in splits:
+            self._choose_fusion(model, processor, splits["validation"], datamodule)
         data = datamodule.data if isinstance(datamodule.data, str) else "a DatasetDict"
-        report = evaluate(
-            splits["test"], first_stage, model, processor, datamodule.store, k=self.k,
-            dataset_name=data,
-        )  # fmt: skip
-        from_cli = bool(sys.argv) and Path(sys.argv[0]).name == "edje"
-        command = f"`{' '.join(['edje', *sys.argv[1:]])}`" if from_cli else "the Python API"
-        seed = os.environ.get("PL_GLOBAL_SEED", "not set")  # what seed_everything used
-        results = (
-            f"{report.to_markdown()}\n\nTrained with {command} (seed {seed}) on {hardware}; "
-            f"evaluated on the test split of `{data}`."
+        report = self._evaluate(model, processor, splits["test"], datamodule, data)
+        warning = report.regressions()
+        if warning:
+            logger.warning("ExportEDJE: %s", warning)
+        where = f"evaluated on the test split of `{data}`"
+        results = f"{report.to_markdown()}\n\n{_provenance(hardware)}; {where}."
+        write_model_card(
+            model, self.dirpath, results=results, compact=self.compact, warning=warning
         )
-        write_model_card(model, self.dirpath, results=results, compact=self.compact)
         report.save(self.dirpath / "evaluation", plot=True)
         logger.info("ExportEDJE: test results written to %s/README.md", self.dirpath)
+
+    def _evaluate(self, model, processor, split, datamodule, name: str):
+        from edje.evaluation import evaluate
+
+        return evaluate(
+            split, datamodule.first_stage, model, processor, datamodule.store, k=self.k,
+            dataset_name=name, show_progress_bar=False,
+        )  # fmt: skip
+
+    def _choose_fusion(self, model, processor, validation, datamodule) -> None:
+        """Keep in the saved config the fusion weights that rank the validation split best."""
+        from edje.evaluation import choose_fusion_weights
+
+        report = self._evaluate(model, processor, validation, datamodule, "validation")
+        choice = choose_fusion_weights(report)
+        model.config.fusion_edje_weight, model.config.fusion_first_stage_weight = choice.weights
+        saved = type(model.config).from_pretrained(self.dirpath)  # keeps the compact flag
+        saved.fusion_edje_weight, saved.fusion_first_stage_weight = choice.weights
+        saved.save_pretrained(self.dirpath)
+        logger.info(
+            "ExportEDJE: fusion weights %s (validation mean R@1 %.1f; EDJE alone %.1f)",
+            choice.weights, choice.score, choice.table[0]["score"],
+        )  # fmt: skip
 
     def export(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not trainer.is_global_zero:
@@ -115,6 +136,15 @@ class ExportEDJE(Callback):
         if datamodule is not None:
             processor_for(edje, datamodule).save_pretrained(self.dirpath)
         logger.info("exported EDJE (%s = %s) to %s", self.monitor, self.best, self.dirpath)
+
+
+def _provenance(hardware: str) -> str:
+    import sys
+
+    from_cli = bool(sys.argv) and Path(sys.argv[0]).name == "edje"
+    command = f"`{' '.join(['edje', *sys.argv[1:]])}`" if from_cli else "the Python API"
+    seed = os.environ.get("PL_GLOBAL_SEED", "not set")  # what seed_everything used
+    return f"Trained with {command} (seed {seed}) on {hardware}"
 
 
 def processor_for(edje, datamodule):

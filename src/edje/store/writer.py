@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edje.store_format import (
+from edje.store.format import (
     FORMAT,
     MANIFEST_NAME,
     SCALE_DTYPE,

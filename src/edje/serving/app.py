@@ -2,29 +2,33 @@
 
 Endpoints:
 
-- `POST /v1/rerank`: `{"model"?, "query", "documents", "top_n"?, "return_documents"?}` ->
+- `POST /v1/rerank`: `{"model"?, "query", "documents", "top_n"?, "return_documents"?,
+  "first_stage_scores"?}` ->
   `{"id", "model", "results": [{"index", "relevance_score", "document"?}], "meta"}`, best
-  first; `relevance_score` is the sigmoid of EDJE's logit. Documents are image ids in the store
+  first; `relevance_score` is the sigmoid of EDJE's logit, or of the fused score
+  (`edje.fusion`) when the request gives one first-stage score per document and the model's
+  config holds fusion weights. Documents are image ids in the store
   (plain strings or `{"image_id": ...}`) or base64 images (`{"image": ...}`); see
-  `edje.serve_requests` for the checks. Client mistakes get a 4xx `{"message": ...}`; a failure
+  `edje.serving.requests` for the checks. Client mistakes get a 4xx `{"message": ...}`; a failure
   while scoring gets a 500 `{"message": ...}` and the server goes on.
 - `GET /health`: `{"status": "ok", "model", "store_images", "batching": {...counters}}`.
 - `GET /v1/models`: the served model, OpenAI-style.
 
-Concurrent requests are scored together (`edje.serve_batching.MicroBatcher`). The scoring
-backend is anything with the three methods of `ScoringBackend`: `RerankerBackend` over an
-`edje.rerank.EDJEReranker` (what `edje serve` runs), or `EDJEBackend`, a thin one on
-`FastScorer` + `TokenStore` + `EDJEProcessor`.
+Concurrent requests are scored together (`edje.serving.batching.MicroBatcher`). The scoring
+backend is anything with the three methods of `ScoringBackend`; `edje serve` runs
+`RerankerBackend` over an `edje.rerank.EDJEReranker` (store lookups, raw stores compressed on
+the fly, base64 images through the same decoding as `edje encode`, any `edje.scoring` backend).
 
 Example (the tiny model and store as in `tests/test_serve.py`):
 
-    app = create_app(EDJEBackend(model, processor, store), model_name="edje-tiny")
+    reranker = EDJEReranker(model, store=store, processor=processor)
+    app = create_app(RerankerBackend(reranker), model_name="edje-tiny")
     with serve_in_background(app) as url:  # http://127.0.0.1:<free port>
         ...  # POST f"{url}/v1/rerank"
 """
 
 # No `from __future__ import annotations`: FastAPI reads the handlers' `Request` annotations,
-# imported inside `create_app` so that `import edje.serve` works without the serving extra.
+# imported inside `create_app` so that `import edje.serving.app` works without the serving extra.
 import asyncio
 import contextlib
 import time
@@ -35,8 +39,9 @@ from typing import Any, Protocol
 
 import torch
 
-from edje.serve_batching import MicroBatcher
-from edje.serve_requests import (
+from edje.fusion import fuse, fusion_weights
+from edje.serving.batching import MicroBatcher
+from edje.serving.requests import (
     Document,
     RequestError,
     ServeLimits,
@@ -47,7 +52,6 @@ from edje.serve_requests import (
 )
 
 __all__ = [
-    "EDJEBackend",
     "RequestError",
     "RerankerBackend",
     "ScoringBackend",
@@ -56,8 +60,6 @@ __all__ = [
     "run_server",
     "serve_in_background",
 ]
-
-IMAGE_ENCODE_BATCH = 64  # base64 images encoded per vision-encoder forward
 
 
 class ScoringBackend(Protocol):
@@ -73,6 +75,8 @@ class ScoringBackend(Protocol):
     def score_pairs(self, queries: Sequence[str], documents: Sequence[Any]) -> torch.Tensor:
         """Logits `[N]`: `queries[i]` against prepared `documents[i]`."""
 
+    fusion: tuple[float, float] | None  # weights for requests with first_stage_scores
+
 
 class RerankerBackend:
     """Over an `edje.rerank.EDJEReranker`: its store lookups, image encoding and scoring
@@ -80,6 +84,7 @@ class RerankerBackend:
 
     def __init__(self, reranker) -> None:
         self.reranker = reranker
+        self.fusion = fusion_weights(reranker.model.config)
 
     def unknown_ids(self, image_ids: Sequence[str]) -> list[str]:
         store = self.reranker.store
@@ -96,51 +101,6 @@ class RerankerBackend:
             convert_to_tensor=True,
             show_progress_bar=False,
         )
-
-
-class EDJEBackend:
-    """A thin backend without `edje.rerank`: stored tokens by id, base64 images encoded on the
-    fly, and `FastScorer` for the pairs (scores equal `EDJEModel`'s up to float rounding)."""
-
-    def __init__(self, model, processor, store=None, *, device=None, force_store=False) -> None:
-        from edje.fast_scoring import FastScorer
-
-        self.model = model.eval()
-        if device is not None:
-            self.model.to(device)
-        if store is not None:
-            model.check_store(store, force=force_store)  # refuse another encoder's tokens
-            _ = "" in store  # build the id index now, not during the first request
-        self.processor, self.store = processor, store
-        self.scorer = FastScorer(self.model, processor)
-
-    def unknown_ids(self, image_ids: Sequence[str]) -> list[str]:
-        if self.store is None:
-            return list(image_ids)
-        return [i for i in image_ids if i not in self.store]
-
-    @torch.inference_mode()
-    def prepare(self, documents: Sequence[Document]) -> torch.Tensor:
-        """Image tokens `[K, m, d]`: gathered from the store, or encoded from the pixels."""
-        m, d = self.model.config.image_token_shape
-        out = torch.empty(len(documents), m, d, dtype=self.scorer.dtype, device=self.scorer.device)
-        ids = [(i, doc) for i, doc in enumerate(documents) if isinstance(doc, str)]
-        if ids:
-            rows = [i for i, _ in ids]
-            tokens = self.store.gather([doc for _, doc in ids], dtype=self.scorer.dtype)
-            out[rows] = tokens.to(self.scorer.device)
-        images = [(i, doc) for i, doc in enumerate(documents) if not isinstance(doc, str)]
-        for start in range(0, len(images), IMAGE_ENCODE_BATCH):
-            chunk = images[start : start + IMAGE_ENCODE_BATCH]
-            pixels = self.processor.image_processor(
-                images=[image for _, image in chunk], return_tensors="pt"
-            )["pixel_values"].to(self.model.device)
-            tokens = self.model.compress(self.model.encode_images(pixels))
-            out[[i for i, _ in chunk]] = tokens.to(self.scorer.dtype)
-        return out
-
-    def score_pairs(self, queries: Sequence[str], documents: torch.Tensor) -> torch.Tensor:
-        return self.scorer.score_pairs(list(queries), documents)
 
 
 def create_app(
@@ -215,6 +175,9 @@ def create_app(
         except Exception as error:  # the server's fault, not the client's: 500, and go on
             message = f"scoring failed: {type(error).__name__}: {error}"
             return JSONResponse({"message": message}, status_code=500)
+        weights = getattr(backend, "fusion", None)
+        if weights is not None and job.first_stage_scores is not None:
+            logits = fuse(logits, torch.tensor(job.first_stage_scores), weights)
         # Ordered by logit (sigmoids of large logits tie at 1.0); a stable sort: ties by index.
         values = logits.tolist()
         order = sorted(range(len(values)), key=lambda i: -values[i])

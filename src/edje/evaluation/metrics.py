@@ -18,7 +18,7 @@ Without ties the two agree. NaN scores raise.
 
 Example:
     >>> import torch
-    >>> from edje.metrics import recall_at_k
+    >>> from edje.evaluation.metrics import recall_at_k
     >>> scores = torch.tensor([[0.9, 0.1], [0.5, 0.5]])  # [n_texts, n_images]
     >>> text_to_image = torch.tensor([0, 1])  # caption 1 ties: a miss at k=1
     >>> recall_at_k(scores, text_to_image, ks=(1,))
@@ -97,7 +97,7 @@ def reranked_recall_at_k(
 
     Example:
         >>> import torch
-        >>> from edje.metrics import reranked_recall_at_k
+        >>> from edje.evaluation.metrics import reranked_recall_at_k
         >>> t2i = torch.tensor([0, 1])
         >>> cands = torch.tensor([[1, 0], [0, 2]])  # caption 1's image was not retrieved
         >>> reranked_recall_at_k(t2i, t2i_candidates=cands,

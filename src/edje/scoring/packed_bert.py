@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edje.fast_fp8 import Fp8Linear
+from edje.scoring.fp8 import Fp8Linear
 
 try:  # torch >= 2.10 on CUDA: flash attention over variable-length packed sequences
     from torch.nn.attention.varlen import varlen_attn

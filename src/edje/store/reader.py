@@ -1,6 +1,6 @@
 """TokenStore: image tokens kept on disk once, read back by id at memory speed.
 
-The on-disk format is described in `edje.store_format`; writing is `edje.store_writer`.
+The on-disk format is described in `edje.store.format`; writing is `edje.store.writer`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edje.store_format import (
+from edje.store.fingerprint import RAW_ADAPTER, fingerprint_diff
+from edje.store.format import (
     FORMAT,
     FORMAT_VERSION,
     MANIFEST_NAME,
@@ -25,12 +26,9 @@ from edje.store_format import (
     dequantize_int8,
     read_shard_header,
 )
-from edje.store_writer import TokenStoreWriter
+from edje.store.writer import TokenStoreWriter
 
-__all__ = ["StoreCorruptError", "TokenStore", "TokenStoreWriter", "fingerprint_diff"]
-
-# Fields of a fingerprint that say who made a store, not what its tokens are: not compared.
-INFORMATIONAL_FIELDS = ("edje_version", "vision_name")
+__all__ = ["StoreCorruptError", "TokenStore", "TokenStoreWriter"]
 
 
 class TokenStore:
@@ -142,8 +140,10 @@ class TokenStore:
         return self._resident[0].device if self._resident is not None else None
 
     @property
-    def on_device(self) -> bool:
-        return self._resident is not None
+    def is_raw(self) -> bool:
+        """True for raw vision-encoder tokens (a model's adapter compresses them when read),
+        False for compressed tokens that a joint encoder reads as they are."""
+        return self.fingerprint.get("adapter_sha256") == RAW_ADAPTER
 
     # -- reading -----------------------------------------------------------------------------
     def _id_index(self) -> dict[str, int]:
@@ -368,31 +368,3 @@ class TokenStore:
         state["_mapped"] = [None] * len(self._shard_meta)
         state["_resident"] = None
         return state
-
-
-def fingerprint_diff(store: Mapping, expected: Mapping) -> dict[str, tuple[object, object]]:
-    """Fields of ``expected`` (dotted for nested dicts) that the store's fingerprint does not
-    hold with the same value: ``{field: (store value or None, expected value)}``.
-
-    Fields only the store has are not compared (the expecting side did not ask about them);
-    nor are `INFORMATIONAL_FIELDS`.
-    """
-    a, b = _flatten(store), _flatten(json.loads(json.dumps(dict(expected), default=str)))
-    keys = sorted(b.keys() - set(INFORMATIONAL_FIELDS))
-    missing = object()
-    diff = {
-        k: (a.get(k, missing), b.get(k, missing))
-        for k in keys
-        if a.get(k, missing) != b.get(k, missing)
-    }
-    return {k: tuple(None if v is missing else v for v in ab) for k, ab in diff.items()}
-
-
-def _flatten(d: Mapping, prefix: str = "") -> dict[str, object]:
-    flat: dict[str, object] = {}
-    for k, v in d.items():
-        if isinstance(v, Mapping):
-            flat.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            flat[f"{prefix}{k}"] = v
-    return flat

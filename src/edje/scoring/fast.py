@@ -18,7 +18,7 @@ Example:
 ```python
 >>> import torch
 >>> from edje import EDJEConfig, EDJEModel
->>> from edje.fast_scoring import FastScorer
+>>> from edje.scoring.fast import FastScorer
 >>> config = EDJEConfig(text_config={"hidden_size": 32, "num_hidden_layers": 2,
 ...     "num_attention_heads": 2, "intermediate_size": 64, "vocab_size": 200},
 ...     vision_hidden_size=32, vision_num_tokens=5, vision_num_heads=2, num_image_tokens=4,
@@ -42,14 +42,14 @@ from collections.abc import Sequence
 
 import torch
 
-from edje.fast_encoder import PackedBert, varlen_attn
-from edje.fast_fp8 import fp8_supported
+from edje.scoring.base import Caption, Scorer, as_caption_list
+from edje.scoring.fp8 import fp8_supported
+from edje.scoring.packed_bert import PackedBert, varlen_attn
 
-Caption = str | Sequence[int]  # a caption string, or its token ids `[CLS] ... [SEP]`
 CACHE_SIZE = 65536  # tokenized captions kept
 
 
-class FastScorer:
+class FastScorer(Scorer):
     """Score (caption, image tokens) pairs with EDJEModel's weights, padding-free.
 
     Args:
@@ -124,7 +124,7 @@ class FastScorer:
     @torch.inference_mode()
     def score(self, caption: Caption, image_tokens: torch.Tensor) -> torch.Tensor:
         """One caption against K images: `image_tokens [K, m, d]` -> logits `[K]`."""
-        self._check_tokens("score", image_tokens, "[K, m, d]", 3)
+        self.check_tokens("score", image_tokens, "[K, m, d]", 3)
         ids = self._caption_ids([caption])[0]
         if image_tokens.shape[0] == 0:
             return torch.zeros(0, device=self.device)
@@ -135,13 +135,9 @@ class FastScorer:
     @torch.inference_mode()
     def score_pairs(self, captions: Sequence[Caption], image_tokens: torch.Tensor) -> torch.Tensor:
         """Row-by-row pairs: `captions[i]` with `image_tokens[i]` (`[N, m, d]`) -> `[N]`."""
-        self._check_tokens("score_pairs", image_tokens, "[N, m, d]", 3)
-        captions = _as_list(captions)
-        if len(captions) != image_tokens.shape[0]:
-            raise ValueError(
-                f"FastScorer.score_pairs: {len(captions)} captions but {image_tokens.shape[0]} "
-                "image token rows; pairs are scored row by row."
-            )
+        self.check_tokens("score_pairs", image_tokens, "[N, m, d]", 3)
+        captions = as_caption_list(captions, "FastScorer")
+        self.check_pair_count(captions, image_tokens)
         if not captions:
             return torch.zeros(0, device=self.device)
         return self._score_rows(captions, list(range(len(captions))), image_tokens)
@@ -151,8 +147,8 @@ class FastScorer:
         self, captions: Sequence[Caption], candidate_tokens: torch.Tensor
     ) -> torch.Tensor:
         """Q captions, each against its own K candidates `[Q, K, m, d]` -> logits `[Q, K]`."""
-        self._check_tokens("score_queries", candidate_tokens, "[Q, K, m, d]", 4)
-        captions = _as_list(captions)
+        self.check_tokens("score_queries", candidate_tokens, "[Q, K, m, d]", 4)
+        captions = as_caption_list(captions, "FastScorer")
         q, k = candidate_tokens.shape[:2]
         if len(captions) != q:
             raise ValueError(
@@ -180,14 +176,6 @@ class FastScorer:
         out = torch.empty_like(logits)
         out[torch.cat(order)] = logits
         return out.view(q, k)
-
-    def warmup(self, caption_lengths: Sequence[int], rows: Sequence[int]) -> None:
-        """Run (and, when compiled, compile) every (caption length, rows) shape once."""
-        for n in caption_lengths:
-            ids = [self.sep_id or 0] * n
-            for count in rows:
-                tokens = torch.zeros(count, self.num_image_tokens, self.hidden_size)
-                self.score(ids, tokens)
 
     # -- internals -----------------------------------------------------------------------------
 
@@ -329,17 +317,6 @@ class FastScorer:
         while len(self._ids_cache) > CACHE_SIZE:
             self._ids_cache.popitem(last=False)
 
-    def _check_tokens(self, where: str, tokens: torch.Tensor, layout: str, dims: int) -> None:
-        expected = (self.num_image_tokens, self.hidden_size)
-        if not isinstance(tokens, torch.Tensor):
-            raise TypeError(f"FastScorer.{where}: image tokens must be a torch.Tensor {layout}.")
-        if tokens.dim() != dims or tuple(tokens.shape[-2:]) != expected:
-            lead = layout[1:].split(", m")[0]
-            raise ValueError(
-                f"FastScorer.{where}: image tokens must have shape {layout} = "
-                f"[{lead}, {expected[0]}, {expected[1]}], got {list(tokens.shape)}."
-            )
-
     def _to_device(self, tokens: torch.Tensor) -> torch.Tensor:
         """Host -> device through pinned memory (non-blocking), then the compute dtype."""
         if tokens.device != self.device:
@@ -353,12 +330,6 @@ def _round_rows(rows: int) -> int:
     """Rows padded up to one of 8 sizes per power of two (under 1/8 waste): few CUDA graphs."""
     step = 1 << max((rows - 1).bit_length() - 4, 0)
     return -(-rows // step) * step
-
-
-def _as_list(captions: Sequence[Caption]) -> list[Caption]:
-    if isinstance(captions, str):
-        raise TypeError("FastScorer: expected a list of captions, got a single str.")
-    return list(captions)
 
 
 __all__ = ["FastScorer"]

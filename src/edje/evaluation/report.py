@@ -10,7 +10,7 @@
   first stage's top 5 images above the reranked top 5, the correct image outlined.
 
 Example:
-    >>> from edje.evaluation_report import EvaluationReport
+    >>> from edje.evaluation.report import EvaluationReport
     >>> report = EvaluationReport.build(
     ...     model=None, first_stage="toy", dataset={"name": "toy", "split": "test",
     ...     "images": 2, "captions": 2}, k=1, ks=[1], depths=[1],
@@ -34,8 +34,8 @@ from typing import Any
 
 import torch
 
-from edje.first_stage.base import atomic_write
-from edje.metrics import I2T_KEY, T2I_KEY
+from edje._utils import atomic_write
+from edje.evaluation.metrics import I2T_KEY, T2I_KEY
 
 __all__ = ["Candidates", "EvaluationReport", "draw_contact_sheet", "plot_recall_curves"]
 
@@ -57,15 +57,16 @@ class Candidates:
     i2t_first: torch.Tensor
     t2i_rerank: torch.Tensor | None = None
     i2t_rerank: torch.Tensor | None = None
+    text_to_image: torch.Tensor | None = None  # the image row of each caption
 
     def truncate(self, depth: int) -> Candidates:
         """The first ``depth`` candidates of every list."""
-        return Candidates(
-            **{
-                f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[:, :depth]
-                for f in dataclasses.fields(self)
-            }
-        )
+        lists = {
+            f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[:, :depth]
+            for f in dataclasses.fields(self)
+            if f.name != "text_to_image"
+        }
+        return Candidates(**lists, text_to_image=self.text_to_image)
 
 
 @dataclass
@@ -80,6 +81,8 @@ class EvaluationReport:
         ks: the cut-offs of ``first_stage_metrics`` and ``reranked_metrics``.
         first_stage_metrics, reranked_metrics: recall@ks (``reranked_metrics`` at depth k;
             empty without a model); ``reranked_by_depth``: the same for every depth.
+        fused_metrics: recall@ks at depth k of the fused score (``edje.fusion``) with
+            ``fusion_weights``; empty when no weights were given.
         curves: ``{"k": [1..], "first_stage": {direction: [...]}, "reranked": {depth: {...}}}``.
         pairs_scored: (caption, image) pairs the reranker scored; ``seconds``: wall time per
             phase (embed: first stage; search; image_tokens; rerank: scoring; total).
@@ -102,6 +105,8 @@ class EvaluationReport:
     device: str
     first_stage_recall_from: str
     ties: str = "worst"
+    fused_metrics: dict[str, float] = field(default_factory=dict)
+    fusion_weights: list[float] | None = None
     candidates: Candidates | None = field(default=None, repr=False, compare=False)
 
     @classmethod
@@ -111,6 +116,7 @@ class EvaluationReport:
         first_stage_curve: dict[str, float],
         reranked_curves: dict[int, dict[str, float]],
         curve_ks: list[int],
+        fused_curve: dict[str, float] | None = None,
         ks: list[int],
         k: int,
         **fields: Any,
@@ -134,12 +140,34 @@ class EvaluationReport:
             first_stage_metrics=at(first_stage_curve, ks),
             reranked_metrics=by_depth.get(k, {}),
             reranked_by_depth=by_depth,
+            fused_metrics=at(fused_curve, ks) if fused_curve else {},
             curves={
                 "k": list(curve_ks),
                 "first_stage": series(first_stage_curve),
                 "reranked": {depth: series(curve) for depth, curve in reranked_curves.items()},
             },
             **fields,
+        )
+
+    def regressions(self) -> str | None:
+        """What to tell a user when reranking (or fusing) lowers R@1 below the first stage's,
+        with the numbers and what to try; None when it does not."""
+        worse = []
+        for label, metrics in (("reranked", self.reranked_metrics), ("fused", self.fused_metrics)):
+            for direction, key in DIRECTIONS.items():
+                name = key.format(k=1)
+                if name in metrics and metrics[name] < self.first_stage_metrics.get(name, 0):
+                    first = self.first_stage_metrics[name]
+                    worse.append(f"{label} {SHORT[direction]} R@1 {metrics[name]:.1f} < first "
+                                 f"stage {first:.1f}")  # fmt: skip
+        if not worse:
+            return None
+        return (
+            f"on {self.dataset.get('name')} ({self.dataset.get('split')}) this reranker makes "
+            f"retrieval worse than the first stage alone: {'; '.join(worse)}. Rank with the "
+            "fused score (fusion weights chosen on validation data, as edje fit's export does), "
+            "or train longer, with more data or a higher learning rate, from a stronger "
+            "starting model."
         )
 
     @property
@@ -199,6 +227,10 @@ class EvaluationReport:
         lines += ["| | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
         rows = [("first stage", self.first_stage_metrics)]
         rows += [(f"reranked (top {d})", m) for d, m in sorted(self.reranked_by_depth.items())]
+        if self.fused_metrics:
+            edje_weight, first_weight = self.fusion_weights
+            label = f"fused (top {self.k}: {edje_weight:g} x EDJE + {first_weight:g} x first stage)"
+            rows.append((label, self.fused_metrics))
         for label, metrics in rows:
             values = [metrics[key.format(k=c)] for key in DIRECTIONS.values() for c in self.ks]
             lines.append(f"| {label} | " + " | ".join(f"{v:.1f}" for v in values) + " |")

@@ -48,6 +48,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from edje.processing_edje import append_image_slots
+from edje.scoring.base import Scorer, as_caption_list
+
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids", "image_tokens")
 QUANTIZE_MODES = (None, "int8")
 
@@ -176,11 +179,11 @@ def _example_inputs(image_token_id: int, m: int, d: int) -> tuple[torch.Tensor, 
     return input_ids, attention_mask, token_type_ids, torch.randn(batch, m, d)
 
 
-class OnnxScorer:
-    """Score pairs with an exported EDJE graph in onnxruntime (CPU), FastScorer's call shape.
+class OnnxScorer(Scorer):
+    """Score pairs with an exported EDJE graph in onnxruntime (CPU), the `Scorer` interface.
 
     Args:
-        path: a file written by `export_onnx`.
+        path: a file written by `export_onnx` (or use `OnnxScorer.from_model`).
         processor: an `EDJEProcessor` for caption strings (else captions are token-id lists
             `[CLS] ... [SEP]`).
         num_threads: onnxruntime intra-op threads (default: onnxruntime's choice).
@@ -189,10 +192,8 @@ class OnnxScorer:
             BERT's `[SEP]`).
 
     Rows are grouped by sequence length and each group runs unpadded (one session call per
-    length), so no compute goes to padding.
-
-    int8 accuracy, measured on the tiny random model of the tests (width 32, 2 layers, scores
-    with standard deviation about 0.2): see `tests/test_onnx_export.py` for the asserted bounds.
+    length), so no compute goes to padding. The int8 error is measured, not bounded: see
+    `tests/test_onnx_export.py`.
     """
 
     def __init__(
@@ -215,7 +216,6 @@ class OnnxScorer:
         shape = self.session.get_inputs()[3].shape  # ["batch", m, d]
         self.num_image_tokens, self.hidden_size = int(shape[1]), int(shape[2])
         self.processor = processor
-        tokenizer = getattr(processor, "tokenizer", None)
         if image_token_id is None and processor is not None:
             image_token_id = processor.image_token_id
         if image_token_id is None:  # written by export_onnx
@@ -225,27 +225,24 @@ class OnnxScorer:
             )
         self.image_token_id = image_token_id
         if sep_token_id is None:
-            sep_token_id = getattr(tokenizer, "sep_token_id", None)
+            sep_token_id = getattr(getattr(processor, "tokenizer", None), "sep_token_id", None)
         self.sep_token_id = 102 if sep_token_id is None else int(sep_token_id)
-        self.max_caption_length = getattr(processor, "max_caption_length", 64)
 
-    def score(self, caption, image_tokens: torch.Tensor) -> torch.Tensor:
-        """One caption against K images: `[K, m, d]` -> logits `[K]` (float32, CPU)."""
-        self._check(image_tokens, 3, "[K, m, d]", "score")
-        return self.score_pairs([caption] * image_tokens.shape[0], image_tokens)
+    @classmethod
+    def from_model(cls, model: nn.Module, processor=None, *, quantize: str | None = None, **kwargs):
+        """Export `model` to a temporary file and score with it (the file goes once loaded)."""
+        with tempfile.TemporaryDirectory(prefix="edje-onnx-") as folder:
+            path = export_onnx(model, Path(folder) / "edje.onnx", quantize=quantize)
+            return cls(path, processor, **kwargs)
 
     def score_pairs(self, captions, image_tokens: torch.Tensor) -> torch.Tensor:
-        """`captions[i]` with `image_tokens[i]` (`[N, m, d]`) -> logits `[N]`."""
-        self._check(image_tokens, 3, "[N, m, d]", "score_pairs")
-        captions = list(captions)
-        if len(captions) != image_tokens.shape[0]:
-            raise ValueError(
-                f"OnnxScorer.score_pairs: {len(captions)} captions but "
-                f"{image_tokens.shape[0]} image token rows."
-            )
+        """`captions[i]` with `image_tokens[i]` (`[N, m, d]`) -> logits `[N]` (float32, CPU)."""
+        self.check_tokens("score_pairs", image_tokens, "[N, m, d]", 3)
+        captions = as_caption_list(captions, "OnnxScorer")
+        self.check_pair_count(captions, image_tokens)
         if not captions:
             return torch.zeros(0)
-        feeds = self._inputs(captions)
+        feeds = {k: v.contiguous().numpy() for k, v in self._pair_inputs(captions).items()}
         tokens = image_tokens.detach().float().cpu().contiguous().numpy()
         # No compute on padding: one session call per sequence length, each cut to its length.
         lengths = feeds["attention_mask"].sum(1)  # (N,)
@@ -257,55 +254,31 @@ class OnnxScorer:
             out[rows] = self.session.run(["logits"], part)[0]
         return torch.from_numpy(out)
 
-    def score_queries(self, captions, candidate_tokens: torch.Tensor) -> torch.Tensor:
-        """Q captions, each against its K candidates `[Q, K, m, d]` -> logits `[Q, K]`."""
-        self._check(candidate_tokens, 4, "[Q, K, m, d]", "score_queries")
-        q, k = candidate_tokens.shape[:2]
-        captions = list(captions)
-        if len(captions) != q:
-            raise ValueError(f"OnnxScorer.score_queries: {len(captions)} captions but {q} queries.")
-        if q * k == 0:
-            return torch.zeros(q, k)
-        flat = candidate_tokens.reshape(q * k, *candidate_tokens.shape[2:])
-        return self.score_pairs([c for c in captions for _ in range(k)], flat).view(q, k)
-
-    def _inputs(self, captions: list) -> dict:
-        """Pair inputs in the processor's layout, from strings or token-id captions."""
+    def _pair_inputs(self, captions: list) -> dict[str, torch.Tensor]:
+        """The processor's pair layout, from strings or token-id captions."""
         if all(isinstance(c, str) for c in captions):
             if self.processor is None:
                 raise ValueError("OnnxScorer: caption strings need a processor.")
             unique = list(dict.fromkeys(captions))  # one caption vs K images: tokenized once
-            rows = self.processor.tokenize_pairs(
+            return self.processor.tokenize_pairs(
                 unique if len(unique) == 1 else captions, len(captions)
             )
-            return {k: v.contiguous().numpy() for k, v in rows.items()}
         if self.image_token_id is None:
             raise ValueError("OnnxScorer: token-id captions need image_token_id (or a processor).")
-        m = self.num_image_tokens
-        tail = [self.image_token_id] * m + [self.sep_token_id]
-        length = max(len(c) for c in captions) + len(tail)
-        input_ids = torch.zeros(len(captions), length, dtype=torch.long)
-        attention_mask = torch.zeros_like(input_ids)
-        token_type_ids = torch.zeros_like(input_ids)
-        for row, ids in enumerate(captions):
-            n = len(ids)
-            input_ids[row, : n + len(tail)] = torch.tensor([*ids, *tail])
-            attention_mask[row, : n + len(tail)] = 1
-            token_type_ids[row, n : n + len(tail)] = 1
-        return {
-            "input_ids": input_ids.numpy(),
-            "attention_mask": attention_mask.numpy(),
-            "token_type_ids": token_type_ids.numpy(),
-        }
-
-    def _check(self, tokens: torch.Tensor, dims: int, layout: str, where: str) -> None:
-        expected = (self.num_image_tokens, self.hidden_size)
-        if tokens.dim() != dims or tuple(tokens.shape[-2:]) != expected:
-            lead = layout[1:].split(", m")[0]
-            raise ValueError(
-                f"OnnxScorer.{where}: image tokens must have shape {layout} = "
-                f"[{lead}, {expected[0]}, {expected[1]}], got {list(tokens.shape)}."
-            )
+        width = max(len(c) for c in captions)
+        ids = torch.zeros(len(captions), width, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, caption in enumerate(captions):
+            ids[row, : len(caption)] = torch.tensor(list(caption))
+            mask[row, : len(caption)] = 1
+        return append_image_slots(
+            ids,
+            mask,
+            image_token_id=self.image_token_id,
+            sep_token_id=self.sep_token_id,
+            pad_token_id=0,
+            num_image_tokens=self.num_image_tokens,
+        )
 
 
 __all__ = ["EDJEOnnxGraph", "OnnxScorer", "export_onnx"]

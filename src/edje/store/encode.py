@@ -13,7 +13,6 @@ a file system all of them see; only one encode run may write a store at a time.
 
 from __future__ import annotations
 
-import io
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -26,10 +25,16 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from PIL import Image
 
-from edje.fingerprint import state_dict_sha256, store_fingerprint
-from edje.store import TokenStore
-from edje.store_format import remove_temporaries
-from edje.store_writer import TokenStoreWriter, finalize
+from edje._utils import load_rgb
+from edje.store.fingerprint import (
+    RAW_ADAPTER,
+    fingerprint_diff,
+    state_dict_sha256,
+    store_fingerprint,
+)
+from edje.store.format import remove_temporaries
+from edje.store.reader import TokenStore
+from edje.store.writer import TokenStoreWriter, finalize
 
 __all__ = [
     "EncodeResult",
@@ -37,7 +42,6 @@ __all__ = [
     "default_fingerprint",
     "encode_images",
     "find_images",
-    "load_rgb",
 ]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -91,47 +95,6 @@ def find_images(folder: str | Path) -> list[tuple[str, str]]:
         if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
     )
     return [(p.relative_to(root).as_posix(), str(p)) for p in files]
-
-
-def load_rgb(image: Any) -> Image.Image:
-    """Decode ``image`` (path, bytes, ``{"bytes", "path"}`` or PIL image) to an RGB image.
-
-    Grayscale, palette, CMYK and 16-bit images are converted; transparency is composited over
-    white. Pillow's decompression-bomb limit stays on and also refuses images past the
-    warning threshold. Raises ``ValueError`` with the reason when the image cannot be decoded.
-    """
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = image if isinstance(image, Image.Image) else Image.open(_as_file(image))
-            img.load()
-            return _to_rgb(img)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ValueError(f"decompression bomb refused: {e}") from None
-    except Exception as e:  # truncated, not an image, zero bytes, unsupported mode...
-        raise ValueError(f"{type(e).__name__}: {e}") from None
-
-
-def _as_file(image: Any) -> Any:
-    if isinstance(image, Mapping):  # datasets Image(decode=False): {"bytes": ..., "path": ...}
-        image = image.get("bytes") or image.get("path")
-    if isinstance(image, bytes | bytearray):
-        return io.BytesIO(image)
-    if isinstance(image, str | Path):
-        return str(image)
-    raise TypeError(f"expected a path, bytes or a PIL image, got {type(image).__name__}")
-
-
-def _to_rgb(img: Image.Image) -> Image.Image:
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        img = img.point(lambda v: v / 256).convert("L")  # 16-bit grey -> 8-bit
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = img.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return img.convert("RGB")
 
 
 # -- the work, as batches ---------------------------------------------------------------------
@@ -318,7 +281,6 @@ def _warn_if_model_disagrees(compressor: Compressor | None, fingerprint: Mapping
     owner = getattr(compressor, "__self__", None)
     if owner is None or not hasattr(owner, "store_fingerprint"):
         return
-    from edje.store import fingerprint_diff
 
     expected = owner.store_fingerprint()
     diff = fingerprint_diff(fingerprint, expected)
@@ -333,7 +295,7 @@ def _warn_if_model_disagrees(compressor: Compressor | None, fingerprint: Mapping
 
 def _adapter_sha256(compressor: Compressor | None) -> str:
     if compressor is None:
-        return "raw"
+        return RAW_ADAPTER
     owner = getattr(compressor, "__self__", compressor)
     module = getattr(owner, "adapter", owner)  # EDJEModel.compress: hash only its adapter
     if isinstance(module, torch.nn.Module):

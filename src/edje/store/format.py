@@ -45,12 +45,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from edje._utils import TMP_MARK, atomic_write
+
 FORMAT = "edje-token-store"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 SHARD_DIR = "shards"
 SHARD_SUFFIX = ".safetensors"
-TMP_MARK = ".tmp-"
 
 # store dtype -> (safetensors dtype tag, numpy dtype used to memory-map the bytes)
 STORE_DTYPES: dict[str, tuple[str, np.dtype]] = {
@@ -138,18 +139,15 @@ def write_shard(
     header["__metadata__"] = {**metadata, "data_sha256": digest.hexdigest()}
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # safetensors pads the header to 8 bytes
-    tmp = path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
+
+    def write(temp: str) -> None:
+        with open(temp, "wb") as f:
             f.write(struct.pack("<Q", len(raw)))
             f.write(raw)
             for _, _, data in tensors.values():
                 f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    atomic_write(path, write)
     return 8 + len(raw) + start
 
 
@@ -209,16 +207,9 @@ def data_sha256(path: Path, header: ShardHeader, chunk: int = 1 << 22) -> str:
 
 
 def write_json_atomic(path: Path, obj: object) -> None:
-    """Write JSON to a temporary name, fsync, rename: readers see the old or the new file."""
-    tmp = path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, separators=(",", ":"))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Write JSON atomically: readers see the old or the new file."""
+    text = json.dumps(obj, separators=(",", ":"))
+    atomic_write(path, lambda temp: Path(temp).write_text(text, encoding="utf-8"))
 
 
 def list_shards(root: Path) -> list[Path]:

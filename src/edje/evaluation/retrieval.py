@@ -2,7 +2,7 @@
 
 Text -> image: each caption retrieves images (``image_retrieval_recall@k``). Image -> text: each
 image retrieves captions, a hit when any of its captions is in the top k
-(``text_retrieval_recall@k``). Ties count against the query (``edje.metrics``).
+(``text_retrieval_recall@k``). Ties count against the query (``edje.evaluation.metrics``).
 
 - First-stage recall comes from the full caption x image score matrix when it has at most
   ``full_matrix_limit`` entries, else from the FAISS candidates (where a tie at the k-th place
@@ -44,15 +44,20 @@ from typing import Any
 
 import torch
 
-from edje.evaluation_report import Candidates, EvaluationReport
-from edje.first_stage.base import EmbeddingModel, progress
+from edje import image_tokens
+from edje._utils import progress
+from edje.evaluation.metrics import I2T_KEY, T2I_KEY, recall_at_k, reranked_recall_at_k
+from edje.evaluation.report import Candidates, EvaluationReport
+from edje.first_stage.base import EmbeddingModel
 from edje.first_stage.features import DatasetImages
 from edje.first_stage.index import VectorIndex
-from edje.metrics import I2T_KEY, T2I_KEY, recall_at_k, reranked_recall_at_k
+from edje.fusion import FUSION_GRID, FusionChoice, choose_fusion, fuse, fusion_weights
+from edje.scoring import Scorer, make_scorer
 
 __all__ = [
     "Candidates",
     "EvaluationReport",
+    "choose_fusion_weights",
     "evaluate",
     "image_token_source",
     "rerank_candidates",
@@ -83,6 +88,8 @@ def evaluate(
     batch_size: int = 256,
     image_batch_size: int = 64,
     device: str | torch.device | None = None,
+    backend: str = "fast",
+    fusion: Sequence[float] | str | None = "auto",
     dataset_name: str | None = None,
     full_matrix_limit: int = FULL_MATRIX_LIMIT,
     show_progress_bar: bool | None = None,
@@ -98,9 +105,12 @@ def evaluate(
         store: a ``TokenStore`` holding every image id of ``dataset`` (the fast path).
         k: the rerank depth reported as "reranked"; ``extra_k`` adds more depths.
         ks: recall cut-offs in the tables; the curves cover 1 .. the deepest depth.
-        batch_size: (caption, image) pairs per forward pass of the reranker.
+        batch_size: (caption, image) pairs per scoring call.
         image_batch_size: images per forward pass of the vision encoders.
         device: where the models run (default: CUDA if available, else CPU).
+        backend: the scorer (``edje.scoring``): ``"fast"``, ``"torch"`` or ``"onnx"``.
+        fusion: ``(edje_weight, first_stage_weight)`` for a "fused" row (``edje.fusion``);
+            ``"auto"``: the weights in the model's config, if any; ``None``: no fused row.
         dataset_name: what the report calls the data (default: ``dataset.info.dataset_name``).
         full_matrix_limit: the most captions x images to score in full for first-stage recall.
         show_progress_bar: tqdm bars (``None``: when stderr is a terminal).
@@ -116,42 +126,41 @@ def evaluate(
     curve_ks = list(range(1, max([*depths, *ks]) + 1))
 
     t = time.perf_counter()
-    first_stage.to(device)
-    image_emb = first_stage.encode_images(
-        DatasetImages(dataset), batch_size=image_batch_size, show_progress_bar=show_progress_bar
-    ).cpu()
-    text_emb = first_stage.encode_texts(texts, show_progress_bar=show_progress_bar).cpu()
+    text_emb, image_emb = _embed(
+        first_stage, dataset, texts, device, image_batch_size, show_progress_bar
+    )
     timer("embed", t)
-
     t = time.perf_counter()
     candidates = search_both_ways(text_emb, image_emb, max(curve_ks))
+    candidates.text_to_image = text_to_image
     first_curve, source = _first_stage_recall(
         text_emb, image_emb, text_to_image, candidates, curve_ks, full_matrix_limit
     )
     timer("search", t)
 
     reranked: dict[int, dict[str, float]] = {}
-    pairs = 0
+    fused, weights, pairs = {}, None, 0
     if model is not None:
-        t = time.perf_counter()
         model.to(device).eval()
         if store is not None:
             model.check_store(store, force=force_store)
+        t = time.perf_counter()
         tokens = image_token_source(
-            model, processor, dataset, store, image_ids, device, image_batch_size, show_progress_bar
+            model, processor, dataset, store, image_ids, image_batch_size, show_progress_bar
         )
         timer("image_tokens", t)  # the vision encoder without a store; a lookup with one
         t = time.perf_counter()
-        deepest = max(depths)
-        candidates = candidates.truncate(deepest)
+        scorer = make_scorer(model, processor, backend, device=device)
+        candidates = candidates.truncate(max(depths))
         candidates.t2i_rerank, candidates.i2t_rerank = rerank_candidates(
-            model, processor, tokens, texts, candidates, batch_size, device, show_progress_bar
+            scorer, tokens, texts, candidates, batch_size, show_progress_bar
         )
         pairs = candidates.t2i.numel() + candidates.i2t.numel()
         for depth in depths:
-            reranked[depth] = _reranked_curve(
-                candidates, text_to_image, depth, curve_ks, first_curve
-            )
+            reranked[depth] = _reranked_curve(candidates, depth, curve_ks, first_curve)
+        weights = fusion_weights(model.config) if fusion == "auto" else fusion
+        if weights is not None:
+            fused = _reranked_curve(candidates, k, curve_ks, first_curve, weights)
         timer("rerank", t)
     timer("total", start)
     return EvaluationReport.build(
@@ -163,6 +172,8 @@ def evaluate(
         depths=depths,
         first_stage_curve=first_curve,
         reranked_curves=reranked,
+        fused_curve=fused,
+        fusion_weights=None if weights is None else list(weights),
         curve_ks=curve_ks,
         pairs_scored=pairs,
         seconds=timer.seconds,
@@ -170,6 +181,31 @@ def evaluate(
         first_stage_recall_from=source,
         candidates=candidates,
     )
+
+
+def choose_fusion_weights(report: EvaluationReport, grid=FUSION_GRID) -> FusionChoice:
+    """Fusion weights that maximise mean R@1 (both ways) at the report's depth ``k``, from its
+    candidates (evaluate a validation split, then keep the weights for the test split)."""
+    candidates = report.candidates
+    if candidates is None or candidates.t2i_rerank is None:
+        raise ValueError("choose_fusion_weights: the report has no reranked candidates")
+    keys = (T2I_KEY.format(k=1), I2T_KEY.format(k=1))
+
+    def mean_r1(weights) -> float:
+        curve = _candidate_recall(*_fused_lists(candidates, report.k, weights), [1])
+        return sum(curve[key] for key in keys) / 2
+
+    return choose_fusion(mean_r1, grid)
+
+
+def _embed(first_stage, dataset, texts, device, image_batch_size, show_progress_bar):
+    first_stage.to(device)
+    images = DatasetImages(dataset)
+    image_emb = first_stage.encode_images(
+        images, batch_size=image_batch_size, show_progress_bar=show_progress_bar
+    )
+    text_emb = first_stage.encode_texts(texts, show_progress_bar=show_progress_bar)
+    return text_emb.cpu(), image_emb.cpu()
 
 
 # ---- first stage ----
@@ -190,14 +226,8 @@ def _first_stage_recall(text_emb, image_emb, text_to_image, candidates, curve_ks
     if len(text_emb) * len(image_emb) <= limit:
         scores = text_emb.float() @ image_emb.float().T
         return recall_at_k(scores, text_to_image, ks=curve_ks), "full score matrix"
-    return _candidate_recall(
-        candidates.t2i,
-        candidates.t2i_first,
-        candidates.i2t,
-        candidates.i2t_first,
-        text_to_image,
-        curve_ks,
-    ), "faiss candidates"
+    lists = (candidates.t2i, candidates.t2i_first, candidates.i2t, candidates.i2t_first)
+    return _candidate_recall(*lists, text_to_image, curve_ks), "faiss candidates"
 
 
 def _candidate_recall(t2i, t2i_scores, i2t, i2t_scores, text_to_image, curve_ks):
@@ -228,85 +258,58 @@ def _fill_past_gallery(metrics: dict[str, float], curve_ks: list[int]) -> dict[s
 
 
 def image_token_source(
-    model, processor, dataset, store, image_ids, device, image_batch_size, show_progress_bar
+    model, processor, dataset, store, image_ids, image_batch_size, show_progress_bar
 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``rows -> image tokens [len(rows), m, d]`` on ``device``, from the store or computed."""
-    expected = tuple(model.config.image_token_shape)
-    raw = (model.config.vision_num_tokens, model.config.vision_hidden_size)
+    """``rows -> image tokens [len(rows), m, d]`` on the model's device, from the store (raw
+    stores through the adapter) or computed once from the pictures."""
     if store is not None:
-        shape = tuple(store.token_shape)
-        if shape not in (expected, raw):
+        expected = tuple(model.config.image_token_shape)
+        raw = (model.config.vision_num_tokens, model.config.vision_hidden_size)
+        if tuple(store.token_shape) != (raw if store.is_raw else expected):
             raise ValueError(
-                f"evaluate: the token store {store.path} holds {list(shape)} tokens per image; "
-                f"the model expects compressed {list(expected)} or raw {list(raw)}"
+                f"evaluate: the token store {store.path} holds {list(store.token_shape)} tokens "
+                f"per image; the model expects compressed {list(expected)} or raw {list(raw)}"
             )
         rows = torch.from_numpy(store.index(image_ids))  # KeyError names a missing id
-
-        def from_store(index: torch.Tensor) -> torch.Tensor:
-            tokens = store.gather_rows(rows[index.cpu()]).to(device, model.dtype)
-            return tokens if shape == expected else model.compress(tokens)
-
-        return from_store
-    tokens = _encode_all(model, processor, dataset, device, image_batch_size, show_progress_bar)
+        return lambda index: image_tokens.from_store(model, store, rows[index.cpu()])
+    tokens = image_tokens.from_images(
+        model,
+        processor.image_processor,
+        DatasetImages(dataset),
+        batch_size=image_batch_size,
+        show_progress_bar=show_progress_bar,
+    )
     return lambda index: tokens[index.to(tokens.device)]
 
 
-@torch.inference_mode()
-def _encode_all(model, processor, dataset, device, batch_size, show_progress_bar):
-    images = DatasetImages(dataset)
-    out = []
-    with progress(len(images), show_progress_bar, "image tokens", "img") as bar:
-        for start in range(0, len(images), batch_size):
-            chunk = [image.convert("RGB") for image in images[start : start + batch_size]]
-            pixels = processor.image_processor(images=chunk, return_tensors="pt")["pixel_values"]
-            out.append(model.compress(model.encode_images(pixels.to(device))))
-            bar.update(len(chunk))
-    return torch.cat(out)
-
-
-@torch.inference_mode()
 def rerank_candidates(
-    model,
-    processor,
-    image_tokens: Callable[[torch.Tensor], torch.Tensor],
+    scorer: Scorer,
+    tokens_of: Callable[[torch.Tensor], torch.Tensor],
     texts: Sequence[str],
     candidates: Candidates,
     batch_size: int = 256,
-    device: str | torch.device = "cpu",
     show_progress_bar: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """EDJE logits for every candidate, both ways: ``(t2i [T, K], i2t [I, K])`` float32.
+    """EDJE logits for every candidate, both ways: ``(t2i [T, K], i2t [I, K])`` float32 CPU.
 
-    One caption against its K candidate images, and one image against its K candidate
-    captions, packed ``batch_size // K`` queries per forward pass.
+    A caption against its K candidate images, and an image against its K candidate captions,
+    ``batch_size // K`` queries per scoring call.
     """
-    device = torch.device(device)
     total = candidates.t2i.numel() + candidates.i2t.numel()
 
-    def score(captions: list[str], tokens: torch.Tensor) -> torch.Tensor:
-        inputs = processor(text=captions, image_tokens=tokens).to(device)
-        return model(**inputs).logits.float().cpu()
+    def t2i(rows: torch.Tensor, cands: torch.Tensor) -> torch.Tensor:
+        tokens = tokens_of(cands.reshape(-1)).view(*cands.shape, scorer.num_image_tokens, -1)
+        return scorer.score_queries([texts[t] for t in rows.tolist()], tokens)
+
+    def i2t(rows: torch.Tensor, cands: torch.Tensor) -> torch.Tensor:
+        tokens = tokens_of(rows).repeat_interleave(cands.shape[1], dim=0)
+        return scorer.score_pairs([texts[c] for c in cands.reshape(-1).tolist()], tokens)
 
     with progress(total, show_progress_bar, "rerank", "pair") as bar:
-        t2i = _score_rows(
-            candidates.t2i,
-            batch_size,
-            lambda rows, cands: score(
-                [texts[t] for t in rows.tolist() for _ in range(cands.shape[1])],
-                image_tokens(cands.reshape(-1)),
-            ),
-            bar,
+        return (
+            _score_rows(candidates.t2i, batch_size, t2i, bar),
+            _score_rows(candidates.i2t, batch_size, i2t, bar),
         )
-        i2t = _score_rows(
-            candidates.i2t,
-            batch_size,
-            lambda rows, cands: score(
-                [texts[c] for c in cands.reshape(-1).tolist()],
-                image_tokens(rows).repeat_interleave(cands.shape[1], dim=0),
-            ),
-            bar,
-        )
-    return t2i, i2t
 
 
 def _score_rows(candidates: torch.Tensor, batch_size: int, score, bar) -> torch.Tensor:
@@ -315,23 +318,27 @@ def _score_rows(candidates: torch.Tensor, batch_size: int, score, bar) -> torch.
     out = torch.empty(n, depth)
     for start in range(0, n, per_batch):
         rows = torch.arange(start, min(n, start + per_batch))
-        out[rows] = score(rows, candidates[rows]).view(len(rows), depth)
+        out[rows] = score(rows, candidates[rows]).float().cpu().view(len(rows), depth)
         bar.update(len(rows) * depth)
     return out
 
 
-def _reranked_curve(candidates, text_to_image, depth, curve_ks, first_curve):
+def _fused_lists(candidates: Candidates, depth: int, weights=None):
+    """``(t2i, t2i scores, i2t, i2t scores)`` cut at ``depth``: EDJE's logits, or fused ones."""
+    t2i, i2t = candidates.t2i[:, :depth], candidates.i2t[:, :depth]
+    t2i_scores, i2t_scores = candidates.t2i_rerank[:, :depth], candidates.i2t_rerank[:, :depth]
+    if weights is not None:
+        t2i_scores = fuse(t2i_scores, candidates.t2i_first[:, :depth], weights)
+        i2t_scores = fuse(i2t_scores, candidates.i2t_first[:, :depth], weights)
+    return t2i, t2i_scores, i2t, i2t_scores, candidates.text_to_image
+
+
+def _reranked_curve(candidates, depth, curve_ks, first_curve, weights=None):
+    """Recall at every k of the curve after reranking (or fusing, with ``weights``) the top
+    ``depth``; past the depth the top k is the first stage's, reordered: its recall."""
     within = [k for k in curve_ks if k <= depth]
-    t2i_depth, i2t_depth = min(depth, candidates.t2i.shape[1]), min(depth, candidates.i2t.shape[1])
-    out = _candidate_recall(
-        candidates.t2i[:, :t2i_depth],
-        candidates.t2i_rerank[:, :t2i_depth],
-        candidates.i2t[:, :i2t_depth],
-        candidates.i2t_rerank[:, :i2t_depth],
-        text_to_image,
-        within,
-    )
-    for k in curve_ks[len(within) :]:  # past the depth: the first stage's top k, reordered
+    out = _candidate_recall(*_fused_lists(candidates, depth, weights), within)
+    for k in curve_ks[len(within) :]:
         for key in (T2I_KEY, I2T_KEY):
             out[key.format(k=k)] = first_curve[key.format(k=k)]
     return out

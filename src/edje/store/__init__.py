@@ -1,0 +1,14 @@
+"""The token store: image tokens encoded once, kept on disk, read back by id.
+
+- `edje.store.format`: the files (safetensors shards and a JSON manifest);
+- `edje.store.writer`: `TokenStoreWriter`, whole shards written atomically, resumable;
+- `edje.store.reader`: `TokenStore`, memory-mapped reads by id;
+- `edje.store.fingerprint`: what made a store (vision encoder, preprocessing, adapter);
+- `edje.store.encode`: `encode_images`, images -> store through Lightning (many devices).
+"""
+
+from edje.store.format import StoreCorruptError
+from edje.store.reader import TokenStore
+from edje.store.writer import TokenStoreWriter
+
+__all__ = ["StoreCorruptError", "TokenStore", "TokenStoreWriter"]

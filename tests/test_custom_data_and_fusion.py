@@ -1,0 +1,247 @@
+"""Custom data and score fusion: one folder layout for fit and eval, fusion weights chosen on
+validation and saved, fused scores as the formula says everywhere, and a loud warning when a
+reranker makes retrieval worse."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import make_tiny_model, spread_weights_
+from edje.data import load_data
+from edje.evaluation import choose_fusion_weights, evaluate
+from edje.evaluation.metrics import reranked_recall_at_k
+from edje.evaluation.report import Candidates, EvaluationReport
+from edje.first_stage import EmbeddingModel
+from edje.fusion import FUSION_GRID, fuse
+from edje.model_card import render_model_card
+from edje.rerank import EDJEReranker
+from edje.serving.app import RerankerBackend, create_app, serve_in_background
+from edje.store import TokenStore
+
+COLOURS = ["red", "green", "blue", "yellow", "purple", "orange"]
+
+
+def write_split_folders(root, splits=("train", "test"), per_split=6):
+    """`root/<split>/0000.png ...` with the same file names in every split folder."""
+    for split in splits:
+        (root / split).mkdir(parents=True)
+        rows = []
+        for i in range(per_split):
+            name = f"{i:04d}.png"
+            Image.new("RGB", (28, 28), COLOURS[i % len(COLOURS)]).save(root / split / name)
+            rows.append({"file_name": name, "caption": f"a {COLOURS[i % len(COLOURS)]} square"})
+        (root / split / "metadata.jsonl").write_text("\n".join(map(json.dumps, rows)))
+    return root
+
+
+class Colours(EmbeddingModel):
+    """A first stage that knows colour words and pixel colours."""
+
+    embedding_dim = 3
+
+    def encode_texts(self, texts, batch_size=256, show_progress_bar=None):
+        rows = [[float(c in t) + 0.01 for c in ("red", "green", "blue")] for t in texts]
+        return torch.nn.functional.normalize(torch.tensor(rows), dim=-1)
+
+    def encode_images(self, images, batch_size=64, show_progress_bar=None):
+        rows = [[v / 255 + 0.01 for v in im.convert("RGB").getpixel((0, 0))] for im in images]
+        return torch.nn.functional.normalize(torch.tensor(rows), dim=-1)
+
+
+# ---- one layout -----------------------------------------------------------------------------
+
+
+def test_repeated_file_names_across_split_folders_get_unique_ids(tmp_path):
+    splits = load_data(write_split_folders(tmp_path / "data"))
+    assert sorted(splits) == ["test", "train", "validation"]
+    ids = [i for split in splits.values() for i in split["image_id"]]
+    assert len(ids) == len(set(ids)) == 12
+    assert "test/0000" in splits["test"]["image_id"]
+    # No validation folder: a fixed tenth of train is held out, the same on every load.
+    assert len(splits["validation"]) == 1 and set(splits["validation"]["split"]) == {"validation"}
+    again = load_data(tmp_path / "data")
+    assert again["validation"]["image_id"] == splits["validation"]["image_id"]
+
+
+def test_fit_and_eval_read_the_same_layout(tmp_path, offline_dinov2_dir):
+    from edje.backbones import OFFLINE_TEXT, OFFLINE_VISION
+    from edje.commands.eval import load_split
+    from edje.training import EDJEDataModule
+
+    root = write_split_folders(tmp_path / "data")
+    module = EDJEDataModule(
+        data=str(root), store=str(tmp_path / "raw.store"), vision=OFFLINE_VISION,
+        vision_image_size=56, text=OFFLINE_TEXT, batch_size=2,
+    )  # fmt: skip
+    module.prepare_data()  # encodes every split: the repeated file names no longer collide
+    module.setup("fit")
+    store = TokenStore.open(tmp_path / "raw.store")
+    for name, split in module.splits.items():
+        assert all(i in store for i in split["image_id"]), name
+    evaluated = load_split([str(root)], "test")
+    assert evaluated["image_id"] == module.splits["test"]["image_id"]
+    assert load_split(["folder", str(root)], "test")["image_id"] == evaluated["image_id"]
+
+
+# ---- fusion ---------------------------------------------------------------------------------
+
+
+def toy_candidates() -> Candidates:
+    """Three captions, three images; the first stage ranks right, EDJE's logits wrong."""
+    t2i = torch.tensor([[0, 1, 2], [1, 2, 0], [2, 0, 1]])
+    first = torch.tensor([[0.9, 0.5, 0.1]] * 3)
+    rerank = torch.tensor([[0.0, 1.0, 0.5]] * 3)  # puts the right image second
+    return Candidates(
+        t2i=t2i, t2i_first=first, i2t=t2i.clone(), i2t_first=first.clone(),
+        t2i_rerank=rerank, i2t_rerank=rerank.clone(), text_to_image=torch.arange(3),
+    )  # fmt: skip
+
+
+def toy_report(candidates: Candidates) -> EvaluationReport:
+    return EvaluationReport.build(
+        model="m", first_stage="f", dataset={"name": "toy", "split": "validation"},
+        k=3, ks=[1], depths=[3], reranked_curves={}, curve_ks=[1],
+        first_stage_curve={"image_retrieval_recall@1": 0.0, "text_retrieval_recall@1": 0.0},
+        pairs_scored=0, seconds={}, device="cpu", first_stage_recall_from="",
+        candidates=candidates,
+    )  # fmt: skip
+
+
+def test_fusion_weights_are_chosen_on_validation_from_a_grid_with_both_extremes():
+    assert (1.0, 0.0) in FUSION_GRID and (0.0, 1.0) in FUSION_GRID
+    choice = choose_fusion_weights(toy_report(toy_candidates()))
+    by_weights = {row["weights"]: row["score"] for row in choice.table}
+    assert by_weights[(1.0, 0.0)] == 0.0  # EDJE alone: always second
+    assert by_weights[(0.0, 1.0)] == 100.0  # the first stage alone: always right
+    assert choice.score == 100.0 and choice.weights != (1.0, 0.0)
+
+
+def test_fused_recall_equals_the_formula(tiny_processor, tiny_vision_encoder):
+    model = spread_weights_(make_tiny_model(tiny_processor, tiny_vision_encoder))
+    from edje.data.schema import make_dataset
+
+    colours = ["red", "green", "blue", "white"]
+    images = [Image.new("RGB", (28, 28), c) for c in colours]
+    captions = [[f"a {c} square"] for c in colours]
+    ds = make_dataset(images, colours, captions, "test")
+    weights = (1.0, 7.0)
+    report = evaluate(ds, Colours(), model, tiny_processor, k=4, ks=(1, 2), fusion=weights,
+                      device="cpu", show_progress_bar=False)  # fmt: skip
+    c = report.candidates
+    expected = reranked_recall_at_k(
+        c.text_to_image,
+        t2i_candidates=c.t2i, t2i_scores=c.t2i_rerank + 7.0 * c.t2i_first,
+        i2t_candidates=c.i2t, i2t_scores=c.i2t_rerank + 7.0 * c.i2t_first, ks=[1, 2],
+    )  # fmt: skip
+    assert report.fused_metrics == expected
+    assert report.fusion_weights == [1.0, 7.0]
+    assert "| fused (top 4: 1 x EDJE + 7 x first stage) |" in report.to_markdown()
+
+
+def test_export_saves_the_weights_chosen_on_validation(
+    tiny_processor, tiny_vision_encoder, tmp_path
+):
+    from types import SimpleNamespace
+
+    from edje import EDJEConfig
+    from edje.data.schema import make_dataset
+    from edje.training import ExportEDJE
+
+    model = make_tiny_model(tiny_processor, tiny_vision_encoder)
+    model.save_pretrained(tmp_path / "model", save_vision_encoder=True)
+    tiny_processor.save_pretrained(tmp_path / "model")
+    colours = ["red", "green", "blue"]
+    validation = make_dataset([Image.new("RGB", (28, 28), c) for c in colours], colours,
+                              [[f"a {c} square"] for c in colours], "validation")  # fmt: skip
+    export = ExportEDJE(dirpath=str(tmp_path / "model"))
+    loaded = type(model).from_pretrained(tmp_path / "model")
+    datamodule = SimpleNamespace(first_stage=Colours(), store=None)
+    export._choose_fusion(loaded, tiny_processor, validation, datamodule)
+    report = evaluate(validation, Colours(), loaded, tiny_processor, k=3, fusion=None,
+                      device="cpu", show_progress_bar=False)  # fmt: skip
+    best = choose_fusion_weights(report).weights
+    saved = EDJEConfig.from_pretrained(tmp_path / "model")
+    assert (saved.fusion_edje_weight, saved.fusion_first_stage_weight) == best
+    again = type(model).from_pretrained(tmp_path / "model")
+    assert again.config.fusion_first_stage_weight == best[1]
+
+
+# ---- the guard ------------------------------------------------------------------------------
+
+
+def test_a_reranker_worse_than_the_first_stage_is_called_out_in_report_and_card(
+    tiny_processor, tiny_vision_encoder
+):
+    report = toy_report(toy_candidates())
+    report.first_stage_metrics = {"image_retrieval_recall@1": 80.0, "text_retrieval_recall@1": 90.0}
+    report.reranked_metrics = {"image_retrieval_recall@1": 10.0, "text_retrieval_recall@1": 95.0}
+    warning = report.regressions()
+    assert "reranked T2I R@1 10.0 < first stage 80.0" in warning
+    assert "I2T" not in warning and "fused score" in warning
+    card = render_model_card(make_tiny_model(tiny_processor, tiny_vision_encoder),
+                             warning=warning)  # fmt: skip
+    first_lines = card.split("---", 2)[2].strip().splitlines()[:3]
+    assert any("**Warning.**" in line and "10.0 < first stage 80.0" in line for line in first_lines)
+    report.reranked_metrics = dict(report.first_stage_metrics)
+    assert report.regressions() is None
+
+
+# ---- rank_many and serve with first-stage scores --------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fused_reranker(tiny_processor, tiny_vision_encoder, tmp_path_factory):
+    model = spread_weights_(make_tiny_model(tiny_processor, tiny_vision_encoder))
+    model.config.fusion_edje_weight, model.config.fusion_first_stage_weight = 1.0, 20.0
+    path = tmp_path_factory.mktemp("fusion") / "store"
+    with TokenStore.create(path, token_shape=(4, 32), fingerprint=model.store_fingerprint()) as w:
+        w.add([f"img{i}" for i in range(5)], torch.randn(5, 4, 32))
+    return EDJEReranker(model, store=path, processor=tiny_processor, device="cpu")
+
+
+def test_rank_many_and_rank_order_by_the_fused_score(fused_reranker):
+    ids = [[f"img{i}" for i in range(5)]]
+    first = [[0.5, 0.1, 0.9, 0.3, 0.7]]
+    plain = fused_reranker.rank_many(["a red square"], ids)[0]
+    logit = {h["image_id"]: float(torch.logit(torch.tensor(h["score"]))) for h in plain}
+    fused = fused_reranker.rank_many(["a red square"], ids, first_stage_scores=first)[0]
+    expected = {i: logit[i] + 20.0 * s for i, s in zip(ids[0], first[0], strict=True)}
+    assert [h["image_id"] for h in fused] == sorted(expected, key=lambda i: -expected[i])
+    for hit in fused:
+        fused_score = float(torch.sigmoid(torch.tensor(expected[hit["image_id"]])))
+        assert hit["score"] == pytest.approx(fused_score, abs=1e-5)
+        assert hit["edje_score"] == pytest.approx(
+            float(torch.sigmoid(torch.tensor(logit[hit["image_id"]]))), abs=1e-5
+        )
+    ranked = fused_reranker.rank("a red square", ids[0], first_stage_scores=first[0])
+    assert [h["image_id"] for h in ranked] == [h["image_id"] for h in fused]
+
+
+def test_serve_fuses_first_stage_scores_given_per_document(fused_reranker):
+    ids = [f"img{i}" for i in range(5)]
+    first = [0.5, 0.1, 0.9, 0.3, 0.7]
+    logits = fused_reranker.predict([("a red square", i) for i in ids],
+                                    activation_fn=torch.nn.Identity())  # fmt: skip
+    expected = fuse(torch.tensor(logits), torch.tensor(first), (1.0, 20.0)).sigmoid()
+
+    def post(url, payload):
+        request = urllib.request.Request(f"{url}/v1/rerank", data=json.dumps(payload).encode())
+        request.add_header("Content-Type", "application/json")
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read())["results"]
+
+    with serve_in_background(create_app(RerankerBackend(fused_reranker))) as url:
+        results = post(url, {"query": "a red square", "documents": ids,
+                             "first_stage_scores": first})  # fmt: skip
+        plain = post(url, {"query": "a red square", "documents": ids})
+    assert [r["index"] for r in results] == torch.argsort(expected, descending=True).tolist()
+    for r in results:
+        assert r["relevance_score"] == pytest.approx(float(expected[r["index"]]), abs=1e-5)
+    assert {r["index"]: r["relevance_score"] for r in plain} == pytest.approx(
+        {i: float(torch.sigmoid(torch.tensor(v))) for i, v in enumerate(logits)}, abs=1e-5
+    )

@@ -1,0 +1,142 @@
+"""One picture, four doors: `edje encode`, `EDJEReranker`, evaluation and `edje serve` turn a
+transparent PNG into the same image tokens (transparency composited over white), hence the
+same score; and every scoring backend ranks the shipped model's candidates alike."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import make_tiny_model, spread_weights_
+from edje.data.schema import make_dataset
+from edje.evaluation import evaluate
+from edje.first_stage import EmbeddingModel
+from edje.rerank import EDJEReranker
+from edje.serving.app import RerankerBackend, create_app, serve_in_background
+from edje.store.encode import encode_images
+
+CAPTION = "a half transparent red disc"
+
+
+def transparent_png() -> Image.Image:
+    """A red disc on fully transparent pixels, with a soft half-transparent band."""
+    rng = np.random.default_rng(0)
+    rgba = rng.integers(0, 255, (28, 28, 4), dtype=np.uint8)
+    yy, xx = np.mgrid[:28, :28]
+    radius = np.hypot(yy - 14, xx - 14)
+    rgba[..., 3] = np.where(radius < 8, 255, np.where(radius < 11, 128, 0))
+    return Image.fromarray(rgba, "RGBA")
+
+
+class Flat(EmbeddingModel):
+    """A first stage that finds every image equally good: the reranker's logits decide."""
+
+    embedding_dim = 2
+
+    def encode_texts(self, texts, batch_size=256, show_progress_bar=None):
+        return torch.nn.functional.normalize(torch.ones(len(texts), 2), dim=-1)
+
+    def encode_images(self, images, batch_size=64, show_progress_bar=None):
+        return torch.nn.functional.normalize(torch.ones(len(images), 2), dim=-1)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_processor, tiny_vision_encoder):
+    model = spread_weights_(make_tiny_model(tiny_processor, tiny_vision_encoder))
+    with torch.no_grad():  # an adapter that passes pixel differences on to the score
+        for p in model.adapter.parameters():
+            p.normal_(0.0, p.shape[-1] ** -0.5)
+    return model
+
+
+def logit_of(model, processor, picture: Image.Image) -> float:
+    inputs = processor(text=[CAPTION], images=[picture], return_tensors="pt")
+    with torch.no_grad():
+        return float(model(**inputs).logits[0])
+
+
+def test_a_transparent_png_scores_the_same_through_every_door(model, tiny_processor, tmp_path):
+    picture = transparent_png()
+    folder = tmp_path / "images"
+    folder.mkdir()
+    picture.save(folder / "disc.png")
+    white = Image.alpha_composite(Image.new("RGBA", picture.size, "white"), picture)
+    reference = logit_of(model, tiny_processor, white.convert("RGB"))
+    # The doors must agree on white: a plain convert("RGB") (black behind) scores otherwise.
+    assert abs(logit_of(model, tiny_processor, picture.convert("RGB")) - reference) > 1e-3
+
+    reranker = EDJEReranker(model, processor=tiny_processor, device="cpu")
+    identity = torch.nn.Identity()
+    for document in (picture, folder / "disc.png", str(folder / "disc.png")):
+        got = reranker.predict([(CAPTION, document)], activation_fn=identity)
+        assert got[0] == pytest.approx(reference, abs=1e-5), type(document)
+
+    store_path = tmp_path / "disc.store"
+    encode_images(
+        folder,
+        store_path,
+        vision_encoder=model.vision_encoder,
+        image_processor=tiny_processor.image_processor,
+        compressor=model.compress,
+        fingerprint=model.store_fingerprint(),
+        accelerator="cpu",
+        devices=1,
+        progress=False,
+    )
+    stored = EDJEReranker(model, store=store_path, processor=tiny_processor, device="cpu")
+    by_id = stored.predict([(CAPTION, "disc.png")], activation_fn=identity)
+    assert by_id[0] == pytest.approx(reference, abs=1e-2)  # float16 storage
+
+    dataset = make_dataset([picture, Image.new("RGB", (28, 28))], ["disc", "black"],
+                           [[CAPTION], ["a black square"]], "test")  # fmt: skip
+    report = evaluate(dataset, Flat(), model, tiny_processor, k=2, ks=(1,), device="cpu")
+    candidates = report.candidates
+    column = candidates.t2i[0].tolist().index(0)  # the disc among the caption's candidates
+    assert float(candidates.t2i_rerank[0, column]) == pytest.approx(reference, abs=1e-5)
+
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    document = {"image": base64.b64encode(buffer.getvalue()).decode()}
+    payload = json.dumps({"query": CAPTION, "documents": [document]}).encode()
+    with serve_in_background(create_app(RerankerBackend(reranker))) as url:
+        request = urllib.request.Request(f"{url}/v1/rerank", data=payload, method="POST")
+        request.add_header("Content-Type", "application/json")
+        with urllib.request.urlopen(request, timeout=30) as response:
+            score = json.loads(response.read())["results"][0]["relevance_score"]
+    assert score == pytest.approx(float(torch.sigmoid(torch.tensor(reference))), abs=1e-6)
+
+
+def test_every_backend_ranks_the_shipped_models_candidates_alike():
+    from edje import EDJEModel, EDJEProcessor
+    from edje.quickstart import shipped_checkpoint
+
+    folder = shipped_checkpoint()
+    model = EDJEModel.from_pretrained(folder).eval()
+    processor = EDJEProcessor.from_pretrained(folder)
+    generator = torch.Generator().manual_seed(0)
+    # Candidates spread like stored tokens: the shipped adapter's output on random raw tokens.
+    raw = torch.randn(12, model.config.vision_num_tokens, model.config.vision_hidden_size,
+                      generator=generator)  # fmt: skip
+    with torch.no_grad():
+        candidates = model.compress(raw * 50)
+    captions = ["a small red circle left of a large blue square", "a green triangle"]
+    rankings, logits = {}, {}
+    for backend in ("torch", "fast", "onnx"):
+        reranker = EDJEReranker(model, processor=processor, device="cpu", backend=backend)
+        logits[backend] = torch.stack(
+            [reranker.scorer.score(caption, candidates).cpu() for caption in captions]
+        )
+        rankings[backend] = [
+            [hit["corpus_id"] for hit in reranker.rank(caption, candidates)] for caption in captions
+        ]
+    assert rankings["fast"] == rankings["torch"] == rankings["onnx"]
+    torch.testing.assert_close(logits["fast"], logits["torch"], atol=1e-4, rtol=0)
+    torch.testing.assert_close(logits["onnx"], logits["torch"], atol=1e-4, rtol=0)
+    assert logits["torch"].std() > 0.05  # the candidates are told apart: the test has teeth
