@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import emoji
 import numpy as np
 import pytest
@@ -147,3 +149,9 @@ def test_missing_font_names_the_debian_package(monkeypatch, tmp_path):
     monkeypatch.setenv(FONT_ENV, str(missing))
     with pytest.raises(FileNotFoundError, match=FONT_ENV):
         find_emoji_font()
+
+
+def test_missing_emoji_package_names_the_pip_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "emoji", None)  # what `import emoji` sees when absent
+    with pytest.raises(ImportError, match="pip install emoji"):
+        emoji_info("🦄")

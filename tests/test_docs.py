@@ -14,6 +14,7 @@ DOCTESTED = [
     "edje.backbones",
     "edje.data",
     "edje.data.builtin",
+    "edje.data.emoji",
     "edje.metrics",
     "edje.configuration_edje",
     "edje.modeling_edje",

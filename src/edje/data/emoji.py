@@ -39,8 +39,8 @@ emoji has a *concept* (what is drawn, without gender, skin tone, hair or "facing
 
 With the defaults (seed 0, 5% and 10% of the 1,693 concepts), train has 3,098 images,
 validation 244 (85 concepts, 171 images; 67 triples, 73 images) and test 446 (169 concepts,
-373 images; 67 triples, 73 images). Drawing and encoding take 12-18 s on two CPU cores, so
-nothing is cached.
+373 images; 67 triples, 73 images). Drawing and encoding take 15-20 s on two busy CPU cores,
+so nothing is cached.
 
 Example:
     >>> from edje.data.emoji import emoji_info, load_emoji
@@ -111,6 +111,7 @@ class EmojiInfo:
 
     @property
     def image_id(self) -> str:
+        """The code points in hex: "emoji-1f575-1f3fe-200d-2640-fe0f"."""
         return "emoji-" + "-".join(f"{ord(c):x}" for c in self.char)
 
 
@@ -209,7 +210,7 @@ def emoji_info(char_or_image_id: str) -> EmojiInfo:
     elif words[0] in _GENDERS or words[:3] == ["woman", "and", "man"]:
         n = 3 if words[:3] == ["woman", "and", "man"] else 1
         gender, concept = " ".join(words[:n]), " ".join(words[n:]) or "person"
-    if hair:  # "woman: red hair" is a variant of "woman"; "man red hair" a concept of its own
+    if hair:  # "man: red hair" and "woman: medium skin tone, red hair" are both "red hair"
         concept = " ".join([concept, *hair]) if concept != "person" else " ".join(hair)
     caption = _article(base + (" facing right" if facing_right else ""))
     attributes = ([_join(tones) + " skin"] if tones else []) + [
@@ -319,7 +320,7 @@ def _held_out_triples(infos: list[EmojiInfo], seed: int) -> dict[tuple, str]:
             continue
         for split in ("test", "validation"):
             taken = [t for t in held if t[0] == concept]
-            for c, g, t in sorted(candidates, key=lambda t: _rank(seed, split, *t)):
+            for c, g, t in sorted(candidates, key=lambda triple: _rank(seed, split, *triple)):
                 n = len(triples[c, g, t])  # each pair must keep an image in train without them
                 clash = any(g == tg or t == tt for _, tg, tt in taken)
                 keeps = all(pairs[key] > n for key in (("cg", c, g), ("ct", c, t), ("gt", g, t)))
@@ -361,12 +362,12 @@ def load_emoji(
 
     ``font_path`` defaults to what :func:`find_emoji_font` finds; ``validation_concepts`` and
     ``test_concepts`` are the fractions of concepts held out whole (see the module docstring).
-    Takes about 15 s (drawing 3,963 emoji) and caches nothing.
+    Takes 15-20 s on two CPU cores (drawing 3,963 emoji, encoding 3,788 PNGs); caches nothing.
 
     Example:
         >>> ds = load_emoji(image_size=64)  # doctest: +SKIP
         >>> ds["train"][0]["image"].size, ds["train"][0]["captions"]  # doctest: +SKIP
-        ((64, 64), ['a grinning face'])
+        ((64, 64), ['a keycap #'])
     """
     if (
         not 0 <= validation_concepts + test_concepts < 1
@@ -418,7 +419,7 @@ def emoji_slices(
     Example:
         >>> slices = emoji_slices(load_emoji(), n_slices=4)  # doctest: +SKIP
         >>> [sum(len(s[split]) for split in s) for s in slices]  # doctest: +SKIP
-        [947, 947, 947, 947]
+        [974, 936, 942, 936]
     """
     if n_slices < 1 or max_images < 1:
         raise ValueError(
