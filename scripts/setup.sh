@@ -2,6 +2,8 @@
 # Set up .venv with edje, its offline backbones and everything the main job needs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# System fonts first (the emoji data set's drawings): quick when already installed.
+bash scripts/install_system_deps.sh
 python3 -m venv .venv
 # torch first, pinned: an unpinned torch pulls a multi-GB CUDA build. Override with EDJE_TORCH.
 .venv/bin/pip install -q "${EDJE_TORCH:-torch==2.13.0}"

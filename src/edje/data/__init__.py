@@ -1,7 +1,12 @@
-"""Data sets: Flickr30k, COCO, your own images, and the built-in offline set.
+"""Data sets: Flickr30k, COCO, your own images, the built-in offline set and emoji.
 
-Every loader returns a ``datasets.Dataset`` (a ``DatasetDict`` of them for the built-in set)
-with one schema, ``edje.data.SCHEMA``:
+``load_emoji()`` gives real drawings with human-written names offline: Noto Color Emoji
+(``apt-get install fonts-noto-color-emoji``) captioned from their CLDR names, split so that test
+holds concepts and concept x gender x skin-tone combinations train never shows;
+``emoji_slices`` cuts it into small sets with disjoint concepts.
+
+Every loader returns a ``datasets.Dataset`` (a ``DatasetDict`` of them for the built-in and
+emoji sets) with one schema, ``edje.data.SCHEMA``:
 
 =============  ==============================  ===============================================
 column         feature                         meaning
@@ -29,6 +34,7 @@ Example:
 
 from edje.data.builtin import make_builtin_dataset, make_builtin_scenes, save_builtin_dataset
 from edje.data.columns import from_dataset
+from edje.data.emoji import emoji_slices, load_emoji
 from edje.data.folder import load_image_folder
 from edje.data.karpathy import HubSource, load_coco_karpathy, load_flickr30k
 from edje.data.load import DATA_NAMES, load_data
@@ -38,10 +44,12 @@ __all__ = [
     "DATA_NAMES",
     "SCHEMA",
     "HubSource",
+    "emoji_slices",
     "flatten_captions",
     "from_dataset",
     "load_coco_karpathy",
     "load_data",
+    "load_emoji",
     "load_flickr30k",
     "load_image_folder",
     "make_builtin_dataset",
