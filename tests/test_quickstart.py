@@ -7,7 +7,6 @@ import torch
 
 from edje import EDJEModel, EDJEProcessor
 from edje.backbones import OFFLINE_TEXT, OFFLINE_VISION
-from edje.cli import main
 from edje.quickstart import run_quickstart
 
 SMALL = {"n_train_triplets": 6, "n_train_single": 2, "n_val_triplets": 1, "n_test_triplets": 2}
@@ -40,10 +39,3 @@ def test_quickstart_leaves_store_first_stage_and_report_and_reuses_them(
     run_quickstart(tmp_path, model=str(untrained_edje), builtin=SMALL, k=5)
     assert [p.stat().st_mtime_ns for p in shards] == stamps  # nothing encoded again
     assert (tmp_path / "first_stage" / "first_stage.safetensors").stat().st_mtime_ns == probe
-
-
-def test_without_a_shipped_checkpoint_the_quickstart_says_what_to_do(tmp_path, monkeypatch):
-    monkeypatch.setattr("edje.quickstart.shipped_checkpoint", lambda: None)
-    monkeypatch.setattr("edje.training.EDJEDataModule.prepare_data", lambda self: None)
-    with pytest.raises(SystemExit, match="edje quickstart --train"):
-        main(["quickstart", "--out", str(tmp_path)])
