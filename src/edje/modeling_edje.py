@@ -7,6 +7,7 @@ Data path: pixels -> frozen vision encoder -> raw tokens [B, n, d_vis] -> adapte
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 from dataclasses import dataclass
@@ -520,6 +521,21 @@ class EDJEModel(EDJEPreTrainedModel):
                 f"(missing {missing}, unexpected {unexpected})."
             )
         return model
+
+    @classmethod
+    def from_authors_checkpoint(cls, source: str | os.PathLike, **kwargs: Any) -> EDJEModel:
+        """The paper authors' released reranker (their state-dict layout, `.safetensors`, or
+        `.pth`/`.bin` read with `weights_only=True`) as an `EDJEModel` with the paper's adapter.
+
+        `source` is a weights file, a folder holding one, or a Hub repo id such as
+        `"shahafw/edje-vl-image-retrieval-reranker"`; `kwargs` (`filename`, `revision`,
+        `vision_num_heads`, `text_num_heads`, config fields) go to
+        `edje.authors_checkpoint.load_authors_checkpoint`. `edje convert` writes the same model
+        with its processor and card as a folder.
+        """
+        # By name: transformers would otherwise require edje to load this file as remote code.
+        converter = importlib.import_module("edje.authors_checkpoint")
+        return converter.load_authors_checkpoint(source, model_class=cls, **kwargs)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
