@@ -16,6 +16,8 @@ def test_defaults_follow_the_paper():
     assert config.adapter_mode == "compressed"
     assert config.adapter_mlp_size == 8192
     assert config.adapter_num_heads == config.vision_num_heads
+    assert config.adapter_type == "paper"
+    assert (config.adapter_hidden_act, config.adapter_layer_norm_eps) == ("gelu", 1e-6)
 
 
 def test_local_mode_keeps_every_raw_token():
@@ -38,6 +40,16 @@ def test_local_mode_keeps_every_raw_token():
         ({"max_caption_length": 2}, "at least 3, got 2"),
         ({"num_image_tokens": 500}, "max_position_embeddings=512"),
         ({"image_token_id": 30522}, r"image_token_id must be in \[0, 30522\) .*, got 30522"),
+        (
+            {"adapter_type": "perceiver"},
+            r"adapter_type must be one of \('paper', 'light'\), got 'perceiver'",
+        ),
+        ({"adapter_hidden_act": "swishy"}, r"ACT2FN .*, got 'swishy'"),
+        (
+            {"adapter_qk_norm": True},
+            r"adapter_qk_norm exist only in the light adapter; expected adapter_type='light' "
+            r"with them, got adapter_type='paper'",
+        ),
     ],
 )
 def test_invalid_values_raise_value_error_naming_what_is_allowed(kwargs, message):

@@ -83,6 +83,22 @@ def test_any_vision_encoder_and_bert_give_a_working_model(save_vision, tiny_text
     assert model(**inputs).logits.shape == (2,)
 
 
+def test_paper_adapter_takes_activation_from_the_text_encoder_eps_from_the_vision_encoder(
+    tiny_text_folder, tmp_path
+):
+    """As the authors build it: `hidden_act` of the text model, `layer_norm_eps` of the ViT."""
+    vision = SiglipVisionConfig(**TINY, image_size=28, patch_size=14, layer_norm_eps=1e-3)
+    SiglipVisionModel(vision).save_pretrained(tmp_path)
+    SiglipImageProcessor(size={"height": 28, "width": 28}).save_pretrained(tmp_path)
+    model = EDJEModel.from_backbones(
+        vision=str(tmp_path), text=str(tiny_text_folder), num_image_tokens=4, adapter_mlp_size=64
+    )
+    config = model.config
+    assert config.adapter_type == "paper"
+    assert config.adapter_hidden_act == config.text_config.hidden_act == "gelu"
+    assert config.adapter_layer_norm_eps == model.adapter.norm.eps == 1e-3
+
+
 def test_joint_encoder_starts_from_the_text_encoder_weights(tiny_text_folder, tmp_path):
     save_dinov2(tmp_path)
     model = EDJEModel.from_backbones(

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from conftest import make_tiny_config
-from edje import EDJEModel, LocalProjector, TokenCompressionAdapter
+from edje import EDJEModel, LocalProjector, PaperTokenCompressionAdapter, TokenCompressionAdapter
 from edje.modeling_edje import sincos_grid_positions
 
 CAPTIONS = ["a small red circle left of a large blue square", "a green star"]
@@ -53,6 +53,30 @@ def test_adapter_output_depends_on_every_raw_token():
     tokens = torch.randn(1, 17, 32, requires_grad=True)
     adapter(tokens).sum().backward()
     assert bool((tokens.grad.abs().sum(-1) > 0).all())
+
+
+def test_paper_adapter_is_the_default_with_attention_projections(tiny_model):
+    adapter = tiny_model.adapter
+    assert isinstance(adapter, PaperTokenCompressionAdapter)
+    assert isinstance(adapter.attention, torch.nn.MultiheadAttention)
+    assert adapter.attention.in_proj_weight.shape == (3 * 32, 32)  # its own q/k/v in-projection
+    assert adapter.norm.eps == 1e-6
+    assert adapter.queries.std().item() > 0.5  # random normal (std 1), as the authors start them
+    assert adapter(torch.randn(3, 5, 32)).shape == (3, 4, 32)
+
+
+def test_light_adapter_keeps_its_options(tiny_processor):
+    config = make_tiny_config(
+        len(tiny_processor.tokenizer),
+        tiny_processor.image_token_id,
+        adapter_type="light",
+        adapter_qk_norm=True,
+        adapter_position_embedding=True,
+    )
+    adapter = EDJEModel(config).adapter
+    assert isinstance(adapter, TokenCompressionAdapter)
+    assert adapter.norm.eps == 1e-5 and isinstance(adapter.mlp[1], torch.nn.GELU)
+    assert adapter.value_position_embedding.shape == (1, 5, 32)
 
 
 def test_local_projector_keeps_every_token():

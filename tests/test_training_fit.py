@@ -60,6 +60,7 @@ def test_sixty_four_pairs_overfit_to_95_percent_pair_accuracy(sixty_four_scenes,
         vision_num_heads=6,
         num_image_tokens=8,
         adapter_mlp_size=128,
+        adapter_type="light",
         adapter_qk_norm=True,  # without these two a tiny random model sits at chance longer
         adapter_position_embedding=True,
         max_caption_length=32,

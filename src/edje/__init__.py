@@ -7,7 +7,13 @@
 from transformers import AutoConfig, AutoModel, AutoProcessor
 
 from edje.configuration_edje import EDJEConfig
-from edje.modeling_edje import EDJEModel, EDJEOutput, LocalProjector, TokenCompressionAdapter
+from edje.modeling_edje import (
+    EDJEModel,
+    EDJEOutput,
+    LocalProjector,
+    PaperTokenCompressionAdapter,
+    TokenCompressionAdapter,
+)
 from edje.processing_edje import EDJEProcessor
 from edje.rerank import EDJEReranker
 
@@ -28,6 +34,7 @@ __all__ = [
     "EDJEProcessor",
     "EDJEReranker",
     "LocalProjector",
+    "PaperTokenCompressionAdapter",
     "TokenCompressionAdapter",
     "__version__",
 ]

@@ -5,8 +5,13 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from transformers import BertConfig, PretrainedConfig
+from transformers.activations import ACT2FN
 
 ADAPTER_MODES = ("compressed", "local")
+# "paper": the adapter of the paper and its authors' code; "light": edje's earlier, smaller one
+# (no attention in/out projections, exact GELU, LayerNorm eps 1e-5, optional qk norm and value
+# positions), which the shipped quickstart checkpoint uses.
+ADAPTER_TYPES = ("paper", "light")
 # The token whose input embeddings the image tokens replace in the joint encoder.
 IMAGE_TOKEN = "<image>"
 
@@ -35,6 +40,10 @@ class EDJEConfig(PretrainedConfig):
         adapter_mode (`str`, defaults to `"compressed"`):
             `"compressed"`: `num_image_tokens` learned queries attend over the raw tokens.
             `"local"`: a per-token MLP over all `n` raw tokens (the uncompressed teacher).
+        adapter_type (`str`, defaults to `"paper"`):
+            Which `"compressed"` adapter: `"paper"` ([`PaperTokenCompressionAdapter`]: key and
+            value projections, then `nn.MultiheadAttention` with its own in/out projections, as
+            in the paper) or `"light"` ([`TokenCompressionAdapter`], edje's smaller variant).
         num_image_tokens (`int`, defaults to 64):
             Tokens `m` stored per image in `"compressed"` mode. Ignored in `"local"` mode, where
             every raw token is kept.
@@ -42,13 +51,19 @@ class EDJEConfig(PretrainedConfig):
             Heads of the adapter's cross-attention; defaults to `vision_num_heads`.
         adapter_mlp_size (`int`, defaults to 8192):
             Hidden width of the adapter's MLP.
+        adapter_hidden_act (`str`, defaults to `"gelu"`), adapter_layer_norm_eps (`float`, defaults
+        to 1e-6):
+            The `"paper"` adapter's MLP activation (a transformers `ACT2FN` name) and LayerNorm
+            eps. The authors take the activation from the text encoder's config and the eps from
+            the vision encoder's (MiniLM: `"gelu"`, SigLIP: 1e-6); `from_backbones` does the
+            same. The `"light"` adapter always uses exact GELU and eps 1e-5.
         adapter_qk_norm (`bool`, defaults to `False`):
-            LayerNorm the adapter's queries and keys (not in the paper; steadies small-data
-            training).
+            `"light"` adapter only: LayerNorm its queries and keys (not in the paper; steadies
+            small-data training).
         adapter_position_embedding (`bool`, defaults to `False`):
-            Learn a position embedding added to the adapter's values, started from fixed 2D
-            sine-cosine positions of the patch grid, so each pooled token carries where its
-            content lies (not in the paper; it gives relations such as "left of" a path).
+            `"light"` adapter only: learn a position embedding added to its values, started from
+            fixed 2D sine-cosine positions of the patch grid, so each pooled token carries where
+            its content lies (not in the paper; it gives relations such as "left of" a path).
         image_token_id (`int`, *optional*):
             Token id of `<image>`: the slots whose input embeddings the image tokens replace.
         sep_token_id (`int`, defaults to 102), mask_token_id (`int`, defaults to 103):
@@ -89,9 +104,12 @@ class EDJEConfig(PretrainedConfig):
         vision_image_size: int | None = None,
         vision_image_processor: dict[str, Any] | None = None,
         adapter_mode: str = "compressed",
+        adapter_type: str = "paper",
         num_image_tokens: int = 64,
         adapter_num_heads: int | None = None,
         adapter_mlp_size: int = 8192,
+        adapter_hidden_act: str = "gelu",
+        adapter_layer_norm_eps: float = 1e-6,
         adapter_qk_norm: bool = False,
         adapter_position_embedding: bool = False,
         image_token_id: int | None = None,
@@ -116,9 +134,12 @@ class EDJEConfig(PretrainedConfig):
         self.vision_image_size = vision_image_size
         self.vision_image_processor = vision_image_processor
         self.adapter_mode = adapter_mode
+        self.adapter_type = adapter_type
         self.num_image_tokens = num_image_tokens
         self.adapter_num_heads = adapter_num_heads or vision_num_heads
         self.adapter_mlp_size = adapter_mlp_size
+        self.adapter_hidden_act = adapter_hidden_act
+        self.adapter_layer_norm_eps = adapter_layer_norm_eps
         self.adapter_qk_norm = adapter_qk_norm
         self.adapter_position_embedding = adapter_position_embedding
         self.image_token_id = image_token_id
@@ -148,6 +169,7 @@ class EDJEConfig(PretrainedConfig):
                 f"EDJEConfig: adapter_mode must be one of {ADAPTER_MODES}, "
                 f"got {self.adapter_mode!r}."
             )
+        self._validate_adapter_type()
         positive = {
             "vision_hidden_size": self.vision_hidden_size,
             "vision_num_tokens": self.vision_num_tokens,
@@ -183,4 +205,26 @@ class EDJEConfig(PretrainedConfig):
             raise ValueError(
                 f"EDJEConfig: image_token_id must be in [0, {vocab}) (the joint encoder's "
                 f"vocabulary), got {self.image_token_id}."
+            )
+
+    def _validate_adapter_type(self) -> None:
+        if self.adapter_type not in ADAPTER_TYPES:
+            raise ValueError(
+                f"EDJEConfig: adapter_type must be one of {ADAPTER_TYPES}, "
+                f"got {self.adapter_type!r}."
+            )
+        if self.adapter_hidden_act not in ACT2FN:
+            raise ValueError(
+                "EDJEConfig: adapter_hidden_act must be an activation name of transformers' "
+                f"ACT2FN (such as 'gelu' or 'gelu_pytorch_tanh'), got {self.adapter_hidden_act!r}."
+            )
+        light_only = [
+            name
+            for name in ("adapter_qk_norm", "adapter_position_embedding")
+            if getattr(self, name)
+        ]
+        if self.adapter_type != "light" and light_only:
+            raise ValueError(
+                f"EDJEConfig: {', '.join(light_only)} exist only in the light adapter; expected "
+                f"adapter_type='light' with them, got adapter_type={self.adapter_type!r}."
             )

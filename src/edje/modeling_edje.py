@@ -7,6 +7,7 @@ Data path: pixels -> frozen vision encoder -> raw tokens [B, n, d_vis] -> adapte
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import BertModel, PreTrainedModel
 from transformers import initialization as init
+from transformers.activations import ACT2FN
 from transformers.utils import ModelOutput
 
 from .configuration_edje import IMAGE_TOKEN, EDJEConfig
@@ -81,11 +83,65 @@ def sincos_grid_positions(num_tokens: int, dim: int) -> torch.Tensor:
     return torch.cat([torch.zeros(1, dim), grid]) if has_cls else grid
 
 
+class PaperTokenCompressionAdapter(nn.Module):
+    """The paper's adapter: compress `n` raw vision tokens into `m` tokens of the joint width.
+
+    `m` learned queries and key/value projections (`Linear(d_vis, d_vis)` each) of the raw tokens
+    go into `nn.MultiheadAttention(d_vis, num_heads, batch_first=True)`, which applies its own
+    q/k/v in-projection and out-projection; then `H + MLP(LayerNorm(H))` with an MLP
+    `d_vis -> mlp_dim -> d_vis`; then `Linear(d_vis -> out_dim)`. The authors' released
+    checkpoint converts onto it (`EDJEModel.from_authors_checkpoint`).
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> adapter = PaperTokenCompressionAdapter(vision_dim=32, out_dim=16, num_queries=4,
+    ...     num_heads=2, mlp_dim=64, hidden_act="gelu", layer_norm_eps=1e-6)
+    >>> adapter(torch.randn(3, 17, 32)).shape
+    torch.Size([3, 4, 16])
+
+    ```
+    """
+
+    def __init__(
+        self,
+        vision_dim: int,
+        out_dim: int,
+        num_queries: int,
+        num_heads: int,
+        mlp_dim: int,
+        hidden_act: str = "gelu",
+        layer_norm_eps: float = 1e-6,
+    ):
+        super().__init__()
+        self.queries = nn.Parameter(torch.randn(1, num_queries, vision_dim))
+        self.key = nn.Linear(vision_dim, vision_dim)
+        self.value = nn.Linear(vision_dim, vision_dim)
+        self.attention = nn.MultiheadAttention(vision_dim, num_heads, batch_first=True)
+        self.norm = nn.LayerNorm(vision_dim, eps=layer_norm_eps)
+        self.mlp = nn.Sequential(
+            nn.Linear(vision_dim, mlp_dim), ACT2FN[hidden_act], nn.Linear(mlp_dim, vision_dim)
+        )
+        self.proj = nn.Linear(vision_dim, out_dim)
+
+    def forward(self, vision_tokens: torch.Tensor) -> torch.Tensor:
+        q = self.queries.expand(vision_tokens.shape[0], -1, -1)  # (B, m, d_vis)
+        k = self.key(vision_tokens)  # (B, n, d_vis)
+        v = self.value(vision_tokens)  # (B, n, d_vis)
+        h = self.attention(q, k, v, need_weights=False)[0]  # (B, m, d_vis)
+        h = h + self.mlp(self.norm(h))  # (B, m, d_vis)
+        return self.proj(h)  # (B, m, d)
+
+
 class TokenCompressionAdapter(nn.Module):
-    """Compress `n` raw vision tokens into `m` tokens of the joint encoder's width.
+    """The light adapter (`adapter_type="light"`): compress `n` raw vision tokens into `m`
+    tokens of the joint encoder's width.
 
     `m` learned queries attend over key/value projections of the raw tokens (one multi-head
-    cross-attention), then `H + MLP(LayerNorm(H))`, then a projection to the joint width.
+    cross-attention without in/out projections), then `H + MLP(LayerNorm(H))` with exact GELU
+    and eps 1e-5, then a projection to the joint width. Smaller than the paper's adapter; the
+    shipped quickstart checkpoint uses it.
 
     Example:
 
@@ -194,7 +250,12 @@ class EDJEPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
-        if isinstance(module, TokenCompressionAdapter):
+        if isinstance(module, PaperTokenCompressionAdapter):
+            init.normal_(module.queries, std=1.0)  # torch.randn, as the authors start them
+        elif isinstance(module, nn.MultiheadAttention):  # torch's own init of the in-projection
+            init.xavier_uniform_(module.in_proj_weight)
+            init.zeros_(module.in_proj_bias)
+        elif isinstance(module, TokenCompressionAdapter):
             init.normal_(module.queries, std=module.queries.shape[-1] ** -0.5)
             positions = module.value_position_embedding
             if positions is not None:
@@ -229,22 +290,7 @@ class EDJEModel(EDJEPreTrainedModel):
 
     def __init__(self, config: EDJEConfig, vision_encoder: nn.Module | None = None):
         super().__init__(config)
-        if config.adapter_mode == "compressed":
-            self.adapter = TokenCompressionAdapter(
-                vision_dim=config.vision_hidden_size,
-                out_dim=config.text_config.hidden_size,
-                num_queries=config.num_image_tokens,
-                num_heads=config.adapter_num_heads,
-                mlp_dim=config.adapter_mlp_size,
-                qk_norm=config.adapter_qk_norm,
-                num_positions=config.vision_num_tokens
-                if config.adapter_position_embedding
-                else None,
-            )
-        else:
-            self.adapter = LocalProjector(
-                config.vision_hidden_size, config.text_config.hidden_size, config.adapter_mlp_size
-            )
+        self.adapter = _build_adapter(config)
         self.joint_encoder = BertModel(config.text_config, add_pooling_layer=True)
         self.itm_head = nn.Linear(config.text_config.hidden_size, 1)
         # Held outside the module tree: frozen, never trained, never saved with EDJE's weights.
@@ -444,6 +490,12 @@ class EDJEModel(EDJEPreTrainedModel):
         tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
         text_config = text_model.config.to_dict()
         text_config["vocab_size"] = len(tokenizer)
+        # As the authors build the paper's adapter: the MLP activation from the text encoder's
+        # config, the LayerNorm eps from the vision encoder's (explicit kwargs win).
+        config_kwargs.setdefault("adapter_hidden_act", text_model.config.hidden_act)
+        vision_eps = getattr(vision_model.config, "layer_norm_eps", None)
+        if vision_eps is not None:
+            config_kwargs.setdefault("adapter_layer_norm_eps", vision_eps)
         config = EDJEConfig(
             text_config=text_config,
             vision_encoder_name=vision,
@@ -469,6 +521,21 @@ class EDJEModel(EDJEPreTrainedModel):
                 f"(missing {missing}, unexpected {unexpected})."
             )
         return model
+
+    @classmethod
+    def from_authors_checkpoint(cls, source: str | os.PathLike, **kwargs: Any) -> EDJEModel:
+        """The paper authors' released reranker (their state-dict layout, `.safetensors`, or
+        `.pth`/`.bin` read with `weights_only=True`) as an `EDJEModel` with the paper's adapter.
+
+        `source` is a weights file, a folder holding one, or a Hub repo id such as
+        `"shahafw/edje-vl-image-retrieval-reranker"`; `kwargs` (`filename`, `revision`,
+        `vision_num_heads`, `text_num_heads`, config fields) go to
+        `edje.authors_checkpoint.load_authors_checkpoint`. `edje convert` writes the same model
+        with its processor and card as a folder.
+        """
+        # By name: transformers would otherwise require edje to load this file as remote code.
+        converter = importlib.import_module("edje.authors_checkpoint")
+        return converter.load_authors_checkpoint(source, model_class=cls, **kwargs)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
@@ -549,6 +616,29 @@ class EDJEModel(EDJEPreTrainedModel):
             )
 
 
+def _build_adapter(config: EDJEConfig) -> nn.Module:
+    """The adapter `config` names: the paper's, the light one, or the local projector."""
+    sizes = dict(vision_dim=config.vision_hidden_size, out_dim=config.text_config.hidden_size)
+    if config.adapter_mode == "local":
+        return LocalProjector(**sizes, mlp_dim=config.adapter_mlp_size)
+    common = dict(
+        **sizes,
+        num_queries=config.num_image_tokens,
+        num_heads=config.adapter_num_heads,
+        mlp_dim=config.adapter_mlp_size,
+    )
+    if config.adapter_type == "paper":
+        return PaperTokenCompressionAdapter(
+            **common,
+            hidden_act=config.adapter_hidden_act,
+            layer_norm_eps=config.adapter_layer_norm_eps,
+        )
+    positions = config.vision_num_tokens if config.adapter_position_embedding else None
+    return TokenCompressionAdapter(
+        **common, qk_norm=config.adapter_qk_norm, num_positions=positions
+    )
+
+
 def _load_compact(cls, name_or_path, kwargs: dict) -> EDJEModel | None:
     """The model of a compact checkpoint (see `save_pretrained(compact=True)`), else None."""
     hub = {k: kwargs[k] for k in ("revision", "token", "cache_dir", "subfolder") if k in kwargs}
@@ -586,5 +676,6 @@ __all__ = [
     "EDJEOutput",
     "EDJEPreTrainedModel",
     "LocalProjector",
+    "PaperTokenCompressionAdapter",
     "TokenCompressionAdapter",
 ]

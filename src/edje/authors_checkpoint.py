@@ -1,0 +1,469 @@
+"""The paper authors' released checkpoint as an ordinary edje folder.
+
+The authors (github.com/shahafwa/EDJE) train one `nn.Module` whose state dict holds, besides the
+reranker, frozen copies of SigLIP2 and two training-only heads. Their reranker maps key for key
+onto an [`EDJEModel`] with `adapter_type="paper"` (`KEY_MAP`): `vision_projection.*` (queries
+1 x m x d_vis, key/value `Linear`s, `nn.MultiheadAttention`, LayerNorm, MLP `fc1`/`fc2`,
+projection) -> `adapter.*`; `language_model.bert.*` (a `BertForMaskedLM` whose vocabulary ends
+with `<image>`) -> `joint_encoder.*`; `classification_head.0.*` (a `BertPooler`) and
+`classification_head.1.*` (`Linear(d, 1)`) -> `joint_encoder.pooler.*` and `itm_head.*`.
+
+Left out (`DROPPED`), with no home in an `EDJEModel`: `vision_encoder.*` and `clip.*` (frozen
+SigLIP2, loaded by name instead), `language_model.cls.*` (the MLM head), `text_projection.*`
+(text-embedding recovery) and `text_embeddings.*` (a second name of the word embeddings).
+
+Example (needs the Hub, or a local copy of the weights as the source):
+
+```python
+>>> from edje.authors_checkpoint import AUTHORS_REPO, convert_authors_checkpoint
+>>> convert_authors_checkpoint(AUTHORS_REPO, "edje-authors")  # doctest: +SKIP
+PosixPath('edje-authors')
+
+```
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from edje.configuration_edje import EDJEConfig
+from edje.model_card import render_model_card
+
+AUTHORS_REPO = "shahafw/edje-vl-image-retrieval-reranker"
+AUTHORS_CODE = "https://github.com/shahafwa/EDJE"
+AUTHORS_VISION = "google/siglip2-large-patch16-384"  # configs/retrieval.yaml: siglip_path
+AUTHORS_TEXT = "microsoft/MiniLM-L12-H384-uncased"  # configs/retrieval.yaml: language_model_path
+AUTHORS_IMAGE_SIZE, SIGLIP2_PATCH = 384, 16
+SIGLIP2_LARGE_HEADS = 16  # the adapter's attention takes the vision encoder's head count
+SIGLIP_LAYER_NORM_EPS = 1e-6  # the adapter's LayerNorm takes the vision encoder's eps
+MINILM_L12_HEADS = 12  # not in the state dict's shapes
+# The authors cap the whole pair at 64 + m tokens and truncate only the caption, so
+# `[CLS] caption [SEP]` keeps at most 64 + m - (m <image> + [SEP]) = 63 tokens.
+AUTHORS_MAX_CAPTION_LENGTH = 63
+
+# Authors' key (exact) or prefix (ending in ".") -> edje's; the rest of a prefixed key is kept.
+KEY_MAP = (
+    ("vision_projection.query", "adapter.queries"),
+    ("vision_projection.key.", "adapter.key."),
+    ("vision_projection.value.", "adapter.value."),
+    ("vision_projection.attention.", "adapter.attention."),
+    ("vision_projection.layernorm.", "adapter.norm."),
+    ("vision_projection.mlp.fc1.", "adapter.mlp.0."),
+    ("vision_projection.mlp.fc2.", "adapter.mlp.2."),
+    ("vision_projection.projection.", "adapter.proj."),
+    ("language_model.bert.embeddings.", "joint_encoder.embeddings."),
+    ("language_model.bert.encoder.", "joint_encoder.encoder."),
+    ("classification_head.0.", "joint_encoder.pooler."),
+    ("classification_head.1.", "itm_head."),
+)
+# Prefixes with no home in an EDJEModel -> what they are (for the model card).
+DROPPED = {
+    "vision_encoder.": "the frozen SigLIP2 vision tower (edje loads it by name)",
+    "clip.": "a frozen SigLIP2 (first stage, negative mining, text-recovery targets)",
+    "language_model.cls.": "the MLM head (training only)",
+    "text_projection.": "the text-embedding recovery projection (training only)",
+    "text_embeddings.": "a second name of the joint encoder's word embeddings",
+}
+# Buffers that older transformers versions saved with the weights; never read.
+BUFFERS = {
+    "language_model.bert.embeddings.position_ids",
+    "language_model.bert.embeddings.token_type_ids",
+}
+# SigLIP has no [CLS]: one position per patch token.
+SIGLIP_POSITIONS = tuple(
+    f"{tower}.vision_model.embeddings.position_embedding.weight"
+    for tower in ("vision_encoder", "clip")
+)
+WORDS = "language_model.bert.embeddings.word_embeddings.weight"
+WORDS_ALIAS = "text_embeddings.weight"
+SAFETENSORS, PICKLED = (".safetensors",), (".pth", ".pt", ".bin")
+
+
+class AuthorsCheckpointError(ValueError):
+    """The source is not the authors' checkpoint layout, or cannot be read safely."""
+
+
+@dataclass
+class AuthorsCheckpoint:
+    """The authors' reranker weights under edje's key names, and what was left out."""
+
+    state: dict[str, torch.Tensor]
+    origin: str
+    dropped: dict[str, int] = field(default_factory=dict)
+    vision_num_tokens: int | None = None  # from the frozen SigLIP's positions, when saved
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.state["adapter.queries"].dtype
+
+
+# -- reading ---------------------------------------------------------------------------------
+
+
+def read_authors_checkpoint(
+    source: str | Path, *, filename: str | None = None, revision: str | None = None
+) -> AuthorsCheckpoint:
+    """Read SOURCE (a weights file, a folder holding one, or a Hub repo id) and map its keys.
+
+    Raises `AuthorsCheckpointError` for an unreadable or unsafe file, and for keys that are
+    neither mapped nor known to be dropped (listing them).
+    """
+    path, origin = _resolve(source, filename, revision)
+    return map_authors_state_dict(_load_weights(path), origin=origin)
+
+
+def _resolve(source: str | Path, filename: str | None, revision: str | None) -> tuple[Path, str]:
+    """The local weights file for SOURCE, and a description of where it came from."""
+    local = Path(source)
+    if local.is_dir():
+        local = local / filename if filename else _weights_in(local)
+    if local.is_file():
+        return local, str(local)
+    if Path(source).exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)):
+        raise AuthorsCheckpointError(
+            f"edje convert: expected a weights file, a folder holding one, or a Hub repo id "
+            f"(owner/name) as SOURCE, got {str(source)!r}: "
+            + (f"it holds no {filename}." if Path(source).is_dir() else "no such file or folder.")
+        )
+    return _download(str(source), filename, revision)
+
+
+def _weights_in(folder: Path) -> Path:
+    """The single weights file of a folder (safetensors first)."""
+    for suffixes in (SAFETENSORS, PICKLED):
+        found = sorted(p for p in folder.iterdir() if p.suffix in suffixes)
+        if len(found) == 1:
+            return found[0]
+        if found:
+            raise AuthorsCheckpointError(
+                f"edje convert: {folder} holds several weights files "
+                f"{[p.name for p in found]}; expected one: pass the file itself as SOURCE."
+            )
+    raise AuthorsCheckpointError(
+        f"edje convert: {folder} holds no weights file; expected one ending in "
+        f"{SAFETENSORS + PICKLED}."
+    )
+
+
+def _download(repo_id: str, filename: str | None, revision: str | None) -> tuple[Path, str]:
+    from huggingface_hub import hf_hub_download, snapshot_download
+
+    try:
+        if filename is None:
+            patterns = [f"*{suffix}" for suffix in SAFETENSORS + PICKLED]
+            folder = snapshot_download(repo_id, revision=revision, allow_patterns=patterns)
+            path = _weights_in(Path(folder))
+        else:
+            path = Path(hf_hub_download(repo_id, filename, revision=revision))
+    except OSError as error:  # huggingface_hub's HTTP and offline errors are OSErrors
+        raise AuthorsCheckpointError(
+            f"edje convert: could not fetch {repo_id!r} from the Hub ({type(error).__name__}: "
+            f"{str(error).splitlines()[0]}); pass a local copy of the checkpoint as SOURCE."
+        ) from error
+    return path, f"{repo_id}/{path.name}" + (f"@{revision}" if revision else "")
+
+
+def _load_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors from safetensors, or from a torch pickle with `weights_only=True`: never
+    arbitrary unpickling."""
+    if path.suffix in SAFETENSORS:
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    if path.suffix not in PICKLED:
+        raise AuthorsCheckpointError(
+            f"edje convert: {path.name} is neither safetensors nor a torch checkpoint; expected "
+            f"a file ending in {SAFETENSORS + PICKLED}, got {path.suffix or 'no suffix'!r}."
+        )
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError) as error:  # refused, or not a torch file
+        raise AuthorsCheckpointError(
+            f"edje convert: refused {path}: torch.load(weights_only=True) would not read it "
+            f"({str(error).splitlines()[0]}). edje never unpickles arbitrary objects. If you "
+            "trust the file, load it yourself and save its state dict with "
+            "safetensors.torch.save_file, then convert that."
+        ) from None
+    return _state_dict_of(saved, path)
+
+
+def _state_dict_of(saved: Any, path: Path) -> dict[str, torch.Tensor]:
+    """The authors save `{"model": state_dict, "optimizer": ..., "config": ..., "epoch": ...}`."""
+    for key in ("model", "state_dict"):
+        if isinstance(saved, dict) and isinstance(saved.get(key), dict):
+            saved = saved[key]
+            break
+    if not isinstance(saved, dict) or not all(isinstance(v, torch.Tensor) for v in saved.values()):
+        raise AuthorsCheckpointError(
+            f"edje convert: {path} holds no state dict; expected a dict of tensors, or one under "
+            f"'model' or 'state_dict', got {type(saved).__name__}."
+        )
+    return saved
+
+
+# -- mapping ---------------------------------------------------------------------------------
+
+
+def map_authors_state_dict(
+    state: dict[str, torch.Tensor], *, origin: str = "state dict"
+) -> AuthorsCheckpoint:
+    """The authors' state dict under edje's key names; unknown keys raise, listing them."""
+    state = dict(state)
+    _fold_word_embedding_alias(state)
+    mapped, dropped, unknown = {}, {}, []
+    for key, tensor in state.items():
+        new = _edje_key(key)
+        prefix = next((p for p in DROPPED if key.startswith(p)), None)
+        if new is not None:
+            mapped[new] = tensor
+        elif prefix is not None or key in BUFFERS:
+            dropped[prefix or "buffers"] = dropped.get(prefix or "buffers", 0) + 1
+        else:
+            unknown.append(key)
+    if unknown:
+        raise AuthorsCheckpointError(
+            f"edje convert: {origin} has {len(unknown)} keys that are not in the authors' "
+            f"checkpoint layout (compressed adapter, BertForMaskedLM, pooler head): "
+            f"{sorted(unknown)}. Nothing was written."
+        )
+    if "adapter.queries" not in mapped:
+        raise AuthorsCheckpointError(
+            f"edje convert: {origin} has no 'vision_projection.query'; expected the authors' "
+            "token-compression checkpoint (the uncompressed 'local' variant is not supported)."
+        )
+    positions = next((state[k] for k in SIGLIP_POSITIONS if k in state), None)
+    return AuthorsCheckpoint(
+        state=mapped,
+        origin=origin,
+        dropped=dropped,
+        vision_num_tokens=None if positions is None else positions.shape[0],
+    )
+
+
+def _edje_key(key: str) -> str | None:
+    for theirs, ours in KEY_MAP:
+        if key == theirs or (theirs.endswith(".") and key.startswith(theirs)):
+            return ours + key[len(theirs) :]
+    return None
+
+
+def _fold_word_embedding_alias(state: dict[str, torch.Tensor]) -> None:
+    """Their pair embedding reads `text_embeddings`, the same module as the word embeddings; a
+    file that kept one name of the shared tensor still converts, two that differ are refused."""
+    alias = state.get(WORDS_ALIAS)
+    if alias is None:
+        return
+    words = state.setdefault(WORDS, alias)
+    if words is not alias and not torch.equal(words, alias):
+        raise AuthorsCheckpointError(
+            f"edje convert: {WORDS_ALIAS} and {WORDS} differ; in the authors' model they are "
+            "one tensor, so this is not their checkpoint layout."
+        )
+
+
+# -- the model -------------------------------------------------------------------------------
+
+
+def authors_config(
+    checkpoint: AuthorsCheckpoint,
+    *,
+    vision_num_heads: int = SIGLIP2_LARGE_HEADS,
+    text_num_heads: int = MINILM_L12_HEADS,
+    vision_num_tokens: int | None = None,
+    **config_kwargs: Any,
+) -> EDJEConfig:
+    """The `EDJEConfig` of the authors' model, its shapes read from the weights (no download).
+
+    Heads cannot be read from shapes: SigLIP2-L has 16, MiniLM-L12-H384 12. The raw token count
+    comes from the frozen SigLIP's position embeddings when the file has them, else
+    `vision_num_tokens` (default 576: 384 px in patches of 16). The activation and
+    eps follow the authors' code: the adapter's MLP uses the text encoder's `hidden_act` (BERT's
+    exact "gelu"), its LayerNorm the vision encoder's eps (SigLIP: 1e-6).
+    """
+    s = checkpoint.state
+    words = s["joint_encoder.embeddings.word_embeddings.weight"]
+    layers = {int(k.split(".")[3]) for k in s if k.startswith("joint_encoder.encoder.layer.")}
+    text_config = dict(
+        vocab_size=words.shape[0],
+        hidden_size=words.shape[1],
+        num_hidden_layers=len(layers),
+        num_attention_heads=text_num_heads,
+        intermediate_size=s["joint_encoder.encoder.layer.0.intermediate.dense.weight"].shape[0],
+        max_position_embeddings=s["joint_encoder.embeddings.position_embeddings.weight"].shape[0],
+        type_vocab_size=s["joint_encoder.embeddings.token_type_embeddings.weight"].shape[0],
+        hidden_act="gelu",
+    )
+    values = dict(
+        text_config=text_config,
+        vision_encoder_name=AUTHORS_VISION,
+        vision_hidden_size=s["adapter.key.weight"].shape[1],
+        vision_num_tokens=vision_num_tokens
+        or checkpoint.vision_num_tokens
+        or (AUTHORS_IMAGE_SIZE // SIGLIP2_PATCH) ** 2,
+        vision_num_heads=vision_num_heads,
+        vision_image_size=AUTHORS_IMAGE_SIZE,
+        adapter_type="paper",
+        num_image_tokens=s["adapter.queries"].shape[1],
+        adapter_mlp_size=s["adapter.mlp.0.weight"].shape[0],
+        adapter_hidden_act=text_config["hidden_act"],
+        adapter_layer_norm_eps=SIGLIP_LAYER_NORM_EPS,
+        image_token_id=words.shape[0] - 1,  # `<image>` is the one token appended
+        max_caption_length=AUTHORS_MAX_CAPTION_LENGTH,
+        base_text_encoder=AUTHORS_TEXT,
+    )
+    return EDJEConfig(**{**values, **config_kwargs})
+
+
+def load_authors_checkpoint(
+    source: str | Path,
+    *,
+    model_class: type | None = None,
+    filename: str | None = None,
+    revision: str | None = None,
+    **config_kwargs: Any,
+):
+    """An `EDJEModel` (fp32, eval mode) with the authors' weights; `config_kwargs` go to
+    [`authors_config`]. Missing or unexpected keys and wrong shapes raise, listing them."""
+    checkpoint = read_authors_checkpoint(source, filename=filename, revision=revision)
+    return model_from_checkpoint(checkpoint, model_class=model_class, **config_kwargs)
+
+
+def model_from_checkpoint(checkpoint: AuthorsCheckpoint, *, model_class=None, **config_kwargs):
+    """The `EDJEModel` (or `model_class`) holding `checkpoint`, in eval mode."""
+    from edje.modeling_edje import EDJEModel
+
+    model = (model_class or EDJEModel)(authors_config(checkpoint, **config_kwargs))
+    _check_keys(model.state_dict(), checkpoint)
+    model.load_state_dict(checkpoint.state, strict=True)
+    return model.eval()
+
+
+def _check_keys(expected: dict[str, torch.Tensor], checkpoint: AuthorsCheckpoint) -> None:
+    given = checkpoint.state
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    shapes = [
+        f"{key}: expected {list(expected[key].shape)}, got {list(given[key].shape)}"
+        for key in sorted(set(expected) & set(given))
+        if expected[key].shape != given[key].shape
+    ]
+    if missing or unexpected or shapes:
+        raise AuthorsCheckpointError(
+            f"edje convert: {checkpoint.origin} does not fill an EDJEModel: missing (edje "
+            f"names) {missing}, unexpected {unexpected}, wrong shapes {shapes}. Nothing was "
+            "written."
+        )
+
+
+# -- the folder ------------------------------------------------------------------------------
+
+
+def convert_authors_checkpoint(
+    source: str | Path,
+    out: str | Path,
+    *,
+    tokenizer: str | Path = AUTHORS_TEXT,
+    image_processor: str | Path = AUTHORS_VISION,
+    filename: str | None = None,
+    revision: str | None = None,
+    **config_kwargs: Any,
+) -> Path:
+    """Write the authors' checkpoint as an edje folder: config, `model.safetensors`, processor
+    (tokenizer with `<image>`, SigLIP2's image processor) and a model card naming the source.
+
+    `tokenizer` and `image_processor` are Hub ids or local folders (the defaults are the
+    authors' backbones on the Hub). Nothing appears at `out` unless every step succeeds.
+    """
+    out = Path(out)
+    if out.exists():
+        raise AuthorsCheckpointError(
+            f"edje convert: {out} already exists; expected a new folder (remove it or choose "
+            "another --out)."
+        )
+    checkpoint = read_authors_checkpoint(source, filename=filename, revision=revision)
+    model = model_from_checkpoint(checkpoint, **config_kwargs)
+    processor = _processor(model.config, tokenizer, image_processor)
+    model.config.vision_image_processor = processor.image_processor.to_dict()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(staging)
+        processor.save_pretrained(staging)
+        card = render_model_card(model, results=_paper_results()) + _source_section(checkpoint)
+        (staging / "README.md").write_text(card, encoding="utf-8")
+        staging.chmod(0o755)  # mkdtemp makes it private; a model folder is not
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def _processor(config: EDJEConfig, tokenizer: str | Path, image_processor: str | Path):
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    from edje.processing_edje import EDJEProcessor
+
+    processor = EDJEProcessor(
+        image_processor=AutoImageProcessor.from_pretrained(str(image_processor)),
+        tokenizer=AutoTokenizer.from_pretrained(str(tokenizer)),
+        num_image_tokens=config.num_image_tokens,
+        max_caption_length=config.max_caption_length,
+    )
+    vocab = config.text_config.vocab_size
+    if processor.image_token_id != config.image_token_id or len(processor.tokenizer) != vocab:
+        raise AuthorsCheckpointError(
+            f"edje convert: tokenizer {str(tokenizer)!r} does not fit the checkpoint: expected "
+            f"{vocab} tokens with <image> = {config.image_token_id} (the authors' MiniLM "
+            f"uncased vocabulary plus <image>), got {len(processor.tokenizer)} with <image> = "
+            f"{processor.image_token_id}."
+        )
+    return processor
+
+
+def _paper_results() -> str:
+    return (
+        "Reported in the paper (arXiv 2510.06820, Table 1), Flickr30k 1k test, zero-shot, "
+        "reranking the top 10 of SigLIP2 L/16:\n\n"
+        "| R@1 | first stage | reranked |\n| --- | --- | --- |\n"
+        "| text -> image | 82.3 | 87.8 |\n| image -> text | 94.8 | 96.5 |\n\n"
+        "Not reproduced by this conversion."
+    )
+
+
+def _source_section(checkpoint: AuthorsCheckpoint) -> str:
+    dropped = "\n".join(
+        f"- `{prefix}*` ({count} tensors): {DROPPED.get(prefix, 'non-persistent buffers')}"
+        for prefix, count in sorted(checkpoint.dropped.items())
+    )
+    return (
+        "\n\n## Source\n\n"
+        f"Converted by `edje convert` from the paper authors' checkpoint `{checkpoint.origin}` "
+        f"(weights in {str(checkpoint.dtype).removeprefix('torch.')}, stored here in fp32; "
+        f"code: {AUTHORS_CODE}). The reranker's weights are theirs, unchanged; left out, "
+        f"with no home in an EDJEModel:\n\n{dropped or '- nothing'}\n\n"
+        "License: not stated in the parts of the source model page that edje's developers "
+        "could read; the authors' training code carries a BSD 3-Clause header. Check the "
+        f"source repository (https://huggingface.co/{AUTHORS_REPO}) before redistributing.\n"
+    )
+
+
+__all__ = [
+    "AUTHORS_REPO",
+    "KEY_MAP",
+    "AuthorsCheckpoint",
+    "AuthorsCheckpointError",
+    "authors_config",
+    "convert_authors_checkpoint",
+    "load_authors_checkpoint",
+    "map_authors_state_dict",
+    "read_authors_checkpoint",
+]
