@@ -7,7 +7,6 @@ Data path: pixels -> frozen vision encoder -> raw tokens [B, n, d_vis] -> adapte
 
 from __future__ import annotations
 
-import importlib
 import math
 import os
 from dataclasses import dataclass
@@ -22,27 +21,21 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.utils import ModelOutput
 
-from .configuration_edje import IMAGE_TOKEN, EDJEConfig
+from .configuration_edje import EDJEConfig
 
-# edje's own loaders know the offline backbone names and write model cards. Saved checkpoints also
-# carry this file as remote code, which must load where edje is not installed; transformers does
-# not require the imports inside a try block.
+# edje's own features (named backbones, fingerprints, compact weights, cards, the authors'
+# checkpoint). Saved folders carry this file as remote code, which must load where edje is not
+# installed; transformers does not require imports inside a try block.
 try:
-    from edje.backbones import load_text_encoder, load_vision_encoder, vision_encoder_spec
+    from edje import model_extras
 except ImportError:
-    load_text_encoder = load_vision_encoder = vision_encoder_spec = None
-try:
-    from edje.model_card import write_model_card
-except ImportError:
-    write_model_card = None
-try:
-    from edje.store.fingerprint import state_dict_sha256, store_fingerprint
-except ImportError:
-    state_dict_sha256 = store_fingerprint = None
-try:
-    from edje.compact_checkpoint import COMPACT_WEIGHTS, load_compact, save_compact
-except ImportError:
-    COMPACT_WEIGHTS = load_compact = save_compact = None
+    model_extras = None
+
+
+def _needs_edje(feature: str):
+    if model_extras is None:
+        raise ImportError(f"EDJEModel.{feature} needs the edje package: pip install edje")
+    return model_extras
 
 
 # Where `save_pretrained(..., save_vision_encoder=True)` puts the frozen vision tower.
@@ -330,10 +323,9 @@ class EDJEModel(EDJEPreTrainedModel):
             if source.is_dir():
                 return AutoModel.from_pretrained(source / VISION_SUBFOLDER)
             return AutoModel.from_pretrained(str(self._vision_source), subfolder=VISION_SUBFOLDER)
-        if load_vision_encoder is None:
+        if model_extras is None:
             return AutoModel.from_pretrained(name)
-        model, _ = load_vision_encoder(name, image_size=self.config.vision_image_size)
-        return model
+        return model_extras.vision_encoder_by_name(self.config)
 
     @torch.no_grad()
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -357,20 +349,7 @@ class EDJEModel(EDJEPreTrainedModel):
 
         A token store records the same; `check_store` compares them.
         """
-        if store_fingerprint is None:
-            raise ImportError(
-                "EDJEModel.store_fingerprint needs the edje package: pip install edje"
-            )
-        if not hasattr(self, "_vision_sha256"):  # hashing a ViT-L takes seconds: once
-            self._vision_sha256 = state_dict_sha256(self.vision_encoder)
-        adapter = "raw" if raw else state_dict_sha256(self.adapter)
-        config = self.config
-        return store_fingerprint(
-            config.vision_encoder_name,
-            self._vision_sha256,
-            config.vision_image_processor,
-            adapter,
-        )
+        return _needs_edje("store_fingerprint").store_fingerprint_of(self, raw)
 
     def check_store(self, store: Any, *, force: bool = False) -> None:
         """Refuse a token store made by another vision encoder, preprocessing or adapter.
@@ -476,51 +455,9 @@ class EDJEModel(EDJEPreTrainedModel):
         the adapter and head are freshly initialised. `config_kwargs` go to [`EDJEConfig`].
         `vision` and `text` are Hub ids, local folders or the offline names in `edje.backbones`.
         """
-        if load_text_encoder is None:
-            raise ImportError("EDJEModel.from_backbones needs the edje package: pip install edje")
-        vision_model, image_processor = load_vision_encoder(vision, image_size=vision_image_size)
-        spec = vision_encoder_spec(vision_model, image_processor)
-        if spec["model_type"].startswith("siglip2"):
-            raise ValueError(
-                f"EDJEModel.from_backbones: {vision!r} is a SigLIP2 NaFlex model, whose forward "
-                "needs per-image patch masks; use a fixed-resolution SigLIP2 checkpoint such as "
-                "google/siglip2-large-patch16-384 (model type 'siglip')."
-            )
-        text_model, tokenizer = load_text_encoder(text)
-        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
-        text_config = text_model.config.to_dict()
-        text_config["vocab_size"] = len(tokenizer)
-        # As the authors build the paper's adapter: the MLP activation from the text encoder's
-        # config, the LayerNorm eps from the vision encoder's (explicit kwargs win).
-        config_kwargs.setdefault("adapter_hidden_act", text_model.config.hidden_act)
-        vision_eps = getattr(vision_model.config, "layer_norm_eps", None)
-        if vision_eps is not None:
-            config_kwargs.setdefault("adapter_layer_norm_eps", vision_eps)
-        config = EDJEConfig(
-            text_config=text_config,
-            vision_encoder_name=vision,
-            vision_hidden_size=spec["hidden_size"],
-            vision_num_tokens=spec["num_tokens"],
-            vision_num_heads=spec["num_heads"],
-            vision_image_size=spec["image_size"],
-            vision_image_processor=image_processor.to_dict(),
-            image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-            sep_token_id=tokenizer.sep_token_id,
-            mask_token_id=tokenizer.mask_token_id,
-            base_text_encoder=text,
-            **config_kwargs,
+        return _needs_edje("from_backbones").build_from_backbones(
+            cls, vision, text, vision_image_size=vision_image_size, **config_kwargs
         )
-        model = cls(config, vision_encoder=vision_model)
-        text_model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-        missing, unexpected = model.joint_encoder.load_state_dict(
-            text_model.state_dict(), strict=False
-        )
-        if unexpected or any(not key.startswith("pooler.") for key in missing):
-            raise ValueError(
-                f"EDJEModel.from_backbones: text encoder {text!r} does not fit a BertModel "
-                f"(missing {missing}, unexpected {unexpected})."
-            )
-        return model
 
     @classmethod
     def from_authors_checkpoint(cls, source: str | os.PathLike, **kwargs: Any) -> EDJEModel:
@@ -533,9 +470,8 @@ class EDJEModel(EDJEPreTrainedModel):
         `edje.authors_checkpoint.load_authors_checkpoint`. `edje convert` writes the same model
         with its processor and card as a folder.
         """
-        # By name: transformers would otherwise require edje to load this file as remote code.
-        converter = importlib.import_module("edje.authors_checkpoint")
-        return converter.load_authors_checkpoint(source, model_class=cls, **kwargs)
+        extras = _needs_edje("from_authors_checkpoint")
+        return extras.load_authors_checkpoint(source, model_class=cls, **kwargs)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
@@ -567,11 +503,9 @@ class EDJEModel(EDJEPreTrainedModel):
         """
         kwargs.pop("safe_serialization", None)  # safetensors only
         if compact:
-            if save_compact is None:
-                raise ImportError("compact checkpoints need the edje package: pip install edje")
-            save_compact(self, save_directory)
-            if write_model_card is not None:
-                write_model_card(self, save_directory, compact=True)
+            extras = _needs_edje("save_pretrained(compact=True)")
+            extras.save_compact(self, save_directory)
+            extras.write_model_card(self, save_directory, compact=True)
             return
         if save_vision_encoder:
             self.vision_encoder.save_pretrained(Path(save_directory) / VISION_SUBFOLDER)
@@ -582,8 +516,8 @@ class EDJEModel(EDJEPreTrainedModel):
         finally:
             if save_vision_encoder:
                 self.config.vision_encoder_name = original_name
-        if kwargs.get("is_main_process", True) and write_model_card is not None:
-            write_model_card(self, save_directory)
+        if kwargs.get("is_main_process", True) and model_extras is not None:
+            model_extras.write_model_card(self, save_directory)
 
     def push_to_hub(
         self,
@@ -605,8 +539,8 @@ class EDJEModel(EDJEPreTrainedModel):
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
         with tempfile.TemporaryDirectory() as folder:
             self.save_pretrained(folder, save_vision_encoder=save_vision_encoder)
-            if write_model_card is not None:
-                write_model_card(self, folder, repo_id=repo_id)
+            if model_extras is not None:
+                model_extras.write_model_card(self, folder, repo_id=repo_id)
             return api.upload_folder(
                 repo_id=repo_id,
                 folder_path=folder,
@@ -642,25 +576,12 @@ def _build_adapter(config: EDJEConfig) -> nn.Module:
 def _load_compact(cls, name_or_path, kwargs: dict) -> EDJEModel | None:
     """The model of a compact checkpoint (see `save_pretrained(compact=True)`), else None."""
     hub = {k: kwargs[k] for k in ("revision", "token", "cache_dir", "subfolder") if k in kwargs}
-    config = kwargs.get("config")
-    if config is None:
-        config = EDJEConfig.from_pretrained(name_or_path, **hub)
+    config = kwargs.get("config") or EDJEConfig.from_pretrained(name_or_path, **hub)
     if not getattr(config, "compact_checkpoint", False):
         return None
-    if load_compact is None:
-        raise ImportError(
-            f"{name_or_path} is a compact EDJE checkpoint (weights relative to its text "
-            "encoder): loading it needs the edje package: pip install edje"
-        )
-    local = Path(name_or_path, hub.get("subfolder") or "", COMPACT_WEIGHTS)
-    if not local.is_file():
-        from huggingface_hub import hf_hub_download
-
-        local = hf_hub_download(str(name_or_path), COMPACT_WEIGHTS, **hub)
-    config.compact_checkpoint = False  # the loaded model is a whole one
+    extras = _needs_edje(f"from_pretrained({str(name_or_path)!r}), a compact checkpoint,")
     dtype = kwargs.get("dtype") or kwargs.get("torch_dtype")
-    model = load_compact(cls, config, local)
-    return model.to(dtype) if isinstance(dtype, torch.dtype) else model
+    return extras.load_compact_model(cls, name_or_path, config, hub, dtype)
 
 
 def _check_shape(name: str, tensor: torch.Tensor, expected: tuple[int, int], layout: str) -> None:

@@ -1,0 +1,109 @@
+"""What `EDJEModel` can do only where edje is installed: build from named backbones, load
+vision encoders by edje's names, fingerprint stores, compact weights, model cards and the
+authors' checkpoint.
+
+`modeling_edje.py` ships beside saved weights as remote code that must load without edje, so
+it reaches all of this through this one module, imported in one guarded place.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from edje.authors_checkpoint import load_authors_checkpoint
+from edje.backbones import load_text_encoder, load_vision_encoder, vision_encoder_spec
+from edje.compact_checkpoint import COMPACT_WEIGHTS, load_compact, save_compact
+from edje.configuration_edje import IMAGE_TOKEN, EDJEConfig
+from edje.model_card import write_model_card
+from edje.store.fingerprint import RAW_ADAPTER, state_dict_sha256, store_fingerprint
+
+__all__ = [
+    "build_from_backbones",
+    "load_authors_checkpoint",
+    "load_compact_model",
+    "save_compact",
+    "store_fingerprint_of",
+    "vision_encoder_by_name",
+    "write_model_card",
+]
+
+
+def vision_encoder_by_name(config: EDJEConfig) -> torch.nn.Module:
+    """`config.vision_encoder_name` as edje names it (Hub id, folder or offline name)."""
+    model, _ = load_vision_encoder(config.vision_encoder_name, image_size=config.vision_image_size)
+    return model
+
+
+def store_fingerprint_of(model, raw: bool) -> dict:
+    """The fingerprint of the stores `model` makes (see `EDJEModel.store_fingerprint`)."""
+    if not hasattr(model, "_vision_sha256"):  # hashing a ViT-L takes seconds: once
+        model._vision_sha256 = state_dict_sha256(model.vision_encoder)
+    config = model.config
+    return store_fingerprint(
+        config.vision_encoder_name,
+        model._vision_sha256,
+        config.vision_image_processor,
+        RAW_ADAPTER if raw else state_dict_sha256(model.adapter),
+    )
+
+
+def build_from_backbones(
+    cls, vision: str, text: str, *, vision_image_size: int | None = None, **config_kwargs: Any
+):
+    """A new `cls` (an `EDJEModel`) around two backbones; see `EDJEModel.from_backbones`."""
+    vision_model, image_processor = load_vision_encoder(vision, image_size=vision_image_size)
+    spec = vision_encoder_spec(vision_model, image_processor)
+    if spec["model_type"].startswith("siglip2"):
+        raise ValueError(
+            f"EDJEModel.from_backbones: {vision!r} is a SigLIP2 NaFlex model, whose forward "
+            "needs per-image patch masks; use a fixed-resolution SigLIP2 checkpoint such as "
+            "google/siglip2-large-patch16-384 (model type 'siglip')."
+        )
+    text_model, tokenizer = load_text_encoder(text)
+    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    text_config = text_model.config.to_dict()
+    text_config["vocab_size"] = len(tokenizer)
+    # As the authors build the paper's adapter: the MLP activation from the text encoder's
+    # config, the LayerNorm eps from the vision encoder's (explicit kwargs win).
+    config_kwargs.setdefault("adapter_hidden_act", text_model.config.hidden_act)
+    vision_eps = getattr(vision_model.config, "layer_norm_eps", None)
+    if vision_eps is not None:
+        config_kwargs.setdefault("adapter_layer_norm_eps", vision_eps)
+    config = EDJEConfig(
+        text_config=text_config,
+        vision_encoder_name=vision,
+        vision_hidden_size=spec["hidden_size"],
+        vision_num_tokens=spec["num_tokens"],
+        vision_num_heads=spec["num_heads"],
+        vision_image_size=spec["image_size"],
+        vision_image_processor=image_processor.to_dict(),
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        sep_token_id=tokenizer.sep_token_id,
+        mask_token_id=tokenizer.mask_token_id,
+        base_text_encoder=text,
+        **config_kwargs,
+    )
+    model = cls(config, vision_encoder=vision_model)
+    text_model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    missing, unexpected = model.joint_encoder.load_state_dict(text_model.state_dict(), strict=False)
+    if unexpected or any(not key.startswith("pooler.") for key in missing):
+        raise ValueError(
+            f"EDJEModel.from_backbones: text encoder {text!r} does not fit a BertModel "
+            f"(missing {missing}, unexpected {unexpected})."
+        )
+    return model
+
+
+def load_compact_model(cls, name_or_path, config: EDJEConfig, hub: dict, dtype=None):
+    """A compact checkpoint (`save_pretrained(compact=True)`) as a whole `cls` model."""
+    local = Path(name_or_path, hub.get("subfolder") or "", COMPACT_WEIGHTS)
+    if not local.is_file():
+        from huggingface_hub import hf_hub_download
+
+        local = hf_hub_download(str(name_or_path), COMPACT_WEIGHTS, **hub)
+    config.compact_checkpoint = False  # the loaded model is a whole one
+    model = load_compact(cls, config, local)
+    return model.to(dtype) if isinstance(dtype, torch.dtype) else model
