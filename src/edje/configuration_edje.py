@@ -76,6 +76,10 @@ class EDJEConfig(PretrainedConfig):
             Set in saved configs whose weights are compact (see `edje.compact_checkpoint`).
         max_caption_length (`int`, defaults to 64):
             Caption tokens kept, `[CLS]` and `[SEP]` included; longer captions are truncated.
+        fusion_edje_weight (`float`, defaults to 1.0), fusion_first_stage_weight (`float`):
+            Score fusion (`edje.fusion`): candidates with first-stage similarities are ranked by
+            `fusion_edje_weight * logit + fusion_first_stage_weight * similarity`; chosen on
+            validation data at export. `None`: EDJE's logit alone.
 
     Example:
 
@@ -118,6 +122,8 @@ class EDJEConfig(PretrainedConfig):
         max_caption_length: int = 64,
         base_text_encoder: str | None = None,
         compact_checkpoint: bool = False,
+        fusion_edje_weight: float = 1.0,
+        fusion_first_stage_weight: float | None = None,
         **kwargs: Any,
     ):
         if text_config is None:
@@ -148,6 +154,8 @@ class EDJEConfig(PretrainedConfig):
         self.max_caption_length = max_caption_length
         self.base_text_encoder = base_text_encoder
         self.compact_checkpoint = compact_checkpoint
+        self.fusion_edje_weight = fusion_edje_weight
+        self.fusion_first_stage_weight = fusion_first_stage_weight
         super().__init__(**kwargs)
         self._validate()
 

@@ -21,7 +21,7 @@ column         feature                         meaning
 ``edje fit``, ``edje eval``, ``edje encode`` and ``edje index``.
 
 For retrieval, ``flatten_captions(ds)`` gives every caption in row order and, for each, the
-row index of its image: the ``text_to_image`` that ``edje.metrics.recall_at_k`` takes.
+row index of its image: the ``text_to_image`` that ``edje.evaluation.metrics.recall_at_k`` takes.
 
 Example:
     >>> from edje.data import make_builtin_dataset

@@ -138,8 +138,7 @@ def evaluate(
     )
     timer("search", t)
 
-    reranked: dict[int, dict[str, float]] = {}
-    fused, weights, pairs = {}, None, 0
+    reranked, fused, weights, pairs = {}, {}, None, 0
     if model is not None:
         model.to(device).eval()
         if store is not None:
@@ -156,8 +155,7 @@ def evaluate(
             scorer, tokens, texts, candidates, batch_size, show_progress_bar
         )
         pairs = candidates.t2i.numel() + candidates.i2t.numel()
-        for depth in depths:
-            reranked[depth] = _reranked_curve(candidates, depth, curve_ks, first_curve)
+        reranked = {d: _reranked_curve(candidates, d, curve_ks, first_curve) for d in depths}
         weights = fusion_weights(model.config) if fusion == "auto" else fusion
         if weights is not None:
             fused = _reranked_curve(candidates, k, curve_ks, first_curve, weights)

@@ -40,14 +40,7 @@ class Scorer:
         self, captions: Sequence[Caption], candidate_tokens: torch.Tensor
     ) -> torch.Tensor:
         """Q captions, each against its own K candidates `[Q, K, m, d]` -> logits `[Q, K]`."""
-        self.check_tokens("score_queries", candidate_tokens, "[Q, K, m, d]", 4)
-        captions = as_caption_list(captions, type(self).__name__)
-        q, k = candidate_tokens.shape[:2]
-        if len(captions) != q:
-            raise ValueError(
-                f"{type(self).__name__}.score_queries: {len(captions)} captions but "
-                f"candidate_tokens holds {q} queries (shape {list(candidate_tokens.shape)})."
-            )
+        captions, q, k = self.check_queries(captions, candidate_tokens)
         if q * k == 0:
             return torch.zeros(q, k, device=self.device)
         flat = candidate_tokens.reshape(q * k, *candidate_tokens.shape[2:])
@@ -65,6 +58,18 @@ class Scorer:
                 f"{who}: image tokens must have shape {layout} = "
                 f"[{lead}, {expected[0]}, {expected[1]}], got {list(tokens.shape)}."
             )
+
+    def check_queries(self, captions, candidate_tokens: torch.Tensor) -> tuple[list, int, int]:
+        """`score_queries`' checks: `[Q, K, m, d]` tokens and Q captions; `(captions, Q, K)`."""
+        self.check_tokens("score_queries", candidate_tokens, "[Q, K, m, d]", 4)
+        captions = as_caption_list(captions, type(self).__name__)
+        q, k = candidate_tokens.shape[:2]
+        if len(captions) != q:
+            raise ValueError(
+                f"{type(self).__name__}.score_queries: {len(captions)} captions but "
+                f"candidate_tokens holds {q} queries (shape {list(candidate_tokens.shape)})."
+            )
+        return captions, q, k
 
     def check_pair_count(self, captions: list, image_tokens: torch.Tensor) -> None:
         if len(captions) != image_tokens.shape[0]:

@@ -2,7 +2,7 @@
 
 `EDJEModel.forward` pads every caption of a batch to the longest and runs transformers'
 BertModel over the padded grid with a mask. FastScorer reads the same weights and runs
-`edje.fast_encoder.PackedBert` instead:
+`edje.scoring.packed_bert.PackedBert` instead:
 
 - a caption is tokenized once (and cached), its embedding row and LayerNorm computed once, then
   shared by its K candidates;
@@ -147,14 +147,7 @@ class FastScorer(Scorer):
         self, captions: Sequence[Caption], candidate_tokens: torch.Tensor
     ) -> torch.Tensor:
         """Q captions, each against its own K candidates `[Q, K, m, d]` -> logits `[Q, K]`."""
-        self.check_tokens("score_queries", candidate_tokens, "[Q, K, m, d]", 4)
-        captions = as_caption_list(captions, "FastScorer")
-        q, k = candidate_tokens.shape[:2]
-        if len(captions) != q:
-            raise ValueError(
-                f"FastScorer.score_queries: {len(captions)} captions but candidate_tokens holds "
-                f"{q} queries (shape {list(candidate_tokens.shape)})."
-            )
+        captions, q, k = self.check_queries(captions, candidate_tokens)
         if q * k == 0:
             return torch.zeros(q, k, device=self.device)
         ids = self._caption_ids(captions)
