@@ -33,6 +33,28 @@ def run(args: argparse.Namespace) -> int:
     return 0 if cli.trainer.state.status.value == "finished" else 1
 
 
+def cpu_precision(trainer) -> None:
+    """Recipes ask for bf16-mixed (GPUs, CPUs with bf16 units); on a CPU without native bf16
+    that runs every matmul tens of times slower than float32, so train in float32 there."""
+    import logging
+
+    import torch
+
+    from edje.training.hardware import cpu_has_native_bf16
+
+    precision = str(trainer.get("precision"))
+    on_cpu = trainer.get("accelerator") == "cpu" or (
+        trainer.get("accelerator") in (None, "auto") and not torch.cuda.is_available()
+    )
+    if "bf16" in precision and on_cpu and not cpu_has_native_bf16():
+        logging.getLogger(__name__).warning(
+            "edje fit: this CPU has no native bfloat16, where precision=%s runs tens of times "
+            "slower than float32: training in float32 (precision=32-true) instead.",
+            precision,
+        )
+        trainer["precision"] = "32-true"
+
+
 def make_cli(cli_args: list[str], run: bool = True):
     """The LightningCLI of `edje fit` (`run=False` parses and instantiates only)."""
     from lightning.pytorch.cli import LightningCLI
@@ -44,6 +66,10 @@ def make_cli(cli_args: list[str], run: bool = True):
             # The data is read as the network reads it: one vision encoder, tokenizer and
             # caption length, named once in the recipe's model section.
             parser.link_arguments("model.backbones", "data.backbones", apply_on="instantiate")
+
+        def before_instantiate_classes(self) -> None:
+            config = self.config[self.subcommand] if self.subcommand else self.config
+            cpu_precision(config["trainer"])
 
     return EDJECLI(
         EDJETrainingModule,

@@ -26,6 +26,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from PIL import Image
 
 from edje._utils import load_rgb
+from edje.image_tokens import pixel_inputs
 from edje.store.fingerprint import (
     RAW_ADAPTER,
     fingerprint_diff,
@@ -115,7 +116,7 @@ class _Batches(torch.utils.data.Dataset):
                 ok_ids.append(self.ids[i])
             except ValueError as e:
                 failures[self.ids[i]] = str(e)
-        inputs = dict(self.processor(images=images, return_tensors="pt")) if images else {}
+        inputs = pixel_inputs(self.processor, images) if images else {}
         return {"ids": ok_ids, "inputs": inputs, "failures": failures}
 
 

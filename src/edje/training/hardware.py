@@ -1,4 +1,5 @@
-"""A one-line description of the machine a result was measured on, for cards and benchmarks."""
+"""What the machine is: a one-line description for cards and benchmarks, and whether its CPU
+computes bfloat16 natively."""
 
 from __future__ import annotations
 
@@ -18,6 +19,25 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown CPU"
+
+
+# CPU flags of native bfloat16 matrix products (x86 AVX-512 BF16 / AMX, Arm BF16); without
+# them torch's bf16 matmuls run a reference kernel, tens of times slower than float32.
+BF16_CPU_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}
+
+
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether the CPU lists a native bfloat16 flag (Linux `/proc/cpuinfo`; elsewhere True,
+    as there is nothing to read)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return True
+    for line in cpuinfo.splitlines():
+        if line.startswith(("flags", "Features")):
+            return bool(BF16_CPU_FLAGS & set(line.split(":", 1)[1].split()))
+    return True
 
 
 def describe_hardware(device: str | torch.device, count: int = 1) -> str:
