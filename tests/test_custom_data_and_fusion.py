@@ -161,10 +161,15 @@ def test_export_saves_the_weights_chosen_on_validation(
     export = ExportEDJE(dirpath=str(tmp_path / "model"))
     loaded = type(model).from_pretrained(tmp_path / "model")
     datamodule = SimpleNamespace(first_stage=Colours(), store=None)
-    export._choose_fusion(loaded, tiny_processor, validation, datamodule)
+    fused = export._choose_fusion(loaded, tiny_processor, validation, datamodule)
     report = evaluate(validation, Colours(), loaded, tiny_processor, k=3, fusion=None,
                       device="cpu", show_progress_bar=False)  # fmt: skip
     best = choose_fusion_weights(report).weights
+    # The validation report it returns carries the fused row for the weights it chose, as if
+    # evaluated with them.
+    direct = evaluate(validation, Colours(), loaded, tiny_processor, k=3, fusion=best,
+                      device="cpu", show_progress_bar=False)  # fmt: skip
+    assert fused.fusion_weights == list(best) and fused.fused_metrics == direct.fused_metrics
     saved = EDJEConfig.from_pretrained(tmp_path / "model")
     assert (saved.fusion_edje_weight, saved.fusion_first_stage_weight) == best
     again = type(model).from_pretrained(tmp_path / "model")

@@ -102,3 +102,20 @@ def test_encode_a_saved_dataset_with_named_columns(
     columns = ["--image-column", "picture", "--out", tmp_path / "s"]
     code = main(_args("--vision", tmp_path / "vision", *dataset, *columns))
     assert code == 0 and TokenStore.open(tmp_path / "s").ids == ["a", "b"]
+
+
+@pytest.mark.parametrize("size", ["0", "-1", "two"])
+def test_a_batch_size_below_one_is_refused_before_anything_is_made(
+    tmp_path, folder, size, tiny_vision_encoder, tiny_image_processor, capsys
+):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["encode", "--images", str(folder), "--out", str(tmp_path / "s"),
+              "--batch-size", size])  # fmt: skip
+    assert exit_info.value.code == 2
+    assert f"--batch-size: expected a whole number >= 1, got {size}" in capsys.readouterr().err
+    from edje.store.encode import encode_images
+
+    with pytest.raises(ValueError, match="batch_size must be a whole number >= 1, got 0"):
+        encode_images(folder, tmp_path / "s", vision_encoder=tiny_vision_encoder,
+                      image_processor=tiny_image_processor, batch_size=0)  # fmt: skip
+    assert not (tmp_path / "s").exists()

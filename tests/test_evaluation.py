@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import doctest
 import importlib
 import json
@@ -335,7 +336,10 @@ def test_eval_command_end_to_end_on_a_folder(
 
     sizes = dict(n_train_triplets=1, n_train_single=0, n_val_triplets=0, n_test_triplets=2)
     save_builtin_dataset(tmp_path / "data", seed=0, **sizes)
-    tiny_model.save_pretrained(tmp_path / "model", save_vision_encoder=True)
+    blind = copy.deepcopy(tiny_model)
+    with torch.no_grad():  # every pair gets the same logit: a reranker that ranks nothing
+        blind.itm_head.weight.zero_()
+    blind.save_pretrained(tmp_path / "model", save_vision_encoder=True)
     tiny_processor.save_pretrained(tmp_path / "model")
     LinearProbeEmbedding().save_pretrained(tmp_path / "probe")  # untrained: fine for plumbing
     code = main(
@@ -351,8 +355,15 @@ def test_eval_command_end_to_end_on_a_folder(
         ]
     )  # fmt: skip
     assert code == 0
-    assert "| reranked (top 3) |" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "| reranked (top 3) |" in printed.out
+    # A folder without split folders is evaluated whole, and says so.
+    assert "has no train/ validation/ test/ folders; evaluating all 6" in printed.err
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert names == ["contact_sheet.png", "recall_at_k.png", "report.json", "report.md"]
-    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    text = (tmp_path / "out" / "report.json").read_text()
+    report = json.loads(text)
     assert report["dataset"]["images"] == 6 and report["pairs_scored"] == (12 + 6) * 3
+    # Tied logits rank every true match last: worse than the first stage, and stderr says so.
+    warning = EvaluationReport.from_json(text).regressions()
+    assert warning is not None and f"warning: {warning}" in printed.err

@@ -222,6 +222,31 @@ def test_existing_store_needs_resume_or_overwrite(tmp_path):
     assert TokenStore.open(tmp_path / "s").ids == ["z"]
 
 
+def test_overwrite_deletes_only_what_edje_wrote_and_refuses_a_folder_with_other_files(tmp_path):
+    _make(tmp_path / "s")
+    (tmp_path / "s" / "notes.txt").write_text("mine")  # beside the store: kept
+    with TokenStore.create(tmp_path / "s", token_shape=(M, D), overwrite=True) as w:
+        w.add(["z"], torch.ones(1, M, D))
+    assert TokenStore.open(tmp_path / "s").ids == ["z"]
+    assert (tmp_path / "s" / "notes.txt").read_text() == "mine"
+    # A user's own shards/ folder (photos) is no store: neither replaced nor written into.
+    photos = tmp_path / "photos" / "shards"
+    photos.mkdir(parents=True)
+    (photos / "holiday.jpg").write_bytes(b"jpeg")
+    (photos / "r000-000000.safetensors").write_bytes(b"edje-named")
+    for options in ({"overwrite": True}, {"resume": True}):
+        with pytest.raises(FileExistsError, match=r"1 files edje did not write.*holiday\.jpg"):
+            TokenStore.create(tmp_path / "photos", token_shape=(M, D), **options)
+    assert sorted(p.name for p in photos.iterdir()) == ["holiday.jpg", "r000-000000.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "photos").iterdir()) == ["shards"]
+    # A manifest.json that is not a store's is not ours to replace either.
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "manifest.json").write_text('{"name": "my web app"}')
+    with pytest.raises(FileExistsError, match=r"manifest\.json"):
+        TokenStore.create(tmp_path / "other", token_shape=(M, D), overwrite=True)
+    assert (tmp_path / "other" / "manifest.json").read_text() == '{"name": "my web app"}'
+
+
 def test_resume_refuses_a_store_of_another_shape_or_fingerprint(tmp_path):
     _make(tmp_path / "s")
     with pytest.raises(StoreCorruptError, match=r"expects float16 \[4, 9\]"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 
 import pytest
 import torch
@@ -153,5 +154,10 @@ def test_quickstart_recipe_trains_and_its_loss_decreases(tmp_path, monkeypatch):
     card = (model / "README.md").read_text()
     assert "image_retrieval_recall" in card or "R@1" in card, card
     assert "(seed 0)" in card and (model / "evaluation" / "report.json").is_file()
+    # The fusion weights chosen on validation are saved, with the validation report they won.
+    chosen = json.loads((model / "evaluation" / "validation" / "report.json").read_text())
+    config = EDJEModel.from_pretrained(model).config
+    assert chosen["fusion_weights"] == [config.fusion_edje_weight, config.fusion_first_stage_weight]
+    assert chosen["dataset"]["split"] == "validation" and chosen["fused_metrics"]
     assert describe_hardware("cpu") in card  # what it trained on
     assert "pip install edje" in card  # compact weights need edje, not remote code alone

@@ -97,3 +97,22 @@ def test_distillation_targets_the_teachers_probability():
     assert losses.distillation_loss(student, teacher).item() == pytest.approx(
         expected.mean().item(), rel=1e-6
     )
+
+
+def test_ranking_distillation_is_itm_with_the_teachers_two_way_softmax_as_target():
+    pos, neg = torch.tensor([2.0, 0.0]), torch.tensor([0.0, 1.0])
+    # A teacher sure of the positive gives ITM's loss itself ...
+    sure = losses.ranking_distillation_loss(pos, neg, torch.tensor([50.0, 50.0]), torch.zeros(2))
+    assert sure.item() == pytest.approx(losses.itm_loss(pos, neg).item(), rel=1e-6)
+    # ... and the student is best off at the teacher's own margin (a shift changes nothing).
+    teacher_pos, teacher_neg = torch.tensor([1.5, 0.2]), torch.tensor([0.5, 0.7])
+
+    def loss(margin):
+        return losses.ranking_distillation_loss(
+            margin, torch.zeros(2), teacher_pos + 3, teacher_neg + 3
+        )
+
+    best = (teacher_pos - teacher_neg).requires_grad_()
+    loss(best).backward()
+    assert best.grad.abs().max().item() < 1e-6
+    assert loss(best.detach() + 0.5).item() > loss(best.detach()).item()

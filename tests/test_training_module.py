@@ -8,7 +8,13 @@ import torch.nn.functional as F
 
 from conftest import make_tiny_config
 from edje import EDJEModel
-from edje.training import EDJEForPreTraining, EDJETeacher, EDJETrainingModule, stable_key
+from edje.training import (
+    EDJEForPreTraining,
+    EDJETeacher,
+    EDJETrainingModule,
+    FirstStageTeacher,
+    stable_key,
+)
 
 
 @pytest.fixture
@@ -66,6 +72,42 @@ def test_distillation_from_a_local_edje_teacher(tiny_network, tiny_processor):
     module._total(terms).backward()
     assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
     assert tiny_network.edje.itm_head.weight.grad is not None
+
+
+def test_distillation_from_the_first_stage_follows_its_cosines_at_its_temperature(
+    tiny_network, tiny_processor
+):
+    from edje.first_stage import LinearProbeEmbedding
+
+    teacher = FirstStageTeacher()
+    teacher.bind_data(None, None, first_stage=LinearProbeEmbedding(temperature=0.08))
+    assert teacher.temperature == pytest.approx(0.08)
+    module = EDJETrainingModule(tiny_network, teacher=teacher, mlm_weight=0,
+                                text_recovery_weight=0)  # fmt: skip
+    batch = synthetic_batch(tiny_processor)
+    scored = {}
+    original = teacher.score
+
+    def spy(pairs):
+        scored["pairs"], scored["logits"] = pairs, original(pairs)
+        return scored["logits"]
+
+    teacher.score = spy
+    terms, _ = module._losses(batch, train=True)
+    assert set(terms) == {"itm", "distillation"} and torch.isfinite(terms["distillation"])
+    pairs = scored["pairs"]
+    # Row by row, the teacher scored the caption's and the image's own first-stage embeddings.
+    cosine = F.cosine_similarity(pairs.text_embeddings, pairs.image_embeddings, dim=-1)
+    assert torch.allclose(scored["logits"], cosine / 0.08)
+    text_of = dict(zip(batch["caption_key"].tolist(), batch["text_embedding"], strict=True))
+    image_of = dict(zip(batch["image_key"].tolist(), batch["image_embedding"], strict=True))
+    for row in range(len(pairs.caption_keys)):
+        assert torch.equal(pairs.text_embeddings[row], text_of[int(pairs.caption_keys[row])])
+        assert torch.equal(pairs.image_embeddings[row], image_of[int(pairs.image_keys[row])])
+    module._total(terms).backward()
+    assert tiny_network.edje.itm_head.weight.grad is not None
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        FirstStageTeacher(temperature=0)
 
 
 def test_a_nan_loss_stops_with_the_step_and_the_term(tiny_network, tiny_processor, monkeypatch):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from edje.commands import count
+
 EXAMPLE = """example:
   edje convert shahafw/edje-vl-image-retrieval-reranker --out edje-authors
   edje convert checkpoint_16.pth --out edje-authors --tokenizer ./MiniLM-L12-H384-uncased \\
@@ -47,13 +49,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--text-heads",
-        type=int,
+        type=count,
         default=MINILM_L12_HEADS,
         help=f"joint encoder attention heads (default: {MINILM_L12_HEADS}, MiniLM-L12-H384)",
     )
     parser.add_argument(
         "--vision-heads",
-        type=int,
+        type=count,
         default=SIGLIP2_LARGE_HEADS,
         help=f"adapter attention heads, the vision encoder's (default: {SIGLIP2_LARGE_HEADS}, "
         "SigLIP2-L)",

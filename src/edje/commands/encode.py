@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from edje.commands import count
+
 EXAMPLE = """examples:
   # raw DINOv2 tokens of every image under photos/ (ids: paths relative to photos/)
   edje encode --vision facebook/dinov2-small --images photos/ --out photos.raw
@@ -45,20 +47,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     how.add_argument(
         "--model", metavar="EDJE_DIR", help="a trained EDJE: store its compressed tokens"
     )
-    how.add_argument("--image-size", type=int, default=None, help="input side in pixels")
+    how.add_argument("--image-size", type=count, default=None, help="input side in pixels")
     how.add_argument("--out", required=True, metavar="STORE", help="store folder to write")
     how.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "int8"])
     how.add_argument(
-        "--shard-size", type=int, default=1024, help="images per shard (default: 1024)"
+        "--shard-size", type=count, default=1024, help="images per shard (default: 1024)"
     )
     how.add_argument("--overwrite", action="store_true", help="replace an existing store")
     run_group = parser.add_argument_group("running")
-    run_group.add_argument("--batch-size", type=int, default=32)
+    run_group.add_argument("--batch-size", type=count, default=32)
     run_group.add_argument(
         "--num-workers", type=int, default=2, help="decoding processes per device"
     )
     run_group.add_argument("--devices", default="auto", help="devices per node: N, or auto")
-    run_group.add_argument("--num-nodes", type=int, default=1)
+    run_group.add_argument("--num-nodes", type=count, default=1)
     run_group.add_argument("--accelerator", default="auto", help="auto, gpu, cpu, ...")
     run_group.add_argument("--strategy", default="auto", help="Lightning strategy, e.g. ddp")
     run_group.add_argument("--precision", default=None, help="Lightning precision, e.g. bf16-mixed")

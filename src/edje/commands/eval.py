@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from edje.commands import count
 from edje.scoring import BACKENDS
 
 EXAMPLE = """examples:
@@ -63,17 +64,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="use --store even if its fingerprint differs from the model's (warns instead)",
     )
-    parser.add_argument("--k", type=int, default=10, help="rerank depth (default: 10)")
+    parser.add_argument("--k", type=count, default=10, help="rerank depth (default: 10)")
     parser.add_argument(
-        "--extra-k", type=int, nargs="*", default=[], metavar="K", help="more rerank depths"
+        "--extra-k", type=count, nargs="*", default=[], metavar="K", help="more rerank depths"
     )
     parser.add_argument("--out", metavar="DIR", help="folder for the report files")
     parser.add_argument(
         "--contact-sheet", type=int, default=0, metavar="N", help="picture N queries' top 5"
     )
-    parser.add_argument("--batch-size", type=int, default=256, help="pairs per forward pass")
+    parser.add_argument("--batch-size", type=count, default=256, help="pairs per forward pass")
     parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: auto)")
-    parser.add_argument("--limit", type=int, default=None, help="evaluate the first N images")
+    parser.add_argument("--limit", type=count, default=None, help="evaluate the first N images")
     parser.add_argument(
         "--save-first-stage", metavar="DIR", help="keep the first stage (e.g. train-builtin's)"
     )
@@ -94,7 +95,13 @@ def load_split(spec: list[str], split: str):
         raise SystemExit(f"edje eval: --data expects NAME [DATA_DIR], got {' '.join(spec)!r}")
     folder = Path(name)
     if folder.is_dir() and not any((folder / s).is_dir() for s in ("train", "validation", "test")):
-        return load_image_folder(folder, split=split)
+        dataset = load_image_folder(folder, split=split)
+        print(
+            f"edje eval: {folder} has no train/ validation/ test/ folders; evaluating all "
+            f"{len(dataset)} of its images as the {split!r} split",
+            file=sys.stderr,
+        )
+        return dataset
     try:
         splits = load_data(name, data_dir=rest[0] if rest else None)
     except ValueError as error:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from edje.commands import count
+
 EXAMPLE = """examples:
   # every image under photos/, ids: paths relative to photos/ (as `edje encode --images`)
   edje index --first-stage my-probe --images photos/ --out photos.index
@@ -32,7 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     source.add_argument("--store", metavar="STORE", help="a token store of raw vision tokens")
     parser.add_argument("--out", required=True, metavar="DIR", help="index folder to write")
     parser.add_argument("--factory", default="Flat", help="faiss index_factory string (exact)")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per batch")
+    parser.add_argument("--batch-size", type=count, default=64, help="images per batch")
     parser.set_defaults(func=run)
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from edje.commands import count
+
 EXAMPLE = """example:
   edje quickstart                        # everything in ./edje-quickstart
   edje quickstart --out /tmp/qs          # run again on the same folder: done steps are reused
@@ -29,7 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--train", action="store_true", help="train EDJE from recipes/quickstart.yaml first"
     )
-    parser.add_argument("--k", type=int, default=10, help="rerank depth (default: 10)")
+    parser.add_argument("--k", type=count, default=10, help="rerank depth (default: 10)")
     parser.set_defaults(func=run)
 
 

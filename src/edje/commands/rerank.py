@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from edje.commands import count
+
 EXAMPLE = """examples:
   edje rerank --model my-edje --store photos.store --input pairs.jsonl --output scores.jsonl
 
@@ -36,7 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--store", metavar="STORE", help="token store the document ids are in")
     parser.add_argument("--input", required=True, metavar="JSONL", help="pairs to score")
     parser.add_argument("--output", required=True, metavar="JSONL", help="where scores go")
-    parser.add_argument("--batch-size", type=int, default=32, help="pairs per forward pass")
+    parser.add_argument("--batch-size", type=count, default=32, help="pairs per forward pass")
     parser.add_argument("--logits", action="store_true", help="write logits, not sigmoid scores")
     parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: auto)")
     parser.add_argument("--force", action="store_true", help="use a store of another fingerprint")

@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from edje.commands import count
+
 EXAMPLE = """examples:
   # caption -> images: a saved index over the store's ids (see `edje index --help`)
   edje search --model my-edje --store photos.store --first-stage my-probe \\
@@ -39,8 +41,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--index", metavar="DIR", help="a saved VectorIndex over the store's ids")
     parser.add_argument("--images", action="store_true", help="image -> captions (--captions)")
     parser.add_argument("--captions", metavar="FILE", help="candidate captions for --images")
-    parser.add_argument("--k", type=int, default=10, help="first-stage candidates (default: 10)")
-    parser.add_argument("--top", type=int, default=None, metavar="N", help="print the best N")
+    parser.add_argument("--k", type=count, default=10, help="first-stage candidates (default: 10)")
+    parser.add_argument("--top", type=count, default=None, metavar="N", help="print the best N")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: auto)")
     parser.add_argument("--force", action="store_true", help="use a store of another fingerprint")

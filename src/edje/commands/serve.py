@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from edje.commands import count
+
 EXAMPLE = """example:
   edje serve --model my-edje --store my-store --port 8000
   curl -s localhost:8000/v1/rerank -H 'Content-Type: application/json' \\
@@ -47,19 +49,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--max-documents",
-        type=int,
+        type=count,
         default=defaults.max_documents,
         help="documents per request (default: %(default)s)",
     )
     parser.add_argument(
         "--max-body-bytes",
-        type=int,
+        type=count,
         default=defaults.max_body_bytes,
         help="request body size (default: %(default)s)",
     )
     parser.add_argument(
         "--max-batch-pairs",
-        type=int,
+        type=count,
         default=defaults.max_batch_pairs,
         help="(query, image) pairs per forward, across requests (default: %(default)s)",
     )

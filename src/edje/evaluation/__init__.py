@@ -1,6 +1,6 @@
 """Evaluation: a first stage proposes candidates, EDJE reranks (and fuses) them, R@k both ways.
 
-- `edje.evaluation.retrieval`: `evaluate`, `choose_fusion_weights`;
+- `edje.evaluation.retrieval`: `evaluate`, `choose_fusion_weights`, `with_fusion`;
 - `edje.evaluation.metrics`: recall@k with ties counted against the query;
 - `edje.evaluation.report`: `EvaluationReport` (JSON, markdown, plots, contact sheet).
 """
@@ -12,6 +12,7 @@ from edje.evaluation.retrieval import (
     image_token_source,
     rerank_candidates,
     search_both_ways,
+    with_fusion,
 )
 
 __all__ = [
@@ -22,4 +23,5 @@ __all__ = [
     "image_token_source",
     "rerank_candidates",
     "search_both_ways",
+    "with_fusion",
 ]

@@ -37,9 +37,9 @@ Example (first stage only: a toy embedding model that knows colours):
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -62,12 +62,13 @@ __all__ = [
     "image_token_source",
     "rerank_candidates",
     "search_both_ways",
+    "with_fusion",
 ]
 
 FULL_MATRIX_LIMIT = 50_000_000  # captions x images; 200 MB in float32
 
 
-@dataclass
+@dataclasses.dataclass
 class _Timer:
     seconds: dict[str, float]
 
@@ -194,6 +195,16 @@ def choose_fusion_weights(report: EvaluationReport, grid=FUSION_GRID) -> FusionC
         return sum(curve[key] for key in keys) / 2
 
     return choose_fusion(mean_r1, grid)
+
+
+def with_fusion(report: EvaluationReport, weights) -> EvaluationReport:
+    """The report with a fused row for `weights`, from its candidates (nothing is scored
+    again)."""
+    if report.candidates is None or report.candidates.t2i_rerank is None:
+        raise ValueError("with_fusion: the report has no reranked candidates")
+    first = report.first_stage_metrics
+    fused = _reranked_curve(report.candidates, report.k, report.ks, first, weights)
+    return dataclasses.replace(report, fused_metrics=fused, fusion_weights=list(weights))
 
 
 def _embed(first_stage, dataset, texts, device, image_batch_size, show_progress_bar):

@@ -368,6 +368,7 @@ def encode_images(
         token store photos.raw: 3 images, 8,320 bytes each (3 encoded now at 25.1 images/s, ...
     """
     start = time.perf_counter()
+    _check_batch_size("encode_images", batch_size)
     out = Path(out)
     all_ids, refs = _collect(source, ids, id_column, image_column)
     if fingerprint is None:
@@ -446,6 +447,7 @@ def compress_store(
         >>> compress_store("photos.raw", "photos.store", model.compress)  # doctest: +SKIP
     """
     start = time.perf_counter()
+    _check_batch_size("compress_store", batch_size)
     raw = raw if isinstance(raw, TokenStore) else TokenStore.open(raw)
     if fingerprint is None:
         fingerprint = {**raw.fingerprint, "adapter_sha256": _adapter_sha256(compressor)}
@@ -482,3 +484,8 @@ def compress_store(
         bytes_per_image=store.bytes_per_image,
         seconds=time.perf_counter() - start,
     )
+
+
+def _check_batch_size(caller: str, batch_size: int) -> None:
+    if not isinstance(batch_size, int) or batch_size < 1:  # before any folder is made
+        raise ValueError(f"{caller}: batch_size must be a whole number >= 1, got {batch_size!r}")

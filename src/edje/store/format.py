@@ -37,6 +37,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -52,6 +53,7 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 SHARD_DIR = "shards"
 SHARD_SUFFIX = ".safetensors"
+SHARD_NAME = re.compile(r"r\d{3}-\d{6,}\.safetensors")  # rank, sequence: what edje writes
 
 # store dtype -> (safetensors dtype tag, numpy dtype used to memory-map the bytes)
 STORE_DTYPES: dict[str, tuple[str, np.dtype]] = {
@@ -218,6 +220,51 @@ def list_shards(root: Path) -> list[Path]:
     if not folder.is_dir():
         return []
     return sorted(p for p in folder.iterdir() if p.name.endswith(SHARD_SUFFIX))
+
+
+def foreign_files(root: Path) -> list[Path]:
+    """What a store folder holds that edje did not write: anything in `shards/` not named as
+    edje names shards or temporaries, and a manifest that is not a store's."""
+    root = Path(root)
+    folder = root / SHARD_DIR
+    entries = sorted(folder.iterdir()) if folder.is_dir() else []
+    foreign = [
+        p
+        for p in entries
+        if not p.is_file() or not (SHARD_NAME.fullmatch(p.name) or TMP_MARK in p.name)
+    ]
+    manifest = root / MANIFEST_NAME
+    if manifest.exists():
+        try:
+            ours = json.loads(manifest.read_text(encoding="utf-8")).get("format") == FORMAT
+        except (OSError, ValueError, AttributeError):
+            ours = False
+        if not ours:
+            foreign.append(manifest)
+    return foreign
+
+
+def remove_store(root: Path) -> None:
+    """Delete the store at `root`: its manifest, shards and half-written files, and nothing
+    else (the folder and any other file in it stay). Refuses, deleting nothing, when the store's
+    folders hold files edje did not write."""
+    root = Path(root)
+    refuse_foreign_files(root, "replace")
+    folder = root / SHARD_DIR
+    for p in sorted(folder.iterdir()) if folder.is_dir() else []:
+        p.unlink()
+    (root / MANIFEST_NAME).unlink(missing_ok=True)
+
+
+def refuse_foreign_files(root: Path, action: str) -> None:
+    """Raise `FileExistsError` naming the files edje did not write in the store at `root`."""
+    foreign = foreign_files(root)
+    if foreign:
+        names = ", ".join(str(p) for p in foreign[:5]) + (" ..." if len(foreign) > 5 else "")
+        raise FileExistsError(
+            f"TokenStore: will not {action} {root}: it holds {len(foreign)} files edje did not "
+            f"write ({names}); choose another folder for the store."
+        )
 
 
 def remove_temporaries(root: Path) -> list[Path]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -23,6 +22,8 @@ from edje.store.format import (
     list_shards,
     quantize_int8,
     read_shard_header,
+    refuse_foreign_files,
+    remove_store,
     remove_temporaries,
     write_json_atomic,
     write_shard,
@@ -86,17 +87,18 @@ class TokenStoreWriter:
 
     # -- setup -------------------------------------------------------------------------------
     def _prepare_folder(self, resume: bool, overwrite: bool, clean: bool) -> None:
+        if self.path.exists() and not self.path.is_dir():
+            raise NotADirectoryError(f"TokenStore: {self.path} exists and is not a folder")
         has_store = (self.path / MANIFEST_NAME).exists() or (self.path / SHARD_DIR).exists()
         if has_store and overwrite:
-            (self.path / MANIFEST_NAME).unlink(missing_ok=True)
-            shutil.rmtree(self.path / SHARD_DIR, ignore_errors=True)
+            remove_store(self.path)  # edje's files only: refuses a folder holding others
         elif has_store and not resume:
             raise FileExistsError(
                 f"TokenStore: {self.path} already holds a store; pass resume=True to add to it "
                 "(ids already there are skipped) or overwrite=True to replace it"
             )
-        elif self.path.exists() and not self.path.is_dir():
-            raise NotADirectoryError(f"TokenStore: {self.path} exists and is not a folder")
+        elif has_store:
+            refuse_foreign_files(self.path, "write to")
         (self.path / SHARD_DIR).mkdir(parents=True, exist_ok=True)
         if clean:  # not while other processes may be writing this store
             remove_temporaries(self.path)

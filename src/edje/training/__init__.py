@@ -8,7 +8,13 @@ from edje.training.datamodule import EDJEDataModule, stable_key
 from edje.training.export import ExportEDJE
 from edje.training.module import EDJETrainingModule
 from edje.training.network import EDJEForPreTraining
-from edje.training.teachers import BlipITMTeacher, EDJETeacher, Teacher, TeacherPairs
+from edje.training.teachers import (
+    BlipITMTeacher,
+    EDJETeacher,
+    FirstStageTeacher,
+    Teacher,
+    TeacherPairs,
+)
 
 __all__ = [
     "BlipITMTeacher",
@@ -17,6 +23,7 @@ __all__ = [
     "EDJETeacher",
     "EDJETrainingModule",
     "ExportEDJE",
+    "FirstStageTeacher",
     "Teacher",
     "TeacherPairs",
     "stable_key",

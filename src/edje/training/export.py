@@ -89,11 +89,14 @@ class ExportEDJE(Callback):
             return
         model = EDJEModel.from_pretrained(self.dirpath).eval()
         processor = EDJEProcessor.from_pretrained(self.dirpath)
-        if "validation" in splits:
-            self._choose_fusion(model, processor, splits["validation"], datamodule)
         data = datamodule.data if isinstance(datamodule.data, str) else "a DatasetDict"
+        validation = None
+        if "validation" in splits:
+            validation = self._choose_fusion(model, processor, splits["validation"], datamodule)
+            validation.save(self.dirpath / "evaluation" / "validation", plot=False)
         report = self._evaluate(model, processor, splits["test"], datamodule, data)
-        warning = report.regressions()
+        warnings = [r.regressions() for r in (validation, report) if r is not None]
+        warning = " ".join(w for w in warnings if w) or None
         if warning:
             logger.warning("ExportEDJE: %s", warning)
         where = f"evaluated on the test split of `{data}`"
@@ -112,9 +115,10 @@ class ExportEDJE(Callback):
             dataset_name=name, show_progress_bar=False,
         )  # fmt: skip
 
-    def _choose_fusion(self, model, processor, validation, datamodule) -> None:
-        """Keep in the saved config the fusion weights that rank the validation split best."""
-        from edje.evaluation import choose_fusion_weights
+    def _choose_fusion(self, model, processor, validation, datamodule):
+        """Keep in the saved config the fusion weights that rank the validation split best;
+        returns the validation report, fused with them."""
+        from edje.evaluation import choose_fusion_weights, with_fusion
 
         report = self._evaluate(model, processor, validation, datamodule, "validation")
         choice = choose_fusion_weights(report)
@@ -123,9 +127,11 @@ class ExportEDJE(Callback):
         saved.fusion_edje_weight, saved.fusion_first_stage_weight = choice.weights
         saved.save_pretrained(self.dirpath)
         logger.info(
-            "ExportEDJE: fusion weights %s (validation mean R@1 %.1f; EDJE alone %.1f)",
-            choice.weights, choice.score, choice.table[0]["score"],
+            "ExportEDJE: fusion weights %s (validation mean R@1 %.1f; EDJE alone %.1f, first "
+            "stage alone %.1f)",
+            choice.weights, choice.score, choice.table[0]["score"], choice.table[1]["score"],
         )  # fmt: skip
+        return with_fusion(report, choice.weights)
 
     def export(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not trainer.is_global_zero:

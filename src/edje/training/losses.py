@@ -4,7 +4,8 @@
   against [its caption, a negative caption], 2-way softmax cross-entropy, averaged.
 - MLM: caption word pieces masked, image tokens in context.
 - Text-embedding recovery: mean(1 - cos) to the embedding model's text embedding.
-- Distillation: BCE-with-logits of the student logit against sigmoid(teacher logit).
+- Distillation: BCE-with-logits of the student logit against sigmoid(teacher logit); from a
+  teacher whose scores only rank (the first stage), ITM's 2-way softmax against the teacher's.
 """
 
 from __future__ import annotations
@@ -131,3 +132,17 @@ def text_recovery_loss(predicted: torch.Tensor, target: torch.Tensor) -> torch.T
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """BCE-with-logits of student logits against the teacher's probabilities."""
     return F.binary_cross_entropy_with_logits(student.float(), torch.sigmoid(teacher.float()))
+
+
+def ranking_distillation_loss(
+    positive: torch.Tensor,
+    negative: torch.Tensor,
+    teacher_positive: torch.Tensor,
+    teacher_negative: torch.Tensor,
+) -> torch.Tensor:
+    """ITM's 2-way softmax cross-entropy with the teacher's 2-way softmax as soft target: for
+    teachers whose scores rank candidates but are no match probability (a contrastive first
+    stage's similarity / temperature)."""
+    student = torch.stack([positive, negative], dim=1).float()
+    target = torch.stack([teacher_positive, teacher_negative], dim=1).float().softmax(dim=1)
+    return -(target * student.log_softmax(dim=1)).sum(dim=1).mean()

@@ -102,7 +102,11 @@ class EDJETrainingModule(LightningModule):
     def setup(self, stage: str) -> None:
         datamodule = getattr(self._trainer, "datamodule", None)
         if self.teacher is not None and datamodule is not None:
-            self.teacher.bind_data(datamodule.images_by_key, datamodule.captions_by_key)
+            self.teacher.bind_data(
+                datamodule.images_by_key,
+                datamodule.captions_by_key,
+                first_stage=getattr(datamodule, "first_stage", None),
+            )
 
     # -- steps ---------------------------------------------------------------------------------
 
@@ -199,23 +203,45 @@ class EDJETrainingModule(LightningModule):
             predicted = self.network.text_embedding(batch["caption_ids"], batch["caption_mask"])
             terms["text_recovery"] = losses.text_recovery_loss(predicted, batch["text_embedding"])
         if self.weights["distillation"]:
-            rows = {  # the 3B scored pairs: positives, negative images, negative captions
-                key: torch.cat([batch[key], everyone[key][neg_image], batch[key]])
-                for key in ("vision_tokens", "image_key")
-            }
-            caption_keys = torch.cat(
-                [batch["caption_key"], batch["caption_key"], everyone["caption_key"][neg_caption]]
+            terms["distillation"] = self._distillation(
+                batch, everyone, neg_image, neg_caption, captions, masks, logits
             )
-            pairs = TeacherPairs(
-                captions, masks, rows["vision_tokens"], rows["image_key"], caption_keys
-            )
-            with torch.no_grad():
-                teacher_logits = self.teacher.score(pairs)
-            terms["distillation"] = losses.distillation_loss(logits, teacher_logits)
         accuracy = (
             torch.cat([positive > negative_image, positive > negative_caption]).float().mean()
         )
         return terms, accuracy
+
+    def _distillation(self, batch, everyone, neg_image, neg_caption, captions, masks, logits):
+        # The 3B scored pairs: positives, negative images, negative captions.
+        image_rows = {
+            key: torch.cat([batch[key], everyone[key][neg_image], batch[key]])
+            for key in ("vision_tokens", "image_key", "image_embedding")
+        }
+        caption_rows = {
+            key: torch.cat([batch[key], batch[key], everyone[key][neg_caption]])
+            for key in ("caption_key", "text_embedding")
+        }
+        pairs = TeacherPairs(
+            captions,
+            masks,
+            image_rows["vision_tokens"],
+            image_rows["image_key"],
+            caption_rows["caption_key"],
+            text_embeddings=caption_rows["text_embedding"],
+            image_embeddings=image_rows["image_embedding"],
+        )
+        with torch.no_grad():
+            teacher_logits = self.teacher.score(pairs)
+        if not self.teacher.ranks_only:
+            return losses.distillation_loss(logits, teacher_logits)
+        positive, negative_image, negative_caption = logits.chunk(3)
+        t_positive, t_negative_image, t_negative_caption = teacher_logits.chunk(3)
+        return (
+            losses.ranking_distillation_loss(positive, negative_image, t_positive, t_negative_image)
+            + losses.ranking_distillation_loss(
+                positive, negative_caption, t_positive, t_negative_caption
+            )
+        ) / 2
 
     def _gather(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The batch from every process (this one's rows first), for mining negatives."""

@@ -4,6 +4,13 @@
   raw vision tokens and caption ids as the student.
 - `BlipITMTeacher`: BLIP's ITM head (`BlipForImageTextRetrieval`, `use_itm_head=True`); it needs
   pixels and caption text, so its scores are cached on disk and each pair is scored once.
+- `FirstStageTeacher`: the first stage's own similarity, free (the data module has its
+  embeddings): on a small data set it keeps the reranker agreeing with the first stage where
+  ITM alone has too few examples to learn from.
+
+A teacher's scores are match logits (`ranks_only = False`: distilled pair by pair) or scores
+that only rank candidates for a query (`ranks_only = True`: distilled on each positive against
+its negative, as ITM is trained).
 """
 
 from __future__ import annotations
@@ -31,10 +38,14 @@ class TeacherPairs:
     vision_tokens: torch.Tensor  # (N, n, d_vis) raw tokens of each row's image
     image_keys: torch.Tensor  # (N,) int64 key of each row's image
     caption_keys: torch.Tensor  # (N,) int64 key of each row's caption
+    text_embeddings: torch.Tensor | None = None  # (N, e) first stage, each row's caption
+    image_embeddings: torch.Tensor | None = None  # (N, e) first stage, each row's image
 
 
 class Teacher(nn.Module, ABC):
     """Scores pairs for distillation; frozen. `score` returns one logit per row, `[N]`."""
+
+    ranks_only: bool = False
 
     @abstractmethod
     def score(self, pairs: TeacherPairs) -> torch.Tensor: ...
@@ -43,8 +54,60 @@ class Teacher(nn.Module, ABC):
         self,
         images: Callable[[Sequence[int]], list],
         captions: Callable[[Sequence[int]], list[str]],
+        first_stage=None,
     ) -> None:
-        """Give the teacher the data behind image and caption keys (pixel teachers need it)."""
+        """Give the teacher the data behind image and caption keys (pixel teachers need it)
+        and the first stage that embedded them."""
+
+
+class FirstStageTeacher(Teacher):
+    """The first stage as teacher: a pair's score is its first-stage cosine / `temperature`.
+
+    Distilled as ITM is trained (each positive against its negative, 2-way softmax), this is
+    the first stage's own preference between the two candidates under its contrastive
+    training. The cosines come with the batch, so the teacher costs nothing.
+
+    Args:
+        temperature: the first stage's softmax temperature; None takes the first stage's own
+            (`temperature` of the linear probe; `1 / logit_scale` of CLIP-style models), else
+            0.05.
+    """
+
+    ranks_only = True
+
+    def __init__(self, temperature: float | None = None):
+        super().__init__()
+        if temperature is not None and not temperature > 0:
+            raise ValueError(f"FirstStageTeacher: temperature must be > 0, got {temperature}")
+        self.temperature = temperature
+
+    def bind_data(self, images, captions, first_stage=None) -> None:
+        if self.temperature is None:
+            self.temperature = first_stage_temperature(first_stage)
+
+    @torch.no_grad()
+    def score(self, pairs: TeacherPairs) -> torch.Tensor:
+        if pairs.text_embeddings is None or pairs.image_embeddings is None:
+            raise ValueError(
+                "FirstStageTeacher needs the first stage's embeddings of every pair "
+                "(TeacherPairs.text_embeddings / image_embeddings), got none."
+            )
+        cosine = torch.nn.functional.cosine_similarity(
+            pairs.text_embeddings.float(), pairs.image_embeddings.float(), dim=-1
+        )
+        return cosine / (self.temperature or DEFAULT_TEMPERATURE)
+
+
+DEFAULT_TEMPERATURE = 0.05
+
+
+def first_stage_temperature(first_stage) -> float:
+    """A first stage's softmax temperature, or `DEFAULT_TEMPERATURE` when it names none."""
+    temperature = getattr(first_stage, "temperature", None)
+    if temperature is None:
+        scale = getattr(getattr(first_stage, "model", None), "logit_scale", None)
+        temperature = float(1 / scale.detach().exp()) if scale is not None else None
+    return float(temperature) if temperature else DEFAULT_TEMPERATURE
 
 
 class EDJETeacher(Teacher):
@@ -99,7 +162,7 @@ class BlipITMTeacher(Teacher):
         self._images: Callable[[Sequence[int]], list] | None = None
         self._captions: Callable[[Sequence[int]], list[str]] | None = None
 
-    def bind_data(self, images, captions) -> None:
+    def bind_data(self, images, captions, first_stage=None) -> None:
         self._images, self._captions = images, captions
 
     @torch.no_grad()
