@@ -61,3 +61,22 @@ def test_a_misspelled_key_is_refused(tmp_path):
             run=False,
             auto_configure_optimizers=False,
         )
+
+
+def test_packaged_recipes_run_by_name_from_any_folder(tmp_path, monkeypatch, capsys):
+    from edje.cli import main
+    from edje.commands.fit import packaged_recipes, with_packaged_recipes
+
+    monkeypatch.chdir(tmp_path)  # no recipes/ folder here
+    assert set(packaged_recipes()) == {p.stem for p in RECIPES}
+    quickstart = str(packaged_recipes()["quickstart"])
+    assert with_packaged_recipes(["--config", "quickstart", "--trainer.max_steps", "3"]) == [
+        "--config", quickstart, "--trainer.max_steps", "3",
+    ]  # fmt: skip
+    assert with_packaged_recipes(["--config=recipes/quickstart.yaml"]) == [f"--config={quickstart}"]
+    (tmp_path / "quickstart.yaml").write_text("seed_everything: 1\n")  # a file of the user's wins
+    assert with_packaged_recipes(["--config", "quickstart.yaml"]) == ["--config", "quickstart.yaml"]
+    assert main(["recipes"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in listed] == sorted(p.stem for p in RECIPES)
+    assert any(line.startswith("finetune_custom") and "your own images" in line for line in listed)

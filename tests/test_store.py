@@ -353,3 +353,20 @@ def test_gather_dtype_argument_for_int8_and_float_stores(tmp_path, out):
     assert torch.equal(q.to("cpu").gather(_ids(10), dtype=out), got)
     _make(tmp_path / "f", "float16")
     assert TokenStore.open(tmp_path / "f").gather(_ids(3), dtype=out).dtype == out
+
+
+def test_files_and_folders_edje_writes_get_the_umasks_modes_not_0600(tmp_path):
+    import stat
+
+    from edje._utils import atomic_folder
+
+    old = os.umask(0o022)
+    try:
+        _make(tmp_path / "s")
+        with atomic_folder(tmp_path / "model") as folder:
+            (folder / "config.json").write_text("{}")
+    finally:
+        os.umask(old)
+    files = [tmp_path / "s" / "manifest.json", *(tmp_path / "s" / "shards").iterdir()]
+    assert {stat.S_IMODE(p.stat().st_mode) for p in files} == {0o644}
+    assert stat.S_IMODE((tmp_path / "model").stat().st_mode) == 0o755

@@ -31,10 +31,17 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> None:
         write(temp)
         with open(temp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(temp, 0o666 & ~_umask())  # mkstemp makes 0600; a file edje writes is 0644
         os.replace(temp, path)
     except BaseException:
         Path(temp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it: put it straight back
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager
@@ -48,6 +55,7 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
     temp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}{TMP_MARK}"))
     try:
         yield temp
+        os.chmod(temp, 0o777 & ~_umask())  # mkdtemp makes 0700
         if path.exists():  # swap: move the old one aside first, so no moment lacks a folder
             old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}{TMP_MARK}old-"))
             os.replace(path, old / path.name)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 EXAMPLE = """example:
+  edje fit --config quickstart                      # a packaged recipe by name (edje recipes)
   edje fit --config recipes/quickstart.yaml
   edje fit --config recipes/quickstart.yaml --trainer.max_steps 200 --data.batch_size 32
   edje fit --config recipes/finetune_custom.yaml --print_config   # the full resolved recipe
@@ -29,8 +31,33 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    cli = make_cli(args.pass_through_args)
+    cli = make_cli(with_packaged_recipes(args.pass_through_args))
     return 0 if cli.trainer.state.status.value == "finished" else 1
+
+
+def packaged_recipes() -> dict[str, Path]:
+    """The recipes installed with edje (`edje.recipes`), by name."""
+    from importlib import resources
+
+    folder = Path(str(resources.files("edje.recipes")))
+    return {p.stem: p for p in sorted(folder.glob("*.yaml"))}
+
+
+def with_packaged_recipes(cli_args: list[str]) -> list[str]:
+    """`--config NAME` names a packaged recipe when no file NAME exists (`quickstart`,
+    `quickstart.yaml`): the recipes work from any folder, not only a clone of the repository."""
+    recipes, out = packaged_recipes(), []
+    for index, arg in enumerate(cli_args):
+        flag, _, value = arg.partition("=")
+        after_flag = index > 0 and cli_args[index - 1] == "--config"
+        if after_flag or (flag == "--config" and value):
+            given = arg if after_flag else value
+            name = Path(given).name.removesuffix(".yaml")
+            if not Path(given).exists() and name in recipes:
+                resolved = str(recipes[name])
+                arg = resolved if after_flag else f"--config={resolved}"
+        out.append(arg)
+    return out
 
 
 def cpu_precision(trainer) -> None:
