@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from unittest.mock import patch
+
+import pytest
 
 from edje.cli import build_parser, main
 
@@ -30,5 +33,49 @@ def test_check_runs_end_to_end_on_the_offline_backbones(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "reloaded model gives identical scores" in result.stdout
+    assert "Loading weights" not in result.stderr  # quiet by default: no weight-loading bars
     assert (tmp_path / "model" / "model.safetensors").is_file()
     assert (tmp_path / "model" / "processor_config.json").is_file()
+
+
+BAD_PATHS = {
+    "eval": ["eval", "--model", "/nope/model", "--first-stage", "train-builtin"],
+    "encode": ["encode", "--images", "/nope/images", "--out", "{tmp}/store"],
+    "rerank": ["rerank", "--model", "/nope/model", "--input", "a.jsonl", "--output", "b.jsonl"],
+    "search": ["search", "--model", "/nope/model", "--first-stage", "p", "a red circle"],
+    "serve": ["serve", "--model", "./nope/model", "--store", "/nope/store"],
+    "index": ["index", "--first-stage", "~/nope/probe", "--images", "x", "--out", "{tmp}/i"],
+    "quickstart": ["quickstart", "--model", "/nope/model", "--out", "{tmp}/q"],
+    "convert": ["convert", "/nope/weights.safetensors", "--out", "{tmp}/c"],
+}
+
+
+@pytest.mark.parametrize("command", sorted(BAD_PATHS))
+def test_a_missing_path_is_one_line_on_stderr_and_exit_code_2(command, tmp_path, capsys):
+    from edje.cli import run
+
+    argv = [a.format(tmp=tmp_path) for a in BAD_PATHS[command]]
+    with pytest.raises(SystemExit) as exit_info, patch.object(sys, "argv", ["edje", *argv]):
+        run()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"edje {command}: error: ") and "nope" in err
+    assert not any(tmp_path.iterdir())  # nothing made
+
+
+def test_a_user_mistake_past_the_arguments_is_one_line_and_verbose_shows_the_trace(
+    tmp_path, capsys, monkeypatch
+):
+    from edje.cli import run
+
+    (tmp_path / "model").mkdir()  # a folder, but no saved model in it
+    argv = ["edje", "serve", "--model", str(tmp_path / "model"), "--store", str(tmp_path)]
+    with pytest.raises(SystemExit) as exit_info, patch.object(sys, "argv", argv):
+        run()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("edje: error: ") and "--verbose" in err[0]
+    monkeypatch.setenv("EDJE_DEBUG", "1")
+    with pytest.raises((ValueError, OSError)), patch.object(sys, "argv", argv):
+        run()

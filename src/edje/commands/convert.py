@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from edje.commands import count
+from edje.commands import count, folder_or_id
 
 EXAMPLE = """example:
   edje convert shahafw/edje-vl-image-retrieval-reranker --out edje-authors
@@ -35,7 +35,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("source", help="weights file, folder holding one, or Hub repo id")
+    parser.add_argument(
+        "source", type=folder_or_id, help="weights file, folder holding one, or Hub repo id"
+    )
     parser.add_argument("--out", required=True, help="new output folder")
     parser.add_argument("--file", default=None, help="weights file inside a folder or Hub repo")
     parser.add_argument("--revision", default=None, help="Hub revision (branch, tag, commit)")

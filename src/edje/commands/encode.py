@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from edje.commands import count
+from edje.commands import count, existing_folder, folder_or_id
 
 EXAMPLE = """examples:
   # raw DINOv2 tokens of every image under photos/ (ids: paths relative to photos/)
@@ -35,7 +35,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     what = parser.add_argument_group("what to encode")
     source = what.add_mutually_exclusive_group(required=True)
-    source.add_argument("--images", metavar="FOLDER", help="folder of image files (recursive)")
+    source.add_argument(
+        "--images", type=existing_folder, metavar="FOLDER", help="folder of image files (recursive)"
+    )
     source.add_argument("--dataset", metavar="NAME_OR_DIR", help="a Hugging Face dataset")
     what.add_argument("--split", default="train", help="dataset split (default: train)")
     what.add_argument("--id-column", default="id", help="dataset column of image ids (default: id)")
@@ -43,9 +45,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--image-column", default="image", help="dataset image column (default: image)"
     )
     how = parser.add_argument_group("encoder and store")
-    how.add_argument("--vision", metavar="NAME_OR_PATH", help="vision encoder (Hub id or folder)")
     how.add_argument(
-        "--model", metavar="EDJE_DIR", help="a trained EDJE: store its compressed tokens"
+        "--vision",
+        type=folder_or_id,
+        metavar="NAME_OR_PATH",
+        help="vision encoder (Hub id or folder)",
+    )
+    how.add_argument(
+        "--model",
+        type=folder_or_id,
+        metavar="EDJE_DIR",
+        help="a trained EDJE: store its compressed tokens",
     )
     how.add_argument("--image-size", type=count, default=None, help="input side in pixels")
     how.add_argument("--out", required=True, metavar="STORE", help="store folder to write")

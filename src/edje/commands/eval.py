@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from edje.commands import count
+from edje.commands import count, existing_folder, folder_or_id
 from edje.scoring import BACKENDS
 
 EXAMPLE = """examples:
@@ -35,7 +35,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--model", metavar="EDJE_DIR", help="EDJE model folder or Hub id")
+    parser.add_argument(
+        "--model", type=folder_or_id, metavar="EDJE_DIR", help="EDJE model folder or Hub id"
+    )
     parser.add_argument(
         "--first-stage",
         required=True,
@@ -58,7 +60,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="scoring backend (edje.scoring; default: fast)",
     )
     parser.add_argument("--split", default="test", help="split to evaluate (default: test)")
-    parser.add_argument("--store", metavar="STORE", help="token store with every image's tokens")
+    parser.add_argument(
+        "--store",
+        type=existing_folder,
+        metavar="STORE",
+        help="token store with every image's tokens",
+    )
     parser.add_argument(
         "--force",
         action="store_true",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from edje.commands import count
+from edje.commands import count, existing_folder, folder_or_id
 
 EXAMPLE = """examples:
   # every image under photos/, ids: paths relative to photos/ (as `edje encode --images`)
@@ -28,10 +28,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--first-stage", required=True, metavar="DIR_OR_ID", help="embedding model")
+    parser.add_argument(
+        "--first-stage",
+        type=folder_or_id,
+        required=True,
+        metavar="DIR_OR_ID",
+        help="embedding model",
+    )
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--images", metavar="FOLDER", help="folder of image files (recursive)")
-    source.add_argument("--store", metavar="STORE", help="a token store of raw vision tokens")
+    source.add_argument(
+        "--images", type=existing_folder, metavar="FOLDER", help="folder of image files (recursive)"
+    )
+    source.add_argument(
+        "--store", type=existing_folder, metavar="STORE", help="a token store of raw vision tokens"
+    )
     parser.add_argument("--out", required=True, metavar="DIR", help="index folder to write")
     parser.add_argument("--factory", default="Flat", help="faiss index_factory string (exact)")
     parser.add_argument("--batch-size", type=count, default=64, help="images per batch")

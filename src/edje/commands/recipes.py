@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import argparse
 
+EXAMPLE = """example:
+  edje recipes
+  edje fit --config finetune_custom --print_config > my_recipe.yaml   # a copy to edit
+"""
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -11,6 +16,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="list the packaged training recipes (edje fit --config NAME)",
         description="The recipes installed with edje; `edje fit --config NAME` runs one, "
         "`edje fit --config NAME --print_config` prints it whole.",
+        epilog=EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.set_defaults(func=run)
 

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from edje.commands import count
+from edje.commands import count, existing_folder, folder_or_id
 
 EXAMPLE = """examples:
   edje rerank --model my-edje --store photos.store --input pairs.jsonl --output scores.jsonl
@@ -34,8 +34,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--model", required=True, metavar="EDJE_DIR", help="EDJE folder or id")
-    parser.add_argument("--store", metavar="STORE", help="token store the document ids are in")
+    parser.add_argument(
+        "--model", type=folder_or_id, required=True, metavar="EDJE_DIR", help="EDJE folder or id"
+    )
+    parser.add_argument(
+        "--store", type=existing_folder, metavar="STORE", help="token store the document ids are in"
+    )
     parser.add_argument("--input", required=True, metavar="JSONL", help="pairs to score")
     parser.add_argument("--output", required=True, metavar="JSONL", help="where scores go")
     parser.add_argument("--batch-size", type=count, default=32, help="pairs per forward pass")

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from edje.commands import count
+from edje.commands import count, existing_folder, folder_or_id
 
 EXAMPLE = """examples:
   # caption -> images: a saved index over the store's ids (see `edje index --help`)
@@ -35,9 +35,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("query", metavar="QUERY", help="a caption (an image path with --images)")
-    parser.add_argument("--model", required=True, metavar="EDJE_DIR", help="EDJE folder or id")
-    parser.add_argument("--first-stage", required=True, metavar="DIR_OR_ID", help="embedding model")
-    parser.add_argument("--store", metavar="STORE", help="token store of the images")
+    parser.add_argument(
+        "--model", type=folder_or_id, required=True, metavar="EDJE_DIR", help="EDJE folder or id"
+    )
+    parser.add_argument(
+        "--first-stage",
+        type=folder_or_id,
+        required=True,
+        metavar="DIR_OR_ID",
+        help="embedding model",
+    )
+    parser.add_argument(
+        "--store", type=existing_folder, metavar="STORE", help="token store of the images"
+    )
     parser.add_argument("--index", metavar="DIR", help="a saved VectorIndex over the store's ids")
     parser.add_argument("--images", action="store_true", help="image -> captions (--captions)")
     parser.add_argument("--captions", metavar="FILE", help="candidate captions for --images")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from edje.commands import count
+from edje.commands import count, existing_folder, folder_or_id
 
 EXAMPLE = """example:
   edje serve --model my-edje --store my-store --port 8000
@@ -32,8 +32,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--model", required=True, help="model folder (with its processor)")
-    parser.add_argument("--store", required=True, help="token store folder made for this model")
+    parser.add_argument(
+        "--model", type=folder_or_id, required=True, help="model folder (with its processor)"
+    )
+    parser.add_argument(
+        "--store",
+        type=existing_folder,
+        required=True,
+        help="token store folder made for this model",
+    )
     parser.add_argument(
         "--host",
         default="127.0.0.1",
