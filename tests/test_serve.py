@@ -215,6 +215,13 @@ BAD_REQUESTS = {
     "top_n a float": (dict(GOOD, top_n=1.5), 400, "'top_n'"),
     "return_documents not a bool": (dict(GOOD, return_documents="yes"), 400, "return_documents"),
     "body over the limit": (dict(GOOD, query="x" * 250_000), 413, "at most 200000"),
+    "query over the limit": (dict(GOOD, query="x" * 5000), 400, "at most 4096"),
+    "lone surrogate": (b'{"query": "a \\ud800 cat", "documents": ["img0"]}', 400, "surrogate"),
+    "lone surrogate in an id": (
+        b'{"query": "a cat", "documents": ["img\\udfff"]}',
+        400,
+        "surrogate",
+    ),
 }
 
 

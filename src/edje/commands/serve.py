@@ -73,6 +73,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="(query, image) pairs per forward, across requests (default: %(default)s)",
     )
     parser.add_argument(
+        "--max-query-chars",
+        type=count,
+        default=defaults.max_query_chars,
+        help="characters in a request's query (default: %(default)s)",
+    )
+    parser.add_argument(
         "--max-wait-ms",
         type=float,
         default=defaults.max_wait_ms,
@@ -102,6 +108,7 @@ def run(args: argparse.Namespace) -> int:
             max_body_bytes=args.max_body_bytes,
             max_batch_pairs=args.max_batch_pairs,
             max_wait_ms=args.max_wait_ms,
+            max_query_chars=args.max_query_chars,
         )
     except ValueError as error:
         raise SystemExit(f"edje serve: {error}") from None

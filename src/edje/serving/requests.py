@@ -38,9 +38,13 @@ class ServeLimits:
     max_batch_pairs: int = 512  # pairs in one forward, across requests
     max_wait_ms: float = 5.0  # how long a forward waits for other requests to join it
     max_image_pixels: int = 40_000_000  # a decoded base64 image (decompression bombs)
+    # A caption is cut at the model's max_caption_length tokens (a few hundred characters); a
+    # longer query is refused rather than tokenized again for every document.
+    max_query_chars: int = 4096
 
     def __post_init__(self) -> None:
-        for name in ("max_documents", "max_body_bytes", "max_batch_pairs", "max_image_pixels"):
+        names = ("max_documents", "max_body_bytes", "max_batch_pairs", "max_image_pixels")
+        for name in (*names, "max_query_chars"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ServeLimits: {name} must be >= 1, got {getattr(self, name)}.")
         if self.max_wait_ms < 0:
@@ -66,9 +70,17 @@ class RerankRequest:
 
 def parse_json(body: bytes) -> Any:
     try:
-        return json.loads(body)
+        payload = json.loads(body)
+        # JSON may spell lone surrogates ("\\ud800"), which no text is: refuse them here,
+        # once, rather than fail in the tokenizer.
+        json.dumps(payload, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise RequestError(
+            400, "the body holds a lone surrogate escape (e.g. \\ud800): not valid Unicode text."
+        ) from None
     except (ValueError, RecursionError) as error:  # UnicodeDecodeError is a ValueError
         raise RequestError(400, f"the body is not valid JSON: {error}") from None
+    return payload
 
 
 def parse_rerank_request(payload: Any, limits: ServeLimits, model_name: str) -> RerankRequest:
@@ -86,6 +98,13 @@ def parse_rerank_request(payload: Any, limits: ServeLimits, model_name: str) -> 
     query = payload.get("query")
     if not isinstance(query, str) or not query.strip():
         raise RequestError(400, f"'query' must be a non-empty string, got {_kind(query)}.")
+    if len(query) > limits.max_query_chars:
+        raise RequestError(
+            400,
+            f"'query' has {len(query)} characters; this server takes at most "
+            f"{limits.max_query_chars} (the model reads a caption's first "
+            "max_caption_length tokens).",
+        )
     documents = payload.get("documents")
     if not isinstance(documents, list) or not documents:
         raise RequestError(400, f"'documents' must be a non-empty list, got {_kind(documents)}.")
