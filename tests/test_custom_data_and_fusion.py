@@ -250,3 +250,24 @@ def test_serve_fuses_first_stage_scores_given_per_document(fused_reranker):
     assert {r["index"]: r["relevance_score"] for r in plain} == pytest.approx(
         {i: float(torch.sigmoid(torch.tensor(v))) for i, v in enumerate(logits)}, abs=1e-5
     )
+
+
+def test_the_card_yaml_holds_a_model_index_equal_to_the_report(tiny_processor, tiny_vision_encoder):
+    import yaml
+    from huggingface_hub import ModelCard
+
+    report = toy_report(toy_candidates())
+    report.reranked_metrics = {"image_retrieval_recall@1": 33.3, "text_retrieval_recall@1": 66.7}
+    report.fused_metrics = {"image_retrieval_recall@1": 100.0, "text_retrieval_recall@1": 100.0}
+    model = make_tiny_model(tiny_processor, tiny_vision_encoder)
+    card = render_model_card(model, report=report, repo_id="me/edje-toy")
+    metadata = yaml.safe_load(card.split("---")[1])
+    assert metadata["library_name"] == "edje" and metadata["metrics"] == ["recall"]
+    (entry,) = metadata["model-index"]
+    found = {m["name"]: m["value"] for result in entry["results"] for m in result["metrics"]}
+    expected = {f"{row} {k}": v for row, table in (("reranked", report.reranked_metrics),
+                ("fused", report.fused_metrics)) for k, v in table.items()}  # fmt: skip
+    assert found == expected
+    assert {r["dataset"]["split"] for r in entry["results"]} == {"validation"}
+    # huggingface_hub reads the same metadata back.
+    assert len(ModelCard(card).data.eval_results) == len(expected)

@@ -7,7 +7,7 @@ from pathlib import Path
 from string import Template
 from typing import Any
 
-from huggingface_hub import ModelCardData
+from huggingface_hub import EvalResult, ModelCardData
 
 CARD_TEMPLATE = "edje.md"
 
@@ -19,10 +19,12 @@ def render_model_card(
     results: str | None = None,
     compact: bool = False,
     warning: str | None = None,
+    report: Any = None,
 ) -> str:
     """The model card text for `model` (an `EDJEModel`), with optional results in markdown;
     `compact`: the weights were saved with `save_pretrained(compact=True)`; `warning`: put
-    first, as a quote (e.g. that reranking lowers recall)."""
+    first, as a quote (e.g. that reranking lowers recall); `report`: an `EvaluationReport`
+    whose reranked (and fused) recall goes into the card's `model-index`."""
     config = model.config
     text = config.text_config
     m, d = config.image_token_shape
@@ -33,6 +35,11 @@ def render_model_card(
     card_data = ModelCardData(
         library_name="edje",
         tags=["edje", "reranker", "image-text-retrieval", "vision-language"],
+        base_model=[n for n in (config.vision_encoder_name, config.base_text_encoder) if _hub(n)]
+        or None,
+        metrics=["recall"] if report is not None else None,
+        model_name=repo_id or "EDJE reranker",
+        eval_results=eval_results(report) if report is not None else None,
     )
     if compact:
         loading_note = (
@@ -72,3 +79,30 @@ def write_model_card(model: Any, save_directory: str | Path, **kwargs: Any) -> P
     path = Path(save_directory) / "README.md"
     path.write_text(render_model_card(model, **kwargs), encoding="utf-8")
     return path
+
+
+def eval_results(report: Any) -> list[EvalResult]:
+    """The report's reranked and fused recall@k, both ways, as `model-index` entries."""
+    dataset = report.dataset.get("name") or "evaluation"
+    results = []
+    for row, metrics in (("reranked", report.reranked_metrics), ("fused", report.fused_metrics)):
+        for name, value in sorted(metrics.items()):
+            results.append(
+                EvalResult(
+                    task_type="image-text-retrieval",
+                    task_name="Image-text retrieval (reranked top k)",
+                    dataset_type=str(dataset),
+                    dataset_name=str(dataset),
+                    dataset_split=report.dataset.get("split"),
+                    metric_type="recall",
+                    metric_name=f"{row} {name}",
+                    metric_value=float(value),
+                    metric_config=f"{row}@{report.k}",
+                )
+            )
+    return results
+
+
+def _hub(name: str | None) -> bool:
+    """Whether a backbone name is a Hub id (`owner/name`), not an edje offline name or a path."""
+    return bool(name) and name.count("/") == 1 and ":" not in name and not Path(name).exists()

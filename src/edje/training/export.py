@@ -102,8 +102,9 @@ class ExportEDJE(Callback):
         where = f"evaluated on the test split of `{data}`"
         results = f"{report.to_markdown()}\n\n{_provenance(hardware)}; {where}."
         write_model_card(
-            model, self.dirpath, results=results, compact=self.compact, warning=warning
-        )
+            model, self.dirpath, results=results, compact=self.compact, warning=warning,
+            report=report,
+        )  # fmt: skip
         report.save(self.dirpath / "evaluation", plot=True)
         logger.info("ExportEDJE: test results written to %s/README.md", self.dirpath)
 
