@@ -75,3 +75,29 @@ def test_scores_from_stored_tokens_match_scores_from_pixels(
     torch.testing.assert_close(tokens, expected_tokens, rtol=1e-3, atol=1e-3)
     assert (tokens - expected_tokens).abs().max() > 0  # they were stored in fp16
     torch.testing.assert_close(from_store, from_pixels, rtol=0, atol=1e-4)
+
+
+def test_a_saved_model_checks_its_store_without_instantiating_the_vision_encoder(
+    tiny_processor, tiny_vision_encoder, tmp_path, monkeypatch
+):
+    from edje import EDJEModel
+    from edje.rerank import EDJEReranker
+
+    model = make_tiny_model(tiny_processor, tiny_vision_encoder, seed=0)
+    encode(model, tiny_processor, tmp_path / "store", photos(2))
+    model.save_pretrained(tmp_path / "model", save_vision_encoder=True)
+    tiny_processor.save_pretrained(tmp_path / "model")
+    loaded = EDJEModel.from_pretrained(tmp_path / "model")
+    assert loaded.config.vision_encoder_sha256 == model.config.vision_encoder_sha256 is not None
+
+    def refuse():
+        raise AssertionError("the vision encoder was instantiated")
+
+    monkeypatch.setattr(loaded, "_load_vision_encoder", refuse)
+    reranker = EDJEReranker(loaded, store=tmp_path / "store", processor=tiny_processor,
+                            device="cpu")  # fmt: skip
+    assert reranker.predict([("a photo", "img0")]).shape == (1,)
+    assert not loaded._vision_encoder
+    # Another encoder attached: the recorded hash no longer describes it, and is dropped.
+    loaded.set_vision_encoder(tiny_vision_encoder)
+    assert loaded.config.vision_encoder_sha256 is None

@@ -37,6 +37,9 @@ class EDJEConfig(PretrainedConfig):
         vision_image_processor (`dict`, *optional*):
             The image processor's settings (`to_dict()`): with the encoder's name and weights,
             what made the raw tokens, recorded for token-store fingerprints.
+        vision_encoder_sha256 (`str`, *optional*):
+            The hash of the vision encoder's weights (`edje.store.state_dict_sha256`), recorded
+            at save so checking a token store against the model needs no vision encoder.
         adapter_mode (`str`, defaults to `"compressed"`):
             `"compressed"`: `num_image_tokens` learned queries attend over the raw tokens.
             `"local"`: a per-token MLP over all `n` raw tokens (the uncompressed teacher).
@@ -107,6 +110,7 @@ class EDJEConfig(PretrainedConfig):
         vision_num_heads: int = 6,
         vision_image_size: int | None = None,
         vision_image_processor: dict[str, Any] | None = None,
+        vision_encoder_sha256: str | None = None,
         adapter_mode: str = "compressed",
         adapter_type: str = "paper",
         num_image_tokens: int = 64,
@@ -139,6 +143,7 @@ class EDJEConfig(PretrainedConfig):
         self.vision_num_heads = vision_num_heads
         self.vision_image_size = vision_image_size
         self.vision_image_processor = vision_image_processor
+        self.vision_encoder_sha256 = vision_encoder_sha256
         self.adapter_mode = adapter_mode
         self.adapter_type = adapter_type
         self.num_image_tokens = num_image_tokens

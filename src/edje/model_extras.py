@@ -24,6 +24,7 @@ __all__ = [
     "build_from_backbones",
     "load_authors_checkpoint",
     "load_compact_model",
+    "record_vision_sha256",
     "save_compact",
     "store_fingerprint_of",
     "vision_encoder_by_name",
@@ -37,14 +38,21 @@ def vision_encoder_by_name(config: EDJEConfig) -> torch.nn.Module:
     return model
 
 
+def record_vision_sha256(model) -> str:
+    """The vision encoder's weight hash, from the config when recorded there, else computed
+    (loading the encoder once; a ViT-L takes seconds) and recorded."""
+    config = model.config
+    if config.vision_encoder_sha256 is None:
+        config.vision_encoder_sha256 = state_dict_sha256(model.vision_encoder)
+    return config.vision_encoder_sha256
+
+
 def store_fingerprint_of(model, raw: bool) -> dict:
     """The fingerprint of the stores `model` makes (see `EDJEModel.store_fingerprint`)."""
-    if not hasattr(model, "_vision_sha256"):  # hashing a ViT-L takes seconds: once
-        model._vision_sha256 = state_dict_sha256(model.vision_encoder)
     config = model.config
     return store_fingerprint(
         config.vision_encoder_name,
-        model._vision_sha256,
+        record_vision_sha256(model),
         config.vision_image_processor,
         RAW_ADAPTER if raw else state_dict_sha256(model.adapter),
     )

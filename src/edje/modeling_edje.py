@@ -298,14 +298,18 @@ class EDJEModel(EDJEPreTrainedModel):
     def vision_encoder(self) -> nn.Module:
         """The frozen vision encoder, loaded from `config.vision_encoder_name` on first use."""
         if not self._vision_encoder:
-            self.set_vision_encoder(self._load_vision_encoder())
+            self._attach(self._load_vision_encoder())  # the encoder the config describes
         return self._vision_encoder[0]
 
     def set_vision_encoder(self, vision_encoder: nn.Module) -> None:
-        """Attach a vision encoder; it is frozen (eval mode, no gradients)."""
+        """Attach a vision encoder; it is frozen (eval mode, no gradients). A weight hash the
+        config recorded is dropped: it described another encoder."""
+        self._attach(vision_encoder)
+        self.config.vision_encoder_sha256 = None
+
+    def _attach(self, vision_encoder: nn.Module) -> None:
         vision_encoder.eval().requires_grad_(False)
         self._vision_encoder[:] = [vision_encoder]
-        self.__dict__.pop("_vision_sha256", None)  # store_fingerprint's cached hash
 
     def _load_vision_encoder(self) -> nn.Module:
         name = self.config.vision_encoder_name
@@ -501,6 +505,8 @@ class EDJEModel(EDJEPreTrainedModel):
         in fp16 (`edje.compact_checkpoint`); loading then needs edje and that encoder.
         """
         kwargs.pop("safe_serialization", None)  # safetensors only
+        if model_extras is not None and self.config.vision_encoder_name is not None:
+            model_extras.record_vision_sha256(self)  # store checks then need no encoder
         if compact:
             extras = _needs_edje("save_pretrained(compact=True)")
             extras.save_compact(self, save_directory)
