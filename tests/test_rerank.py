@@ -107,12 +107,42 @@ def test_every_document_kind_ranks_alike(reranker, store, photos, tmp_path, monk
 def test_rank_top_k_return_documents_and_stable_ties(reranker, store):
     top = reranker.rank("dogs", IDS, top_k=2, return_documents=True)
     assert len(top) == 2 and top == [
-        {**h, "document": IDS[h["corpus_id"]]} for h in reranker.rank("dogs", IDS)[:2]
+        {**h, "text": IDS[h["corpus_id"]]} for h in reranker.rank("dogs", IDS)[:2]
     ]
     same = store.get(IDS[0]).float()
     ties = reranker.rank("dogs", [same, same.clone(), same.clone()])
     assert [h["corpus_id"] for h in ties] == [0, 1, 2]  # equal scores keep the input order
     assert reranker.rank("dogs", []) == []
+
+
+# What CrossEncoder takes that EDJE has no use for: text prompts, and multi-process pools
+# (EDJE scores on the reranker's device); `kwargs` go to its tokenizer.
+NOT_FOR_IMAGES = {"self", "prompt_name", "prompt", "device", "pool", "chunk_size", "kwargs"}
+
+
+def test_predict_and_rank_take_cross_encoders_arguments_and_give_its_keys(reranker):
+    """Against the sentence-transformers installed with edje's dev extras (6.0.1 here)."""
+    import inspect
+
+    from sentence_transformers import CrossEncoder
+
+    for name in ("predict", "rank"):
+        theirs = set(inspect.signature(getattr(CrossEncoder, name)).parameters) - NOT_FOR_IMAGES
+        ours = set(inspect.signature(getattr(EDJEReranker, name)).parameters)
+        assert theirs <= ours, (name, sorted(theirs - ours))
+    pairs = [("dogs", IDS[0]), ("dogs", IDS[1])]
+    scores = reranker.predict(pairs)
+    assert isinstance(scores, np.ndarray) and scores.dtype == np.float32
+    for alias in ({"inputs": pairs}, {"sentences": pairs}):
+        assert np.array_equal(reranker.predict(**alias), scores)
+    assert np.array_equal(reranker.predict(pairs, apply_softmax=True), scores)  # one logit
+    logits = reranker.predict(pairs, activation_fn=torch.nn.Identity(), convert_to_tensor=True)
+    assert torch.allclose(torch.sigmoid(logits), torch.from_numpy(scores))
+    hits = reranker.rank("dogs", IDS, top_k=3, return_documents=True, activation_fn=None)
+    # CrossEncoder.rank's keys, plus edje's image_id for store ids.
+    assert all(set(h) == {"corpus_id", "score", "text", "image_id"} for h in hits)
+    assert all(isinstance(h["score"], np.float32) for h in hits)
+    assert [h["text"] for h in hits] == [IDS[h["corpus_id"]] for h in hits]
 
 
 def test_rank_many_on_faiss_positions_equals_rank_per_query(reranker, store):

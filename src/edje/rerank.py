@@ -35,7 +35,7 @@ Example (a tiny random model; `EDJEReranker("path/to/edje", store="photos.store"
 >>> reranker.predict([("a red circle", images[0]), ("a blue square", images[1])]).shape
 (2,)
 >>> hits = reranker.rank("a red circle", images, top_k=2)  # best first
->>> len(hits), sorted(hits[0]), hits[0]["score"] >= hits[1]["score"]
+>>> len(hits), sorted(hits[0]), bool(hits[0]["score"] >= hits[1]["score"])
 (2, ['corpus_id', 'score'], True)
 
 ```
@@ -119,21 +119,25 @@ class EDJEReranker:
         batch_size: int = 32,
         show_progress_bar: bool | None = None,
         activation_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        apply_softmax: bool = False,
         convert_to_numpy: bool = True,
         convert_to_tensor: bool = False,
         *,
         inputs: Sequence[tuple[str, Any]] | None = None,
+        sentences: Sequence[tuple[str, Any]] | None = None,
     ) -> np.ndarray | torch.Tensor | list[float]:
         """Score `(caption, document)` pairs: sigmoid of EDJE's logits, in the order given.
 
-        `activation_fn=torch.nn.Identity()` returns the logits. Pairs are sorted by caption
-        (same caption together, similar lengths together) into batches of `batch_size`, and the
-        original order is restored. A single pair `(caption, document)` gives a single score.
-        Returns a float32 numpy array (default), a tensor (`convert_to_tensor=True`, on the
-        reranker's device) or a list of floats (both False). `inputs=` is the same as `pairs`
-        (the name newer sentence-transformers releases use).
+        The arguments are sentence-transformers 5.x `CrossEncoder.predict`'s. `activation_fn=
+        torch.nn.Identity()` returns the logits; `apply_softmax` changes nothing here (one logit
+        a pair, as a one-label CrossEncoder). Pairs are sorted by caption (same caption
+        together, similar lengths together) into batches of `batch_size`, and the original
+        order is restored. A single pair `(caption, document)` gives a single score. Returns a
+        float32 numpy array (default), a tensor (`convert_to_tensor=True`, on the reranker's
+        device) or a list of floats (both False). `inputs=` and `sentences=` (older releases'
+        name) are the same as `pairs`.
         """
-        pairs = _one_of(pairs, inputs)
+        pairs = _one_of(pairs, inputs, sentences)
         single = len(pairs) == 2 and isinstance(pairs[0], str)
         pairs = [pairs] if single else list(pairs)
         captions = []
@@ -151,12 +155,9 @@ class EDJEReranker:
                 captions_of_rows = [captions[r] for r in rows]
                 logits[rows] = self.scorer.score_pairs(captions_of_rows, tokens).to(self.device)
                 bar.update(len(rows))
-        scores = (activation_fn or torch.sigmoid)(logits)
-        if convert_to_tensor:
-            return scores[0] if single else scores
-        scores = scores.float().cpu()
-        out = scores.numpy() if convert_to_numpy else scores.tolist()
-        return out[0] if single else out
+        scores = _converted((activation_fn or torch.sigmoid)(logits), convert_to_numpy,
+                            convert_to_tensor)  # fmt: skip
+        return scores[0] if single else scores
 
     def rank(
         self,
@@ -166,16 +167,24 @@ class EDJEReranker:
         return_documents: bool = False,
         batch_size: int = 32,
         show_progress_bar: bool | None = None,
+        activation_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        apply_softmax: bool = False,
+        convert_to_numpy: bool = True,
+        convert_to_tensor: bool = False,
         first_stage_scores: Sequence[float] | torch.Tensor | None = None,
     ) -> list[dict[str, Any]]:
-        """Rank documents for one caption, best first.
+        """Rank documents for one caption, best first, as sentence-transformers 5.x
+        `CrossEncoder.rank` does (same arguments and keys; `apply_softmax` changes nothing for
+        one logit a pair).
 
         Returns `[{"corpus_id": i, "score": s}, ...]` where `i` indexes `documents` and `s` is
-        the sigmoid score; entries for store ids also hold `"image_id"`, and
-        `return_documents=True` adds `"document"`. Ties keep the input order (a stable sort).
-        `top_k` keeps the best `top_k`. With `first_stage_scores` (one per document) and fusion
-        weights in the model's config, `score` is the sigmoid of the fused score
-        (`edje.fusion`) and entries add `"edje_score"` and `"first_stage_score"`.
+        `activation_fn` (default sigmoid) of the logit, a numpy float32 (a 0-d tensor with
+        `convert_to_tensor=True`, a float with both False); `return_documents=True` adds
+        `"text"` (the document as given), and entries for store ids hold `"image_id"`. Ties
+        keep the input order (a stable sort). `top_k` keeps the best `top_k`. With
+        `first_stage_scores` (one per document) and fusion weights in the model's config,
+        `score` is of the fused score (`edje.fusion`) and entries add `"edje_score"` and
+        `"first_stage_score"`.
         """
         query = _check_caption(query, "query")
         resolved = _Documents(self, documents)
@@ -192,12 +201,13 @@ class EDJEReranker:
                 f"EDJEReranker.rank: {len(first)} first_stage_scores for {len(resolved)} documents."
             )
         hits = []
-        for i, hit in self._hits(logits, first, top_k):
+        convert = (activation_fn or torch.sigmoid, convert_to_numpy, convert_to_tensor)
+        for i, hit in self._hits(logits, first, top_k, convert):
             hits.append({"corpus_id": i, **hit})
             if resolved.image_ids[i] is not None:
                 hits[-1]["image_id"] = resolved.image_ids[i]
             if return_documents:
-                hits[-1]["document"] = documents[i]
+                hits[-1]["text"] = documents[i]
         return hits
 
     def rank_many(
@@ -260,17 +270,21 @@ class EDJEReranker:
     # -- internals -----------------------------------------------------------------------------
 
     def _hits(
-        self, logits: torch.Tensor, first: list[float] | None, top_k: int | None
+        self, logits: torch.Tensor, first: list[float] | None, top_k: int | None, convert=None
     ) -> list[tuple[int, dict[str, Any]]]:
         """`(candidate, entry)` best first: EDJE's logits, fused with the first stage's scores
-        when both are known and the model's config holds fusion weights."""
+        when both are known and the model's config holds fusion weights. Scores are
+        `convert = (activation, to_numpy, to_tensor)` of the logits (default: sigmoid, float)."""
+        activation, to_numpy, to_tensor = convert or (torch.sigmoid, False, False)
         weights = fusion_weights(self.model.config) if first is not None else None
         final = logits if weights is None else fuse(logits, torch.tensor(first), weights)
+        scores = _converted(activation(final), to_numpy, to_tensor)
+        edje = _converted(activation(logits), to_numpy, to_tensor) if weights else None
         hits = []
         for i in _best_first(final)[:top_k]:
-            hit: dict[str, Any] = {"score": float(torch.sigmoid(final[i]))}
+            hit: dict[str, Any] = {"score": scores[i]}
             if weights is not None:
-                hit["edje_score"] = float(torch.sigmoid(logits[i]))
+                hit["edje_score"] = edje[i]
             if first is not None:
                 hit["first_stage_score"] = float(first[i])
             hits.append((i, hit))
@@ -379,10 +393,21 @@ class _Documents:
         return out
 
 
-def _one_of(pairs, inputs):
-    if (pairs is None) == (inputs is None):
-        raise ValueError("EDJEReranker.predict: pass the pairs once (pairs or inputs=).")
-    return pairs if pairs is not None else inputs
+def _one_of(*spellings):
+    given = [p for p in spellings if p is not None]
+    if len(given) != 1:
+        raise ValueError(
+            "EDJEReranker.predict: pass the pairs once (pairs, inputs= or sentences=)."
+        )
+    return given[0]
+
+
+def _converted(scores: torch.Tensor, to_numpy: bool, to_tensor: bool):
+    """Scores as CrossEncoder returns them: a tensor, a float32 numpy array or floats."""
+    if to_tensor:
+        return scores
+    scores = scores.detach().float().cpu()
+    return scores.numpy() if to_numpy else scores.tolist()
 
 
 def _chunks_of_equal_length(rows: list[list], batch_size: int) -> list[list[int]]:
