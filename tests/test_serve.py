@@ -8,6 +8,7 @@ import base64
 import http.client
 import io
 import json
+import math
 import threading
 import urllib.error
 import urllib.request
@@ -55,7 +56,10 @@ class Exploding:
     def score_pairs(self, queries, documents):
         if "explode" in queries:
             raise RuntimeError("boom on purpose")
-        return self.backend.score_pairs(queries, documents)
+        logits = self.backend.score_pairs(queries, documents)
+        if "corrupt" in queries:  # as NaN tokens in a store would score
+            logits = logits.masked_fill(torch.tensor(["corrupt" in q for q in queries]), math.nan)
+        return logits
 
 
 @pytest.fixture(scope="module", params=["fast", "torch"])
@@ -157,8 +161,8 @@ def test_top_n_and_return_documents(served):
     assert status == 200, body
     tokens = served.store.gather(["img1", "img2", "img3", "img4"], dtype=torch.float32)
     assert_ranking(body["results"], model_scores(served, "two dogs", tokens), top_n=2)
-    assert [r["document"] for r in body["results"]] == [
-        documents[r["index"]] for r in body["results"]
+    assert [r["document"] for r in body["results"]] == [  # Cohere's shape for strings
+        d if isinstance(d := documents[r["index"]], dict) else {"text": d} for r in body["results"]
     ]
     status, body = rerank(served, dict(payload, top_n=50))  # more than given: all of them
     assert status == 200 and len(body["results"]) == 4
@@ -284,6 +288,13 @@ def test_a_scoring_failure_is_a_500_and_the_server_goes_on(served):
     assert "boom on purpose" in body["message"]
     status, body = rerank(served, GOOD)
     assert status == 200 and len(body["results"]) == 2
+
+
+def test_a_non_finite_score_is_a_json_500_naming_the_documents(served):
+    status, body = rerank(served, {"query": "corrupt", "documents": ["img0", "img1"], "top_n": 1})
+    assert status == 500
+    assert "non-finite scores for documents 0 ('img0'), 1 ('img1')" in body["message"]
+    assert rerank(served, GOOD)[0] == 200
 
 
 def test_a_failing_request_batched_with_others_fails_alone(served):

@@ -31,6 +31,7 @@ Example (the tiny model and store as in `tests/test_serve.py`):
 # imported inside `create_app` so that `import edje.serving.app` works without the serving extra.
 import asyncio
 import contextlib
+import math
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -42,6 +43,7 @@ import torch
 from edje.fusion import fuse, fusion_weights
 from edje.serving.batching import MicroBatcher
 from edje.serving.requests import (
+    NAMED_AT_MOST,
     Document,
     RequestError,
     ServeLimits,
@@ -175,6 +177,9 @@ def create_app(
         except Exception as error:  # the server's fault, not the client's: 500, and go on
             message = f"scoring failed: {type(error).__name__}: {error}"
             return JSONResponse({"message": message}, status_code=500)
+        broken = [i for i, v in enumerate(logits.tolist()) if not math.isfinite(v)]
+        if broken:  # never a silently dropped document or an unserialisable body
+            return JSONResponse({"message": non_finite_message(broken, documents)}, status_code=500)
         weights = getattr(backend, "fusion", None)
         if weights is not None and job.first_stage_scores is not None:
             logits = fuse(logits, torch.tensor(job.first_stage_scores), weights)
@@ -185,14 +190,27 @@ def create_app(
         results = []
         for index in order[: job.top_n]:
             result: dict[str, Any] = {"index": index, "relevance_score": scores[index]}
-            if job.return_documents:
-                result["document"] = job.documents[index]
+            if job.return_documents:  # Cohere's and Jina's shape: {"text": ...} for a string
+                sent = job.documents[index]
+                result["document"] = sent if isinstance(sent, dict) else {"text": sent}
             results.append(result)
         elapsed_ms = round(1000 * (time.perf_counter() - started), 3)
         meta = {"documents": len(documents), "elapsed_ms": elapsed_ms}
         return {"id": uuid.uuid4().hex, "model": model_name, "results": results, "meta": meta}
 
     return app
+
+
+def non_finite_message(broken: list[int], documents: Sequence[Document]) -> str:
+    """What a 500 says when the model scored some documents NaN or infinite."""
+    named = [
+        f"{i} ({documents[i]!r})" if isinstance(documents[i], str) else str(i)
+        for i in broken[:NAMED_AT_MOST]
+    ]
+    return (
+        f"scoring gave non-finite scores for documents {', '.join(named)}: their stored tokens "
+        "or the model's weights are corrupt (TokenStore.verify() checks a store)."
+    )
 
 
 async def _read_body(request, limit: int) -> bytes:
