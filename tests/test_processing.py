@@ -57,6 +57,15 @@ def test_images_give_pixel_values(tiny_processor):
     assert batch["pixel_values"].shape == (2, 3, 28, 28)
 
 
+def test_blips_argument_order_images_then_text_gives_the_same_inputs(tiny_processor):
+    image = Image.fromarray(np.full((30, 30, 3), 200, dtype=np.uint8))
+    expected = tiny_processor(text="a cat", images=image)
+    for swapped in (tiny_processor(image, "a cat"), tiny_processor([image, image], ["a", "b"])):
+        assert set(swapped) == set(expected)
+    swapped = tiny_processor(image, "a cat")
+    assert all(torch.equal(swapped[k], expected[k]) for k in expected)
+
+
 def test_long_caption_is_truncated_to_max_caption_length(tiny_processor):
     caption = " ".join(["circle"] * 10_000)
     batch = tiny_processor(text=caption, image_tokens=torch.zeros(1, 4, 32))

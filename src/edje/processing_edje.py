@@ -92,7 +92,10 @@ class EDJEProcessor(ProcessorMixin):
     ) -> BatchFeature:
         """Build pair inputs: `input_ids`, `attention_mask`, `token_type_ids`, plus
         `pixel_values` or `image_tokens`. Captions longer than `max_caption_length` tokens are
-        truncated (documented, not an error)."""
+        truncated (documented, not an error). BLIP's processors take images first: `p(image,
+        "a cat")` is read as `p(text="a cat", images=image)`."""
+        if _is_text(images) and text is not None and not _is_text(text):
+            text, images = images, text  # positional (images, text), as BLIP's order
         if (images is None) == (image_tokens is None):
             given = "both" if images is not None else "neither"
             raise ValueError(
@@ -181,6 +184,15 @@ def append_image_slots(
         "attention_mask": attention_mask,
         "token_type_ids": token_type_ids,
     }
+
+
+def _is_text(value: Any) -> bool:
+    """A caption or a non-empty list of captions."""
+    if isinstance(value, str):
+        return True
+    return (
+        isinstance(value, list | tuple) and bool(value) and all(isinstance(v, str) for v in value)
+    )
 
 
 def _as_caption_list(text: str | Sequence[str] | None) -> list[str]:
