@@ -107,6 +107,33 @@ def test_search_without_an_index_on_a_compressed_store_says_how_to_build_one(fil
               "--store", str(root / "store"), "a cat"])  # fmt: skip
 
 
+def test_search_beside_a_quickstart_model_needs_no_first_stage_and_hints_when_nothing_scores(
+    files, tiny_processor, tmp_path, capsys
+):
+    import shutil
+
+    root, _, _ = files
+    model = EDJEModel.from_pretrained(root / "edje").eval()
+    with torch.no_grad():
+        model.itm_head.bias -= 40  # every pair scores ~0: a caption the model does not know
+    model.config.example_captions = ["a small red circle", "a big blue square"]
+    model.save_pretrained(tmp_path / "model", save_vision_encoder=True)
+    tiny_processor.save_pretrained(tmp_path / "model")
+    tiny_processor.image_processor.save_pretrained(tmp_path / "model" / "vision_encoder")
+    shutil.copytree(root / "probe", tmp_path / "first_stage")  # as edje quickstart leaves them
+    shutil.copytree(root / "raw", tmp_path / "raw.store")
+    hits = run_json(capsys, ["search", "--model", str(tmp_path / "model"), "--device", "cpu",
+                             "--k", "3", "--json", "a cat"])  # fmt: skip
+    assert len(hits) == 3
+    assert main(["search", "--model", str(tmp_path / "model"), "--k", "3", "a cat"]) == 0
+    err = capsys.readouterr().err
+    assert f"--first-stage {tmp_path / 'first_stage'} (beside the model)" in err
+    assert f"--store {tmp_path / 'raw.store'} (beside the model)" in err
+    assert "every score is below 0.01" in err and "'a small red circle'; 'a big blue square'" in err
+    with pytest.raises(SystemExit, match="give --first-stage"):
+        main(["search", "--model", str(root / "edje"), "--store", str(root / "raw"), "a cat"])
+
+
 def test_search_image_to_captions(files, capsys):
     root, _, photos = files
     common = ["search", "--images", "--model", str(root / "edje"), "--json", "--device", "cpu"]

@@ -159,5 +159,6 @@ def test_quickstart_recipe_trains_and_its_loss_decreases(tmp_path, monkeypatch):
     config = EDJEModel.from_pretrained(model).config
     assert chosen["fusion_weights"] == [config.fusion_edje_weight, config.fusion_first_stage_weight]
     assert chosen["dataset"]["split"] == "validation" and chosen["fused_metrics"]
+    assert len(config.example_captions) == 3  # what edje search shows when nothing matches
     assert describe_hardware("cpu") in card  # what it trained on
     assert "pip install edje" in card  # compact weights need edje, not remote code alone

@@ -37,6 +37,9 @@ class EDJEConfig(PretrainedConfig):
         vision_image_processor (`dict`, *optional*):
             The image processor's settings (`to_dict()`): with the encoder's name and weights,
             what made the raw tokens, recorded for token-store fingerprints.
+        example_captions (`list[str]`, *optional*):
+            A few training captions, recorded at export: `edje search` shows them when a query
+            scores nothing, as examples of what the model knows.
         vision_encoder_sha256 (`str`, *optional*):
             The hash of the vision encoder's weights (`edje.store.state_dict_sha256`), recorded
             at save so checking a token store against the model needs no vision encoder.
@@ -111,6 +114,7 @@ class EDJEConfig(PretrainedConfig):
         vision_image_size: int | None = None,
         vision_image_processor: dict[str, Any] | None = None,
         vision_encoder_sha256: str | None = None,
+        example_captions: list[str] | None = None,
         adapter_mode: str = "compressed",
         adapter_type: str = "paper",
         num_image_tokens: int = 64,
@@ -144,6 +148,7 @@ class EDJEConfig(PretrainedConfig):
         self.vision_image_size = vision_image_size
         self.vision_image_processor = vision_image_processor
         self.vision_encoder_sha256 = vision_encoder_sha256
+        self.example_captions = example_captions
         self.adapter_mode = adapter_mode
         self.adapter_type = adapter_type
         self.num_image_tokens = num_image_tokens

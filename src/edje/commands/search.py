@@ -41,12 +41,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--first-stage",
         type=folder_or_id,
-        required=True,
         metavar="DIR_OR_ID",
-        help="embedding model",
+        help="embedding model (default: first_stage/ beside the model, as quickstart leaves it)",
     )
     parser.add_argument(
-        "--store", type=existing_folder, metavar="STORE", help="token store of the images"
+        "--store",
+        type=existing_folder,
+        metavar="STORE",
+        help="token store of the images (default: raw.store/ beside the model)",
     )
     parser.add_argument("--index", metavar="DIR", help="a saved VectorIndex over the store's ids")
     parser.add_argument("--images", action="store_true", help="image -> captions (--captions)")
@@ -62,8 +64,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from edje.first_stage import load_embedding_model
 
-    if args.k < 1:
-        raise SystemExit(f"edje search: --k must be a positive integer, got {args.k}")
+    beside_the_model(args)
     first_stage = load_embedding_model(args.first_stage)
     if args.device:
         first_stage.to(args.device)
@@ -72,7 +73,45 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(hits, indent=2))
     else:
         print_table(hits, "caption" if args.images else "image_id")
+    if hits and max(h["score"] for h in hits) < TINY:
+        print(f"edje search: every score is below {TINY}: {unknown_caption_hint(args)}",
+              file=sys.stderr)  # fmt: skip
     return 0
+
+
+TINY = 0.01  # a sigmoid score this low: EDJE sees no match among the candidates
+
+
+def beside_the_model(args: argparse.Namespace) -> None:
+    """Fill --first-stage / --store from the folder holding the model (`edje quickstart`
+    leaves model/, first_stage/ and raw.store/ side by side), saying so."""
+    from pathlib import Path
+
+    folder = Path(args.model).parent
+    for option, name in (("first_stage", "first_stage"), ("store", "raw.store")):
+        if getattr(args, option) is None and (folder / name).is_dir() and Path(args.model).is_dir():
+            setattr(args, option, str(folder / name))
+            print(f"edje search: --{option.replace('_', '-')} {folder / name} (beside the model)",
+                  file=sys.stderr)  # fmt: skip
+    if args.first_stage is None:
+        raise SystemExit(
+            f"edje search: give --first-stage (no first_stage/ beside the model in {folder})"
+        )
+
+
+def unknown_caption_hint(args: argparse.Namespace) -> str:
+    """What to try when nothing scores: captions like the ones the model was trained on."""
+    import json as json_module
+    from pathlib import Path
+
+    config = Path(args.model) / "config.json"
+    examples = []
+    if config.is_file():
+        examples = json_module.loads(config.read_text()).get("example_captions") or []
+    if examples:
+        shown = "; ".join(f"'{c}'" for c in examples[:3])
+        return f"the model may not know this kind of caption; it was trained on ones like {shown}."
+    return "the model may not know this kind of caption; try one like those it was trained on."
 
 
 def search_images(args: argparse.Namespace, first_stage) -> list[dict]:

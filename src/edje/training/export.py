@@ -138,8 +138,11 @@ class ExportEDJE(Callback):
         if not trainer.is_global_zero:
             return
         edje = pl_module.network.edje
-        edje.save_pretrained(self.dirpath, compact=self.compact)
         datamodule = trainer.datamodule
+        pairs = getattr(datamodule, "pairs", None) or {}
+        if "train" in pairs:  # what edje search shows when a query matches nothing
+            edje.config.example_captions = list(dict.fromkeys(pairs["train"].captions))[:3]
+        edje.save_pretrained(self.dirpath, compact=self.compact)
         if datamodule is not None:
             processor_for(edje, datamodule).save_pretrained(self.dirpath)
         logger.info("exported EDJE (%s = %s) to %s", self.monitor, self.best, self.dirpath)
