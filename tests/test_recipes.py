@@ -80,3 +80,16 @@ def test_packaged_recipes_run_by_name_from_any_folder(tmp_path, monkeypatch, cap
     listed = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in listed] == sorted(p.stem for p in RECIPES)
     assert any(line.startswith("finetune_custom") and "your own images" in line for line in listed)
+
+
+def test_edje_fit_passes_its_command_line_without_lightnings_args_warning(monkeypatch):
+    import warnings
+
+    from edje.commands.fit import make_cli, packaged_recipes
+
+    monkeypatch.setattr("sys.argv", ["edje", "fit", "--config", "quickstart"])  # as run
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cli = make_cli(["--config", str(packaged_recipes()["quickstart"])], run=False)
+    assert cli.model.network.edje.config.num_image_tokens == 16
+    assert not [w for w in caught if "args parameter" in str(w.message)]

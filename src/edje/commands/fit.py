@@ -94,6 +94,11 @@ def make_cli(cli_args: list[str], run: bool = True):
             # caption length, named once in the recipe's model section.
             parser.link_arguments("model.backbones", "data.backbones", apply_on="instantiate")
 
+        def parse_arguments(self, parser, args) -> None:
+            # `args` is the command line edje fit was given: Lightning's warning about passing
+            # args while sys.argv is set does not apply.
+            self.config = parser.parse_args(args)
+
         def before_instantiate_classes(self) -> None:
             config = self.config[self.subcommand] if self.subcommand else self.config
             cpu_precision(config["trainer"])
