@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
@@ -139,3 +140,33 @@ def test_push_to_hub_uploads_exactly_the_saved_files_calls_checked_not_the_hub(
         ("upload_folder", "someone/edje-tiny", saved_files(tmp_path)),
         ("card names repo", True),
     ]
+
+
+def test_push_to_hub_takes_transformers_arguments_calls_checked_not_the_hub(
+    tiny_model, tmp_path, monkeypatch
+):
+    """transformers' push_to_hub arguments reach huggingface_hub (mocked: the Hub is unreachable
+    here); save_pretrained(compact=True, push_to_hub=True) refuses rather than push nothing."""
+    import yaml
+    from huggingface_hub import HfApi, RepoUrl
+
+    sent = {}
+
+    def upload_folder(self, *, repo_id, folder_path, **kwargs):
+        card = (Path(folder_path) / "README.md").read_text()
+        sent.update(kwargs, tags=yaml.safe_load(card.split("---")[1])["tags"])
+        return "commit-url"
+
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: RepoUrl(
+        f"https://huggingface.co/{repo_id}"))  # fmt: skip
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    result = tiny_model.push_to_hub(
+        "someone/edje-tiny", commit_message="v1", commit_description="first", tags=["flowers"],
+        max_shard_size="10MB", create_pr=True,
+    )  # fmt: skip
+    assert result == "commit-url"
+    assert sent["commit_message"] == "v1" and sent["commit_description"] == "first"
+    assert sent["create_pr"] is True and "flowers" in sent["tags"] and "edje" in sent["tags"]
+    with pytest.raises(ValueError, match=r"compact=True\) does not push"):
+        tiny_model.save_pretrained(tmp_path / "c", compact=True, push_to_hub=True)
+    assert not (tmp_path / "c").exists()

@@ -20,11 +20,12 @@ def render_model_card(
     compact: bool = False,
     warning: str | None = None,
     report: Any = None,
+    tags: list[str] | None = None,
 ) -> str:
     """The model card text for `model` (an `EDJEModel`), with optional results in markdown;
     `compact`: the weights were saved with `save_pretrained(compact=True)`; `warning`: put
     first, as a quote (e.g. that reranking lowers recall); `report`: an `EvaluationReport`
-    whose reranked (and fused) recall goes into the card's `model-index`."""
+    whose reranked (and fused) recall goes into the card's `model-index`; `tags`: more tags."""
     config = model.config
     text = config.text_config
     m, d = config.image_token_shape
@@ -34,7 +35,11 @@ def render_model_card(
         adapter = "local: per-token MLP, no compression"
     card_data = ModelCardData(
         library_name="edje",
-        tags=["edje", "reranker", "image-text-retrieval", "vision-language"],
+        tags=list(
+            dict.fromkeys(
+                ["edje", "reranker", "image-text-retrieval", "vision-language", *(tags or [])]
+            )
+        ),
         base_model=[n for n in (config.vision_encoder_name, config.base_text_encoder) if _hub(n)]
         or None,
         metrics=["recall"] if report is not None else None,

@@ -505,6 +505,12 @@ class EDJEModel(EDJEPreTrainedModel):
         in fp16 (`edje.compact_checkpoint`); loading then needs edje and that encoder.
         """
         kwargs.pop("safe_serialization", None)  # safetensors only
+        if compact and kwargs.get("push_to_hub"):
+            raise ValueError(
+                "EDJEModel.save_pretrained(compact=True) does not push: a compact folder loads "
+                "only where edje is installed. Call push_to_hub(repo_id) (full weights, loads "
+                "anywhere with trust_remote_code=True), or upload the compact folder yourself."
+            )
         if model_extras is not None and self.config.vision_encoder_name is not None:
             model_extras.record_vision_sha256(self)  # store checks then need no encoder
         if compact:
@@ -528,14 +534,19 @@ class EDJEModel(EDJEPreTrainedModel):
         self,
         repo_id: str,
         *,
-        commit_message: str = "Upload EDJE model",
+        commit_message: str | None = None,
+        commit_description: str | None = None,
         private: bool | None = None,
         token: str | bool | None = None,
         revision: str | None = None,
         create_pr: bool = False,
+        max_shard_size: int | str | None = "50GB",
+        tags: list[str] | None = None,
         save_vision_encoder: bool = False,
     ) -> Any:
-        """Upload exactly what `save_pretrained` writes (safetensors, config, code, model card)."""
+        """Upload exactly what `save_pretrained` writes (safetensors, config, code, model card),
+        with transformers' `push_to_hub` arguments; `tags` join the card's. Returns the commit
+        info. The full weights go up: a compact folder loads only where edje is installed."""
         import tempfile
 
         from huggingface_hub import HfApi
@@ -543,13 +554,16 @@ class EDJEModel(EDJEPreTrainedModel):
         api = HfApi(token=token if isinstance(token, str) else None)
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
         with tempfile.TemporaryDirectory() as folder:
-            self.save_pretrained(folder, save_vision_encoder=save_vision_encoder)
+            self.save_pretrained(
+                folder, save_vision_encoder=save_vision_encoder, max_shard_size=max_shard_size
+            )
             if model_extras is not None:
-                model_extras.write_model_card(self, folder, repo_id=repo_id)
+                model_extras.write_model_card(self, folder, repo_id=repo_id, tags=tags)
             return api.upload_folder(
                 repo_id=repo_id,
                 folder_path=folder,
-                commit_message=commit_message,
+                commit_message=commit_message or "Upload EDJE model",
+                commit_description=commit_description,
                 revision=revision,
                 create_pr=create_pr,
             )
