@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fnmatch
 import shutil
 from pathlib import Path
 from typing import ClassVar
@@ -23,14 +22,16 @@ class _RecordingApi:
     def create_repo(self, repo_id, **kwargs):
         self.calls.append(("create_repo", {"repo_id": repo_id, **kwargs}))
 
-    def upload_folder(self, **kwargs):
-        self.calls.append(("upload_folder", kwargs))
-        src = Path(kwargs["folder_path"])
-        for f in src.rglob("*"):  # what would be uploaded, by the same allow_patterns rule
-            rel = f.relative_to(src).as_posix()
-            if f.is_file() and any(fnmatch.fnmatch(rel, p) for p in kwargs["allow_patterns"]):
-                (self.remote / rel).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy(f, self.remote / rel)
+    def create_commit(self, **kwargs):
+        self.calls.append(("create_commit", kwargs))
+        for operation in kwargs["operations"]:  # what the commit would write, file by file
+            target = self.remote / operation.path_in_repo
+            target.parent.mkdir(parents=True, exist_ok=True)
+            source = operation.path_or_fileobj
+            if isinstance(source, bytes):
+                target.write_bytes(source)
+            else:
+                shutil.copy(source, target)
         return "commit-info"
 
 
@@ -46,19 +47,23 @@ def test_push_to_hub_and_from_hub_make_the_expected_huggingface_hub_calls(tmp_pa
     store = TokenStore.open(tmp_path / "s")
     assert store.push_to_hub("me/tokens", private=True, token="tok") == "commit-info"
     names = [c[0] for c in _RecordingApi.calls]
-    assert names == ["HfApi", "create_repo", "upload_folder"]
+    assert names == ["HfApi", "create_repo", "create_commit"]
     assert _RecordingApi.calls[0][1] == {"token": "tok"}
     assert _RecordingApi.calls[1][1] == {
         "repo_id": "me/tokens", "repo_type": "dataset", "private": True, "exist_ok": True,
     }  # fmt: skip
-    upload = _RecordingApi.calls[2][1]
-    assert upload["repo_id"] == "me/tokens" and upload["repo_type"] == "dataset"
-    assert upload["folder_path"] == str(tmp_path / "s")
+    commit = _RecordingApi.calls[2][1]
+    assert commit["repo_id"] == "me/tokens" and commit["repo_type"] == "dataset"
     uploaded = sorted(p.relative_to(tmp_path / "remote").as_posix()
                       for p in (tmp_path / "remote").rglob("*") if p.is_file())  # fmt: skip
     assert uploaded == [
-        "manifest.json", "shards/r000-000000.safetensors", "shards/r000-000001.safetensors",
+        "README.md", "manifest.json",
+        "shards/r000-000000.safetensors", "shards/r000-000001.safetensors",
     ]  # fmt: skip
+    # The dataset card: no viewer (tensors, not rows), how to load it, what made it.
+    card = huggingface_hub.DatasetCard((tmp_path / "remote" / "README.md").read_text())
+    assert card.data.viewer is False and "token-store" in card.data.tags
+    assert 'TokenStore.from_hub("me/tokens")' in card.text and "3 images" in card.text
 
     downloads = []
 

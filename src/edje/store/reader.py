@@ -324,19 +324,45 @@ class TokenStore:
         revision: str | None = None,
         commit_message: str | None = None,
     ) -> object:
-        """Upload the store (manifest and shards) as a Hugging Face dataset repository."""
-        from huggingface_hub import HfApi
+        """Upload the store (manifest and shards) as a Hugging Face dataset repository, with a
+        dataset card (`viewer: false`: the shards are tensors, not rows), in one commit."""
+        import huggingface_hub
 
-        api = HfApi(token=token)
+        api = huggingface_hub.HfApi(token=token)
         api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
         files = [MANIFEST_NAME] + [s["file"] for s in self._shard_meta]
-        return api.upload_folder(
+        operations = [
+            huggingface_hub.CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(self.path / f))
+            for f in files
+        ]
+        card = self.dataset_card(repo_id).encode("utf-8")
+        operations.append(
+            huggingface_hub.CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card)
+        )
+        return api.create_commit(
             repo_id=repo_id,
             repo_type="dataset",
-            folder_path=str(self.path),
+            operations=operations,
             revision=revision,
-            allow_patterns=files,
             commit_message=commit_message or f"Upload edje token store ({len(self)} images)",
+        )
+
+    def dataset_card(self, repo_id: str) -> str:
+        """The README.md a pushed store gets: what it holds, what made it, how to load it."""
+        from huggingface_hub import DatasetCardData
+
+        data = DatasetCardData(tags=["edje", "token-store"], viewer=False)
+        m, d = self.token_shape
+        made_by = json.dumps(self.fingerprint, sort_keys=True)
+        return (
+            f"---\n{data.to_yaml()}\n---\n\n# edje token store: {len(self):,} images\n\n"
+            f"Each image is {m} x {d} {self.dtype} tokens ({self.bytes_per_image:,} bytes), "
+            f"{'raw vision tokens' if self.is_raw else 'compressed by an EDJE adapter'}, "
+            f"in {len(self._shard_meta)} safetensors shards indexed by `manifest.json`.\n\n"
+            "```python\nfrom edje.store import TokenStore  # pip install edje\n\n"
+            f'store = TokenStore.from_hub("{repo_id}")\n```\n\n'
+            f"Made by (its fingerprint, which a model checks before using it):\n\n"
+            f"```json\n{made_by}\n```\n"
         )
 
     @classmethod
