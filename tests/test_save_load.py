@@ -103,12 +103,18 @@ for obj in (model, processor):
     assert "transformers_modules" in type(obj).__module__, type(obj).__module__
 tokens = load_file(folder + "/tokens.safetensors")["tokens"]
 inputs = processor(text={CAPTIONS!r}, image_tokens=tokens)
+model.config.vision_encoder_name = "edje:dinov2-small"  # an offline backbone: edje's alone
+try:
+    model.vision_encoder
+except ValueError as error:
+    print("refused:", "pip install edje" in str(error) and "save_vision_encoder" in str(error))
 print(model(**inputs).logits.tolist())
 """
     result = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stderr[-2000:]
+    assert "refused: True" in result.stdout  # says what to do, not "Repo id must use ..."
     logits = json.loads(result.stdout.strip().splitlines()[-1])
     assert logits == expected.tolist()
 

@@ -327,6 +327,13 @@ class EDJEModel(EDJEPreTrainedModel):
                 return AutoModel.from_pretrained(source / VISION_SUBFOLDER)
             return AutoModel.from_pretrained(str(self._vision_source), subfolder=VISION_SUBFOLDER)
         if model_extras is None:
+            if name.startswith("edje:"):  # an offline backbone shipped as a Python package
+                raise ValueError(
+                    f"EDJEModel: the vision encoder {name!r} is one of edje's offline backbones, "
+                    "which only edje can load: pip install edje, or save the model with "
+                    "save_pretrained(..., save_vision_encoder=True) so the folder holds it. "
+                    "Stored tokens (vision_tokens / image_tokens) need no vision encoder."
+                )
             return AutoModel.from_pretrained(name)
         return model_extras.vision_encoder_by_name(self.config)
 
