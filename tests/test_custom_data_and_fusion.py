@@ -271,3 +271,33 @@ def test_the_card_yaml_holds_a_model_index_equal_to_the_report(tiny_processor, t
     assert {r["dataset"]["split"] for r in entry["results"]} == {"validation"}
     # huggingface_hub reads the same metadata back.
     assert len(ModelCard(card).data.eval_results) == len(expected)
+
+
+def test_fusion_keeps_the_first_stage_alone_unless_others_beat_it_by_more_than_chance():
+    from edje.fusion import FIRST_STAGE_ALONE, choose_fusion, sign_test
+
+    assert sign_test(3, 0) == 1 / 8 and sign_test(0, 0) == 1.0
+    first = torch.tensor([1.0] * 30 + [0.0] * 30)
+    lucky = first.clone()
+    lucky[30:33] = 1.0  # three more hits on 60 queries: p = 1/8, chance
+    grid = [(1.0, 0.0), (0.0, 1.0), (1.0, 5.0)]
+    choice = choose_fusion(lambda w: lucky if w == (1.0, 5.0) else first, grid)
+    assert choice.weights == FIRST_STAGE_ALONE and choice.score == 50.0
+    assert {row["weights"]: round(row["p_value"], 3) for row in choice.table}[(1.0, 5.0)] == 0.125
+    better = first.clone()
+    better[30:45] = 1.0  # fifteen more, none fewer: p = 2^-15 < 0.05 / 2
+    choice = choose_fusion(lambda w: better if w == (1.0, 5.0) else first, grid)
+    assert choice.weights == (1.0, 5.0) and choice.score == 75.0
+
+
+def test_per_query_hits_average_to_recall_at_1_each_way():
+    from edje.evaluation.metrics import reranked_hits_at_1
+
+    c = toy_candidates()
+    c.t2i_rerank = torch.tensor([[0.0, 1.0, 0.5], [2.0, 1.0, 0.0], [0.0, 0.5, 1.0]])
+    hits = reranked_hits_at_1(c.text_to_image, c.t2i, c.t2i_rerank, c.i2t, c.i2t_rerank)
+    recall = reranked_recall_at_k(c.text_to_image, t2i_candidates=c.t2i, t2i_scores=c.t2i_rerank,
+                                  i2t_candidates=c.i2t, i2t_scores=c.i2t_rerank, ks=[1])  # fmt: skip
+    assert len(hits) == 6
+    assert 100 * hits[:3].mean() == pytest.approx(recall["image_retrieval_recall@1"])
+    assert 100 * hits[3:].mean() == pytest.approx(recall["text_retrieval_recall@1"])

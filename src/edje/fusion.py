@@ -3,10 +3,11 @@
     fused = edje_weight * logit + first_stage_weight * first_stage_similarity
 
 With `edje_weight = 1` this is the LAVIS-style "ITM + w x ITC" sum; `(1, 0)` is EDJE alone and
-`(0, 1)` the first stage alone, so a grid that holds both can never choose worse than either on
-the data it is chosen on. The weights are chosen on validation data for one first stage (its
-similarity scale is part of the weight) and kept in the model's config
-(`fusion_edje_weight`, `fusion_first_stage_weight`); `choose_fusion` does the choosing.
+`(0, 1)` the first stage alone. The weights are chosen on validation data for one first stage
+(its similarity scale is part of the weight) and kept in the model's config
+(`fusion_edje_weight`, `fusion_first_stage_weight`); `choose_fusion` does the choosing, and
+keeps the first stage alone unless other weights beat it by more than chance on the validation
+queries, so a weak reranker leaves the first stage's ranking as it was.
 
 Example:
     >>> import torch
@@ -16,12 +17,21 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["FUSION_GRID", "FusionChoice", "choose_fusion", "fuse", "fusion_weights"]
+__all__ = [
+    "FIRST_STAGE_ALONE",
+    "FUSION_GRID",
+    "FusionChoice",
+    "choose_fusion",
+    "fuse",
+    "fusion_weights",
+    "sign_test",
+]
 
 # (edje_weight, first_stage_weight): EDJE alone, the first stage alone, and sums between. The
 # first stage's similarities are cosines (spread ~0.1 between candidates), EDJE's logits spread
@@ -58,18 +68,54 @@ def fusion_weights(config) -> tuple[float, float] | None:
 
 @dataclass
 class FusionChoice:
-    """The weights `choose_fusion` picked and the validation score of every grid point."""
+    """The weights `choose_fusion` picked, and for every grid point its validation score and
+    its sign-test p-value against the first stage alone."""
 
     weights: tuple[float, float]
     score: float
     table: list[dict] = field(default_factory=list)
 
 
+FIRST_STAGE_ALONE = (0.0, 1.0)
+SIGNIFICANCE = 0.05  # family-wise, over the grid (Bonferroni)
+
+
 def choose_fusion(
-    evaluate_weights, grid: Sequence[tuple[float, float]] = FUSION_GRID
+    hits_of, grid: Sequence[tuple[float, float]] = FUSION_GRID, alpha: float = SIGNIFICANCE
 ) -> FusionChoice:
-    """The grid point with the best `evaluate_weights(weights) -> float` (higher is better);
-    ties go to the earlier point, so EDJE alone wins a tie and then the first stage alone."""
-    table = [{"weights": tuple(w), "score": float(evaluate_weights(tuple(w)))} for w in grid]
+    """The grid point that ranks validation queries best, if it beats the first stage alone by
+    more than chance; else the first stage alone.
+
+    `hits_of(weights)` gives each validation query's hit (1.0 or 0.0) at R@1 when ranking by
+    those weights. The best mean wins only if a one-sided sign test over the queries where it
+    and the first stage alone differ gives p < alpha / (grid points compared): a small
+    validation split lets a weak reranker's lucky weights win by a query or two, and they then
+    lose on test. Ties in score go to the earlier grid point.
+    """
+    grid = [tuple(float(v) for v in w) for w in grid]
+    baseline = torch.as_tensor(hits_of(FIRST_STAGE_ALONE), dtype=torch.float64)
+    table = []
+    for weights in grid:
+        hits = torch.as_tensor(hits_of(weights), dtype=torch.float64)
+        table.append(
+            {
+                "weights": weights,
+                "score": 100.0 * float(hits.mean()) if len(hits) else 0.0,
+                "p_value": sign_test(int((hits > baseline).sum()), int((hits < baseline).sum())),
+            }
+        )
     best = max(table, key=lambda row: row["score"])  # max keeps the first of equal scores
+    compared = max(1, len([w for w in grid if w != FIRST_STAGE_ALONE]))
+    if best["weights"] != FIRST_STAGE_ALONE and not best["p_value"] < alpha / compared:
+        fallback = 100.0 * float(baseline.mean()) if len(baseline) else 0.0
+        return FusionChoice(weights=FIRST_STAGE_ALONE, score=fallback, table=table)
     return FusionChoice(weights=best["weights"], score=best["score"], table=table)
+
+
+def sign_test(wins: int, losses: int) -> float:
+    """One-sided sign-test p-value of `wins` against `losses` (ties dropped): the chance of at
+    least that many wins out of `wins + losses` fair coin flips."""
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    return sum(math.comb(n, i) for i in range(wins, n + 1)) / 2**n

@@ -136,6 +136,26 @@ def reranked_recall_at_k(
     return out
 
 
+def reranked_hits_at_1(
+    text_to_image: torch.Tensor,
+    t2i_candidates: torch.Tensor,
+    t2i_scores: torch.Tensor,
+    i2t_candidates: torch.Tensor,
+    i2t_scores: torch.Tensor,
+) -> torch.Tensor:
+    """Per query, 1.0 when the top-scored candidate is a correct one (ties against the query),
+    else 0.0: the caption queries, then the image queries with captions. Their mean is R@1
+    both ways, the unit `edje.fusion.choose_fusion` compares grid points on, query by query."""
+    t2i_positive = t2i_candidates == text_to_image.to(t2i_candidates.device)[:, None]
+    t2i = _hit_rate(_candidate_standing(t2i_scores, t2i_positive), 1, "worst")
+    n_images = len(i2t_candidates)
+    queries = torch.arange(n_images, device=i2t_candidates.device)[:, None]
+    i2t_positive = text_to_image.to(i2t_candidates.device)[i2t_candidates] == queries
+    has_caption = torch.bincount(text_to_image, minlength=n_images)[:n_images] > 0
+    standing = _candidate_standing(i2t_scores, i2t_positive).select(has_caption)
+    return torch.cat([t2i.cpu(), _hit_rate(standing, 1, "worst").cpu()])
+
+
 def pair_accuracy(scores: torch.Tensor) -> float:
     """Share of (caption, wrong image) pairs scored below the caption's own image, in percent.
 

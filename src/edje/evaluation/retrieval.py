@@ -46,7 +46,13 @@ import torch
 
 from edje import image_tokens
 from edje._utils import progress
-from edje.evaluation.metrics import I2T_KEY, T2I_KEY, recall_at_k, reranked_recall_at_k
+from edje.evaluation.metrics import (
+    I2T_KEY,
+    T2I_KEY,
+    recall_at_k,
+    reranked_hits_at_1,
+    reranked_recall_at_k,
+)
 from edje.evaluation.report import Candidates, EvaluationReport
 from edje.first_stage.base import EmbeddingModel
 from edje.first_stage.features import DatasetImages
@@ -183,18 +189,21 @@ def evaluate(
 
 
 def choose_fusion_weights(report: EvaluationReport, grid=FUSION_GRID) -> FusionChoice:
-    """Fusion weights that maximise mean R@1 (both ways) at the report's depth ``k``, from its
-    candidates (evaluate a validation split, then keep the weights for the test split)."""
+    """Fusion weights that maximise R@1 over the queries of both directions at the report's
+    depth ``k``, from its candidates, kept only when they beat the first stage alone by more
+    than chance (`edje.fusion.choose_fusion`); evaluate a validation split, then keep the
+    weights for the test split."""
     candidates = report.candidates
     if candidates is None or candidates.t2i_rerank is None:
         raise ValueError("choose_fusion_weights: the report has no reranked candidates")
-    keys = (T2I_KEY.format(k=1), I2T_KEY.format(k=1))
 
-    def mean_r1(weights) -> float:
-        curve = _candidate_recall(*_fused_lists(candidates, report.k, weights), [1])
-        return sum(curve[key] for key in keys) / 2
+    def hits(weights) -> torch.Tensor:
+        t2i, t2i_scores, i2t, i2t_scores, text_to_image = _fused_lists(
+            candidates, report.k, weights
+        )
+        return reranked_hits_at_1(text_to_image, t2i, t2i_scores, i2t, i2t_scores)
 
-    return choose_fusion(mean_r1, grid)
+    return choose_fusion(hits, grid)
 
 
 def with_fusion(report: EvaluationReport, weights) -> EvaluationReport:
