@@ -296,8 +296,10 @@ def test_per_query_hits_average_to_recall_at_1_each_way():
     c = toy_candidates()
     c.t2i_rerank = torch.tensor([[0.0, 1.0, 0.5], [2.0, 1.0, 0.0], [0.0, 0.5, 1.0]])
     hits = reranked_hits_at_1(c.text_to_image, c.t2i, c.t2i_rerank, c.i2t, c.i2t_rerank)
-    recall = reranked_recall_at_k(c.text_to_image, t2i_candidates=c.t2i, t2i_scores=c.t2i_rerank,
-                                  i2t_candidates=c.i2t, i2t_scores=c.i2t_rerank, ks=[1])  # fmt: skip
+    recall = reranked_recall_at_k(
+        c.text_to_image, t2i_candidates=c.t2i, t2i_scores=c.t2i_rerank,
+        i2t_candidates=c.i2t, i2t_scores=c.i2t_rerank, ks=[1],
+    )  # fmt: skip
     assert len(hits) == 6
     assert 100 * hits[:3].mean() == pytest.approx(recall["image_retrieval_recall@1"])
     assert 100 * hits[3:].mean() == pytest.approx(recall["text_retrieval_recall@1"])

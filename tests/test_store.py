@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -370,3 +371,51 @@ def test_files_and_folders_edje_writes_get_the_umasks_modes_not_0600(tmp_path):
     files = [tmp_path / "s" / "manifest.json", *(tmp_path / "s" / "shards").iterdir()]
     assert {stat.S_IMODE(p.stat().st_mode) for p in files} == {0o644}
     assert stat.S_IMODE((tmp_path / "model").stat().st_mode) == 0o755
+
+
+def _edit(manifest: dict, change) -> dict:
+    edited = json.loads(json.dumps(manifest))
+    change(edited)
+    return edited
+
+
+MANIFEST_LIES = {
+    "a shard outside the store": (
+        lambda m: m["shards"][0].update(file="../../etc/passwd"),
+        "names the file '../../etc",
+    ),
+    "an absolute shard path": (
+        lambda m: m["shards"][0].update(file="/etc/passwd"),
+        "names the file '/etc/passwd'",
+    ),
+    "a shard listed twice": (lambda m: m["shards"].append(m["shards"][0]), "listed twice"),
+    "an unknown dtype": (lambda m: m.update(dtype="float32"), "dtype 'float32', expected one of"),
+    "a count that does not add up": (lambda m: m.update(count=-3), "count -3, but its shards"),
+    "rows that are not the ids": (lambda m: m["shards"][0].update(rows=-1), "rows -1 for 6 ids"),
+    "ids that are not strings": (lambda m: m["shards"][0]["ids"].__setitem__(0, 7), "strings"),
+    "a 3-D token shape": (lambda m: m.update(token_shape=[4, 8, 2]), "token_shape [4, 8, 2]"),
+}
+
+
+@pytest.mark.parametrize("lie", MANIFEST_LIES, ids=list(MANIFEST_LIES))
+def test_a_manifest_that_lies_is_refused_at_open_naming_the_field(tmp_path, lie):
+    change, message = MANIFEST_LIES[lie]
+    _make(tmp_path / "s")
+    manifest_path = tmp_path / "s" / "manifest.json"
+    manifest_path.write_text(json.dumps(_edit(json.loads(manifest_path.read_text()), change)))
+    with pytest.raises(StoreCorruptError, match=re.escape(message)):
+        TokenStore.open(tmp_path / "s")
+
+
+def test_swapped_ids_and_a_foreign_fingerprint_are_caught_at_the_first_read(tmp_path):
+    _make(tmp_path / "s")
+    manifest_path = tmp_path / "s" / "manifest.json"
+    good = json.loads(manifest_path.read_text())
+    for change in (
+        lambda m: m["shards"][0]["ids"].reverse(),  # would serve another image's tokens
+        lambda m: m.update(fingerprint={"adapter_sha256": "another adapter"}),
+    ):
+        manifest_path.write_text(json.dumps(_edit(good, change)))
+        store = TokenStore.open(tmp_path / "s")
+        with pytest.raises(StoreCorruptError, match="ids or fingerprint"):
+            store.gather([store.ids[0]])

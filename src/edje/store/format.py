@@ -361,3 +361,54 @@ def dequantize_int8(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -
     out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
     torch.mul(q, scales.to(torch.float32).unsqueeze(-1), out=out)
     return out if dtype == torch.float32 else out.to(dtype)
+
+
+def check_manifest(manifest: object, where: Path) -> None:
+    """Refuse a manifest that does not describe a store edje wrote, naming the field, before
+    anything is read through it: known dtype, a 2-D token shape, shard files named as edje
+    names them inside `shards/` (no other path is ever opened), no shard listed twice, rows
+    equal to their ids, every id once, strings for ids and failure reasons, and a count that
+    adds up."""
+
+    def refuse(what: str) -> None:
+        raise StoreCorruptError(f"TokenStore: {where} is not a valid manifest: {what}")
+
+    if not isinstance(manifest, dict):
+        refuse(f"expected a JSON object, got {type(manifest).__name__}")
+    if manifest.get("dtype") not in STORE_DTYPES:
+        refuse(f"dtype {manifest.get('dtype')!r}, expected one of {sorted(STORE_DTYPES)}")
+    shape = manifest.get("token_shape")
+    if not (isinstance(shape, list) and len(shape) == 2 and all(_whole(v, 1) for v in shape)):
+        refuse(f"token_shape {shape!r}, expected [m, d] of whole numbers >= 1")
+    shards, failures = manifest.get("shards"), manifest.get("failures", {})
+    if not isinstance(shards, list) or not all(isinstance(x, dict) for x in shards):
+        refuse("shards must be a list of objects")
+    if not isinstance(failures, dict) or not all(isinstance(v, str) for v in failures.values()):
+        refuse("failures must map image ids to reasons (strings)")
+    files, ids = set(), set(failures)
+    for n, shard in enumerate(shards):
+        file = shard.get("file")
+        name = file[len(SHARD_DIR) + 1 :] if isinstance(file, str) else ""
+        if not (file == f"{SHARD_DIR}/{name}" and SHARD_NAME.fullmatch(name)):
+            refuse(f"shard {n} names the file {file!r}, not {SHARD_DIR}/rNNN-NNNNNN.safetensors")
+        if file in files:
+            refuse(f"shard file {file} is listed twice")
+        files.add(file)
+        shard_ids = shard.get("ids")
+        if not isinstance(shard_ids, list) or not all(isinstance(i, str) for i in shard_ids):
+            refuse(f"shard {file}: ids must be a list of strings")
+        if not _whole(shard.get("rows"), 0) or shard["rows"] != len(shard_ids):
+            refuse(f"shard {file}: rows {shard.get('rows')!r} for {len(shard_ids)} ids")
+        if not _whole(shard.get("bytes"), 0):
+            refuse(f"shard {file}: bytes {shard.get('bytes')!r}")
+        repeated = ids.intersection(shard_ids)
+        if repeated or len(set(shard_ids)) != len(shard_ids):
+            refuse(f"shard {file} repeats ids: {sorted(repeated)[:5] or 'within the shard'}")
+        ids.update(shard_ids)
+    count = sum(shard["rows"] for shard in shards)
+    if manifest.get("count") != count:
+        refuse(f"count {manifest.get('count')!r}, but its shards hold {count} rows")
+
+
+def _whole(value: object, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least

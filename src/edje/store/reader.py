@@ -22,6 +22,7 @@ from edje.store.format import (
     SCALE_DTYPE,
     STORE_DTYPES,
     StoreCorruptError,
+    check_manifest,
     data_sha256,
     dequantize_int8,
     read_shard_header,
@@ -80,6 +81,7 @@ class TokenStore:
                 f"TokenStore: {manifest_path} is not a {FORMAT} v{FORMAT_VERSION} manifest "
                 f"(format={manifest.get('format')!r}, version={manifest.get('format_version')!r})"
             )
+        check_manifest(manifest, manifest_path)
         store = cls(path, manifest)
         store._check_sizes()
         if verify:
@@ -235,12 +237,18 @@ class TokenStore:
             meta = self._shard_meta[s]
             file = self.path / meta["file"]
             header = read_shard_header(file)
-            if (header.file_size, header.data_sha256, len(header.ids)) != (
+            # The shard must be the one the manifest lists: its size, hash, ids in order (swapped
+            # ids would serve another image's tokens) and the store's fingerprint.
+            if (header.file_size, header.data_sha256, header.ids, header.fingerprint) != (
                 meta["bytes"],
                 meta["data_sha256"],
-                meta["rows"],
+                meta["ids"],
+                self.fingerprint,
             ):
-                raise StoreCorruptError(f"shard {file} does not match {self.path / MANIFEST_NAME}")
+                raise StoreCorruptError(
+                    f"shard {file} does not match {self.path / MANIFEST_NAME} (size, hash, ids "
+                    "or fingerprint): it belongs to another store or was changed."
+                )
             mapped = (self._memmap(file, header.tensors["tokens"], STORE_DTYPES[self.dtype]), None)
             if self.dtype == "int8":
                 mapped = (mapped[0], self._memmap(file, header.tensors["scales"], SCALE_DTYPE))
