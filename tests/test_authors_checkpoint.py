@@ -388,8 +388,12 @@ def test_cli_converts_and_reports_refusals(tiny_layout, image_processor_dir, tmp
     assert (out / "model.safetensors").is_file() and "wrote" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="already exists"):
         edje_main(["convert", str(source), "--out", str(out), *common])
-    with pytest.raises(SystemExit, match=r"absent\.pth': no such file or folder"):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
         edje_main(["convert", str(tmp_path / "absent.pth"), "--out", str(tmp_path / "x")])
+    assert exit_info.value.code == 2  # a usage mistake, named on one line before anything runs
+    assert f"no such file or folder: {tmp_path / 'absent.pth'}" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 @pytest.mark.hub

@@ -518,7 +518,7 @@ class EDJEModel(EDJEPreTrainedModel):
                 "only where edje is installed. Call push_to_hub(repo_id) (full weights, loads "
                 "anywhere with trust_remote_code=True), or upload the compact folder yourself."
             )
-        if model_extras is not None and self.config.vision_encoder_name is not None:
+        if model_extras is not None and self._vision_encoder:  # loaded: hash it, never load
             model_extras.record_vision_sha256(self)  # store checks then need no encoder
         if compact:
             extras = _needs_edje("save_pretrained(compact=True)")
