@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from edje.commands import count, existing_folder, folder_or_id
 
@@ -85,14 +86,13 @@ TINY = 0.01  # a sigmoid score this low: EDJE sees no match among the candidates
 def beside_the_model(args: argparse.Namespace) -> None:
     """Fill --first-stage / --store from the folder holding the model (`edje quickstart`
     leaves model/, first_stage/ and raw.store/ side by side), saying so."""
-    from pathlib import Path
-
     folder = Path(args.model).parent
     for option, name in (("first_stage", "first_stage"), ("store", "raw.store")):
-        if getattr(args, option) is None and (folder / name).is_dir() and Path(args.model).is_dir():
-            setattr(args, option, str(folder / name))
-            print(f"edje search: --{option.replace('_', '-')} {folder / name} (beside the model)",
-                  file=sys.stderr)  # fmt: skip
+        beside = folder / name
+        if getattr(args, option) is None and Path(args.model).is_dir() and beside.is_dir():
+            setattr(args, option, str(beside))
+            flag = option.replace("_", "-")
+            print(f"edje search: --{flag} {beside} (beside the model)", file=sys.stderr)
     if args.first_stage is None:
         raise SystemExit(
             f"edje search: give --first-stage (no first_stage/ beside the model in {folder})"
@@ -100,14 +100,10 @@ def beside_the_model(args: argparse.Namespace) -> None:
 
 
 def unknown_caption_hint(args: argparse.Namespace) -> str:
-    """What to try when nothing scores: captions like the ones the model was trained on."""
-    import json as json_module
-    from pathlib import Path
-
+    """What to try when nothing scores: captions like the ones the model was trained on (the
+    export records a few in its config)."""
     config = Path(args.model) / "config.json"
-    examples = []
-    if config.is_file():
-        examples = json_module.loads(config.read_text()).get("example_captions") or []
+    examples = json.loads(config.read_text()).get("example_captions") if config.is_file() else None
     if examples:
         shown = "; ".join(f"'{c}'" for c in examples[:3])
         return f"the model may not know this kind of caption; it was trained on ones like {shown}."
