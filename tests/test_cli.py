@@ -79,3 +79,46 @@ def test_a_user_mistake_past_the_arguments_is_one_line_and_verbose_shows_the_tra
     monkeypatch.setenv("EDJE_DEBUG", "1")
     with pytest.raises((ValueError, OSError)), patch.object(sys, "argv", argv):
         run()
+
+
+def _python(code: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env
+    )
+
+
+def test_the_console_script_builds_its_help_without_importing_torch_or_transformers():
+    """`edje --help` starts in a fraction of a second: the console script (`edje_cli`) defers
+    the Auto-class registration, and no command imports torch to describe itself."""
+    result = _python(
+        "import sys, edje_cli\n"
+        "from edje.cli import build_parser\n"
+        "build_parser().format_help()\n"
+        "heavy = ('torch', 'transformers', 'lightning', 'datasets')\n"
+        "print(sorted(m for m in heavy if m in sys.modules))"
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"
+
+
+def test_a_command_run_through_the_console_script_registers_edje_with_the_auto_classes():
+    result = _python(
+        "import edje_cli\n"
+        "from edje.cli import main\n"
+        "main(['recipes'])\n"
+        "from transformers import AutoConfig\n"
+        "print(type(AutoConfig.for_model('edje')).__name__)"
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().endswith("EDJEConfig")
+
+
+def test_import_edje_registers_edje_with_the_auto_classes_at_once():
+    result = _python(
+        "import edje\n"
+        "from transformers import AutoConfig\n"
+        "print(type(AutoConfig.for_model('edje')).__name__, edje.EDJEModel.__name__)"
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "EDJEConfig EDJEModel"

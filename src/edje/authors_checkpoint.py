@@ -34,20 +34,20 @@ from typing import Any
 
 import torch
 
+from edje.authors_facts import (
+    AUTHORS_CODE,
+    AUTHORS_IMAGE_SIZE,
+    AUTHORS_MAX_CAPTION_LENGTH,
+    AUTHORS_REPO,
+    AUTHORS_TEXT,
+    AUTHORS_VISION,
+    MINILM_L12_HEADS,
+    SIGLIP2_LARGE_HEADS,
+    SIGLIP2_PATCH,
+    SIGLIP_LAYER_NORM_EPS,
+)
 from edje.configuration_edje import EDJEConfig
 from edje.model_card import render_model_card
-
-AUTHORS_REPO = "shahafw/edje-vl-image-retrieval-reranker"
-AUTHORS_CODE = "https://github.com/shahafwa/EDJE"
-AUTHORS_VISION = "google/siglip2-large-patch16-384"  # configs/retrieval.yaml: siglip_path
-AUTHORS_TEXT = "microsoft/MiniLM-L12-H384-uncased"  # configs/retrieval.yaml: language_model_path
-AUTHORS_IMAGE_SIZE, SIGLIP2_PATCH = 384, 16
-SIGLIP2_LARGE_HEADS = 16  # the adapter's attention takes the vision encoder's head count
-SIGLIP_LAYER_NORM_EPS = 1e-6  # the adapter's LayerNorm takes the vision encoder's eps
-MINILM_L12_HEADS = 12  # not in the state dict's shapes
-# The authors cap the whole pair at 64 + m tokens and truncate only the caption, so
-# `[CLS] caption [SEP]` keeps at most 64 + m - (m <image> + [SEP]) = 63 tokens.
-AUTHORS_MAX_CAPTION_LENGTH = 63
 
 # Authors' key (exact) or prefix (ending in ".") -> edje's; the rest of a prefixed key is kept.
 KEY_MAP = (

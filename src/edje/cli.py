@@ -15,7 +15,7 @@ import os
 import pkgutil
 import sys
 
-from edje import __version__, commands
+from edje import __version__, commands, register_auto_classes
 
 VERBOSE_FLAGS = ("-v", "--verbose")
 # Mistakes in what a user passed: edje refuses bad input with ValueError (naming what was
@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if not verbose:
         quiet_libraries()
+    register_auto_classes()  # deferred by the console script (edje_cli) until a command runs
     return int(args.func(args) or 0)
 
 

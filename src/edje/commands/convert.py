@@ -15,7 +15,7 @@ EXAMPLE = """example:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from edje.authors_checkpoint import (
+    from edje.authors_facts import (
         AUTHORS_TEXT,
         AUTHORS_VISION,
         MINILM_L12_HEADS,

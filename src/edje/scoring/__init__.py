@@ -12,15 +12,24 @@ service score through it.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-from edje.scoring.base import Caption, Scorer, TorchScorer
+    from edje.scoring.base import Caption, Scorer, TorchScorer
 
 __all__ = ["BACKENDS", "Caption", "Scorer", "TorchScorer", "make_scorer"]
 
-BACKENDS = ("torch", "fast", "onnx")
+BACKENDS = ("torch", "fast", "onnx")  # no torch import for this: `edje eval --help` lists them
+
+
+def __getattr__(name: str):
+    if name in ("Caption", "Scorer", "TorchScorer"):
+        from edje.scoring import base
+
+        return getattr(base, name)
+    raise AttributeError(f"module 'edje.scoring' has no attribute {name!r}")
 
 
 def make_scorer(
@@ -43,6 +52,10 @@ def make_scorer(
     """
     if backend not in BACKENDS:
         raise ValueError(f"make_scorer: backend must be one of {BACKENDS}, got {backend!r}.")
+    import torch
+
+    from edje.scoring.base import TorchScorer
+
     if backend == "torch":
         return TorchScorer(model, processor, dtype=dtype, device=device, **options)
     if backend == "fast":
