@@ -47,6 +47,7 @@ BAD_PATHS = {
     "index": ["index", "--first-stage", "~/nope/probe", "--images", "x", "--out", "{tmp}/i"],
     "quickstart": ["quickstart", "--model", "/nope/model", "--out", "{tmp}/q"],
     "convert": ["convert", "/nope/weights.safetensors", "--out", "{tmp}/c"],
+    "fit": ["fit", "--config", "/nope/recipe.yaml"],
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 EXAMPLE = """example:
@@ -31,7 +32,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    cli = make_cli(with_packaged_recipes(args.pass_through_args))
+    try:
+        cli = make_cli(with_packaged_recipes(args.pass_through_args))
+    except argparse.ArgumentError as error:  # a missing recipe, an unknown key: one line
+        message = " ".join(str(error).split())
+        print(f"edje fit: error: {message} (see edje fit --help)", file=sys.stderr)
+        return 2
     return 0 if cli.trainer.state.status.value == "finished" else 1
 
 
@@ -109,6 +115,6 @@ def make_cli(cli_args: list[str], run: bool = True):
         args=(["fit"] if run else []) + list(cli_args),
         run=run,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"epilog": EXAMPLE},
+        parser_kwargs={"epilog": EXAMPLE, "exit_on_error": False},  # errors: `run` says them
         auto_configure_optimizers=False,  # the optimizer is the module's own argument
     )
