@@ -58,3 +58,90 @@ def test_compact_checkpoint_keeps_only_changed_weights_and_scores_identically(fi
 def test_compact_needs_the_base_encoder_name(tmp_path, tiny_model):
     with pytest.raises(ValueError, match="base_text_encoder is None"):
         tiny_model.save_pretrained(tmp_path, compact=True)
+
+
+NO_EDJE_SCRIPT = """
+import json, sys
+sys.modules["edje"] = None  # as if edje were not installed
+import numpy as np
+from PIL import Image
+from transformers import AutoModel, AutoProcessor
+out = {}
+for kind in ("compact", "full"):
+    folder = sys.argv[1] + "/" + kind
+    model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    assert "transformers_modules" in type(model).__module__, type(model).__module__
+    image = Image.fromarray(np.full((112, 112, 3), 120, dtype=np.uint8))
+    inputs = processor(text=["a red circle", "a blue square"], images=[image, image])
+    out[kind] = model(**inputs).logits.tolist()
+print(json.dumps(out))
+"""
+
+
+def test_compact_and_full_folders_load_and_score_pixels_through_auto_classes_without_edje(
+    offline_dinov2_dir, tmp_path
+):
+    """Backbones named by folder (as Hub ids would be): where edje is not installed, both
+    folders load with trust_remote_code=True from the code saved beside the weights, the
+    compact one taking the rest from its base text encoder, and score an image."""
+    import json
+    import subprocess
+    import sys
+
+    import numpy as np
+    from PIL import Image
+
+    from edje.backbones import resolve_backbone
+
+    options = dict(
+        vision=str(offline_dinov2_dir), text=resolve_backbone(OFFLINE_TEXT), vision_image_size=112
+    )
+    torch.manual_seed(0)
+    model = EDJEModel.from_backbones(**options, num_image_tokens=4, adapter_mlp_size=64).eval()
+    with torch.no_grad():  # as after training: the adapter and head moved off their start
+        for param in [*model.adapter.parameters(), *model.itm_head.parameters()]:
+            param.add_(0.05 * torch.randn_like(param)).copy_(param.half().float())
+    processor = EDJEProcessor.from_backbones(**options, num_image_tokens=4)
+    image = Image.fromarray(np.full((112, 112, 3), 120, dtype=np.uint8))
+    with torch.no_grad():
+        inputs = processor(text=["a red circle", "a blue square"], images=[image, image])
+        expected = model(**inputs).logits.tolist()
+    for kind in ("compact", "full"):
+        model.save_pretrained(tmp_path / kind, compact=kind == "compact")
+        processor.save_pretrained(tmp_path / kind)
+    assert (tmp_path / "compact" / COMPACT_WEIGHTS).is_file()
+    assert (tmp_path / "compact" / "compact_checkpoint.py").is_file()
+    card = (tmp_path / "compact" / "README.md").read_text()
+    assert "trust_remote_code=True" in card  # a base by name: it says it loads without edje
+    result = subprocess.run(
+        [sys.executable, "-c", NO_EDJE_SCRIPT, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    scores = json.loads(result.stdout.strip().splitlines()[-1])
+    assert scores["full"] == pytest.approx(expected, abs=1e-5)
+    assert scores["compact"] == pytest.approx(expected, abs=1e-2)  # fp16 weights
+
+
+def test_a_compact_folder_on_an_offline_backbone_says_it_needs_edje_where_edje_is_not_installed(
+    fine_tuned, tmp_path
+):
+    import subprocess
+    import sys
+
+    fine_tuned.save_pretrained(tmp_path, compact=True)
+    script = (
+        "import sys\n"
+        "sys.modules['edje'] = None\n"
+        "from transformers import AutoModel\n"
+        f"AutoModel.from_pretrained({str(tmp_path)!r}, trust_remote_code=True)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert "pip install edje" in last and OFFLINE_TEXT in last, last

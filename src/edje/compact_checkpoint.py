@@ -5,6 +5,10 @@ A model trained from `EDJEModel.from_backbones` with frozen word embeddings keep
 word-embedding weights equal to all-MiniLM-L6-v2's; a compact checkpoint leaves them (and any
 other unchanged tensor) out and takes them from the text encoder by name when loading. The
 `<image>` rows are left out too: their embeddings are always replaced by image tokens.
+
+Saved folders carry this file as remote code beside `modeling_edje.py`: where edje is not
+installed, a compact folder loads when its base text encoder is a Hub id or a folder (an
+offline backbone, `edje:...`, needs edje).
 """
 
 from __future__ import annotations
@@ -66,19 +70,44 @@ def load_compact(model_class, config, weights_file: str | Path):
     return model
 
 
+def load_compact_model(cls, name_or_path, config, hub: dict, dtype=None):
+    """A compact checkpoint (`save_pretrained(compact=True)`) as a whole `cls` model."""
+    local = Path(name_or_path, hub.get("subfolder") or "", COMPACT_WEIGHTS)
+    if not local.is_file():
+        from huggingface_hub import hf_hub_download
+
+        local = hf_hub_download(str(name_or_path), COMPACT_WEIGHTS, **hub)
+    config.compact_checkpoint = False  # the loaded model is a whole one
+    model = load_compact(cls, config, local)
+    return model.to(dtype) if isinstance(dtype, torch.dtype) else model
+
+
 def base_joint_state(config) -> tuple[dict[str, torch.Tensor], int]:
     """The base text encoder's state dict, its word embeddings padded to the joint vocabulary
     with zero rows (the `<image>` rows, whose embeddings are never read), and its own
     vocabulary size."""
-    from edje.backbones import load_text_encoder
-
-    text_model, _ = load_text_encoder(config.base_text_encoder)
-    state = dict(text_model.state_dict())
+    state = dict(_base_text_encoder(config.base_text_encoder).state_dict())
     words = state[WORDS]
     extra = config.text_config.vocab_size - words.shape[0]
     if extra > 0:
         state[WORDS] = torch.cat([words, words.new_zeros(extra, words.shape[1])])
     return state, words.shape[0]
+
+
+def _base_text_encoder(name: str) -> torch.nn.Module:
+    try:
+        from edje.backbones import load_text_encoder
+    except ImportError:  # remote code, where edje is not installed
+        if name.startswith("edje:"):
+            raise ValueError(
+                f"This compact checkpoint keeps only what differs from {name!r}, one of edje's "
+                "offline backbones, which only edje can load: pip install edje (or save the "
+                "model without compact=True, whose folder loads anywhere)."
+            ) from None
+        from transformers import AutoModel
+
+        return AutoModel.from_pretrained(name)
+    return load_text_encoder(name)[0]
 
 
 def _same(tensor: torch.Tensor, base: torch.Tensor, rows: int | None) -> bool:

@@ -46,11 +46,18 @@ def render_model_card(
         model_name=repo_id or "EDJE reranker",
         eval_results=eval_results(report) if report is not None else None,
     )
-    if compact:
+    if compact and str(config.base_text_encoder).startswith("edje:"):
         loading_note = (
             f"These weights are compact: only what differs from `{config.base_text_encoder}` "
             "(the text encoder the joint encoder started from), in fp16. Loading them needs "
             "`pip install edje`, which takes the rest from that encoder by name."
+        )
+    elif compact:
+        loading_note = (
+            f"These weights are compact: only what differs from `{config.base_text_encoder}` "
+            "(the text encoder the joint encoder started from), in fp16; loading takes the rest "
+            "from it. Without edje installed, `AutoModel.from_pretrained(folder, "
+            "trust_remote_code=True)` loads them from the code saved beside the weights."
         )
     else:
         folder = repo_id or "path/to/this/folder"

@@ -8,14 +8,13 @@ it reaches all of this through this one module, imported in one guarded place.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from edje.authors_checkpoint import load_authors_checkpoint
 from edje.backbones import load_text_encoder, load_vision_encoder, vision_encoder_spec
-from edje.compact_checkpoint import COMPACT_WEIGHTS, load_compact, save_compact
+from edje.compact_checkpoint import save_compact
 from edje.configuration_edje import IMAGE_TOKEN, EDJEConfig
 from edje.model_card import write_model_card
 from edje.store.fingerprint import RAW_ADAPTER, state_dict_sha256, store_fingerprint
@@ -23,7 +22,6 @@ from edje.store.fingerprint import RAW_ADAPTER, state_dict_sha256, store_fingerp
 __all__ = [
     "build_from_backbones",
     "load_authors_checkpoint",
-    "load_compact_model",
     "record_vision_sha256",
     "save_compact",
     "store_fingerprint_of",
@@ -103,15 +101,3 @@ def build_from_backbones(
             f"(missing {missing}, unexpected {unexpected})."
         )
     return model
-
-
-def load_compact_model(cls, name_or_path, config: EDJEConfig, hub: dict, dtype=None):
-    """A compact checkpoint (`save_pretrained(compact=True)`) as a whole `cls` model."""
-    local = Path(name_or_path, hub.get("subfolder") or "", COMPACT_WEIGHTS)
-    if not local.is_file():
-        from huggingface_hub import hf_hub_download
-
-        local = hf_hub_download(str(name_or_path), COMPACT_WEIGHTS, **hub)
-    config.compact_checkpoint = False  # the loaded model is a whole one
-    model = load_compact(cls, config, local)
-    return model.to(dtype) if isinstance(dtype, torch.dtype) else model

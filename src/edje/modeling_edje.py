@@ -522,6 +522,13 @@ class EDJEModel(EDJEPreTrainedModel):
             model_extras.record_vision_sha256(self)  # store checks then need no encoder
         if compact:
             extras = _needs_edje("save_pretrained(compact=True)")
+            from transformers.dynamic_module_utils import custom_object_save
+
+            # The code beside the weights, as a full folder has it (this file's relative
+            # imports come along, the compact loader among them).
+            Path(save_directory).mkdir(parents=True, exist_ok=True)
+            for obj in (self.config, self):  # the config's and the model's auto_map entries
+                custom_object_save(obj, save_directory, config=self.config)
             extras.save_compact(self, save_directory)
             extras.write_model_card(self, save_directory, compact=True)
             return
@@ -605,9 +612,10 @@ def _load_compact(cls, name_or_path, kwargs: dict) -> EDJEModel | None:
     config = kwargs.get("config") or EDJEConfig.from_pretrained(name_or_path, **hub)
     if not getattr(config, "compact_checkpoint", False):
         return None
-    extras = _needs_edje(f"from_pretrained({str(name_or_path)!r}), a compact checkpoint,")
+    from .compact_checkpoint import load_compact_model
+
     dtype = kwargs.get("dtype") or kwargs.get("torch_dtype")
-    return extras.load_compact_model(cls, name_or_path, config, hub, dtype)
+    return load_compact_model(cls, name_or_path, config, hub, dtype)
 
 
 def _check_shape(name: str, tensor: torch.Tensor, expected: tuple[int, int], layout: str) -> None:
