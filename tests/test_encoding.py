@@ -324,3 +324,20 @@ def test_rerun_with_nothing_left_rebuilds_a_lost_manifest(
     )
     assert (again.encoded, again.skipped) == (0, 6)
     assert TokenStore.open(tmp_path / "s").manifest == before
+
+
+def test_an_image_that_failed_is_tried_again_and_its_failure_cleared_once_repaired(
+    tmp_path, tiny_vision_encoder, tiny_image_processor
+):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    _photo(0).save(folder / "good.png")
+    (folder / "broken.png").write_text("not an image yet")
+    first = _encode(folder, tmp_path / "s", tiny_vision_encoder, tiny_image_processor)
+    assert not first.ok and sorted(first.failures) == ["broken.png"]
+    _photo(1).save(folder / "broken.png")  # repaired
+    again = _encode(folder, tmp_path / "s", tiny_vision_encoder, tiny_image_processor)
+    assert again.ok and again.encoded == 1 and again.skipped == 1
+    store = TokenStore.open(tmp_path / "s")
+    assert sorted(store.ids) == ["broken.png", "good.png"] and store.failures == {}
+    store.verify()

@@ -259,7 +259,7 @@ def test_resume_refuses_a_store_of_another_shape_or_fingerprint(tmp_path):
         TokenStore.create(tmp_path / "s", token_shape=(M, D), resume=True, fingerprint={"x": 1})
 
 
-def test_failures_are_kept_with_reasons_and_count_as_done(tmp_path):
+def test_failures_are_kept_with_reasons_and_tried_again_on_resume(tmp_path):
     with TokenStore.create(tmp_path / "s", token_shape=(M, D), shard_size=2) as w:
         w.add(["a"], torch.ones(1, M, D), failures={"b.jpg": "cannot identify image file"})
         w.add_failures({"c.jpg": "truncated"})
@@ -270,7 +270,13 @@ def test_failures_are_kept_with_reasons_and_count_as_done(tmp_path):
     with pytest.raises(KeyError, match=r"failed to encode"):
         store.get("b.jpg")
     resumed = TokenStore.create(tmp_path / "s", token_shape=(M, D), resume=True)
-    assert resumed.done_ids == {"a", "b.jpg", "c.jpg"}
+    assert resumed.done_ids == {"a"}  # the failed images are tried again
+    with resumed:
+        resumed.add(["b.jpg"], torch.full((1, M, D), 2.0), failures={"c.jpg": "still truncated"})
+    store = TokenStore.open(tmp_path / "s")
+    assert store.ids == ["a", "b.jpg"] and store.failures == {"c.jpg": "still truncated"}
+    assert torch.equal(store.get("b.jpg").float(), torch.full((M, D), 2.0))
+    store.verify()
 
 
 def test_shard_write_is_atomic_when_interrupted(tmp_path, monkeypatch):

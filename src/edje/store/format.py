@@ -287,19 +287,19 @@ def build_manifest(
     token_shape: tuple[int, int],
     fingerprint: Mapping,
 ) -> dict:
-    """Merge shard headers into a manifest; refuse duplicate ids and foreign shards."""
+    """Merge shard headers into a manifest; refuse duplicate ids and foreign shards. An id that
+    failed in one shard and was encoded in a later one (a retry) counts as encoded."""
     root = Path(root)
     shards, failures, seen = [], {}, set()
     for h in headers:
         check_shard_matches(h, dtype, token_shape, fingerprint)
         ids = h.ids
-        dup = seen.intersection(ids) or seen.intersection(h.failures)
+        dup = seen.intersection(ids)
         if dup:
             raise StoreCorruptError(
                 f"shard {h.path} repeats ids of other shards: {sorted(dup)[:5]}"
             )
         seen.update(ids)
-        seen.update(h.failures)
         failures.update(h.failures)
         shards.append(
             {
@@ -310,6 +310,7 @@ def build_manifest(
                 "ids": ids,
             }
         )
+    failures = {i: reason for i, reason in failures.items() if i not in seen}
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,

@@ -35,8 +35,9 @@ class TokenStoreWriter:
 
     Rows are buffered and written as one shard file every ``shard_size`` rows (a shard holds
     whole `add` calls, so a batch is never split across shards). With ``resume=True`` the
-    shards already on disk are kept and their ids are in `done_ids`; half-written temporary
-    files of a killed run are deleted. ``rank`` names this writer's shards, so several
+    shards already on disk are kept and their ids are in `done_ids` (failed ones are not: a
+    re-run tries them again, and a success replaces the failure); half-written temporary files
+    of a killed run are deleted. ``rank`` names this writer's shards, so several
     processes can write one store at once: give them ``write_manifest=False, clean=False`` and
     call `finalize` once all have closed.
 
@@ -114,8 +115,7 @@ class TokenStoreWriter:
                     f"{json.dumps(self.fingerprint, sort_keys=True)} (overwrite=True replaces it)"
                 )
             check_shard_matches(header, self.dtype, self.token_shape, self.fingerprint)
-            done.update(header.ids)
-            done.update(header.failures)
+            done.update(header.ids)  # failures are not done: a re-run tries them again
         return done
 
     def _next_sequence(self) -> int:
@@ -128,7 +128,8 @@ class TokenStoreWriter:
     # -- writing -----------------------------------------------------------------------------
     @property
     def done_ids(self) -> frozenset[str]:
-        """Ids (encoded or failed) already in completed shards or in this writer's buffer."""
+        """Ids encoded in completed shards, and ids (encoded or failed) in this writer's buffer;
+        images that failed in an earlier run are not done, so resuming tries them again."""
         return frozenset(self._done | self._pending)
 
     def add(
