@@ -425,3 +425,53 @@ def test_swapped_ids_and_a_foreign_fingerprint_are_caught_at_the_first_read(tmp_
         store = TokenStore.open(tmp_path / "s")
         with pytest.raises(StoreCorruptError, match="ids or fingerprint"):
             store.gather([store.ids[0]])
+
+
+def test_a_second_writer_of_a_store_is_refused_at_once_naming_the_first(tmp_path):
+    from edje.store import StoreBusyError
+
+    first = TokenStore.create(tmp_path / "s", token_shape=(M, D))
+    first.add(["a"], torch.ones(1, M, D))
+    with pytest.raises(StoreBusyError, match=rf"another process \(pid {os.getpid()}\) is writing"):
+        TokenStore.create(tmp_path / "s", token_shape=(M, D), resume=True)
+    first.close()
+    with TokenStore.create(tmp_path / "s", token_shape=(M, D), resume=True) as second:
+        second.add(["b"], torch.ones(1, M, D))
+    assert TokenStore.open(tmp_path / "s").ids == ["a", "b"]
+
+
+def test_an_encode_into_a_store_another_process_is_writing_fails_and_leaves_it_alone(
+    tmp_path, tiny_vision_encoder, tiny_image_processor
+):
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from edje.store import StoreBusyError
+    from edje.store.encode import encode_images
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.new("RGB", (28, 28), (200, 10, 10)).save(folder / "a.png")
+    _make(tmp_path / "s", n=2, shard_size=2, batch=2)
+    before = sorted((p.name, p.read_bytes()) for p in (tmp_path / "s").rglob("*") if p.is_file())
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys; from edje.store import store_lock\n"
+         f"with store_lock({str(tmp_path / 's')!r}):\n"
+         "    print('held', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(StoreBusyError, match=f"pid {holder.pid}"):
+            encode_images(
+                folder, tmp_path / "s", vision_encoder=tiny_vision_encoder,
+                image_processor=tiny_image_processor, accelerator="cpu", devices=1,
+                progress=False, overwrite=True,
+            )  # fmt: skip
+    finally:
+        holder.communicate("")
+    after = sorted((p.name, p.read_bytes()) for p in (tmp_path / "s").rglob("*") if p.is_file())
+    assert after == before  # nothing written, nothing deleted

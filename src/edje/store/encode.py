@@ -13,9 +13,11 @@ a file system all of them see; only one encode run may write a store at a time.
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,7 @@ from edje.store.fingerprint import (
     store_fingerprint,
 )
 from edje.store.format import remove_temporaries
+from edje.store.lock import store_lock
 from edje.store.reader import TokenStore
 from edje.store.writer import TokenStoreWriter, finalize
 
@@ -222,7 +225,7 @@ class _StoreWriterCallback(BasePredictionWriter):
     def on_predict_start(self, trainer, pl_module) -> None:
         self.writer = TokenStoreWriter(
             self.path, resume=True, rank=trainer.global_rank, write_manifest=False, clean=False,
-            **self.writer_kwargs,
+            lock=False, **self.writer_kwargs,
         )  # fmt: skip
         if self.progress and trainer.is_global_zero:
             from tqdm.auto import tqdm
@@ -377,50 +380,63 @@ def encode_images(
     writer_kwargs = dict(
         token_shape=token_shape, dtype=dtype, fingerprint=fingerprint, shard_size=shard_size
     )
-    # Every process (DDP re-runs this script) scans before the ranks meet, so all see the same.
-    scan = TokenStoreWriter(
-        out, resume=True, overwrite=overwrite, write_manifest=False, clean=False, **writer_kwargs
-    )
-    done = scan.done_ids
-    remove_temporaries(out)
-    batches = [
-        list(range(k, min(k + batch_size, len(all_ids))))
-        for k in range(0, len(all_ids), batch_size)
-    ]
-    batches = [[i for i in b if all_ids[i] not in done] for b in batches]
-    batches = [b for b in batches if b]
-    total = sum(len(b) for b in batches)
-    data = _Batches(all_ids, refs, batches, image_processor)
-    callback = _StoreWriterCallback(out, writer_kwargs, total, progress)
-    trainer = Trainer(
-        accelerator=accelerator,
-        devices=devices,
-        num_nodes=num_nodes,
-        strategy=strategy,
-        precision=precision,
-        callbacks=[callback],
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
-        enable_checkpointing=False,
-    )
-    module = _EncodeModule(vision_encoder, compressor, data, num_workers)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Couldn't infer the batch indices")
-        warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated")  # lightning/torch
-        trainer.predict(module, return_predictions=False)
-    store = TokenStore.open(out)
-    return EncodeResult(
-        path=out,
-        count=len(store),
-        encoded=sum(all_ids[i] in store for b in batches for i in b),
-        skipped=len(all_ids) - total,
-        failures=store.failures,
-        bytes_per_image=store.bytes_per_image,
-        seconds=time.perf_counter() - start,
-        rank=trainer.global_rank,
-    )
+    # One encode of a store at a time: its first process holds the lock for all of them.
+    with store_lock(out) if _first_process() else nullcontext():
+        # Every process (DDP re-runs this script) scans before the ranks meet: all see the same.
+        scan = TokenStoreWriter(
+            out, resume=True, overwrite=overwrite, write_manifest=False, clean=False,
+            lock=False, **writer_kwargs,
+        )  # fmt: skip
+        done = scan.done_ids
+        remove_temporaries(out)
+        batches = [
+            list(range(k, min(k + batch_size, len(all_ids))))
+            for k in range(0, len(all_ids), batch_size)
+        ]
+        batches = [[i for i in b if all_ids[i] not in done] for b in batches]
+        batches = [b for b in batches if b]
+        total = sum(len(b) for b in batches)
+        data = _Batches(all_ids, refs, batches, image_processor)
+        callback = _StoreWriterCallback(out, writer_kwargs, total, progress)
+        trainer = Trainer(
+            accelerator=accelerator,
+            devices=devices,
+            num_nodes=num_nodes,
+            strategy=strategy,
+            precision=precision,
+            callbacks=[callback],
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            use_distributed_sampler=False,
+            enable_checkpointing=False,
+        )
+        module = _EncodeModule(vision_encoder, compressor, data, num_workers)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Couldn't infer the batch indices")
+            # lightning's use of torch's pytree
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*is deprecated")
+            trainer.predict(module, return_predictions=False)
+        store = TokenStore.open(out)
+        return EncodeResult(
+            path=out,
+            count=len(store),
+            encoded=sum(all_ids[i] in store for b in batches for i in b),
+            skipped=len(all_ids) - total,
+            failures=store.failures,
+            bytes_per_image=store.bytes_per_image,
+            seconds=time.perf_counter() - start,
+            rank=trainer.global_rank,
+        )
+
+
+def _first_process() -> bool:
+    """Whether this is the process that launched the encode (DDP's other processes get
+    LOCAL_RANK / NODE_RANK, or RANK from torchrun, in their environment)."""
+    rank = os.environ.get("RANK")
+    if rank is not None:
+        return rank == "0"
+    return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
 
 
 def compress_store(

@@ -28,6 +28,7 @@ from edje.store.format import (
     write_json_atomic,
     write_shard,
 )
+from edje.store.lock import StoreLock
 
 
 class TokenStoreWriter:
@@ -38,8 +39,10 @@ class TokenStoreWriter:
     shards already on disk are kept and their ids are in `done_ids` (failed ones are not: a
     re-run tries them again, and a success replaces the failure); half-written temporary files
     of a killed run are deleted. ``rank`` names this writer's shards, so several
-    processes can write one store at once: give them ``write_manifest=False, clean=False`` and
-    call `finalize` once all have closed.
+    processes can write one store at once: give them ``write_manifest=False, clean=False,
+    lock=False``, hold `store_lock` around them all, and call `finalize` once all have closed.
+    Alone (``lock=True``), a writer holds the store's write lock until it closes: a second
+    writer of the same store raises `StoreBusyError` at once.
 
     Example:
         >>> import tempfile, torch
@@ -65,6 +68,7 @@ class TokenStoreWriter:
         rank: int = 0,
         write_manifest: bool = True,
         clean: bool = True,
+        lock: bool = True,
     ) -> None:
         if len(token_shape) != 2 or min(token_shape) < 1:
             raise ValueError(f"TokenStore: token_shape must be (m, d), got {tuple(token_shape)}")
@@ -77,8 +81,16 @@ class TokenStoreWriter:
         self.shard_size = shard_size
         self.rank = rank
         self.write_manifest = write_manifest
-        self._prepare_folder(resume, overwrite, clean)
-        self._done = self._scan_done()
+        if self.path.exists() and not self.path.is_dir():
+            raise NotADirectoryError(f"TokenStore: {self.path} exists and is not a folder")
+        # Several processes writing one store hold one lock for all of them (lock=False here).
+        self._lock = StoreLock(self.path) if lock else None
+        try:
+            self._prepare_folder(resume, overwrite, clean)
+            self._done = self._scan_done()
+        except BaseException:
+            self._release()
+            raise
         self._seq = self._next_sequence()
         self._ids: list[str] = []
         self._rows: list[tuple[np.ndarray, np.ndarray | None]] = []
@@ -88,8 +100,6 @@ class TokenStoreWriter:
 
     # -- setup -------------------------------------------------------------------------------
     def _prepare_folder(self, resume: bool, overwrite: bool, clean: bool) -> None:
-        if self.path.exists() and not self.path.is_dir():
-            raise NotADirectoryError(f"TokenStore: {self.path} exists and is not a folder")
         has_store = (self.path / MANIFEST_NAME).exists() or (self.path / SHARD_DIR).exists()
         if has_store and overwrite:
             remove_store(self.path)  # edje's files only: refuses a folder holding others
@@ -228,13 +238,24 @@ class TokenStoreWriter:
         """
         if self.closed:
             return None
-        self.flush()
-        self.closed = True
-        if not self.write_manifest:
-            return None
-        return finalize(
-            self.path, dtype=self.dtype, token_shape=self.token_shape, fingerprint=self.fingerprint
-        )
+        try:
+            self.flush()
+            self.closed = True
+            if not self.write_manifest:
+                return None
+            return finalize(
+                self.path,
+                dtype=self.dtype,
+                token_shape=self.token_shape,
+                fingerprint=self.fingerprint,
+            )
+        finally:
+            if self.closed:
+                self._release()
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
 
     def _check_open(self) -> None:
         if self.closed:
