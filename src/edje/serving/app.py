@@ -11,7 +11,9 @@ Endpoints:
   (plain strings or `{"image_id": ...}`) or base64 images (`{"image": ...}`); see
   `edje.serving.requests` for the checks. Client mistakes get a 4xx `{"message": ...}`; a failure
   while scoring gets a 500 `{"message": ...}` and the server goes on.
-- `GET /health`: `{"status": "ok", "model", "store_images", "batching": {...counters}}`.
+- `GET /health`: `{"status": "ok", "model", "store_images", "batching": {...counters}}`, or
+  503 with `"status": "error"` and a `message` when one stored image cannot be scored (a missing
+  or truncated shard, non-finite tokens or weights).
 - `GET /v1/models`: the served model, OpenAI-style.
 
 Concurrent requests are scored together (`edje.serving.batching.MicroBatcher`). The scoring
@@ -79,6 +81,9 @@ class ScoringBackend(Protocol):
 
     fusion: tuple[float, float] | None  # weights for requests with first_stage_scores
 
+    def check(self) -> str | None:
+        """Optional: what would make reranking fail now, or None (`GET /health` asks)."""
+
 
 class RerankerBackend:
     """Over an `edje.rerank.EDJEReranker`: its store lookups, image encoding and scoring
@@ -94,6 +99,22 @@ class RerankerBackend:
 
     def prepare(self, documents: Sequence[Document]) -> Sequence[Any]:
         return list(documents)  # the reranker resolves ids and encodes images in `predict`
+
+    def check(self) -> str | None:
+        """The store's files all there at their sizes (no read), and one stored image scored
+        to a finite logit: what fails every rerank shows here."""
+        store = self.reranker.store
+        if store is None or len(store) == 0:
+            return None
+        probe = store.ids[0]
+        try:
+            store.check_files()
+            logit = self.score_pairs(["health check"], [probe])
+        except Exception as error:  # reported: the service stays up
+            return f"{type(error).__name__}: {error}"
+        if not bool(torch.isfinite(logit).all()):
+            return non_finite_message([0], [probe])
+        return None
 
     def score_pairs(self, queries: Sequence[str], documents: Sequence[Any]) -> torch.Tensor:
         return self.reranker.predict(
@@ -149,12 +170,18 @@ def create_app(
 
     @app.get("/health")
     async def health():
-        return {
-            "status": "ok",
+        check = getattr(backend, "check", None)
+        loop = asyncio.get_running_loop()  # the device thread: never beside a forward
+        problem = await loop.run_in_executor(app.state.device_thread, check) if check else None
+        body = {
+            "status": "ok" if problem is None else "error",
             "model": model_name,
             "store_images": store_size,
             "batching": batcher.stats.as_dict(),
         }
+        if problem is None:
+            return body
+        return JSONResponse({**body, "message": problem}, status_code=503)
 
     @app.get("/v1/models")
     async def models():

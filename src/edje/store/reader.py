@@ -83,7 +83,7 @@ class TokenStore:
             )
         check_manifest(manifest, manifest_path)
         store = cls(path, manifest)
-        store._check_sizes()
+        store.check_files()
         if verify:
             store.verify()
         return store
@@ -277,7 +277,7 @@ class TokenStore:
         self._resident = (t.to(device), s)
         return self
 
-    def _check_sizes(self) -> None:
+    def check_files(self) -> None:
         """Stat every shard (no read): a missing or truncated one raises, naming the file."""
         for meta in self._shard_meta:
             file = self.path / meta["file"]
@@ -293,7 +293,7 @@ class TokenStore:
 
     def verify(self) -> None:
         """Re-hash every shard's data against the manifest; raise naming the first bad file."""
-        self._check_sizes()
+        self.check_files()
         for meta in self._shard_meta:
             file = self.path / meta["file"]
             header = read_shard_header(file)
