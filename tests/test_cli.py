@@ -48,6 +48,7 @@ BAD_PATHS = {
     "quickstart": ["quickstart", "--model", "/nope/model", "--out", "{tmp}/q"],
     "convert": ["convert", "/nope/weights.safetensors", "--out", "{tmp}/c"],
     "fit": ["fit", "--config", "/nope/recipe.yaml"],
+    "verify": ["verify", "/nope/store"],
 }
 
 

@@ -6,6 +6,8 @@ import json
 import os
 import pickle
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -475,3 +477,32 @@ def test_an_encode_into_a_store_another_process_is_writing_fails_and_leaves_it_a
         holder.communicate("")
     after = sorted((p.name, p.read_bytes()) for p in (tmp_path / "s").rglob("*") if p.is_file())
     assert after == before  # nothing written, nothing deleted
+
+
+def _verify(path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "edje.cli", "verify", str(path)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+def _nan_tokens(shard) -> None:
+    """Overwrite a shard's token bytes with NaN (fp16 0xffff) in place."""
+    raw = bytearray(shard.read_bytes())
+    header_size = int.from_bytes(raw[:8], "little")
+    start, end = json.loads(raw[8 : 8 + header_size])["tokens"]["data_offsets"]
+    raw[8 + header_size + start : 8 + header_size + end] = b"\xff" * (end - start)
+    shard.write_bytes(bytes(raw))
+
+
+def test_edje_verify_says_intact_or_names_the_corrupt_shard(tmp_path):
+    _make(tmp_path / "s", n=4, shard_size=2, batch=2)
+    ok = _verify(tmp_path / "s")
+    assert ok.returncode == 0 and "intact: 4 images in 2 shards" in ok.stdout, ok.stderr
+    shard = sorted((tmp_path / "s" / "shards").iterdir())[1]
+    _nan_tokens(shard)
+    TokenStore.open(tmp_path / "s")  # still opens: only a whole read finds a flipped byte
+    bad = _verify(tmp_path / "s")
+    assert bad.returncode == 1
+    (line,) = bad.stderr.strip().splitlines()
+    assert "is corrupt" in line and shard.name in line and "sha256" in line, line

@@ -291,14 +291,23 @@ class TokenStore:
                     f"the manifest says {meta['bytes']}"
                 )
 
-    def verify(self) -> None:
-        """Re-hash every shard's data against the manifest; raise naming the first bad file."""
+    def verify(self, progress: bool = False) -> None:
+        """Read every shard whole: its data's sha256 against the manifest and its header against
+        its manifest entry; raise `StoreCorruptError` naming the first bad file. (The writer
+        refuses non-finite tokens, and the hashes cover every byte.) `progress` shows a bar
+        over the shards."""
+        from edje._utils import progress as progress_bar
+
         self.check_files()
+        bar = progress_bar(len(self._shard_meta), progress, desc="verify", unit="shard")
         for meta in self._shard_meta:
+            bar.update()
             file = self.path / meta["file"]
             header = read_shard_header(file)
             if data_sha256(file, header) != meta["data_sha256"]:
                 raise StoreCorruptError(f"shard {file} is corrupt: its sha256 does not match")
+            self.gather(meta["ids"][:1])  # the header's ids and fingerprint against the manifest
+        bar.close()
 
     def check_fingerprint(self, expected: Mapping, *, force: bool = False) -> None:
         """Raise ValueError if this store was not made the way ``expected`` says.
