@@ -68,3 +68,39 @@ def test_a_scorer_blind_to_left_and_right_fails_only_the_mirror():
 
     # A tie with the mirror counts against the caption: mirror 0, the rest resolved by colour.
     assert accuracy(describes) == {"swap": 1.0, "mirror": 0.0, "swap_and_mirror": 1.0}
+
+
+def detectives() -> dict[str, str]:
+    """The 18 detectives (3 genders x 6 skin tones) by image id -> caption."""
+    import emoji
+
+    from edje.data.emoji import emoji_info
+
+    chars = [
+        c
+        for c, data in emoji.EMOJI_DATA.items()
+        if data["en"].startswith((":detective", ":man_detective", ":woman_detective"))
+        and data["status"] == emoji.STATUS["fully_qualified"]
+    ]
+    return {emoji_info(c).image_id: emoji_info(c).caption for c in chars}
+
+
+def test_emoji_siblings_pair_each_drawing_with_its_other_tones_and_genders():
+    captions = detectives()
+    pairs = confusions.emoji_siblings(list(captions))
+    # 3 genders (none, man, woman) x 5 tones x 4 other tones; man <-> woman at 6 tones.
+    assert (len(captions), len(pairs["skin_tone"]), len(pairs["gender"])) == (18, 60, 12)
+
+    def oracle(blind_to_tones: bool):
+        def strip(caption: str) -> str:
+            return caption.split(" with ")[0] if blind_to_tones else caption
+
+        def score(caption, pair):
+            return torch.tensor([float(strip(caption) == strip(captions[i])) for i in pair])
+
+        return score
+
+    perfect = confusions.sibling_accuracy(oracle(False), captions, pairs)
+    assert (perfect["skin_tone"], perfect["gender"]) == (1.0, 1.0)
+    tone_blind = confusions.sibling_accuracy(oracle(True), captions, pairs)
+    assert (tone_blind["skin_tone"], tone_blind["gender"]) == (0.0, 1.0)  # ties count against
