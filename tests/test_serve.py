@@ -420,3 +420,35 @@ def test_serve_command_serves_a_saved_model_and_store(
     reference = Served("", loaded, tiny_processor, None)
     tokens = torch.cat([stored[:1], encoded, stored[1:]])
     assert_ranking(body["results"], model_scores(reference, "x y", tokens))
+
+
+def _one_bit_png(side: int) -> str:
+    """A blank 1-bit PNG: a few KB that decode to side x side pixels."""
+    buffer = io.BytesIO()
+    Image.new("1", (side, side)).save(buffer, "PNG", optimize=True)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_a_request_whose_images_together_hold_too_many_pixels_is_a_413_before_decoding(
+    served, monkeypatch
+):
+    """Eight 6000 x 6000 1-bit PNGs (a few KB each, 36M pixels each) pass the per-image cap but
+    not the per-request budget, which is counted from the headers: no image is decoded."""
+    from edje.serving import requests as serving_requests
+
+    image = _one_bit_png(6000)
+    assert len(image) < 20_000
+    decoded = []
+    real_load_rgb = serving_requests.load_rgb
+    monkeypatch.setattr(
+        serving_requests, "load_rgb", lambda im: decoded.append(im.size) or real_load_rgb(im)
+    )
+    limits = ServeLimits()
+    assert 6000 * 6000 <= limits.max_image_pixels < 8 * 6000 * 6000
+    documents = [{"image": image}] * 8
+    status, body = rerank(served, {"query": "a cat", "documents": documents})
+    assert status == 413, body
+    assert "8 images hold 288000000 pixels" in body["message"], body["message"]
+    assert decoded == []
+    status, _ = rerank(served, {"query": "a cat", "documents": [{"image": _one_bit_png(64)}]})
+    assert status == 200 and decoded == [(64, 64)]

@@ -79,6 +79,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="characters in a request's query (default: %(default)s)",
     )
     parser.add_argument(
+        "--max-request-pixels",
+        type=count,
+        default=defaults.max_request_pixels,
+        help="pixels of all base64 images of a request together, from their headers "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
         "--max-wait-ms",
         type=float,
         default=defaults.max_wait_ms,
@@ -109,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
             max_batch_pairs=args.max_batch_pairs,
             max_wait_ms=args.max_wait_ms,
             max_query_chars=args.max_query_chars,
+            max_request_pixels=args.max_request_pixels,
         )
     except ValueError as error:
         raise SystemExit(f"edje serve: {error}") from None

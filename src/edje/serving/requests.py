@@ -38,13 +38,16 @@ class ServeLimits:
     max_batch_pairs: int = 512  # pairs in one forward, across requests
     max_wait_ms: float = 5.0  # how long a forward waits for other requests to join it
     max_image_pixels: int = 40_000_000  # a decoded base64 image (decompression bombs)
+    # All base64 images of one request together, counted from their headers before any is
+    # decoded: a few small files that each decode to tens of millions of pixels are refused.
+    max_request_pixels: int = 64_000_000
     # A caption is cut at the model's max_caption_length tokens (a few hundred characters); a
     # longer query is refused rather than tokenized again for every document.
     max_query_chars: int = 4096
 
     def __post_init__(self) -> None:
         names = ("max_documents", "max_body_bytes", "max_batch_pairs", "max_image_pixels")
-        for name in (*names, "max_query_chars"):
+        for name in (*names, "max_request_pixels", "max_query_chars"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ServeLimits: {name} must be >= 1, got {getattr(self, name)}.")
         if self.max_wait_ms < 0:
@@ -133,8 +136,9 @@ def parse_rerank_request(payload: Any, limits: ServeLimits, model_name: str) -> 
 
 def decode_documents(documents: list[Any], limits: ServeLimits) -> list[Document]:
     """Image ids as strings, base64 images decoded to RGB `PIL.Image`s by `load_rgb` (400
-    naming bad ones)."""
-    out: list[Document] = []
+    naming bad ones; 413 when the request's images hold more pixels than it may, counted from
+    their headers before any pixel is decoded)."""
+    out: list[Any] = []
     bad: list[str] = []
     for index, doc in enumerate(documents):
         if isinstance(doc, str):
@@ -143,14 +147,23 @@ def decode_documents(documents: list[Any], limits: ServeLimits) -> list[Document
             out.append(doc["image_id"])
         else:
             try:
-                out.append(_decode_image(doc["image"], limits.max_image_pixels))
+                out.append(_open_image(doc["image"], limits.max_image_pixels))
             except ValueError as error:
                 bad.append(f"{index} ({error})")
     if bad:
         raise RequestError(
             400, f"documents {', '.join(bad[:NAMED_AT_MOST])} are not decodable images."
         )
-    return out
+    opened = [doc for doc in out if isinstance(doc, Image.Image)]
+    pixels = sum(image.width * image.height for image in opened)
+    if pixels > limits.max_request_pixels:
+        raise RequestError(
+            413,
+            f"the request's {len(opened)} images hold {pixels} pixels; at most "
+            f"{limits.max_request_pixels} are taken per request.",
+        )
+    return [_decoded(doc, index) if isinstance(doc, Image.Image) else doc
+            for index, doc in enumerate(out)]  # fmt: skip
 
 
 def unknown_ids_message(unknown: list[str]) -> str:
@@ -159,7 +172,8 @@ def unknown_ids_message(unknown: list[str]) -> str:
     return f"image ids not in the store: {named}{more}."
 
 
-def _decode_image(text: str, max_pixels: int) -> Image.Image:
+def _open_image(text: str, max_pixels: int) -> Image.Image:
+    """The image's header read (its size known, no pixel decoded yet)."""
     if text.startswith("data:"):  # a data URL: data:image/png;base64,....
         text = text.partition(",")[2]
     try:
@@ -168,14 +182,20 @@ def _decode_image(text: str, max_pixels: int) -> Image.Image:
         raise ValueError("invalid base64") from None
     try:
         image = Image.open(io.BytesIO(raw))
-        width, height = image.size
-        if width * height > max_pixels:  # checked before decoding the pixels
-            raise ValueError(f"{width}x{height} pixels, over the {max_pixels} allowed")
-        return load_rgb(image)  # as every door decodes: transparency over white
-    except ValueError:
-        raise
     except Exception as error:  # PIL raises many kinds (UnidentifiedImageError, OSError, ...)
         raise ValueError(f"not an image: {type(error).__name__}") from None
+    width, height = image.size
+    if width * height > max_pixels:  # checked before decoding the pixels
+        raise ValueError(f"{width}x{height} pixels, over the {max_pixels} allowed")
+    return image
+
+
+def _decoded(image: Image.Image, index: int) -> Image.Image:
+    try:
+        return load_rgb(image)  # as every door decodes: transparency over white
+    except Exception as error:
+        reason = str(error) if isinstance(error, ValueError) else f"not an image: {error}"
+        raise RequestError(400, f"documents {index} ({reason}) are not decodable images.") from None
 
 
 def _first_stage_scores(scores: Any, count: int) -> list[float] | None:
