@@ -132,6 +132,16 @@ def test_search_beside_a_quickstart_model_needs_no_first_stage_and_hints_when_no
     assert "every score is below 0.01" in err and "'a small red circle'; 'a big blue square'" in err
     with pytest.raises(SystemExit, match="give --first-stage"):
         main(["search", "--model", str(root / "edje"), "--store", str(root / "raw"), "a cat"])
+    # One first stage per data set, as the quickstart leaves them: one is taken, two are named.
+    shutil.move(tmp_path / "first_stage", tmp_path / "builtin")
+    (tmp_path / "first_stage").mkdir()
+    shutil.move(tmp_path / "builtin", tmp_path / "first_stage" / "builtin")
+    assert main(["search", "--model", str(tmp_path / "model"), "--k", "3", "a cat"]) == 0
+    taken = tmp_path / "first_stage" / "builtin"
+    assert f"--first-stage {taken} (beside the model)" in capsys.readouterr().err
+    shutil.copytree(tmp_path / "first_stage" / "builtin", tmp_path / "first_stage" / "emoji")
+    with pytest.raises(SystemExit, match=r"give --first-stage: one of .*builtin, .*emoji"):
+        main(["search", "--model", str(tmp_path / "model"), "--k", "3", "a cat"])
 
 
 def test_search_image_to_captions(files, capsys):

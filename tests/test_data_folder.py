@@ -9,7 +9,7 @@ import datasets
 import pytest
 from PIL import Image
 
-from edje.data import SCHEMA, from_dataset, load_image_folder, save_builtin_dataset
+from edje.data import SCHEMA, from_dataset, load_data, load_image_folder, save_builtin_dataset
 
 
 def write_images(folder, names):
@@ -178,3 +178,27 @@ def test_relative_folder_still_loads_after_changing_directory(tmp_path, monkeypa
     ds = load_image_folder("rel")
     monkeypatch.chdir(tmp_path.parent)
     assert ds[0]["image"].size == (6, 6)
+
+
+SMALL_BUILTIN = dict(n_train_triplets=2, n_train_single=1, n_val_triplets=1, n_test_triplets=2)
+
+
+def test_names_joined_by_plus_give_each_split_of_all_of_them(tmp_path):
+    for split in ("train", "test"):
+        write_images(tmp_path / "mine" / split, ["a.png", "b.png"])
+        rows = [{"file_name": name, "caption": f"{name} {split}"} for name in ("a.png", "b.png")]
+        write_jsonl(tmp_path / "mine" / split, rows)
+    builtin = load_data("builtin", builtin=SMALL_BUILTIN)
+    mine = load_data(str(tmp_path / "mine"))
+    both = load_data(f"builtin+{tmp_path / 'mine'}", builtin=SMALL_BUILTIN)
+    assert sorted(both) == sorted(builtin)
+    for split in both:
+        expected = list(builtin[split]["image_id"]) + list(
+            mine[split]["image_id"] if split in mine else []
+        )
+        assert list(both[split]["image_id"]) == expected, split
+
+
+def test_names_joined_by_plus_refuse_colliding_image_ids():
+    with pytest.raises(ValueError, match="image ids of builtin\\+builtin collide"):
+        load_data("builtin+builtin", builtin=SMALL_BUILTIN)

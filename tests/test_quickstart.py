@@ -1,13 +1,19 @@
-"""`edje quickstart` on a reduced built-in set: every step, its files, and reuse on a rerun."""
+"""`edje quickstart` on a reduced built-in set and the emoji: every step, its files, and reuse
+on a rerun."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from edje import EDJEModel, EDJEProcessor
 from edje.backbones import OFFLINE_TEXT, OFFLINE_VISION
-from edje.quickstart import run_quickstart
+from edje.data import load_emoji
+from edje.quickstart import DATA_SETS, run_quickstart, shipped_first_stages
+from edje.store import TokenStore
 
 SMALL = {"n_train_triplets": 6, "n_train_single": 2, "n_val_triplets": 1, "n_test_triplets": 2}
 
@@ -25,17 +31,33 @@ def untrained_edje(tmp_path_factory):
     return folder
 
 
-def test_quickstart_leaves_store_first_stage_and_report_and_reuses_them(
+def test_quickstart_leaves_store_first_stage_and_both_reports_and_reuses_them(
     untrained_edje, tmp_path, capsys
 ):
     report = run_quickstart(tmp_path, model=str(untrained_edje), builtin=SMALL, k=5)
     printed = capsys.readouterr().out
-    assert "first stage" in printed and "reranked" in printed and "edje search" in printed
-    for name in ("report.json", "report.md", "recall_at_k.png", "contact_sheet.png"):
-        assert (report / name).is_file(), name
+    assert "edje search" in printed
+    for title in DATA_SETS.values():  # both tables printed
+        assert f"**data** {title} (test)" in printed, title
+    assert printed.count("| reranked (top 5) |") == 2
+    for name in DATA_SETS:
+        for file in ("report.json", "report.md", "recall_at_k.png", "contact_sheet.png"):
+            assert (report / name / file).is_file(), (name, file)
+    builtin = json.loads((report / "builtin" / "report.json").read_text())
+    emoji = json.loads((report / "emoji" / "report.json").read_text())
+    sizes = (builtin["dataset"]["images"], emoji["dataset"]["images"])
+    assert sizes == (6, len(load_emoji()["test"]))
+    # Only the test images are encoded, over the shipped first stage.
+    store = TokenStore.open(tmp_path / "raw.store")
+    assert len(store) == sum(sizes)
+    for name in DATA_SETS:
+        weights = Path(name, "first_stage.safetensors")
+        shipped = (shipped_first_stages() / weights).read_bytes()
+        assert (tmp_path / "first_stage" / weights).read_bytes() == shipped, name
     shards = sorted((tmp_path / "raw.store" / "shards").iterdir())
     stamps = [p.stat().st_mtime_ns for p in shards]
-    probe = (tmp_path / "first_stage" / "first_stage.safetensors").stat().st_mtime_ns
+    copied = tmp_path / "first_stage" / "emoji" / "first_stage.safetensors"
+    probe = copied.stat().st_mtime_ns
     run_quickstart(tmp_path, model=str(untrained_edje), builtin=SMALL, k=5)
     assert [p.stat().st_mtime_ns for p in shards] == stamps  # nothing encoded again
-    assert (tmp_path / "first_stage" / "first_stage.safetensors").stat().st_mtime_ns == probe
+    assert copied.stat().st_mtime_ns == probe

@@ -1,4 +1,5 @@
-"""The quickstart: the built-in offline set, encoded once, a first stage, EDJE reranking, recall.
+"""The quickstart: the built-in scenes and the emoji, encoded once, a first stage, EDJE
+reranking, recall on each set's test split.
 
 Every step leaves its result in the output folder and is skipped when it is already there, so a
 second run on the same folder reuses the store, the first stage and the model.
@@ -15,9 +16,13 @@ from pathlib import Path
 
 from edje._utils import atomic_folder
 from edje.backbones import OFFLINE_TEXT, OFFLINE_VISION
+from edje.data import load_data
 
 IMAGE_SIZE = 112  # 65 raw tokens per scene: CLS + 8 x 8 patches
-SHIPPED_CHECKPOINT = "quickstart"  # edje/checkpoints/<name>, once a trained one is shipped
+SHIPPED_CHECKPOINT = "quickstart"  # edje/checkpoints/<name>
+SHIPPED_FIRST_STAGES = "quickstart_first_stages"
+DATA = "builtin+emoji"
+DATA_SETS = {"builtin": "edje built-in scenes", "emoji": "Noto emoji (CLDR names)"}
 EXAMPLE_QUERY = "a small red circle left of a large blue square"
 
 
@@ -37,9 +42,15 @@ def shipped_checkpoint() -> Path:
     return Path(str(resources.files("edje").joinpath("checkpoints", SHIPPED_CHECKPOINT)))
 
 
-def recipe_path() -> Path:
-    """`recipes/quickstart.yaml`, installed with the package as `edje.recipes`."""
-    return Path(str(resources.files("edje.recipes").joinpath("quickstart.yaml")))
+def shipped_first_stages() -> Path:
+    """The first stages the shipped checkpoint is carded with, one folder per data set
+    (`builtin/`, `emoji/`): the offline linear probe fitted on that set's train split."""
+    return Path(str(resources.files("edje").joinpath("checkpoints", SHIPPED_FIRST_STAGES)))
+
+
+def recipe_path(name: str = "quickstart.yaml") -> Path:
+    """A recipe installed with the package as `edje.recipes` (`recipes/quickstart.yaml`)."""
+    return Path(str(resources.files("edje.recipes").joinpath(name)))
 
 
 def run_quickstart(
@@ -50,59 +61,97 @@ def run_quickstart(
     builtin: dict[str, int] | None = None,
     k: int = 10,
 ) -> Path:
-    """Run the quickstart into `out`; returns the report folder.
+    """Run the quickstart into `out`; returns the report folder, with one folder per data set
+    (`report/builtin`, `report/emoji`).
 
-    `model` is an EDJE folder to rerank with; by default the shipped checkpoint, or with
-    `train=True` one trained here from `recipes/quickstart.yaml`. `builtin` sizes a reduced
-    built-in set (tests).
+    `model` is an EDJE folder to rerank with (by default the shipped checkpoint), over the
+    shipped first stage; with `train=True` every split is encoded, a first stage fitted on the
+    train splits and an EDJE trained here from `recipes/quickstart.yaml` then
+    `recipes/quickstart_emoji.yaml`. `builtin` sizes a reduced built-in set (tests).
     """
+    from datasets import DatasetDict
+
     from edje import EDJEModel, EDJEProcessor
     from edje.evaluation import evaluate
+    from edje.first_stage import load_embedding_model
+    from edje.store import TokenStore
     from edje.training import EDJEDataModule
 
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     step = Steps()
-    data = EDJEDataModule(
-        "builtin",
-        store=str(out / "raw.store"),
-        first_stage=str(out / "first_stage"),
-        vision=OFFLINE_VISION,
-        vision_image_size=IMAGE_SIZE,
-        text=OFFLINE_TEXT,
-        builtin=builtin,
-    )
-    step("generating the built-in scenes and encoding them once with DINOv2-S (112 px)")
-    data.prepare_data()  # the raw token store, then the first stage fitted on the train split
-    step(f"raw token store ready: {out / 'raw.store'}; first stage: {out / 'first_stage'}")
+    step("drawing the built-in scenes and the emoji")
+    splits = load_data(DATA, builtin=builtin)
+    sets = {name: DatasetDict({s: _only(splits[s], name) for s in splits}) for name in DATA_SETS}
+    if train:
+        step("encoding every split once with DINOv2-S (112 px), then fitting the first stages")
+        for name, data in sets.items():  # each set's first stage fitted on its train split
+            EDJEDataModule(
+                data,
+                store=str(out / "raw.store"),
+                first_stage=str(out / "first_stage" / name),
+                vision=OFFLINE_VISION,
+                vision_image_size=IMAGE_SIZE,
+                text=OFFLINE_TEXT,
+            ).prepare_data()
+    else:
+        # The first stages the shipped model was carded with (they fit any EDJE on these
+        # backbones), so only the test images need their tokens.
+        step("encoding the test images once with DINOv2-S (112 px)")
+        _encode(splits["test"], out / "raw.store")
+        if not (out / "first_stage").is_dir():
+            with atomic_folder(out / "first_stage") as partial:
+                shutil.copytree(shipped_first_stages(), partial, dirs_exist_ok=True)
+    step(f"raw token store ready: {out / 'raw.store'}; first stages: {out / 'first_stage'}")
     model_dir = _model_folder(out, model, train, builtin, step)
-    step(f"reranking the test split's first-stage top {k} with EDJE from {model_dir}")
-    data.setup("test")
     edje = EDJEModel.from_pretrained(model_dir).eval()
     processor = EDJEProcessor.from_pretrained(model_dir)
-    report = evaluate(
-        data.splits["test"], data.first_stage, edje, processor, data.store, k=k,
-        dataset_name="edje built-in scenes",
-    )  # fmt: skip
-    report_dir = out / "report"
-    report.save(report_dir, dataset=data.splits["test"], contact_sheet=4)
-    print(report.to_markdown())
-    step(f"report, plot and contact sheet in {report_dir}")
+    store = TokenStore.open(out / "raw.store")
+    report_root = out / "report"
+    for name, title in DATA_SETS.items():
+        step(f"{title}: reranking the test split's first-stage top {k} with EDJE from {model_dir}")
+        test = sets[name]["test"]
+        first_stage = load_embedding_model(out / "first_stage" / name)
+        report = evaluate(
+            test, first_stage, edje, processor, store, k=k, dataset_name=title
+        )  # fmt: skip
+        report.save(report_root / name, dataset=test, contact_sheet=4)
+        print(report.to_markdown())
+        if report.regressions():
+            print(f"\nwarning: {report.regressions()}")
+    step(f"reports, plots and contact sheets in {report_root}")
     print(
         "\nTry next:\n"
         f"  edje search --model {model_dir} --store {out / 'raw.store'} "
-        f'--first-stage {out / "first_stage"} "{EXAMPLE_QUERY}"'
+        f'--first-stage {out / "first_stage" / "builtin"} "{EXAMPLE_QUERY}"'
     )
-    return report_dir
+    return report_root
+
+
+def _only(split, name: str):
+    """The rows of one data set in the combined split (emoji ids start with "emoji-")."""
+    emoji = [i.startswith("emoji-") for i in split["image_id"]]
+    return split.select([n for n, e in enumerate(emoji) if e == (name == "emoji")])
+
+
+def _encode(split, store: Path) -> None:
+    from edje.backbones import load_vision_encoder
+    from edje.store.encode import encode_images
+
+    vision, image_processor = load_vision_encoder(OFFLINE_VISION, image_size=IMAGE_SIZE)
+    encode_images(
+        split, store, vision_encoder=vision, image_processor=image_processor,
+        id_column="image_id", image_column="image", devices=1,
+    )  # fmt: skip
 
 
 def _model_folder(out: Path, model, train, builtin, step) -> Path:
     if model is not None:
         return Path(model)
-    trained = out / "outputs" / "quickstart" / "model"
+    trained = out / "outputs" / "quickstart-emoji" / "model"
     if train:
         if not (trained / "config.json").is_file():
-            step("training EDJE from recipes/quickstart.yaml (minutes on a GPU, hours on a CPU)")
+            step("training EDJE from the quickstart recipes (minutes on a GPU, hours on a CPU)")
             _train(out, builtin)
         return trained
     # A copy in `out`, so the folder holds everything the printed `edje search` command needs;
@@ -115,10 +164,19 @@ def _model_folder(out: Path, model, train, builtin, step) -> Path:
 
 
 def _train(out: Path, builtin: dict[str, int] | None) -> None:
-    command = [sys.executable, "-m", "edje.cli", "fit", "--config", str(recipe_path())]
-    command += ["--data.store", str(out / "raw.store")]
-    command += ["--data.first_stage", str(out / "first_stage")]
-    if builtin:
-        command += ["--data.builtin", str(builtin)]
-    # The recipe's outputs (checkpoints, exported model) land under `out`.
-    subprocess.run(command, cwd=out, check=True)
+    """The shipped model's two stages: the built-in scenes alone, mining with their first
+    stage, then the built-in scenes and the emoji together, mining with one fitted on both."""
+    first = out / "outputs" / "quickstart"
+    stages = [
+        ("quickstart.yaml", ["--data.first_stage", str(out / "first_stage" / "builtin")]),
+        ("quickstart_emoji.yaml", ["--data.first_stage", str(out / "first_stage" / "both")]),
+    ]
+    for recipe, options in stages:
+        if recipe == "quickstart.yaml" and (first / "model" / "config.json").is_file():
+            continue  # the first stage's model is there: a rerun goes on with the second
+        command = [sys.executable, "-m", "edje.cli", "fit", "--config", str(recipe_path(recipe))]
+        command += ["--data.store", str(out / "raw.store"), *options]
+        if builtin:
+            command += ["--data.builtin", str(builtin)]
+        # The recipes' outputs (checkpoints, exported models) land under `out`.
+        subprocess.run(command, cwd=out, check=True)

@@ -1,4 +1,4 @@
-"""`edje quickstart`: the built-in offline set end to end, first stage vs EDJE reranked."""
+"""`edje quickstart`: the built-in scenes and the emoji end to end, first stage vs EDJE reranked."""
 
 from __future__ import annotations
 
@@ -17,11 +17,12 @@ EXAMPLE = """example:
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "quickstart",
-        help="the built-in offline set end to end: encode, first stage, EDJE rerank, recall@k",
+        help="the built-in scenes and the emoji end to end: encode, rerank, recall@k",
         description=(
-            "Generate the built-in scenes, encode them once with the offline DINOv2-S into a "
-            "token store, fit the first stage, rerank its top k with EDJE and print first stage "
-            "vs reranked R@1/5/10 both ways. Needs no network."
+            "Draw the built-in scenes and the emoji, encode their test images once with the "
+            "offline DINOv2-S into a token store, rerank each set's first-stage top k with EDJE "
+            "and print first stage vs reranked R@1/5/10 both ways, one table per set. Needs no "
+            "network."
         ),
         epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -31,7 +32,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--model", type=folder_or_id, default=None, help="EDJE folder to rerank with"
     )
     parser.add_argument(
-        "--train", action="store_true", help="train EDJE from recipes/quickstart.yaml first"
+        "--train",
+        action="store_true",
+        help="train EDJE here first (recipes/quickstart.yaml, then quickstart_emoji.yaml)",
     )
     parser.add_argument("--k", type=count, default=10, help="rerank depth (default: 10)")
     parser.set_defaults(func=run)

@@ -85,18 +85,34 @@ TINY = 0.01  # a sigmoid score this low: EDJE sees no match among the candidates
 
 def beside_the_model(args: argparse.Namespace) -> None:
     """Fill --first-stage / --store from the folder holding the model (`edje quickstart`
-    leaves model/, first_stage/ and raw.store/ side by side), saying so."""
+    leaves model/, first_stage/ and raw.store/ side by side), saying so. A first_stage/ of
+    one first stage per data set (`first_stage/builtin`, ...) is used when it holds one."""
     folder = Path(args.model).parent
-    for option, name in (("first_stage", "first_stage"), ("store", "raw.store")):
-        beside = folder / name
-        if getattr(args, option) is None and Path(args.model).is_dir() and beside.is_dir():
-            setattr(args, option, str(beside))
-            flag = option.replace("_", "-")
-            print(f"edje search: --{flag} {beside} (beside the model)", file=sys.stderr)
+    if Path(args.model).is_dir():
+        found = {"first_stage": _first_stages(folder / "first_stage"), "store": []}
+        if (folder / "raw.store").is_dir():
+            found["store"] = [folder / "raw.store"]
+        for option, beside in found.items():
+            if getattr(args, option) is None and len(beside) == 1:
+                setattr(args, option, str(beside[0]))
+                flag = option.replace("_", "-")
+                print(f"edje search: --{flag} {beside[0]} (beside the model)", file=sys.stderr)
     if args.first_stage is None:
+        several = _first_stages(folder / "first_stage") if Path(args.model).is_dir() else []
+        choices = f": one of {', '.join(map(str, several))}" if len(several) > 1 else ""
         raise SystemExit(
-            f"edje search: give --first-stage (no first_stage/ beside the model in {folder})"
+            f"edje search: give --first-stage{choices} (no single first stage beside the "
+            f"model in {folder})"
         )
+
+
+def _first_stages(folder: Path) -> list[Path]:
+    """`folder` if it holds a first stage (files), else its sub-folders that do."""
+    if not folder.is_dir():
+        return []
+    if any(p.is_file() for p in folder.iterdir()):
+        return [folder]
+    return sorted(p for p in folder.iterdir() if p.is_dir() and any(p.iterdir()))
 
 
 def unknown_caption_hint(args: argparse.Namespace) -> str:

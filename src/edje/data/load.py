@@ -1,7 +1,9 @@
 """`load_data`: every data set by one name, the same for `edje fit`, `eval`, `encode`, `index`
 and the quickstart.
 
-A name is `"builtin"`, `"emoji"`, `"flickr30k"`, `"coco"`, or a folder of your own images:
+A name is `"builtin"`, `"emoji"`, `"flickr30k"`, `"coco"`, or a folder of your own images;
+names joined by `+` (`"builtin+emoji"`, the quickstart's) give each split of all of them
+together (their image ids must not collide):
 
 - one folder with `metadata.jsonl` / `metadata.csv`: the train split;
 - or split folders `train/`, `validation/`, `test/`, each with its own metadata. Image ids get
@@ -35,7 +37,7 @@ import hashlib
 import logging
 from pathlib import Path
 
-from datasets import DatasetDict
+from datasets import DatasetDict, concatenate_datasets
 
 __all__ = ["DATA_NAMES", "SPLITS", "load_data"]
 
@@ -59,6 +61,8 @@ def load_data(
 
     if isinstance(name, DatasetDict):
         return name
+    if isinstance(name, str) and "+" in name:
+        return _combined(name.split("+"), data_dir=data_dir, seed=seed, builtin=builtin)
     if name == "builtin":
         return edje_data.make_builtin_dataset(seed=seed, **(builtin or {}))
     if name == "emoji":
@@ -73,6 +77,18 @@ def load_data(
             f"got {str(name)!r}"
         )
     return _with_validation(_folder_splits(folder))
+
+
+def _combined(names: list[str], **options) -> DatasetDict:
+    parts = [load_data(name, **options) for name in names]
+    splits = [s for s in SPLITS if any(s in part for part in parts)]
+    combined = DatasetDict(
+        {s: concatenate_datasets([part[s] for part in parts if s in part]) for s in splits}
+    )
+    ids = [i for split in combined.values() for i in split["image_id"]]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"load_data: the image ids of {'+'.join(names)} collide")
+    return combined
 
 
 def _folder_splits(folder: Path) -> DatasetDict:
