@@ -33,12 +33,10 @@ def checkpoint():
     return folder
 
 
-def test_shipped_checkpoint_is_compact_fp16_within_30_mb_with_no_pickles(checkpoint):
+def test_shipped_checkpoint_is_compact_fp16_within_30_mb_with_no_code_or_pickles(checkpoint):
     files = [path for path in checkpoint.rglob("*") if path.is_file()]
     assert sum(path.stat().st_size for path in files) <= MAX_BYTES
-    assert not [p.name for p in files if p.suffix in {".bin", ".pt", ".pth", ".pkl"}]
-    # Code only as save_pretrained writes it, for loading where edje is not installed.
-    assert sorted(p.name for p in files if p.suffix == ".py") == REMOTE_CODE
+    assert not [p.name for p in files if p.suffix in {".py", ".bin", ".pt", ".pth", ".pkl"}]
     assert not (checkpoint / "model.safetensors").exists()
     config = json.loads((checkpoint / "config.json").read_text())
     assert config["compact_checkpoint"] is True
@@ -72,13 +70,19 @@ def test_shipped_checkpoint_loads_offline_with_both_backbones_resolved_by_name(c
     assert logits.shape == (2,) and bool(torch.isfinite(logits).all())
 
 
-def test_where_edje_is_not_installed_the_shipped_folder_tokenizes_and_says_what_loading_needs(
-    checkpoint,
+def test_where_edje_is_not_installed_the_quickstarts_copy_tokenizes_and_says_what_loading_needs(
+    tmp_path,
 ):
-    """AutoProcessor loads it from the code beside the weights; AutoModel, whose compact
-    weights need the offline MiniLM that only edje has, says to install edje."""
+    """The copy `edje quickstart` leaves carries the code save_pretrained writes: AutoProcessor
+    loads it; AutoModel, whose compact weights need the offline MiniLM that only edje has,
+    says to install edje."""
     import subprocess
     import sys
+
+    from edje.quickstart import copy_shipped_model
+
+    checkpoint = copy_shipped_model(tmp_path / "model")
+    assert sorted(p.name for p in checkpoint.glob("*.py")) == REMOTE_CODE
 
     script = (
         "import sys\n"

@@ -154,13 +154,40 @@ def _model_folder(out: Path, model, train, builtin, step) -> Path:
             step("training EDJE from the quickstart recipes (minutes on a GPU, hours on a CPU)")
             _train(out, builtin)
         return trained
-    # A copy in `out`, so the folder holds everything the printed `edje search` command needs;
-    # copied whole into a temporary folder first, so a crash mid-copy leaves no half a model.
+    # A copy in `out`, so the folder holds everything the printed `edje search` command needs.
     copied = out / "model"
     if not (copied / "config.json").is_file():
-        with atomic_folder(copied) as partial:
-            shutil.copytree(shipped_checkpoint(), partial, dirs_exist_ok=True)
+        copy_shipped_model(copied)
     return copied
+
+
+def copy_shipped_model(dest: str | Path) -> Path:
+    """The shipped checkpoint copied to `dest` with the code `save_pretrained` writes beside
+    the weights (the package's copy needs none: edje is installed wherever it is), so the copy
+    loads with `trust_remote_code=True` where edje is not installed. Written whole into a
+    temporary folder first: a crash mid-copy leaves no half a model."""
+    import json
+
+    from transformers.dynamic_module_utils import custom_object_save
+
+    from edje import EDJEConfig, EDJEProcessor
+
+    dest = Path(dest)
+    with atomic_folder(dest) as partial:
+        shutil.copytree(shipped_checkpoint(), partial, dirs_exist_ok=True)
+        config = json.loads((partial / "config.json").read_text())
+        for obj in (EDJEConfig.from_pretrained(partial), _model_class_instance()):
+            custom_object_save(obj, partial, config=config)
+        custom_object_save(EDJEProcessor.from_pretrained(partial), partial)
+        (partial / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return dest
+
+
+def _model_class_instance():
+    """An uninitialised `EDJEModel`: what `custom_object_save` reads is its class."""
+    from edje import EDJEModel
+
+    return EDJEModel.__new__(EDJEModel)
 
 
 def _train(out: Path, builtin: dict[str, int] | None) -> None:
