@@ -11,10 +11,10 @@ import torch
 
 from edje import EDJEModel, EDJEProcessor
 from edje.backbones import OFFLINE_TEXT, OFFLINE_VISION
-from edje.data import load_emoji
 from edje.quickstart import DATA_SETS, run_quickstart, shipped_first_stages
 from edje.store import TokenStore
 
+EMOJI_TEST_IMAGES = 446  # edje.data.emoji's default split (tests/test_data_emoji.py)
 SMALL = {"n_train_triplets": 6, "n_train_single": 2, "n_val_triplets": 1, "n_test_triplets": 2}
 
 
@@ -24,9 +24,11 @@ def untrained_edje(tmp_path_factory):
     folder = tmp_path_factory.mktemp("edje")
     torch.manual_seed(0)
     options = dict(vision=OFFLINE_VISION, text=OFFLINE_TEXT, vision_image_size=112)
-    EDJEModel.from_backbones(**options, num_image_tokens=4, adapter_mlp_size=64).save_pretrained(
-        folder
-    )
+    model = EDJEModel.from_backbones(**options, num_image_tokens=4, adapter_mlp_size=64)
+    # One joint layer: scores stay random, and the 446 emoji test images rerank in seconds.
+    model.joint_encoder.encoder.layer = model.joint_encoder.encoder.layer[:1]
+    model.config.text_config.num_hidden_layers = 1
+    model.save_pretrained(folder)
     EDJEProcessor.from_backbones(**options, num_image_tokens=4).save_pretrained(folder)
     return folder
 
@@ -46,7 +48,7 @@ def test_quickstart_leaves_store_first_stage_and_both_reports_and_reuses_them(
     builtin = json.loads((report / "builtin" / "report.json").read_text())
     emoji = json.loads((report / "emoji" / "report.json").read_text())
     sizes = (builtin["dataset"]["images"], emoji["dataset"]["images"])
-    assert sizes == (6, len(load_emoji()["test"]))
+    assert sizes == (6, EMOJI_TEST_IMAGES)
     # Only the test images are encoded, over the shipped first stage.
     store = TokenStore.open(tmp_path / "raw.store")
     assert len(store) == sum(sizes)
