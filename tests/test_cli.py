@@ -49,6 +49,7 @@ BAD_PATHS = {
     "convert": ["convert", "/nope/weights.safetensors", "--out", "{tmp}/c"],
     "fit": ["fit", "--config", "/nope/recipe.yaml"],
     "verify": ["verify", "/nope/store"],
+    "check": ["check", "--out", "/dev/null/nope"],  # under a file: cannot be made
 }
 
 

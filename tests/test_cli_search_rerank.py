@@ -100,6 +100,25 @@ def test_search_caption_to_images_with_a_saved_index_and_a_raw_store(files, caps
     assert len(table) == 3 and table[1].split()[1] == hits[0]["image_id"]
 
 
+def test_index_goes_on_past_bad_images_lists_them_and_exits_1(files, tmp_path, capsys):
+    from edje.first_stage import VectorIndex
+
+    root, ids, photos = files
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name, photo in zip(ids, photos, strict=True):
+        photo.save(folder / name)
+    (folder / "truncated.png").write_bytes((folder / ids[0]).read_bytes()[:40])
+    (folder / "empty.jpg").write_bytes(b"")
+    argv = ["index", "--first-stage", str(root / "probe"), "--images", str(folder)]
+    capsys.readouterr()
+    assert main([*argv, "--out", str(tmp_path / "index")]) == 1
+    err = capsys.readouterr().err
+    assert "2 images could not be decoded (not indexed):" in err
+    assert "truncated.png: " in err and "empty.jpg: " in err
+    assert sorted(VectorIndex.load(tmp_path / "index").ids) == sorted(ids)  # the others indexed
+
+
 def test_search_without_an_index_on_a_compressed_store_says_how_to_build_one(files):
     root, _, _ = files
     with pytest.raises(SystemExit, match="edje index --first-stage"):

@@ -55,7 +55,7 @@ class Exploding:
 
     def score_pairs(self, queries, documents):
         if "explode" in queries:
-            raise RuntimeError("boom on purpose")
+            raise RuntimeError("boom on purpose reading /srv/secret/shards/00000.bin")
         logits = self.backend.score_pairs(queries, documents)
         if "corrupt" in queries:  # as NaN tokens in a store would score
             logits = logits.masked_fill(torch.tensor(["corrupt" in q for q in queries]), math.nan)
@@ -282,10 +282,12 @@ def test_oversized_chunked_body_is_cut_off(served):
 # ---- server failures ----------------------------------------------------------------------------
 
 
-def test_a_scoring_failure_is_a_500_and_the_server_goes_on(served):
+def test_a_scoring_failure_is_a_500_without_server_paths_and_the_server_goes_on(served, caplog):
     status, body = rerank(served, {"query": "explode", "documents": ["img0", "img1"]})
     assert status == 500
-    assert "boom on purpose" in body["message"]
+    assert "RuntimeError" in body["message"] and body["id"] in body["message"]
+    assert "/srv/secret" not in body["message"]  # the details go to the server's log
+    assert "/srv/secret" in caplog.text and body["id"] in caplog.text
     status, body = rerank(served, GOOD)
     assert status == 200 and len(body["results"]) == 2
 

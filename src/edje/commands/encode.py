@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from edje.commands import count, existing_folder, folder_or_id
+from edje.commands import count, existing_folder, folder_or_id, output_folder
 
 EXAMPLE = """examples:
   # raw DINOv2 tokens of every image under photos/ (ids: paths relative to photos/)
@@ -58,7 +58,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="a trained EDJE: store its compressed tokens",
     )
     how.add_argument("--image-size", type=count, default=None, help="input side in pixels")
-    how.add_argument("--out", required=True, metavar="STORE", help="store folder to write")
+    how.add_argument(
+        "--out", type=output_folder, required=True, metavar="STORE", help="store folder to write"
+    )
     how.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "int8"])
     how.add_argument(
         "--shard-size", type=count, default=1024, help="images per shard (default: 1024)"

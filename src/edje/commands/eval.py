@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from edje.commands import count, existing_folder, folder_or_id
+from edje.commands import count, existing_folder, folder_or_id, output_folder
 from edje.scoring import BACKENDS
 
 EXAMPLE = """examples:
@@ -75,7 +75,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--extra-k", type=count, nargs="*", default=[], metavar="K", help="more rerank depths"
     )
-    parser.add_argument("--out", metavar="DIR", help="folder for the report files")
+    parser.add_argument(
+        "--out", type=output_folder, metavar="DIR", help="folder for the report files"
+    )
     parser.add_argument(
         "--contact-sheet", type=int, default=0, metavar="N", help="picture N queries' top 5"
     )

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from typing import Any
 
-from edje.commands import count, existing_folder, folder_or_id
+from edje.commands import count, existing_folder, folder_or_id, output_folder
 
 EXAMPLE = """examples:
   # every image under photos/, ids: paths relative to photos/ (as `edje encode --images`)
@@ -42,14 +44,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     source.add_argument(
         "--store", type=existing_folder, metavar="STORE", help="a token store of raw vision tokens"
     )
-    parser.add_argument("--out", required=True, metavar="DIR", help="index folder to write")
+    parser.add_argument(
+        "--out", type=output_folder, required=True, metavar="DIR", help="index folder to write"
+    )
     parser.add_argument("--factory", default="Flat", help="faiss index_factory string (exact)")
     parser.add_argument("--batch-size", type=count, default=64, help="images per batch")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
 
     from edje.first_stage import VectorIndex, load_embedding_model
 
@@ -58,25 +61,48 @@ def run(args: argparse.Namespace) -> int:
         from edje.commands.search import index_from_store
         from edje.store import TokenStore
 
-        index = index_from_store(TokenStore.open(args.store), first_stage)
+        index, failures = index_from_store(TokenStore.open(args.store), first_stage), {}
     else:
-        from edje._utils import load_rgb
         from edje.store.encode import find_images
 
         found = find_images(args.images)
         if not found:
             raise SystemExit(f"edje index: no image files under {args.images}")
-        ids, paths = zip(*found, strict=True)
-        chunks = []
-        for start in range(0, len(paths), 1024):  # decoded images held 1024 at a time
-            images = [load_rgb(p) for p in paths[start : start + 1024]]
-            chunks.append(first_stage.encode_images(images, batch_size=args.batch_size))
-            print(f"embedded {start + len(images)}/{len(paths)} images", flush=True)
-        embeddings = torch.cat(chunks)
+        ids, embeddings, failures = _embed_images(first_stage, found, args.batch_size)
+        if not ids:
+            raise SystemExit(f"edje index: none of the {len(found)} images could be decoded")
         index = VectorIndex(embeddings.shape[1], args.factory)
         if not index.index.is_trained:
             index.train(embeddings)
-        index.add(embeddings, ids=list(ids))
+        index.add(embeddings, ids=ids)
     index.save(args.out)
     print(f"wrote {index!r} to {args.out}")
-    return 0
+    if failures:  # as `edje encode` lists them: the others are indexed, the exit code says so
+        print(f"{len(failures)} images could not be decoded (not indexed):", file=sys.stderr)
+        for image_id, reason in list(failures.items())[:20]:
+            print(f"  {image_id}: {reason}", file=sys.stderr)
+        if len(failures) > 20:
+            print(f"  ... and {len(failures) - 20} more", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def _embed_images(first_stage, found: list[tuple[str, Any]], batch_size: int):
+    """(ids, embeddings, failures by id) of the image files; undecodable ones are skipped."""
+    import torch
+
+    from edje._utils import load_rgb
+
+    ids, chunks, failures = [], [], {}
+    for start in range(0, len(found), 1024):  # decoded images held 1024 at a time
+        images = []
+        for image_id, path in found[start : start + 1024]:
+            try:
+                images.append(load_rgb(path))
+                ids.append(image_id)
+            except ValueError as error:
+                failures[image_id] = str(error)
+        if images:
+            chunks.append(first_stage.encode_images(images, batch_size=batch_size))
+        done = min(start + 1024, len(found))
+        print(f"embedded {done}/{len(found)} images", flush=True)
+    return ids, (torch.cat(chunks) if chunks else None), failures

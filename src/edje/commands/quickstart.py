@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from edje.commands import count, folder_or_id
+from edje.commands import count, folder_or_id, output_folder
 
 EXAMPLE = """example:
   edje quickstart                        # everything in ./edje-quickstart
@@ -27,7 +27,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--out", default="edje-quickstart", help="output folder")
+    parser.add_argument(
+        "--out", type=output_folder, default="edje-quickstart", help="output folder"
+    )
     parser.add_argument(
         "--model", type=folder_or_id, default=None, help="EDJE folder to rerank with"
     )

@@ -86,6 +86,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(default: %(default)s)",
     )
     parser.add_argument(
+        "--max-pixels-in-flight",
+        type=count,
+        default=defaults.max_pixels_in_flight,
+        help="base64 pixels decoded and held at once, across requests (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--header-timeout",
+        type=float,
+        default=defaults.header_timeout_s,
+        help="seconds a connection has to send its request head (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--body-timeout",
+        type=float,
+        default=defaults.body_timeout_s,
+        help="seconds a request has to send its body (default: %(default)s)",
+    )
+    parser.add_argument(
         "--max-wait-ms",
         type=float,
         default=defaults.max_wait_ms,
@@ -117,6 +135,9 @@ def run(args: argparse.Namespace) -> int:
             max_wait_ms=args.max_wait_ms,
             max_query_chars=args.max_query_chars,
             max_request_pixels=args.max_request_pixels,
+            max_pixels_in_flight=args.max_pixels_in_flight,
+            header_timeout_s=args.header_timeout,
+            body_timeout_s=args.body_timeout,
         )
     except ValueError as error:
         raise SystemExit(f"edje serve: {error}") from None

@@ -16,6 +16,10 @@ Endpoints:
   or truncated shard, non-finite tokens or weights).
 - `GET /v1/models`: the served model, OpenAI-style.
 
+What one request may ask for, and the connection timeouts, are `ServeLimits`; base64 images
+are decoded within one server-wide pixel budget (`edje.serving.budget`), and a connection slow
+to send its request head is closed (`edje.serving.connections`).
+
 Concurrent requests are scored together (`edje.serving.batching.MicroBatcher`). The scoring
 backend is anything with the three methods of `ScoringBackend`; `edje serve` runs
 `RerankerBackend` over an `edje.rerank.EDJEReranker` (store lookups, raw stores compressed on
@@ -33,6 +37,7 @@ Example (the tiny model and store as in `tests/test_serve.py`):
 # imported inside `create_app` so that `import edje.serving.app` works without the serving extra.
 import asyncio
 import contextlib
+import logging
 import math
 import time
 import uuid
@@ -44,16 +49,21 @@ import torch
 
 from edje.fusion import fuse, fusion_weights
 from edje.serving.batching import MicroBatcher
+from edje.serving.budget import PixelBudget
 from edje.serving.requests import (
     NAMED_AT_MOST,
     Document,
     RequestError,
     ServeLimits,
-    decode_documents,
+    decode_opened,
+    open_documents,
     parse_json,
     parse_rerank_request,
+    pixel_count,
     unknown_ids_message,
 )
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "RequestError",
@@ -157,6 +167,7 @@ def create_app(
             await batcher.stop()
             app.state.device_thread.shutdown(wait=False, cancel_futures=True)
 
+    pixels_in_flight = PixelBudget(limits.max_pixels_in_flight)
     app = FastAPI(title="edje rerank", lifespan=lifespan)
     app.state.batcher, app.state.limits = batcher, limits
 
@@ -187,23 +198,37 @@ def create_app(
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model"}]}
 
+    async def _score(app, query: str, documents: list[Document]) -> torch.Tensor:
+        loop = asyncio.get_running_loop()
+        prepared = await loop.run_in_executor(app.state.device_thread, backend.prepare, documents)
+        return await batcher.score(query, prepared)
+
     @app.post("/v1/rerank")
     async def rerank(request: Request):
-        started = time.perf_counter()
-        body = await _read_body(request, limits.max_body_bytes)
+        started, request_id = time.perf_counter(), uuid.uuid4().hex
+        body = await _read_body(request, limits.max_body_bytes, limits.body_timeout_s)
         job = parse_rerank_request(parse_json(body), limits, model_name)
-        documents = await run_in_threadpool(decode_documents, job.documents, limits)
-        unknown = backend.unknown_ids([d for d in documents if isinstance(d, str)])
+        opened = await run_in_threadpool(open_documents, job.documents, limits)
+        unknown = backend.unknown_ids([d for d in opened if isinstance(d, str)])
         if unknown:
             raise RequestError(400, unknown_ids_message(unknown))
         try:
-            loop = asyncio.get_running_loop()
-            device_thread = request.app.state.device_thread
-            prepared = await loop.run_in_executor(device_thread, backend.prepare, documents)
-            logits = await batcher.score(job.query, prepared)
+            # Decoded pixels are held until scored: the whole server holds a budget of them.
+            async with pixels_in_flight.reserve(pixel_count(opened)):
+                documents = await run_in_threadpool(decode_opened, opened)
+                del opened  # the undecoded files' pixels: only the RGB ones are needed now
+                logits = await _score(request.app, job.query, documents)
+                documents = [d if isinstance(d, str) else None for d in documents]  # ids kept
+        except RequestError:
+            raise
         except Exception as error:  # the server's fault, not the client's: 500, and go on
-            message = f"scoring failed: {type(error).__name__}: {error}"
-            return JSONResponse({"message": message}, status_code=500)
+            # The details (which may name server paths) go to the log, under the request's id.
+            logger.exception("edje serve: request %s failed", request_id)
+            message = (
+                f"scoring failed ({type(error).__name__}); the server's log has the details "
+                f"under request id {request_id}."
+            )
+            return JSONResponse({"message": message, "id": request_id}, status_code=500)
         broken = [i for i, v in enumerate(logits.tolist()) if not math.isfinite(v)]
         if broken:  # never a silently dropped document or an unserialisable body
             return JSONResponse({"message": non_finite_message(broken, documents)}, status_code=500)
@@ -223,7 +248,7 @@ def create_app(
             results.append(result)
         elapsed_ms = round(1000 * (time.perf_counter() - started), 3)
         meta = {"documents": len(documents), "elapsed_ms": elapsed_ms}
-        return {"id": uuid.uuid4().hex, "model": model_name, "results": results, "meta": meta}
+        return {"id": request_id, "model": model_name, "results": results, "meta": meta}
 
     return app
 
@@ -240,8 +265,17 @@ def non_finite_message(broken: list[int], documents: Sequence[Document]) -> str:
     )
 
 
-async def _read_body(request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it is known to exceed `limit` (never read whole)."""
+async def _read_body(request, limit: int, timeout_s: float) -> bytes:
+    """The body, refused with 413 as soon as it is known to exceed `limit` (never read whole),
+    and with 408 when it has not all arrived within `timeout_s`."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await _read_body_within(request, limit)
+    except TimeoutError:
+        raise RequestError(408, f"the body did not arrive within {timeout_s:g} s.") from None
+
+
+async def _read_body_within(request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
@@ -258,10 +292,10 @@ async def _read_body(request, limit: int) -> bytes:
 
 
 def run_server(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
-    """Serve `app` until interrupted (Ctrl-C)."""
+    """Serve `app` until interrupted (Ctrl-C), with its limits' connection timeouts."""
     import uvicorn
 
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, **_connection_options(app))
 
 
 @contextlib.contextmanager
@@ -276,7 +310,9 @@ def serve_in_background(
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind((host, port))
-    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
+    config = uvicorn.Config(
+        app, log_level="warning", access_log=False, lifespan="on", **_connection_options(app)
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -291,3 +327,13 @@ def serve_in_background(
         server.should_exit = True
         thread.join(timeout)
         sock.close()
+
+
+def _connection_options(app) -> dict[str, Any]:
+    from edje.serving.connections import timed_protocol
+
+    limits = getattr(app.state, "limits", None) or ServeLimits()
+    return {
+        "http": timed_protocol(limits.header_timeout_s),
+        "timeout_keep_alive": limits.idle_timeout_s,
+    }

@@ -44,12 +44,31 @@ class ServeLimits:
     # A caption is cut at the model's max_caption_length tokens (a few hundred characters); a
     # longer query is refused rather than tokenized again for every document.
     max_query_chars: int = 4096
+    # Base64 images decoded at once across all requests: concurrent requests wait their turn
+    # rather than each holding its decoded pixels (about 3 bytes a pixel, and a copy or two).
+    max_pixels_in_flight: int = 64_000_000
+    # A connection must send its request head this soon after opening (or after the previous
+    # response), and its body this soon after the head; idle keep-alive connections close
+    # after idle_timeout_s.
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    idle_timeout_s: int = 5
 
     def __post_init__(self) -> None:
         names = ("max_documents", "max_body_bytes", "max_batch_pairs", "max_image_pixels")
-        for name in (*names, "max_request_pixels", "max_query_chars"):
+        more = ("max_request_pixels", "max_query_chars", "max_pixels_in_flight", "idle_timeout_s")
+        for name in (*names, *more):
             if getattr(self, name) < 1:
                 raise ValueError(f"ServeLimits: {name} must be >= 1, got {getattr(self, name)}.")
+        for name in ("header_timeout_s", "body_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"ServeLimits: {name} must be > 0, got {getattr(self, name)}.")
+        if self.max_pixels_in_flight < self.max_request_pixels:
+            raise ValueError(
+                f"ServeLimits: max_pixels_in_flight ({self.max_pixels_in_flight}) must be at "
+                f"least max_request_pixels ({self.max_request_pixels}), or a largest request "
+                "could never be decoded."
+            )
         if self.max_wait_ms < 0:
             raise ValueError(f"ServeLimits: max_wait_ms must be >= 0, got {self.max_wait_ms}.")
 
@@ -134,10 +153,9 @@ def parse_rerank_request(payload: Any, limits: ServeLimits, model_name: str) -> 
     return RerankRequest(query, documents, top_n, return_documents, first_stage_scores)
 
 
-def decode_documents(documents: list[Any], limits: ServeLimits) -> list[Document]:
-    """Image ids as strings, base64 images decoded to RGB `PIL.Image`s by `load_rgb` (400
-    naming bad ones; 413 when the request's images hold more pixels than it may, counted from
-    their headers before any pixel is decoded)."""
+def open_documents(documents: list[Any], limits: ServeLimits) -> list[str | Image.Image]:
+    """Image ids as strings, base64 images opened (header read, no pixel decoded yet): 400
+    naming the bad ones; 413 when together they hold more pixels than a request may."""
     out: list[Any] = []
     bad: list[str] = []
     for index, doc in enumerate(documents):
@@ -155,15 +173,23 @@ def decode_documents(documents: list[Any], limits: ServeLimits) -> list[Document
             400, f"documents {', '.join(bad[:NAMED_AT_MOST])} are not decodable images."
         )
     opened = [doc for doc in out if isinstance(doc, Image.Image)]
-    pixels = sum(image.width * image.height for image in opened)
-    if pixels > limits.max_request_pixels:
+    if pixel_count(out) > limits.max_request_pixels:
         raise RequestError(
             413,
-            f"the request's {len(opened)} images hold {pixels} pixels; at most "
+            f"the request's {len(opened)} images hold {pixel_count(out)} pixels; at most "
             f"{limits.max_request_pixels} are taken per request.",
         )
+    return out
+
+
+def pixel_count(documents: list[Any]) -> int:
+    return sum(d.width * d.height for d in documents if isinstance(d, Image.Image))
+
+
+def decode_opened(documents: list[Any]) -> list[Document]:
+    """The opened images decoded to RGB `PIL.Image`s by `load_rgb`, as every door decodes."""
     return [_decoded(doc, index) if isinstance(doc, Image.Image) else doc
-            for index, doc in enumerate(out)]  # fmt: skip
+            for index, doc in enumerate(documents)]  # fmt: skip
 
 
 def unknown_ids_message(unknown: list[str]) -> str:
