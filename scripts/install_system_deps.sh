@@ -1,22 +1,26 @@
 #!/usr/bin/env bash
-# The system packages edje needs beyond pip: Noto Color Emoji, the drawings of edje.data.emoji.
-# Returns at once when the font is there; otherwise installs it with apt-get (as root).
+# The system packages edje needs beyond pip: Noto Color Emoji (the drawings of edje.data.emoji)
+# and, with --browser, Chromium (the search page's browser test, tests/test_search_page.py).
+# Returns at once when they are there; otherwise installs them with apt-get (as root).
 set -euo pipefail
 FONT=/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf
-if [ -f "$FONT" ] || [ -f "${EDJE_EMOJI_FONT:-}" ]; then
+missing=()
+if [ ! -f "$FONT" ] && [ ! -f "${EDJE_EMOJI_FONT:-}" ]; then
+  missing+=(fonts-noto-color-emoji)
+fi
+if [ "${1:-}" = "--browser" ] && ! command -v chromium >/dev/null 2>&1 \
+    && [ ! -x "${EDJE_CHROMIUM:-}" ]; then
+  missing+=(chromium)
+fi
+if [ ${#missing[@]} -eq 0 ]; then
   exit 0
 fi
-if ! command -v apt-get >/dev/null 2>&1; then
-  echo "install_system_deps: $FONT is missing and there is no apt-get; install Noto Color" \
-    "Emoji with your package manager and set EDJE_EMOJI_FONT to its NotoColorEmoji.ttf" >&2
+if ! command -v apt-get >/dev/null 2>&1 || [ "$(id -u)" -ne 0 ]; then
+  echo "install_system_deps: missing ${missing[*]}; as root run" \
+    "'apt-get update && apt-get install -y ${missing[*]}', or point EDJE_EMOJI_FONT at a" \
+    "NotoColorEmoji.ttf and EDJE_CHROMIUM at a Chromium binary" >&2
   exit 1
 fi
-if [ "$(id -u)" -ne 0 ]; then
-  echo "install_system_deps: $FONT is missing; as root run" \
-    "'apt-get update && apt-get install -y fonts-noto-color-emoji'," \
-    "or set EDJE_EMOJI_FONT to a NotoColorEmoji.ttf" >&2
-  exit 1
-fi
-echo "install_system_deps: installing fonts-noto-color-emoji (the emoji data set's drawings)"
+echo "install_system_deps: installing ${missing[*]}"
 apt-get update -q
-DEBIAN_FRONTEND=noninteractive apt-get install -y -q fonts-noto-color-emoji
+DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"

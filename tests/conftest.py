@@ -167,3 +167,14 @@ def offline_dinov2_dir(edje_cache):
 
 
 # ---- end of edje.backbones fixtures -------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def shipped_quickstart(tmp_path_factory):
+    """`edje quickstart` with the shipped model, run once (about 4 minutes on 2 CPU cores):
+    tests/test_shipped_checkpoint.py checks its reports, tests/test_search_page.py its page."""
+    from edje.quickstart import run_quickstart
+
+    folder = tmp_path_factory.mktemp("quickstart")
+    run_quickstart(folder)
+    return folder

@@ -125,3 +125,19 @@ def test_import_edje_registers_edje_with_the_auto_classes_at_once():
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "EDJEConfig EDJEModel"
+
+
+def test_quiet_libraries_silences_lightning_info_lines_even_when_lightning_is_imported_later():
+    """Commands import Lightning lazily, after `quiet_libraries` ran: its package loggers are
+    set to INFO at import, so the quieting must hold for the loggers the lines go through."""
+    code = (
+        "from edje.cli import quiet_libraries; quiet_libraries()\n"
+        "import lightning.pytorch as pl\n"
+        "pl.Trainer(accelerator='cpu', devices=1, enable_progress_bar=False)\n"
+        "print('built')\n"
+    )
+    result = _python(code)
+    assert result.returncode == 0, result.stderr
+    assert "built" in result.stdout
+    printed = result.stdout + result.stderr
+    assert "GPU available" not in printed and "Tip:" not in printed, printed

@@ -38,7 +38,9 @@ def test_quickstart_leaves_store_first_stage_and_both_reports_and_reuses_them(
 ):
     report = run_quickstart(tmp_path, model=str(untrained_edje), builtin=SMALL, k=5)
     printed = capsys.readouterr().out
-    assert "edje search" in printed
+    assert "edje search" in printed and f"edje serve --quickstart {tmp_path}" in printed
+    for name in DATA_SETS:  # the pictures and captions the search page shows
+        assert (tmp_path / "images" / name / "captions.jsonl").is_file(), name
     for title in DATA_SETS.values():  # both tables printed
         assert f"**data** {title} (test)" in printed, title
     assert printed.count("| reranked (top 5) |") == 2

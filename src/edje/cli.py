@@ -75,7 +75,10 @@ def quiet_libraries() -> None:
     from huggingface_hub import utils as hub_utils
     from transformers.utils import logging as transformers_logging
 
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning_utilities"):
+    # Lightning sets its package loggers to INFO when imported (later, lazily), so the loggers
+    # its info lines go through are quieted by name too.
+    rank_zero = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning_utilities", *rank_zero):
         logging.getLogger(name).setLevel(logging.WARNING)
     transformers_logging.set_verbosity_error()
     downloads_show_bars = not hub_utils.are_progress_bars_disabled()

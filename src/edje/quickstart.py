@@ -7,6 +7,7 @@ second run on the same folder reuses the store, the first stage and the model.
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -102,6 +103,9 @@ def run_quickstart(
         if not (out / "first_stage").is_dir():
             with atomic_folder(out / "first_stage") as partial:
                 shutil.copytree(shipped_first_stages(), partial, dirs_exist_ok=True)
+    for name in DATA_SETS:  # the test pictures and captions, for the search page
+        if not (out / "images" / name).is_dir():
+            _write_images(sets[name]["test"], out / "images" / name)
     step(f"raw token store ready: {out / 'raw.store'}; first stages: {out / 'first_stage'}")
     model_dir = _model_folder(out, model, train, builtin, step)
     edje = EDJEModel.from_pretrained(model_dir).eval()
@@ -123,7 +127,8 @@ def run_quickstart(
     print(
         "\nTry next:\n"
         f"  edje search --model {model_dir} --store {out / 'raw.store'} "
-        f'--first-stage {out / "first_stage" / "builtin"} "{EXAMPLE_QUERY}"'
+        f'--first-stage {out / "first_stage" / "builtin"} "{EXAMPLE_QUERY}"\n'
+        f"  edje serve --quickstart {out}    # then open http://127.0.0.1:8000/ (the search page)"
     )
     return report_root
 
@@ -132,6 +137,16 @@ def _only(split, name: str):
     """The rows of one data set in the combined split (emoji ids start with "emoji-")."""
     emoji = [i.startswith("emoji-") for i in split["image_id"]]
     return split.select([n for n, e in enumerate(emoji) if e == (name == "emoji")])
+
+
+def _write_images(split, folder: Path) -> None:
+    """`<image_id>.png` per test image and `captions.jsonl` (`{"caption", "image_id"}` each)."""
+    with atomic_folder(folder) as partial, open(partial / "captions.jsonl", "w") as captions:
+        for row in split:
+            row["image"].save(partial / f"{row['image_id']}.png")
+            for caption in row["captions"]:
+                record = {"caption": caption, "image_id": row["image_id"]}
+                captions.write(json.dumps(record) + "\n")
 
 
 def _encode(split, store: Path) -> None:
@@ -166,7 +181,6 @@ def copy_shipped_model(dest: str | Path) -> Path:
     the weights (the package's copy needs none: edje is installed wherever it is), so the copy
     loads with `trust_remote_code=True` where edje is not installed. Written whole into a
     temporary folder first: a crash mid-copy leaves no half a model."""
-    import json
 
     from transformers.dynamic_module_utils import custom_object_save
 

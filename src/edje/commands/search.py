@@ -182,8 +182,9 @@ def load_index(path: str):
     return index
 
 
-def index_from_store(store, first_stage):
-    """An exact index over a raw-token store; a compressed store cannot be embedded."""
+def index_from_store(store, first_stage, ids=None):
+    """An exact index over a raw-token store's images (or those of `ids`); a compressed store
+    cannot be embedded."""
     import torch
 
     from edje.first_stage import VectorIndex
@@ -197,7 +198,7 @@ def index_from_store(store, first_stage):
             f"edje search: {store.path} holds compressed EDJE tokens, which the first stage "
             f"cannot embed; {hint}."
         )
-    ids, chunks = store.ids, []
+    ids, chunks = list(store.ids if ids is None else ids), []
     try:
         for start in range(0, len(ids), 256):
             tokens = store.gather(ids[start : start + 256]).float()

@@ -6,14 +6,16 @@ import argparse
 
 from edje.commands import count, existing_folder, folder_or_id
 
-EXAMPLE = """example:
+EXAMPLE = """examples:
+  edje serve --quickstart edje-quickstart    # the quickstart's model, store and search page
   edje serve --model my-edje --store my-store --port 8000
   curl -s localhost:8000/v1/rerank -H 'Content-Type: application/json' \\
     -d '{"query": "a dog on a beach", "documents": ["img-17", "img-42"], "top_n": 1}'
   # -> {"model": "my-edje", "results": [{"index": 1, "relevance_score": 0.93}], ...}
 
 documents are image ids in the store ("img-17" or {"image_id": "img-17"}) or base64 images
-({"image": "<base64>"}); GET /health shows the batching counters.
+({"image": "<base64>"}); GET /health shows the batching counters. With --first-stage (or
+--quickstart), GET / is a search page: the first stage's top k beside EDJE's reranking.
 """
 
 
@@ -32,15 +34,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--model", type=folder_or_id, help="model folder (with its processor)")
     parser.add_argument(
-        "--model", type=folder_or_id, required=True, help="model folder (with its processor)"
+        "--store", type=existing_folder, help="token store folder made for this model"
     )
-    parser.add_argument(
-        "--store",
+    page = parser.add_argument_group("search page (GET /)")
+    page.add_argument(
+        "--quickstart",
         type=existing_folder,
-        required=True,
-        help="token store folder made for this model",
+        metavar="DIR",
+        help="an `edje quickstart` folder: its model, store, first stage, images and captions",
     )
+    page.add_argument(
+        "--set",
+        default="builtin",
+        help="which of the quickstart's data sets the page searches (default: %(default)s)",
+    )
+    page.add_argument("--first-stage", type=folder_or_id, help="first-stage embedding model")
+    page.add_argument(
+        "--index", type=existing_folder, help="saved first-stage index (edje index); "
+        "default: built from a raw store"
+    )  # fmt: skip
+    page.add_argument("--images", type=existing_folder, help="folder of the store's image files")
+    page.add_argument("--captions", help="captions for image -> text (one a line, or JSONL)")
     parser.add_argument(
         "--host",
         default="127.0.0.1",
@@ -141,13 +157,58 @@ def run(args: argparse.Namespace) -> int:
         )
     except ValueError as error:
         raise SystemExit(f"edje serve: {error}") from None
+    _fill_from_quickstart(args)
+    if not (args.model and args.store):
+        raise SystemExit("edje serve: give --model and --store, or --quickstart DIR")
     print(f"loading {args.model} and {args.store}", flush=True)
     reranker = EDJEReranker(
         args.model, store=args.store, device=args.device, force_store=args.force
     )
     name, size = args.served_name or args.model, len(reranker.store)
     app = create_app(RerankerBackend(reranker), model_name=name, limits=limits, store_size=size)
-    where = f"http://{args.host}:{args.port}/v1/rerank"
-    print(f"serving {name!r} ({size} images, {reranker.device}) on {where}", flush=True)
+    where = f"http://{args.host}:{args.port}"
+    if args.first_stage:
+        from edje.serving.search_page import add_search_page
+
+        add_search_page(app, _collection(args, reranker))
+        print(f"search page: {where}/", flush=True)
+    print(f"serving {name!r} ({size} images, {reranker.device}) on {where}/v1/rerank", flush=True)
     run_server(app, host=args.host, port=args.port)
     return 0
+
+
+def _fill_from_quickstart(args: argparse.Namespace) -> None:
+    """--quickstart DIR: what `edje quickstart` left in DIR, for the options not given."""
+    if not args.quickstart:
+        return
+    from pathlib import Path
+
+    root = Path(args.quickstart)
+    images = root / "images" / args.set
+    if not (root / "raw.store").is_dir() or not images.is_dir():
+        raise SystemExit(
+            f"edje serve: {root} is not an `edje quickstart` folder with a {args.set!r} set "
+            "(no raw.store or images/ in it); run `edje quickstart --out DIR` first"
+        )
+    args.model = args.model or str(root / "model")
+    args.store = args.store or str(root / "raw.store")
+    args.first_stage = args.first_stage or str(root / "first_stage" / args.set)
+    args.images = args.images or str(images)
+    args.captions = args.captions or str(images / "captions.jsonl")
+
+
+def _collection(args: argparse.Namespace, reranker):
+    """What the search page searches: the index's images (or the store's, restricted to the
+    image folder's files when one is given)."""
+    from edje.commands.search import index_from_store, load_index, read_captions
+    from edje.first_stage import load_embedding_model
+    from edje.serving.search_page import Collection, image_ids_in
+
+    first_stage = load_embedding_model(args.first_stage)
+    if args.index:
+        index = load_index(args.index)
+    else:
+        only = image_ids_in(args.images, reranker.store.ids) if args.images else None
+        index = index_from_store(reranker.store, first_stage, ids=only)
+    captions = read_captions(args.captions) if args.captions else []
+    return Collection(reranker, first_stage, index, images=args.images, captions=captions)

@@ -1,0 +1,219 @@
+"""The search page of `edje serve`: type a caption, see the first stage's top k beside EDJE's
+reranking of them, with the pictures; click a picture for its captions, both ways.
+
+Routes added to the service's app by `add_search_page`:
+
+- `GET /`: the page (one static file, no external assets: it works offline).
+- `POST /v1/search` `{"query", "k"?, "fusion"?}` -> `{"first_stage": [...], "reranked": [...],
+  "timings_ms": {"first_stage", "rerank"}, "fusion_available"}`; each hit `{"rank", "image_id",
+  "score"}`, reranked hits also `"first_stage_rank"` (1-based).
+- `POST /v1/describe` `{"image_id", "k"?}` -> the same two columns of captions, when the
+  collection has captions.
+- `GET /images/{image_id}`: a thumbnail of a file inside the image folder (nothing outside it),
+  kept in memory and cached by the browser.
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the handlers' `Request` annotations.
+import asyncio
+import io
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from edje.fusion import fusion_weights
+from edje.serving.requests import RequestError, parse_json
+
+PAGE = Path(__file__).with_name("search_page.html")
+THUMBNAIL_SIDE = 192
+THUMBNAILS_KEPT = 2048
+MAX_K = 100
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
+
+
+@dataclass
+class Collection:
+    """What the page searches: a reranker with its store, a first stage and its index over the
+    store's images, the folder of their files, and (optionally) captions for image -> text."""
+
+    reranker: Any
+    first_stage: Any
+    index: Any  # edje.first_stage.VectorIndex with ids
+    images: str | Path | None = None
+    captions: list[str] = field(default_factory=list)
+    _caption_embeddings: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        self.positions = {image_id: i for i, image_id in enumerate(self.index.ids)}
+
+    def search(self, query: str, k: int, fusion: bool) -> dict[str, Any]:
+        """Runs on the device thread."""
+        started = time.perf_counter()
+        scores, positions = self.index.search(self.first_stage.encode_texts([query]), k=k)
+        first_ms = 1000 * (time.perf_counter() - started)
+        ids = self.index.ids
+        first = [
+            {"rank": r, "image_id": ids[p], "score": float(s)}
+            for r, (p, s) in enumerate(
+                zip(positions[0].tolist(), scores[0].tolist(), strict=True), 1
+            )
+            if p >= 0
+        ]
+        started = time.perf_counter()
+        hits = self.reranker.rank_many(
+            [query], positions, scores if fusion else None, ids=ids, show_progress_bar=False
+        )[0]
+        rerank_ms = 1000 * (time.perf_counter() - started)
+        reranked = [
+            {
+                "rank": r,
+                "image_id": hit["image_id"],
+                "score": hit["score"],
+                "first_stage_rank": hit["first_stage_rank"] + 1,
+            }
+            for r, hit in enumerate(hits, 1)
+        ]
+        return {
+            "first_stage": first,
+            "reranked": reranked,
+            "timings_ms": {"first_stage": round(first_ms, 1), "rerank": round(rerank_ms, 1)},
+        }
+
+    def describe(self, image_id: str, k: int) -> dict[str, Any]:
+        """Image -> captions (device thread): the first stage's top k captions, reranked."""
+        started = time.perf_counter()
+        if self._caption_embeddings is None:
+            self._caption_embeddings = self.first_stage.encode_texts(self.captions)
+        image = torch.from_numpy(self.index.index.reconstruct(self.positions[image_id]))
+        first_scores, lines = (self._caption_embeddings @ image).topk(min(k, len(self.captions)))
+        first_ms = 1000 * (time.perf_counter() - started)
+        started = time.perf_counter()
+        pairs = [(self.captions[i], image_id) for i in lines.tolist()]
+        scores = self.reranker.predict(pairs, convert_to_tensor=True, show_progress_bar=False)
+        order = torch.sort(scores.float().cpu(), descending=True, stable=True).indices.tolist()
+        rerank_ms = 1000 * (time.perf_counter() - started)
+        first = [
+            {"rank": r, "caption": self.captions[i], "score": float(s)}
+            for r, (i, s) in enumerate(zip(lines.tolist(), first_scores.tolist(), strict=True), 1)
+        ]
+        reranked = [
+            {**first[i], "rank": r, "score": float(scores[i]), "first_stage_rank": i + 1}
+            for r, i in enumerate(order, 1)
+        ]
+        return {
+            "first_stage": first,
+            "reranked": reranked,
+            "timings_ms": {"first_stage": round(first_ms, 1), "rerank": round(rerank_ms, 1)},
+        }
+
+    def image_file(self, image_id: str) -> Path:
+        """The file of `image_id` inside the image folder (its id is its path there, with or
+        without the suffix); a 404 for anything else, a path outside the folder included."""
+        if self.images is None:
+            raise RequestError(404, "this server was started without --images.")
+        root = Path(self.images).resolve()
+        if image_id in self.positions:
+            for name in (image_id, *(image_id + s for s in IMAGE_SUFFIXES)):
+                path = (root / name).resolve()
+                if path.is_relative_to(root) and path.is_file():
+                    return path
+        raise RequestError(404, f"no image {image_id!r} in the collection's image folder.")
+
+
+def image_ids_in(folder: str | Path, ids: list[str]) -> list[str]:
+    """The ids of `ids` with a file in `folder` (named by the id, with or without a suffix)."""
+    root = Path(folder)
+    names = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+    return [i for i in ids if i in names or any(i + s in names for s in IMAGE_SUFFIXES)]
+
+
+def add_search_page(app, collection: Collection) -> None:
+    """Add the page's routes to the service's FastAPI `app` (from `create_app`); searches run
+    on its device thread, never beside a forward."""
+    from fastapi import Request
+    from fastapi.responses import HTMLResponse, Response
+
+    async def run_on_device(work, *args):
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(app.state.device_thread, work, *args)
+
+    thumbnails: OrderedDict[str, bytes] = OrderedDict()
+    fusion_available = fusion_weights(collection.reranker.model.config) is not None
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page():
+        return HTMLResponse(PAGE.read_text(encoding="utf-8"))
+
+    @app.post("/v1/search")
+    async def search(request: Request):
+        payload = _object(parse_json(await request.body()), {"query", "k", "fusion"})
+        query = _query(payload, app.state.limits.max_query_chars)
+        k, fusion = _k(payload), payload.get("fusion", fusion_available)
+        if not isinstance(fusion, bool):
+            raise RequestError(400, f"'fusion' must be true or false, got {fusion!r}.")
+        answer = await run_on_device(collection.search, query, k, fusion and fusion_available)
+        return {**answer, "fusion_available": fusion_available}
+
+    @app.post("/v1/describe")
+    async def describe(request: Request):
+        payload = _object(parse_json(await request.body()), {"image_id", "k"})
+        image_id = payload.get("image_id")
+        if not isinstance(image_id, str) or image_id not in collection.positions:
+            raise RequestError(404, f"no image {image_id!r} in the collection.")
+        if not collection.captions:
+            raise RequestError(404, "this collection has no captions (start with --captions).")
+        return await run_on_device(collection.describe, image_id, _k(payload))
+
+    @app.get("/images/{image_id:path}")
+    async def image(image_id: str):
+        if image_id not in thumbnails:
+            path = collection.image_file(image_id)
+            thumbnails[image_id] = await asyncio.to_thread(_thumbnail, path)
+            if len(thumbnails) > THUMBNAILS_KEPT:
+                thumbnails.popitem(last=False)
+        thumbnails.move_to_end(image_id)
+        headers = {"Cache-Control": "public, max-age=3600"}
+        return Response(thumbnails[image_id], media_type="image/png", headers=headers)
+
+
+def _thumbnail(path: Path) -> bytes:
+    from edje._utils import load_rgb
+
+    try:
+        image = load_rgb(path)
+    except ValueError as error:
+        raise RequestError(422, f"the image file cannot be decoded: {error}") from None
+    image.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def _object(payload: Any, known: set[str]) -> dict:
+    if not isinstance(payload, dict):
+        raise RequestError(400, "the body must be a JSON object.")
+    unknown = sorted(set(payload) - known)
+    if unknown:
+        raise RequestError(400, f"unknown fields {unknown}; expected some of {sorted(known)}.")
+    return payload
+
+
+def _query(payload: dict, max_chars: int) -> str:
+    query = payload.get("query")
+    if not isinstance(query, str) or not query.strip():
+        raise RequestError(400, "'query' must be a non-empty string.")
+    if len(query) > max_chars:
+        raise RequestError(
+            413, f"'query' has {len(query)} characters; this server takes at most {max_chars}."
+        )
+    return query
+
+
+def _k(payload: dict) -> int:
+    k = payload.get("k", 10)
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= MAX_K:
+        raise RequestError(400, f"'k' must be an integer from 1 to {MAX_K}, got {k!r}.")
+    return k
