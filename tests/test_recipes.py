@@ -17,6 +17,7 @@ REQUIRED = {
     "finetune_flickr30k",
     "finetune_custom",
     "quickstart",
+    "pretrain_webdataset",
 }
 
 
@@ -33,17 +34,26 @@ def test_the_required_recipes_are_shipped():
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
 def test_recipe_parses(recipe):
+    from edje.commands.fit import datamodule_class
+
+    args = ["--config", str(recipe)]
+    datamodule, by_class_path = datamodule_class(args)
     cli = ParseOnlyCLI(
         EDJETrainingModule,
-        EDJEDataModule,
-        args=["--config", str(recipe)],
+        datamodule,
+        subclass_mode_data=by_class_path,
+        args=args,
         run=False,
         auto_configure_optimizers=False,
     )
     config = cli.config
     assert config.model.network.class_path == "edje.training.EDJEForPreTraining"
     assert config.model.optimizer.class_path == "torch.optim.AdamW"
-    assert config.data.store and config.data.data
+    if by_class_path:  # streamed shards (recipes/pretrain_webdataset.yaml)
+        assert config.data.class_path == "edje.training.ShardDataModule"
+        assert config.data.init_args.shards and config.data.init_args.samples_per_epoch
+    else:
+        assert config.data.store and config.data.data
     callbacks = [c.class_path for c in config.trainer.callbacks or []]
     assert "edje.training.ExportEDJE" in callbacks, f"{recipe.name} does not export its model"
 

@@ -15,6 +15,9 @@ EXAMPLE = """examples:
   # a Hugging Face dataset (Hub id, saved folder or script), ids from its "filename" column
   edje encode --model my-edje --dataset nlphuji/flickr_1k_test_image_text_retrieval \\
       --split test --id-column filename --out flickr.store --dtype int8
+  # WebDataset / img2dataset tar shards (ids: the samples' keys), on 2 nodes of 8 GPUs each
+  edje encode --model my-edje --shards "cc3m/{00000..00331}.tar" --out cc3m.store \
+      --devices 8 --num-nodes 2
 
 Run the same command again after an interruption: images already stored are skipped.
 The exit code is 1 when some images could not be decoded (they are listed in the manifest).
@@ -39,6 +42,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--images", type=existing_folder, metavar="FOLDER", help="folder of image files (recursive)"
     )
     source.add_argument("--dataset", metavar="NAME_OR_DIR", help="a Hugging Face dataset")
+    source.add_argument(
+        "--shards",
+        nargs="+",
+        metavar="PATTERN",
+        help='local WebDataset tar shards, braces expanded ("data/{00000..00099}.tar")',
+    )
     what.add_argument("--split", default="train", help="dataset split (default: train)")
     what.add_argument("--id-column", default="id", help="dataset column of image ids (default: id)")
     what.add_argument(
@@ -83,6 +92,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _load_source(args: argparse.Namespace):
     if args.images:
         return args.images
+    if args.shards:
+        from edje.data.shards import ShardImages
+
+        try:
+            return ShardImages(args.shards)
+        except ValueError as error:
+            raise SystemExit(f"edje encode: {error}") from None
     import datasets
 
     path = args.dataset

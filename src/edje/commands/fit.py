@@ -41,6 +41,27 @@ def run(args: argparse.Namespace) -> int:
     return 0 if cli.trainer.state.status.value == "finished" else 1
 
 
+def datamodule_class(cli_args: list[str]):
+    """(class, by class_path): `EDJEDataModule` with its arguments under `data:`, as most
+    recipes write it; any LightningDataModule when a recipe names one (`data: class_path:
+    edje.training.ShardDataModule`), so streamed shards and local data share `edje fit`."""
+    import yaml
+    from lightning.pytorch import LightningDataModule
+
+    from edje.training import EDJEDataModule
+
+    named = any(arg.startswith("--data.class_path") for arg in cli_args)
+    for index, arg in enumerate(cli_args):
+        flag, _, value = arg.partition("=")
+        path = value if flag == "--config" and value else None
+        if index > 0 and cli_args[index - 1] == "--config":
+            path = arg
+        if path and Path(path).is_file():
+            recipe = yaml.safe_load(Path(path).read_text()) or {}
+            named = named or "class_path" in (recipe.get("data") or {})
+    return (LightningDataModule, True) if named else (EDJEDataModule, False)
+
+
 def packaged_recipes() -> dict[str, Path]:
     """The recipes installed with edje (`edje.recipes`), by name."""
     from importlib import resources
@@ -92,13 +113,16 @@ def make_cli(cli_args: list[str], run: bool = True):
     """The LightningCLI of `edje fit` (`run=False` parses and instantiates only)."""
     from lightning.pytorch.cli import LightningCLI
 
-    from edje.training import EDJEDataModule, EDJETrainingModule
+    from edje.training import EDJETrainingModule
+
+    datamodule, by_class_path = datamodule_class(cli_args)
 
     class EDJECLI(LightningCLI):
         def add_arguments_to_parser(self, parser) -> None:
             # The data is read as the network reads it: one vision encoder, tokenizer and
             # caption length, named once in the recipe's model section.
-            parser.link_arguments("model.backbones", "data.backbones", apply_on="instantiate")
+            target = "data.init_args.backbones" if by_class_path else "data.backbones"
+            parser.link_arguments("model.backbones", target, apply_on="instantiate")
 
         def parse_arguments(self, parser, args) -> None:
             # `args` is the command line edje fit was given: Lightning's warning about passing
@@ -111,7 +135,8 @@ def make_cli(cli_args: list[str], run: bool = True):
 
     return EDJECLI(
         EDJETrainingModule,
-        EDJEDataModule,
+        datamodule,
+        subclass_mode_data=by_class_path,
         args=(["fit"] if run else []) + list(cli_args),
         run=run,
         save_config_kwargs={"overwrite": True},

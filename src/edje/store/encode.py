@@ -142,9 +142,13 @@ class _DatasetRefs(Sequence):
 
 def _collect(source: Any, ids: Sequence[str] | None, id_column: str, image_column: str):
     """``source`` -> (ids, image refs), in a fixed order; duplicate ids refused."""
+    from edje.data.shards import ShardImages
+
     if isinstance(source, str | Path) and Path(source).is_dir():
         found = find_images(source)
         out_ids, refs = [i for i, _ in found], [p for _, p in found]
+    elif isinstance(source, ShardImages):  # ids: the samples' keys; refs: image bytes
+        out_ids, refs = list(source.ids), source
     elif hasattr(source, "features") and hasattr(source, "column_names"):  # datasets.Dataset
         for col in (id_column, image_column):
             if col not in source.column_names:
@@ -158,7 +162,8 @@ def _collect(source: Any, ids: Sequence[str] | None, id_column: str, image_colum
         out_ids = [str(p) for p in refs] if ids is None else [str(i) for i in ids]
     else:
         raise TypeError(
-            "encode_images: source must be a folder, a list of image paths or a datasets.Dataset, "
+            "encode_images: source must be a folder, a list of image paths, a datasets.Dataset "
+            "or ShardImages, "
             f"got {type(source).__name__} {source!r:.80}"
         )
     if ids is not None and len(ids) != len(out_ids):
@@ -355,8 +360,9 @@ def encode_images(
     """Encode ``source`` images into the token store ``out`` (resuming it if it exists).
 
     ``source``: a folder (image files, recursive; id = relative path), a list of paths (id =
-    the path, or ``ids``) or a ``datasets.Dataset`` (ids from ``id_column``, images from
-    ``image_column``). Tokens are ``vision_encoder(**image_processor(images)).last_hidden_state``
+    the path, or ``ids``), a ``datasets.Dataset`` (ids from ``id_column``, images from
+    ``image_column``) or `edje.data.shards.ShardImages` (tar shards; id = the sample's key).
+    Tokens are ``vision_encoder(**image_processor(images)).last_hidden_state``
     ``[B, n, d_vis]``, through ``compressor`` (``[B, n, d_vis] -> [B, m, d]``, e.g.
     ``EDJEModel.compress``) if given. Images that cannot be decoded are recorded as failures
     (``result.ok`` is False). ``devices``/``num_nodes``/``strategy`` go to the Lightning

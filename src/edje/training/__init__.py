@@ -8,6 +8,7 @@ from edje.training.datamodule import EDJEDataModule, stable_key
 from edje.training.export import ExportEDJE
 from edje.training.module import EDJETrainingModule
 from edje.training.network import EDJEForPreTraining
+from edje.training.streaming import ShardDataModule
 from edje.training.teachers import (
     BlipITMTeacher,
     EDJETeacher,
@@ -24,6 +25,7 @@ __all__ = [
     "EDJETrainingModule",
     "ExportEDJE",
     "FirstStageTeacher",
+    "ShardDataModule",
     "Teacher",
     "TeacherPairs",
     "stable_key",

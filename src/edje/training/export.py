@@ -83,7 +83,9 @@ class ExportEDJE(Callback):
         from edje.modeling_edje import EDJEModel
         from edje.processing_edje import EDJEProcessor
 
-        splits, first_stage = datamodule.splits, datamodule.first_stage
+        # Streamed shards (ShardDataModule) have no splits: evaluate with `edje eval` after.
+        splits = getattr(datamodule, "splits", None)
+        first_stage = getattr(datamodule, "first_stage", None)
         if splits is None or "test" not in splits or first_stage is None:
             logger.info("ExportEDJE: no test split or first stage: the card has no results")
             return

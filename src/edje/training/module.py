@@ -159,6 +159,8 @@ class EDJETrainingModule(LightningModule):
 
     def _losses(self, batch: dict[str, torch.Tensor], train: bool):
         edje = self.network.edje
+        if "pixel_values" in batch:  # the online-vision mode (edje.training.streaming)
+            batch = self._with_vision_tokens(batch)
         generator = torch.Generator().manual_seed(
             self.seed + 1_000_003 * self.global_step + self.global_rank if train else self.seed
         )
@@ -242,6 +244,27 @@ class EDJETrainingModule(LightningModule):
                 positive, negative_caption, t_positive, t_negative_caption
             )
         ) / 2
+
+    @torch.no_grad()
+    def _with_vision_tokens(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Pixels -> the raw vision tokens a raw store would hold, by the frozen vision encoder
+        (eval mode, its own dtype), and the first stage's image embeddings of them for
+        mining, as `EDJEDataModule` precomputes them."""
+        # The encoder is held outside the module tree: frozen, in eval mode, never in the
+        # optimizer or the checkpoint; encode_images moves it to the batch's device.
+        out = {k: v for k, v in batch.items() if k != "pixel_values"}
+        out["vision_tokens"] = self.network.edje.encode_images(batch["pixel_values"]).float()
+        if "image_embedding" not in batch:
+            first_stage = getattr(self._datamodule(), "first_stage", None)
+            out["image_embedding"] = (
+                first_stage.encode_vision_tokens(out["vision_tokens"]).to(out["vision_tokens"])
+                if first_stage is not None
+                else torch.zeros(len(out["vision_tokens"]), 1, device=out["vision_tokens"].device)
+            )
+        return out
+
+    def _datamodule(self):
+        return getattr(self._trainer, "datamodule", None) if self._trainer else None
 
     def _gather(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The batch from every process (this one's rows first), for mining negatives."""

@@ -1,0 +1,159 @@
+"""Image-text shards as web-scale data is held: WebDataset tar files, img2dataset's output
+(`key.jpg` / `key.png`, `key.txt`, `key.json` per sample).
+
+Two ways in:
+
+- `ShardImages`: the samples of local tar files, indexed once (member headers only) and read
+  lazily by position, for `edje encode --shards` (each process encodes its share of batches;
+  a re-run skips what the store holds, so an encode resumes where it stopped).
+- `stream_shards`: a `datasets` streaming data set over local paths or URLs, split across
+  nodes (`datasets.distributed.split_dataset_by_node`) and DataLoader workers without
+  duplicates, for training with the vision encoder in the step (`edje.training.streaming`).
+
+Patterns take brace ranges and lists, as WebDataset and img2dataset name shards:
+
+    >>> expand_shards("data/{00000..00002}.tar")
+    ['data/00000.tar', 'data/00001.tar', 'data/00002.tar']
+    >>> expand_shards(["a/{x,y}.tar", "b.tar"])
+    ['a/x.tar', 'a/y.tar', 'b.tar']
+"""
+
+from __future__ import annotations
+
+import re
+import tarfile
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+__all__ = ["IMAGE_EXTENSIONS", "ShardImages", "expand_shards", "stream_shards"]
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # img2dataset writes jpg; the first found wins
+CAPTION_EXTENSIONS = ("txt", "caption")
+_BRACES = re.compile(r"\{([^{}]*)\}")
+
+
+def expand_shards(patterns: str | Iterable[str]) -> list[str]:
+    """Shard paths or URLs from brace patterns (`{000..123}` keeps the zero padding,
+    `{a,b}` lists), in order; nothing else is interpreted (no globbing)."""
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    out: list[str] = []
+    for pattern in patterns:
+        match = _BRACES.search(pattern)
+        if match is None:
+            out.append(pattern)
+            continue
+        head, tail, body = pattern[: match.start()], pattern[match.end() :], match.group(1)
+        span = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+        if span:
+            first, last = span.groups()
+            if int(last) < int(first):
+                raise ValueError(f"expand_shards: the range {{{body}}} in {pattern!r} is empty.")
+            width = len(first)
+            choices = [f"{n:0{width}d}" for n in range(int(first), int(last) + 1)]
+        else:
+            choices = body.split(",")
+        out += expand_shards([head + choice + tail for choice in choices])
+    return out
+
+
+class ShardImages(Sequence):
+    """The samples of local tar shards: `ids` (the samples' keys), `captions`, and each
+    sample's image bytes by position (`self[i]`), read from its tar when asked.
+
+    Keys must be unique across the shards (img2dataset's are): a repeated key is refused,
+    naming both shards. A sample without an image is refused, naming it.
+    """
+
+    def __init__(self, shards: str | Iterable[str]):
+        self.shards = expand_shards(shards)
+        self.ids: list[str] = []
+        self.captions: list[str | None] = []
+        self._where: list[tuple[int, int, int]] = []  # (shard, data offset, size)
+        seen: dict[str, str] = {}
+        for number, shard in enumerate(self.shards):
+            if "://" in shard:
+                raise ValueError(
+                    f"ShardImages: {shard} is a URL; encoding reads local shards (download them "
+                    "first, e.g. with `huggingface-cli download` or `aws s3 sync`)."
+                )
+            for key, members in _samples(shard):
+                if key in seen:
+                    raise ValueError(
+                        f"ShardImages: sample key {key!r} is in {seen[key]} and in {shard}; "
+                        "keys must be unique across shards."
+                    )
+                seen[key] = shard
+                image = next((members[e] for e in IMAGE_EXTENSIONS if e in members), None)
+                if image is None:
+                    raise ValueError(
+                        f"ShardImages: sample {key!r} in {shard} has no image "
+                        f"({', '.join(sorted(members))}; expected one of {IMAGE_EXTENSIONS})."
+                    )
+                self.ids.append(key)
+                self._where.append((number, image.offset_data, image.size))
+                caption = next((members[e] for e in CAPTION_EXTENSIONS if e in members), None)
+                self.captions.append(None if caption is None else _read(shard, caption))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> bytes:  # type: ignore[override]
+        shard, offset, size = self._where[index]
+        with open(self.shards[shard], "rb") as file:
+            file.seek(offset)
+            return file.read(size)
+
+
+def _samples(shard: str) -> Iterable[tuple[str, dict[str, tarfile.TarInfo]]]:
+    """(key, {extension: member}) per sample, in the shard's order (WebDataset's grouping:
+    the key is the member name up to its first dot after the last slash)."""
+    grouped: dict[str, dict[str, tarfile.TarInfo]] = {}
+    try:
+        with tarfile.open(shard, "r:") as tar:  # headers only: the data is read by offset
+            for member in tar:
+                if not member.isfile():
+                    continue
+                folder, _, name = member.name.rpartition("/")
+                stem, dot, extension = name.partition(".")
+                if not dot or stem.startswith("_"):  # no extension, or a __metadata__ file
+                    continue
+                key = f"{folder}/{stem}" if folder else stem
+                grouped.setdefault(key, {})[extension.lower()] = member
+    except (tarfile.TarError, OSError) as error:
+        raise ValueError(f"ShardImages: cannot read the shard {shard}: {error}") from None
+    return grouped.items()
+
+
+def _read(shard: str, member: tarfile.TarInfo) -> str:
+    with open(shard, "rb") as file:
+        file.seek(member.offset_data)
+        return file.read(member.size).decode("utf-8", errors="replace").strip()
+
+
+def stream_shards(shards: str | Iterable[str], *, rank: int = 0, world_size: int = 1) -> Any:
+    """A `datasets.IterableDataset` over the shards (local paths or URLs), streamed: rows
+    `{"__key__", "image" (undecoded {"bytes", "path"}), "caption"}`, this node's share only.
+
+    Whole shards go to nodes when their number divides evenly, else every `world_size`-th
+    sample; DataLoader workers then split this node's shards among themselves.
+    """
+    import datasets
+    from datasets.distributed import split_dataset_by_node
+
+    files = expand_shards(shards)
+    stream = datasets.load_dataset(
+        "webdataset", data_files={"train": files}, split="train", streaming=True
+    )
+    image = next((e for e in IMAGE_EXTENSIONS if e in stream.features), None)
+    caption = next((e for e in CAPTION_EXTENSIONS if e in stream.features), None)
+    if image is None or caption is None:
+        raise ValueError(
+            f"stream_shards: the shards' samples hold {sorted(stream.features)}; expected an "
+            f"image ({', '.join(IMAGE_EXTENSIONS)}) and a caption "
+            f"({', '.join(CAPTION_EXTENSIONS)})."
+        )
+    stream = stream.cast_column(image, datasets.Image(decode=False))
+    stream = stream.select_columns(["__key__", image, caption])
+    stream = stream.rename_columns({image: "image", caption: "caption"})
+    return split_dataset_by_node(stream, rank=rank, world_size=world_size)
