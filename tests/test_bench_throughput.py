@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from edje.training.hardware import cpu_has_native_bf16
+
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "throughput.py"
 
 
@@ -26,7 +28,10 @@ def test_header_names_device_versions_and_peak(report):
     for key in ("device", "torch", "transformers", "dtype", "token_source", "flops_per_pair"):
         assert report[key], key
     assert report["device_type"] == "cpu"
-    assert report["matmul_peak"]["square_tflops"] > 0
+    peak = report["matmul_peak"]
+    assert peak["square_tflops"] > 0 and peak["mlp_up_tflops"] > 0
+    # The roofline is the fastest GEMM measured, over every dtype the CPU computes natively.
+    assert peak["best_tflops"] == max(v for k, v in peak.items() if k.endswith("_tflops"))
     low, high = report["caption_pieces_min_max"]
     assert 12 <= low <= high <= 20
 
@@ -34,6 +39,8 @@ def test_header_names_device_versions_and_peak(report):
 def test_every_case_ran_with_figures_per_batch_size(report):
     cases = report["cases"]
     expected = {"edje_transformers", "fast_eager", "onnx_fp32", "onnx_int8", "blip_full"}
+    if cpu_has_native_bf16():
+        expected.add("fast_bf16")
     assert expected | {"blip_cached"} <= set(cases)
     for name, case in cases.items():
         assert "error" not in case, (name, case.get("error"))
@@ -52,6 +59,9 @@ def test_parity_fields_within_tolerance(report):
         parity = cases[name]["parity"]
         assert parity["max_abs_diff"] < 1e-4, name
         assert parity["top10_order_agreement"] == 1.0, name
+    if "fast_bf16" in cases:  # a CPU with AVX-512 BF16 / AMX: bf16 rounding, measured
+        bf16 = cases["fast_bf16"]["parity"]
+        assert 0 < bf16["max_abs_diff"] < 0.5 and bf16["top1_agreement"] >= 0.5
     int8 = cases["onnx_int8"]["parity"]
     assert int8["max_abs_diff"] < 0.5 and int8["top1_agreement"] >= 0.5
     assert cases["blip_cached"]["parity_vs_full_max_abs_prob_diff"] < 1e-5

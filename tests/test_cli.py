@@ -79,6 +79,7 @@ def test_a_user_mistake_past_the_arguments_is_one_line_and_verbose_shows_the_tra
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("edje: error: ") and "--verbose" in err[0]
+    assert "no config.json" in err[0]  # what is missing, not "no file named model.safetensors"
     monkeypatch.setenv("EDJE_DEBUG", "1")
     with pytest.raises((ValueError, OSError)), patch.object(sys, "argv", argv):
         run()

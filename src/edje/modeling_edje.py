@@ -485,6 +485,12 @@ class EDJEModel(EDJEPreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        folder = Path(str(pretrained_model_name_or_path), kwargs.get("subfolder") or "")
+        if folder.is_dir() and not (folder / "config.json").is_file():
+            raise OSError(
+                f"{folder} holds no saved EDJE model: no config.json in it (a saved model is the "
+                "folder save_pretrained writes: config.json and model.safetensors)."
+            )
         model = _load_compact(cls, pretrained_model_name_or_path, kwargs)
         if model is None:
             model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
