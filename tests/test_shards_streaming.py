@@ -154,13 +154,18 @@ def test_the_stream_splits_across_nodes_and_workers_without_duplicates(shards, w
 def test_online_vision_and_raw_store_modes_give_the_same_loss_on_the_same_batch(
     tiny_processor, tiny_vision_encoder
 ):
-    from edje.training import EDJEForPreTraining, EDJETrainingModule
+    """Every objective, distillation from an EDJE teacher (the local variant's way) included."""
+    from edje.training import EDJEForPreTraining, EDJETeacher, EDJETrainingModule
 
     torch.manual_seed(0)
     config = make_tiny_config(len(tiny_processor.tokenizer), tiny_processor.image_token_id)
     edje = EDJEModel(config, vision_encoder=tiny_vision_encoder)
     network = EDJEForPreTraining(edje, text_embedding_dim=8)
-    module = EDJETrainingModule(network, negatives={"hardest": 0.5, "random": 0.5})
+    teacher = EDJETeacher(EDJEModel(config))
+    module = EDJETrainingModule(
+        network, negatives={"hardest": 0.5, "random": 0.5}, teacher=teacher,
+        distillation_weight=1.0,
+    )  # fmt: skip
     rng = np.random.default_rng(1)
     pictures = [Image.fromarray(rng.integers(0, 255, (30, 30, 3), dtype=np.uint8)) for _ in "1234"]
     pixels = tiny_processor.image_processor(images=pictures, return_tensors="pt")["pixel_values"]
@@ -187,7 +192,7 @@ def test_online_vision_and_raw_store_modes_give_the_same_loss_on_the_same_batch(
         raw_terms, raw_accuracy = module._losses(raw, train=train)
         torch.manual_seed(2)
         online_terms, online_accuracy = module._losses(online, train=train)
-        assert raw_terms.keys() == online_terms.keys() and "mlm" in raw_terms
+        assert raw_terms.keys() == online_terms.keys() >= {"itm", "mlm", "distillation"}
         for name in raw_terms:
             assert torch.equal(raw_terms[name], online_terms[name]), name
         assert torch.equal(raw_accuracy, online_accuracy)

@@ -102,9 +102,12 @@ class EDJETrainingModule(LightningModule):
     def setup(self, stage: str) -> None:
         datamodule = getattr(self._trainer, "datamodule", None)
         if self.teacher is not None and datamodule is not None:
+            # Streamed shards cannot look an image up by key: teachers that read the batch
+            # (EDJETeacher's raw tokens, FirstStageTeacher's embeddings) work the same; BLIP's,
+            # which needs the pictures, says so when it asks.
             self.teacher.bind_data(
-                datamodule.images_by_key,
-                datamodule.captions_by_key,
+                getattr(datamodule, "images_by_key", _no_lookup("images")),
+                getattr(datamodule, "captions_by_key", _no_lookup("captions")),
                 first_stage=getattr(datamodule, "first_stage", None),
             )
 
@@ -331,3 +334,14 @@ class EDJETrainingModule(LightningModule):
             pad_token_id=config.text_config.pad_token_id,
             num_image_tokens=config.tokens_per_image,
         )
+
+
+def _no_lookup(what: str):
+    def lookup(keys):
+        raise ValueError(
+            f"EDJETrainingModule: this teacher looks {what} up by key, which streamed shards "
+            "(ShardDataModule) cannot do; distil from EDJETeacher or FirstStageTeacher, or "
+            "train from a raw token store (EDJEDataModule)."
+        )
+
+    return lookup
