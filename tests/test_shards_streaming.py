@@ -151,6 +151,59 @@ def test_the_stream_splits_across_nodes_and_workers_without_duplicates(shards, w
     assert sorted(seen) == ALL_KEYS  # every sample once: none twice, none missing
 
 
+def write_parquet(folder: Path) -> list[str]:
+    """Two parquet files of 12 rows (image, caption, no id), as a Hub data set is stored."""
+    import datasets
+
+    rng = np.random.default_rng(3)
+    files = []
+    for part in range(2):
+        pictures = [Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8))
+                    for _ in range(12)]  # fmt: skip
+        table = datasets.Dataset.from_dict(
+            {"image": pictures, "caption": [f"picture {part}-{i}" for i in range(12)]},
+            features=datasets.Features(
+                {"image": datasets.Image(), "caption": datasets.Value("string")}
+            ),
+        )
+        files.append(str(folder / f"part-{part}.parquet"))
+        table.to_parquet(files[-1])
+    return files
+
+
+def test_a_hub_style_dataset_streams_split_across_nodes_and_trains(
+    vision_folder, tmp_path, tiny_vision_encoder
+):
+    from lightning.pytorch import Trainer
+
+    from edje.data.shards import stream_dataset
+    from edje.training import EDJEForPreTraining, EDJETrainingModule
+    from edje.training.streaming import ShardDataModule
+
+    files = write_parquet(tmp_path)
+    seen = []
+    for rank in range(2):
+        stream = stream_dataset("parquet", data_files=files, rank=rank, world_size=2)
+        loader = torch.utils.data.DataLoader(
+            stream, batch_size=None, num_workers=2, collate_fn=lambda row: row["caption"]
+        )
+        seen += list(loader)
+    assert sorted(seen) == sorted(f"picture {p}-{i}" for p in range(2) for i in range(12))
+    with pytest.raises(ValueError, match="no column 'text'"):
+        stream_dataset("parquet", data_files=files, caption_column="text")
+
+    torch.manual_seed(0)
+    edje = EDJEModel(make_tiny_config(30523, 30522), vision_encoder=tiny_vision_encoder)
+    module = EDJETrainingModule(EDJEForPreTraining(edje, mlm=False), mlm_weight=0,
+                                text_recovery_weight=0, negatives={"random": 1.0})  # fmt: skip
+    data = ShardDataModule(dataset="parquet", data_files=files, vision=str(vision_folder),
+                           batch_size=4, samples_per_epoch=24, shuffle_buffer=0)  # fmt: skip
+    trainer = Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(module, datamodule=data)
+    assert trainer.global_step == 3
+
+
 def test_online_vision_and_raw_store_modes_give_the_same_loss_on_the_same_batch(
     tiny_processor, tiny_vision_encoder
 ):

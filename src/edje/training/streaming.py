@@ -1,4 +1,5 @@
-"""`ShardDataModule`: training pairs streamed from image-text tar shards, pixels in the batch.
+"""`ShardDataModule`: training pairs streamed from image-text tar shards (or a Hub data set),
+pixels in the batch.
 
 The online-vision mode: no raw token store is built; `EDJETrainingModule` runs the frozen
 vision encoder on each batch's `pixel_values` in the training step (no grad, eval mode, its own
@@ -22,7 +23,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 
 from edje.backbones import OFFLINE_TEXT, OFFLINE_VISION, resolve_backbone
-from edje.data.shards import ShardImages, expand_shards, stream_shards
+from edje.data.shards import ShardImages, expand_shards, stream_dataset, stream_shards
 from edje.training.datamodule import stable_key
 
 
@@ -33,6 +34,9 @@ class ShardDataModule(LightningDataModule):
     Args:
         shards: tar shards (local paths or URLs; brace patterns expanded), `key.jpg`/`key.png`
             and `key.txt` per sample.
+        dataset: instead of shards, a Hub data set streamed (or a builder over local files,
+            e.g. "parquet" with `data_files`), its `split`'s `image_column` and
+            `caption_column` (`id_column` for keys, else the image bytes' hash).
         vision, vision_image_size, text, max_caption_length: the network's backbones (the image
             processor and tokenizer come from them); `backbones` links them from the module as
             in `EDJEDataModule`.
@@ -46,8 +50,14 @@ class ShardDataModule(LightningDataModule):
 
     def __init__(
         self,
-        shards: str | list[str],
+        shards: str | list[str] | None = None,
         *,
+        dataset: str | None = None,
+        data_files: str | list[str] | None = None,
+        split: str = "train",
+        image_column: str = "image",
+        caption_column: str = "caption",
+        id_column: str | None = None,
         vision: str | None = None,
         vision_image_size: int | None = None,
         text: str | None = None,
@@ -65,7 +75,13 @@ class ShardDataModule(LightningDataModule):
         given = dict(vision=vision, vision_image_size=vision_image_size, text=text,
                      max_caption_length=max_caption_length)  # fmt: skip
         linked.update({k: v for k, v in given.items() if v is not None})
-        self.shards = expand_shards(shards)
+        if (shards is None) == (dataset is None):
+            raise ValueError("ShardDataModule: give either shards or dataset, not both.")
+        self.shards = expand_shards(shards) if shards is not None else None
+        self.dataset = dict(
+            path=dataset, data_files=data_files, split=split, image_column=image_column,
+            caption_column=caption_column, id_column=id_column,
+        )  # fmt: skip
         self.vision = linked.get("vision") or OFFLINE_VISION
         self.vision_image_size = linked.get("vision_image_size")
         self.text = linked.get("text") or OFFLINE_TEXT
@@ -82,11 +98,7 @@ class ShardDataModule(LightningDataModule):
         from edje.first_stage import load_embedding_model
 
         if self.samples_per_epoch is None:
-            if any("://" in shard for shard in self.shards):
-                raise ValueError(
-                    "ShardDataModule: give samples_per_epoch for shards read from URLs."
-                )
-            self.samples_per_epoch = len(ShardImages(self.shards))
+            self.samples_per_epoch = self._count_samples()
         if isinstance(self.first_stage, str):
             self.first_stage = load_embedding_model(self.first_stage)
         self.tokenizer = AutoTokenizer.from_pretrained(resolve_backbone(self.text))
@@ -94,6 +106,29 @@ class ShardDataModule(LightningDataModule):
         _, self.image_processor = load_vision_encoder(
             self.vision, image_size=self.vision_image_size
         )
+
+    def _count_samples(self) -> int:
+        if self.shards is None:  # a Hub data set whose card records its size
+            import datasets
+
+            options = {k: self.dataset[k] for k in ("path", "data_files")}
+            splits = datasets.load_dataset_builder(**options).info.splits or {}
+            split = splits.get(self.dataset["split"])
+            if split is None or not split.num_examples:
+                raise ValueError(
+                    f"ShardDataModule: {self.dataset['path']} does not record how many samples "
+                    f"its {self.dataset['split']!r} split holds; give samples_per_epoch."
+                )
+            return split.num_examples
+        if any("://" in shard for shard in self.shards):
+            raise ValueError("ShardDataModule: give samples_per_epoch for shards read from URLs.")
+        return len(ShardImages(self.shards))
+
+    def stream(self, rank: int, world_size: int):
+        """This process's share of the samples, as `edje.data.shards` streams them."""
+        if self.shards is not None:
+            return stream_shards(self.shards, rank=rank, world_size=world_size)
+        return stream_dataset(**self.dataset, rank=rank, world_size=world_size)
 
     @property
     def batches_per_epoch(self) -> int:
@@ -162,8 +197,7 @@ class _Epoch:
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         data, trainer = self.data, self.data.trainer
         epoch = trainer.current_epoch if trainer else 0
-        stream = stream_shards(
-            data.shards,
+        stream = data.stream(
             rank=trainer.global_rank if trainer else 0,
             world_size=trainer.world_size if trainer else 1,
         )
