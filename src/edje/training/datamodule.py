@@ -84,7 +84,7 @@ class EDJEDataModule(LightningDataModule):
             )
         self.data, self.store_path = data, Path(store)
         self.first_stage = first_stage
-        linked = _agreeing(
+        linked = agreeing(
             backbones or {},
             vision=vision,
             vision_image_size=vision_image_size,
@@ -248,14 +248,14 @@ class EDJEDataModule(LightningDataModule):
         }
 
 
-def _agreeing(linked: dict[str, Any], **given: Any) -> dict[str, Any]:
+def agreeing(linked: dict[str, Any], **given: Any) -> dict[str, Any]:
     """The given values over the network's, refusing a given value that contradicts it."""
     out = {}
     for name, value in given.items():
         theirs = linked.get(name)
         if value is not None and theirs is not None and value != theirs:
             raise ValueError(
-                f"EDJEDataModule: {name}={value!r} but the network has {name}={theirs!r}; "
+                f"the data section has {name}={value!r} but the network {name}={theirs!r}; "
                 "leave it out of the data section (edje fit links it from the model)."
             )
         out[name] = value if value is not None else theirs

@@ -24,7 +24,7 @@ from lightning.pytorch import LightningDataModule
 
 from edje.backbones import OFFLINE_TEXT, OFFLINE_VISION, resolve_backbone
 from edje.data.shards import ShardImages, expand_shards, stream_dataset, stream_shards
-from edje.training.datamodule import stable_key
+from edje.training.datamodule import agreeing, stable_key
 
 
 class ShardDataModule(LightningDataModule):
@@ -71,10 +71,10 @@ class ShardDataModule(LightningDataModule):
         seed: int = 0,
     ):
         super().__init__()
-        linked = {**(backbones or {})}
-        given = dict(vision=vision, vision_image_size=vision_image_size, text=text,
-                     max_caption_length=max_caption_length)  # fmt: skip
-        linked.update({k: v for k, v in given.items() if v is not None})
+        linked = agreeing(
+            backbones or {}, vision=vision, vision_image_size=vision_image_size, text=text,
+            max_caption_length=max_caption_length,
+        )  # fmt: skip
         if (shards is None) == (dataset is None):
             raise ValueError("ShardDataModule: give either shards or dataset, not both.")
         self.shards = expand_shards(shards) if shards is not None else None
