@@ -19,6 +19,25 @@ documents are image ids in the store ("img-17" or {"image_id": "img-17"}) or bas
 """
 
 
+# --flag, ServeLimits field, type, what it bounds
+LIMIT_OPTIONS = [
+    ("--max-documents", "max_documents", count, "documents per request"),
+    ("--max-body-bytes", "max_body_bytes", count, "request body size"),
+    ("--max-batch-pairs", "max_batch_pairs", count,
+     "(query, image) pairs per forward, across requests"),
+    ("--max-query-chars", "max_query_chars", count, "characters in a request's query"),
+    ("--max-request-pixels", "max_request_pixels", count,
+     "pixels of all base64 images of a request together, from their headers"),
+    ("--max-pixels-in-flight", "max_pixels_in_flight", count,
+     "base64 pixels decoded and held at once, across requests"),
+    ("--max-wait-ms", "max_wait_ms", float,
+     "how long a forward waits for other requests to join"),
+    ("--header-timeout", "header_timeout_s", float,
+     "seconds a connection has to send its request head"),
+    ("--body-timeout", "body_timeout_s", float, "seconds a request has to send its body"),
+]  # fmt: skip
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     from edje.serving.requests import ServeLimits
 
@@ -70,61 +89,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="model name in requests and responses (default: --model)",
     )
-    parser.add_argument(
-        "--max-documents",
-        type=count,
-        default=defaults.max_documents,
-        help="documents per request (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--max-body-bytes",
-        type=count,
-        default=defaults.max_body_bytes,
-        help="request body size (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--max-batch-pairs",
-        type=count,
-        default=defaults.max_batch_pairs,
-        help="(query, image) pairs per forward, across requests (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--max-query-chars",
-        type=count,
-        default=defaults.max_query_chars,
-        help="characters in a request's query (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--max-request-pixels",
-        type=count,
-        default=defaults.max_request_pixels,
-        help="pixels of all base64 images of a request together, from their headers "
-        "(default: %(default)s)",
-    )
-    parser.add_argument(
-        "--max-pixels-in-flight",
-        type=count,
-        default=defaults.max_pixels_in_flight,
-        help="base64 pixels decoded and held at once, across requests (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--header-timeout",
-        type=float,
-        default=defaults.header_timeout_s,
-        help="seconds a connection has to send its request head (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--body-timeout",
-        type=float,
-        default=defaults.body_timeout_s,
-        help="seconds a request has to send its body (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--max-wait-ms",
-        type=float,
-        default=defaults.max_wait_ms,
-        help="how long a forward waits for other requests to join (default: %(default)s)",
-    )
+    limits = parser.add_argument_group("limits (ServeLimits)")
+    for flag, field, kind, what in LIMIT_OPTIONS:
+        limits.add_argument(
+            flag, dest=field, type=kind, default=getattr(defaults, field), metavar="N",
+            help=f"{what} (default: %(default)s)",
+        )  # fmt: skip
     parser.add_argument(
         "--device", default=None, help="torch device (default: cuda if there is one)"
     )
@@ -144,17 +114,7 @@ def run(args: argparse.Namespace) -> int:
     from edje.serving.app import RerankerBackend, ServeLimits, create_app, run_server
 
     try:
-        limits = ServeLimits(
-            max_documents=args.max_documents,
-            max_body_bytes=args.max_body_bytes,
-            max_batch_pairs=args.max_batch_pairs,
-            max_wait_ms=args.max_wait_ms,
-            max_query_chars=args.max_query_chars,
-            max_request_pixels=args.max_request_pixels,
-            max_pixels_in_flight=args.max_pixels_in_flight,
-            header_timeout_s=args.header_timeout,
-            body_timeout_s=args.body_timeout,
-        )
+        limits = ServeLimits(**{field: getattr(args, field) for _, field, _, _ in LIMIT_OPTIONS})
     except ValueError as error:
         raise SystemExit(f"edje serve: {error}") from None
     _fill_from_quickstart(args)
