@@ -15,6 +15,9 @@ Endpoints:
   503 with `"status": "error"` and a `message` when one stored image cannot be scored (a missing
   or truncated shard, non-finite tokens or weights).
 - `GET /v1/models`: the served model, OpenAI-style.
+- With a first stage (`edje serve --first-stage ...` or `--quickstart DIR`): `GET /`, the
+  search page, and its `POST /v1/search`, `POST /v1/describe`, `GET /images/{id}`
+  (`edje.serving.search_page.add_search_page`).
 
 What one request may ask for, and the connection timeouts, are `ServeLimits`; base64 images
 are decoded within one server-wide pixel budget (`edje.serving.budget`), and a connection slow
