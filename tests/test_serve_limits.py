@@ -140,30 +140,29 @@ def url(tiny_processor, tiny_vision_encoder, tmp_path_factory):
         yield base
 
 
-def test_a_two_document_request_is_answered_within_a_second_while_a_long_query_runs(url):
-    """The longest query taken (4096 characters) against the most documents (1000): its query
-    is tokenized once, and its forwards interleave with other requests' work."""
+def test_a_two_document_request_is_answered_within_a_second_beside_the_longest_query(url):
+    """The longest query taken (4096 characters; longer ones are refused before any work)
+    against the most documents (1000) is tokenized once, so it is itself answered within a
+    second and a 2-document request sent while it is in is not held behind it (it waited 21 s
+    behind a 1 MB query tokenized once per document)."""
     long_query = {"query": ("a red circle left of a blue square " * 120)[:4096], "documents": IDS}
     short = {"query": "a cat", "documents": ["img1", "img2"]}
-    long_done = threading.Event()
 
-    def long_client():
-        assert post(f"{url}/v1/rerank", long_query)[0] == 200
-        long_done.set()
-
-    thread = threading.Thread(target=long_client)
+    long_status = []
+    thread = threading.Thread(
+        target=lambda: long_status.append(post(f"{url}/v1/rerank", long_query)[0])
+    )
     started = time.perf_counter()
     thread.start()
     time.sleep(0.05)  # the long request is in
     status, body = post(f"{url}/v1/rerank", short)
     short_s = time.perf_counter() - started - 0.05
-    long_still_running = not long_done.is_set()
     thread.join()
     long_s = time.perf_counter() - started
-    assert status == 200 and len(body["results"]) == 2
+    assert status == 200 and len(body["results"]) == 2 and long_status == [200]
     print(f"short request {short_s:.2f} s, long request {long_s:.2f} s")
     assert short_s < 1.0, f"the 2-document request waited {short_s:.2f} s"
-    assert long_still_running or long_s < 1.0  # it overlapped the long one (or both were quick)
+    assert long_s < 1.0, f"the 1,000-document request took {long_s:.2f} s"
 
 
 def _connect(url: str) -> socket.socket:
