@@ -117,18 +117,29 @@ def test_a_thumbnail_of_the_collection_is_served_and_cacheable(page_url, shipped
 @pytest.mark.parametrize(
     ("body", "status"),
     [
-        ({"query": "x" * 5000}, 413),
+        ({"query": "x" * 5000}, 400),  # as /v1/rerank: the same check (edje.serving.requests)
+        ({"query": "a", "pad": "x" * 34_000_000}, 413),  # over max_body_bytes (32 MiB), never read
         ({"query": ""}, 400),
         ({"query": "a red circle", "k": 0}, 400),
         ({"query": "a red circle", "k": 10_000}, 400),
         ({"query": "a red circle", "fusion": "yes"}, 400),
         ({"query": "a red circle", "extra": 1}, 400),
     ],
-    ids=["oversized query", "empty query", "k 0", "k too large", "fusion not bool", "unknown"],
+    ids=[
+        "oversized query",
+        "oversized body",
+        "empty query",
+        "k 0",
+        "k too large",
+        "fusion not bool",
+        "unknown",
+    ],
 )
 def test_bad_search_requests_are_4xx_with_a_message(page_url, body, status):
     got, answer = request(page_url, "POST", "/v1/search", body)
     assert got == status and answer["message"]
+    if body.get("query") == "x" * 5000:
+        assert "at most 4096" in answer["message"]
 
 
 def test_describe_an_unknown_image_is_a_404(page_url):

@@ -63,6 +63,7 @@ from edje.serving.requests import (
     parse_json,
     parse_rerank_request,
     pixel_count,
+    read_body,
     unknown_ids_message,
 )
 
@@ -209,7 +210,7 @@ def create_app(
     @app.post("/v1/rerank")
     async def rerank(request: Request):
         started, request_id = time.perf_counter(), uuid.uuid4().hex
-        body = await _read_body(request, limits.max_body_bytes, limits.body_timeout_s)
+        body = await read_body(request, limits)
         job = parse_rerank_request(parse_json(body), limits, model_name)
         opened = await run_in_threadpool(open_documents, job.documents, limits)
         unknown = backend.unknown_ids([d for d in opened if isinstance(d, str)])
@@ -266,32 +267,6 @@ def non_finite_message(broken: list[int], documents: Sequence[Document]) -> str:
         f"scoring gave non-finite scores for documents {', '.join(named)}: their stored tokens "
         "or the model's weights are corrupt (TokenStore.verify() checks a store)."
     )
-
-
-async def _read_body(request, limit: int, timeout_s: float) -> bytes:
-    """The body, refused with 413 as soon as it is known to exceed `limit` (never read whole),
-    and with 408 when it has not all arrived within `timeout_s`."""
-    try:
-        async with asyncio.timeout(timeout_s):
-            return await _read_body_within(request, limit)
-    except TimeoutError:
-        raise RequestError(408, f"the body did not arrive within {timeout_s:g} s.") from None
-
-
-async def _read_body_within(request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        if not declared.isdigit():
-            raise RequestError(400, f"invalid Content-Length {declared!r}.")
-        if int(declared) > limit:
-            raise RequestError(413, f"the body is {declared} bytes; at most {limit} are taken.")
-    chunks, size = [], 0
-    async for chunk in request.stream():  # chunked bodies declare no length: count as they come
-        size += len(chunk)
-        if size > limit:
-            raise RequestError(413, f"the body is over the {limit} bytes taken.")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def run_server(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:

@@ -13,6 +13,7 @@ A request, in the Cohere/Jina rerank shape:
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import io
@@ -90,6 +91,35 @@ class RerankRequest:
     first_stage_scores: list[float] | None = None  # one per document, for score fusion
 
 
+async def read_body(request, limits: ServeLimits) -> bytes:
+    """The body, refused with 413 as soon as it is known to exceed `max_body_bytes` (never
+    read whole), and with 408 when it has not all arrived within `body_timeout_s`."""
+
+    try:
+        async with asyncio.timeout(limits.body_timeout_s):
+            return await _read_body_within(request, limits.max_body_bytes)
+    except TimeoutError:
+        raise RequestError(
+            408, f"the body did not arrive within {limits.body_timeout_s:g} s."
+        ) from None
+
+
+async def _read_body_within(request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise RequestError(400, f"invalid Content-Length {declared!r}.")
+        if int(declared) > limit:
+            raise RequestError(413, f"the body is {declared} bytes; at most {limit} are taken.")
+    chunks, size = [], 0
+    async for chunk in request.stream():  # chunked bodies declare no length: count as they come
+        size += len(chunk)
+        if size > limit:
+            raise RequestError(413, f"the body is over the {limit} bytes taken.")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def parse_json(body: bytes) -> Any:
     try:
         payload = json.loads(body)
@@ -106,27 +136,15 @@ def parse_json(body: bytes) -> Any:
 
 
 def parse_rerank_request(payload: Any, limits: ServeLimits, model_name: str) -> RerankRequest:
-    if not isinstance(payload, dict):
-        raise RequestError(400, f"the body must be a JSON object, got {_kind(payload)}.")
-    known = {"model", "query", "documents", "top_n", "return_documents", "first_stage_scores"}
-    unknown = sorted(set(payload) - known)
-    if unknown:
-        raise RequestError(400, f"unknown fields {unknown}; expected some of {sorted(known)}.")
+    check_fields(
+        payload, {"model", "query", "documents", "top_n", "return_documents", "first_stage_scores"}
+    )
     model = payload.get("model")
     if model is not None and model != model_name:
         raise RequestError(
             400, f"model {model!r} is not served here; it serves {model_name!r} (or omit 'model')."
         )
-    query = payload.get("query")
-    if not isinstance(query, str) or not query.strip():
-        raise RequestError(400, f"'query' must be a non-empty string, got {_kind(query)}.")
-    if len(query) > limits.max_query_chars:
-        raise RequestError(
-            400,
-            f"'query' has {len(query)} characters; this server takes at most "
-            f"{limits.max_query_chars} (the model reads a caption's first "
-            "max_caption_length tokens).",
-        )
+    query = check_query(payload.get("query"), limits)
     documents = payload.get("documents")
     if not isinstance(documents, list) or not documents:
         raise RequestError(400, f"'documents' must be a non-empty list, got {_kind(documents)}.")
@@ -151,6 +169,30 @@ def parse_rerank_request(payload: Any, limits: ServeLimits, model_name: str) -> 
         )
     first_stage_scores = _first_stage_scores(payload.get("first_stage_scores"), len(documents))
     return RerankRequest(query, documents, top_n, return_documents, first_stage_scores)
+
+
+def check_fields(payload: Any, known: set[str]) -> dict:
+    """A JSON object with no field outside `known` (a typo is named, not ignored)."""
+    if not isinstance(payload, dict):
+        raise RequestError(400, f"the body must be a JSON object, got {_kind(payload)}.")
+    unknown = sorted(set(payload) - known)
+    if unknown:
+        raise RequestError(400, f"unknown fields {unknown}; expected some of {sorted(known)}.")
+    return payload
+
+
+def check_query(query: Any, limits: ServeLimits) -> str:
+    """A non-empty caption of at most `max_query_chars` characters."""
+    if not isinstance(query, str) or not query.strip():
+        raise RequestError(400, f"'query' must be a non-empty string, got {_kind(query)}.")
+    if len(query) > limits.max_query_chars:
+        raise RequestError(
+            400,
+            f"'query' has {len(query)} characters; this server takes at most "
+            f"{limits.max_query_chars} (the model reads a caption's first "
+            "max_caption_length tokens).",
+        )
+    return query
 
 
 def open_documents(documents: list[Any], limits: ServeLimits) -> list[str | Image.Image]:

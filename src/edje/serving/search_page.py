@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from edje.fusion import fusion_weights
-from edje.serving.requests import RequestError, parse_json
+from edje.serving.requests import RequestError, check_fields, check_query, parse_json, read_body
 
 PAGE = Path(__file__).with_name("search_page.html")
 THUMBNAIL_SIDE = 192
@@ -149,8 +149,9 @@ def add_search_page(app, collection: Collection) -> None:
 
     @app.post("/v1/search")
     async def search(request: Request):
-        payload = _object(parse_json(await request.body()), {"query", "k", "fusion"})
-        query = _query(payload, app.state.limits.max_query_chars)
+        body = await read_body(request, app.state.limits)
+        payload = check_fields(parse_json(body), {"query", "k", "fusion"})
+        query = check_query(payload.get("query"), app.state.limits)
         k, fusion = _k(payload), payload.get("fusion", fusion_available)
         if not isinstance(fusion, bool):
             raise RequestError(400, f"'fusion' must be true or false, got {fusion!r}.")
@@ -159,7 +160,8 @@ def add_search_page(app, collection: Collection) -> None:
 
     @app.post("/v1/describe")
     async def describe(request: Request):
-        payload = _object(parse_json(await request.body()), {"image_id", "k"})
+        body = await read_body(request, app.state.limits)
+        payload = check_fields(parse_json(body), {"image_id", "k"})
         image_id = payload.get("image_id")
         if not isinstance(image_id, str) or image_id not in collection.positions:
             raise RequestError(404, f"no image {image_id!r} in the collection.")
@@ -190,26 +192,6 @@ def _thumbnail(path: Path) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, "PNG")
     return buffer.getvalue()
-
-
-def _object(payload: Any, known: set[str]) -> dict:
-    if not isinstance(payload, dict):
-        raise RequestError(400, "the body must be a JSON object.")
-    unknown = sorted(set(payload) - known)
-    if unknown:
-        raise RequestError(400, f"unknown fields {unknown}; expected some of {sorted(known)}.")
-    return payload
-
-
-def _query(payload: dict, max_chars: int) -> str:
-    query = payload.get("query")
-    if not isinstance(query, str) or not query.strip():
-        raise RequestError(400, "'query' must be a non-empty string.")
-    if len(query) > max_chars:
-        raise RequestError(
-            413, f"'query' has {len(query)} characters; this server takes at most {max_chars}."
-        )
-    return query
 
 
 def _k(payload: dict) -> int:
