@@ -387,3 +387,44 @@ def test_a_run_killed_mid_epoch_and_resumed_sees_exactly_the_rest_of_the_epoch(
     epochs = seen_per_epoch(tmp_path, per_epoch=len(ALL_KEYS) // 3)
     every = sorted(stable_key(k) for k in ALL_KEYS)
     assert epochs == [every, every]  # nothing seen twice or skipped, in either epoch
+
+
+def test_online_mining_embeds_the_steps_raw_tokens_with_the_data_modules_first_stage(
+    tiny_processor, tiny_vision_encoder, vision_folder
+):
+    """Without precomputed image embeddings, the online step asks the data module's first stage
+    for them (from the raw tokens it just computed): the loss equals the raw-store mode's with
+    those embeddings given."""
+    from types import SimpleNamespace
+
+    from edje.first_stage import LinearProbeEmbedding
+    from edje.training import EDJEForPreTraining, EDJETrainingModule
+
+    torch.manual_seed(0)
+    probe = LinearProbeEmbedding(vision=str(vision_folder), vision_dim=32, embedding_dim=8,
+                                 image_size=28)  # fmt: skip
+    config = make_tiny_config(len(tiny_processor.tokenizer), tiny_processor.image_token_id)
+    network = EDJEForPreTraining(EDJEModel(config, vision_encoder=tiny_vision_encoder), mlm=False)
+    module = EDJETrainingModule(network, mlm_weight=0, text_recovery_weight=0,
+                                negatives={"hardest": 1.0})  # fmt: skip
+    module._datamodule = lambda: SimpleNamespace(first_stage=probe)
+    rng = np.random.default_rng(2)
+    pictures = [
+        Image.fromarray(rng.integers(0, 255, (30, 30, 3), dtype=np.uint8)) for _ in "123456"
+    ]
+    pixels = tiny_processor.image_processor(images=pictures, return_tensors="pt")["pixel_values"]
+    captions = tiny_processor.tokenizer([f"caption {i}" for i in range(6)], padding=True,
+                                        return_tensors="pt")  # fmt: skip
+    common = {"caption_ids": captions["input_ids"], "caption_mask": captions["attention_mask"],
+              "image_key": torch.arange(6), "caption_key": torch.arange(6),
+              "text_embedding": torch.randn(6, 8)}  # fmt: skip
+    with torch.no_grad():
+        tokens = tiny_vision_encoder(pixel_values=pixels).last_hidden_state
+        embeddings = probe.encode_vision_tokens(tokens)
+    raw = {**common, "vision_tokens": tokens, "image_embedding": embeddings}
+    module.eval()  # no dropout: the two calls compare mining alone
+    raw_terms, _ = module._losses(raw, train=True)
+    online_terms, _ = module._losses({**common, "pixel_values": pixels}, train=True)
+    assert torch.equal(raw_terms["itm"], online_terms["itm"])
+    shuffled, _ = module._losses({**raw, "image_embedding": embeddings.roll(1, 0)}, train=True)
+    assert not torch.equal(shuffled["itm"], raw_terms["itm"])  # the embeddings steer mining
