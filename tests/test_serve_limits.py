@@ -71,7 +71,7 @@ def saved_model_and_store(folder: Path, processor, vision_encoder) -> tuple[Path
 # Without the shared budget, 8 clients each decoding one 36M-pixel image peaked 1.3 GB over it
 # (measured: 323 MB with it). Once the flood is over, freed memory goes back to the system.
 RSS_BUDGET_MB = 400
-RSS_KEPT_AFTER_MB = 250  # measured: 152 MB kept (1,257 MB without giving freed memory back)
+RSS_KEPT_AFTER_MB = 250  # measured: 152 MB kept (323 MB before freed memory was handed back)
 
 
 def rss_mb(pid: int, field: str) -> float:
