@@ -66,8 +66,8 @@ def saved_model_and_store(folder: Path, processor, vision_encoder) -> tuple[Path
 
 # ---- memory: the service process's peak RSS under a base64 flood --------------------------------
 
-# The budget: the server holds at most max_pixels_in_flight (64M) decoded pixels at once, 3 bytes
-# each in RGB (192 MB) plus the decoder's own copy of an image: 400 MB over the idle process.
+# The budget: the server holds at most max_pixels_in_flight (64M) decoded pixels at once, 4 bytes
+# each in Pillow's RGB (256 MB), plus the decoder's own copy of an image: 400 MB over idle.
 # Without the shared budget, 8 clients each decoding one 36M-pixel image peaked 1.3 GB over it
 # (measured: 323 MB with it). Once the flood is over, freed memory goes back to the system.
 RSS_BUDGET_MB = 400
