@@ -10,8 +10,6 @@ import io
 import json
 import math
 import threading
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -20,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import make_tiny_config
+from conftest import http_json, make_tiny_config
 from edje import EDJEModel
 from edje.rerank import EDJEReranker
 from edje.serving.app import (
@@ -90,17 +88,7 @@ def served(request, tiny_processor, tiny_vision_encoder, tmp_path_factory):
 
 
 def call(url: str, payload=None, *, body: bytes | None = None, method: str | None = None):
-    """(status, JSON body) of one request; 4xx/5xx are returned, not raised."""
-    if payload is not None:
-        body = json.dumps(payload).encode()
-    request = urllib.request.Request(url, data=body, method=method)
-    request.add_header("Content-Type", "application/json")
-    try:
-        with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        with error:
-            return error.code, json.loads(error.read())
+    return http_json(url, payload, body=body, method=method, timeout=TIMEOUT)
 
 
 def rerank(served: Served, payload=None, **kwargs):

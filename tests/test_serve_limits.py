@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import os
 import socket
 import subprocess
@@ -23,7 +22,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import make_tiny_config
+from conftest import http_json, make_tiny_config
 from edje import EDJEModel
 from edje.rerank import EDJEReranker
 from edje.serving.app import RerankerBackend, ServeLimits, create_app, serve_in_background
@@ -33,19 +32,12 @@ IDS = [f"img{i}" for i in range(1000)]
 MB = 1024 * 1024
 
 
-def post(url: str, payload: dict, timeout: float = 120) -> tuple[int, dict]:
-    request = urllib.request.Request(url, data=json.dumps(payload).encode(), method="POST")
-    request.add_header("Content-Type", "application/json")
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        with error:
-            return error.code, json.loads(error.read())
+def post(url: str, payload: dict) -> tuple[int, dict]:
+    return http_json(url, payload, timeout=120)
 
 
 def one_bit_png(side: int) -> str:
-    """A blank 1-bit PNG: a few KB that decode to side x side pixels (3 bytes each in RGB)."""
+    """A blank 1-bit PNG: a few KB that decode to side x side pixels (4 each in Pillow's RGB)."""
     buffer = io.BytesIO()
     Image.new("1", (side, side)).save(buffer, "PNG", optimize=True)
     return base64.b64encode(buffer.getvalue()).decode()

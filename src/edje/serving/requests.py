@@ -46,7 +46,7 @@ class ServeLimits:
     # longer query is refused rather than tokenized again for every document.
     max_query_chars: int = 4096
     # Base64 images decoded at once across all requests: concurrent requests wait their turn
-    # rather than each holding its decoded pixels (about 3 bytes a pixel, and a copy or two).
+    # rather than each holding its decoded pixels (4 bytes a pixel in Pillow's RGB, and a copy).
     max_pixels_in_flight: int = 64_000_000
     # A connection must send its request head this soon after opening (or after the previous
     # response), and its body this soon after the head; idle keep-alive connections close
