@@ -371,8 +371,7 @@ def trained_parity(args, size, device, dtype, workdir) -> dict[str, dict]:
     import json as json_module
 
     from edje import EDJEModel, EDJEProcessor
-    from edje.commands.search import index_from_store
-    from edje.first_stage import load_embedding_model
+    from edje.first_stage import VectorIndex, load_embedding_model
     from edje.image_tokens import from_store
     from edje.store import TokenStore
 
@@ -383,7 +382,7 @@ def trained_parity(args, size, device, dtype, workdir) -> dict[str, dict]:
     lines = (root / "images" / "builtin" / "captions.jsonl").read_text().splitlines()
     records = [json_module.loads(line) for line in lines]
     first_stage = load_embedding_model(root / "first_stage" / "builtin")
-    index = index_from_store(store, first_stage, ids=sorted({r["image_id"] for r in records}))
+    index = VectorIndex.from_store(store, first_stage, ids=sorted({r["image_id"] for r in records}))
     captions = [r["caption"] for r in records[:200]]
     _, positions = index.search(first_stage.encode_texts(captions), k=10)
     with torch.inference_mode():

@@ -121,9 +121,21 @@ def test_index_goes_on_past_bad_images_lists_them_and_exits_1(files, tmp_path, c
 
 def test_search_without_an_index_on_a_compressed_store_says_how_to_build_one(files):
     root, _, _ = files
-    with pytest.raises(SystemExit, match="edje index --first-stage"):
+    with pytest.raises(ValueError, match=r"holds compressed EDJE tokens.*edje index --first-stage"):
         main(["search", "--model", str(root / "edje"), "--first-stage", str(root / "probe"),
               "--store", str(root / "store"), "a cat"])  # fmt: skip
+
+
+def test_index_from_a_raw_store_builds_the_asked_faiss_factory(files, tmp_path):
+    from edje.first_stage import VectorIndex
+
+    root, ids, _ = files
+    argv = ["index", "--first-stage", str(root / "probe"), "--store", str(root / "raw")]
+    assert (
+        main([*argv, "--factory", "HNSW8", "--batch-size", "2", "--out", str(tmp_path / "i")]) == 0
+    )
+    index = VectorIndex.load(tmp_path / "i", require_ids=True)
+    assert type(index.index).__name__ == "IndexHNSWFlat" and sorted(index.ids) == sorted(ids)
 
 
 def test_search_beside_a_quickstart_model_needs_no_first_stage_and_hints_when_nothing_scores(
@@ -176,8 +188,15 @@ def test_search_image_to_captions(files, capsys):
         assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
 
 
-def test_rerank_streams_jsonl_to_jsonl(files, tmp_path):
+def test_rerank_streams_jsonl_to_jsonl(files, tmp_path, monkeypatch):
     root, ids, _ = files
+    sizes, predict = [], EDJEReranker.predict
+
+    def recording(self, pairs, batch_size=32, **options):
+        sizes.append(batch_size)
+        return predict(self, pairs, batch_size=batch_size, **options)
+
+    monkeypatch.setattr(EDJEReranker, "predict", recording)
     records = [
         {"query": "a cat", "document": ids[0]},
         {"query": "two birds", "documents": [ids[1], str(root / "photos" / ids[2]), ids[3]]},
@@ -187,6 +206,7 @@ def test_rerank_streams_jsonl_to_jsonl(files, tmp_path):
     source.write_text("\n".join(json.dumps(r) for r in records) + "\n")
     argv = rerank_argv(root, source, target, batch_size=2)
     assert main(argv) == 0
+    assert set(sizes) == {2}  # --batch-size pairs per forward, whatever a line holds
     out = [json.loads(line) for line in target.read_text().splitlines()]
     reranker = EDJEReranker(str(root / "edje"), store=root / "store", device="cpu")
     pairs = [("a cat", ids[0]), *(("two birds", d) for d in records[1]["documents"])]

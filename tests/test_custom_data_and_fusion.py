@@ -88,6 +88,30 @@ def test_fit_and_eval_read_the_same_layout(tmp_path, offline_dinov2_dir):
     assert load_split(["folder", str(root)], "test")["image_id"] == evaluated["image_id"]
 
 
+def test_encode_data_stores_the_ids_fit_and_eval_read(
+    tmp_path, tiny_vision_encoder, tiny_image_processor
+):
+    """`edje encode --data FOLDER` reads the same layout (every split, or --split): the store
+    holds exactly the ids `edje eval --data FOLDER --store` looks up."""
+    from edje.cli import main
+    from edje.commands.eval import load_split
+
+    root = write_split_folders(tmp_path / "data")
+    tiny_vision_encoder.save_pretrained(tmp_path / "vision")
+    tiny_image_processor.save_pretrained(tmp_path / "vision")
+    common = ["encode", "--vision", str(tmp_path / "vision"), "--data", str(root)]
+    common += ["--accelerator", "cpu", "--devices", "1", "--num-workers", "0", "--no-progress"]
+    assert main([*common, "--out", str(tmp_path / "all")]) == 0
+    every = [i for split in load_data(root).values() for i in split["image_id"]]
+    assert sorted(TokenStore.open(tmp_path / "all").ids) == sorted(every)
+    assert main([*common, "--split", "test", "--out", str(tmp_path / "test")]) == 0
+    test_ids = load_split([str(root)], "test")["image_id"]
+    assert sorted(TokenStore.open(tmp_path / "test").ids) == sorted(test_ids)
+    with pytest.raises(SystemExit, match=r"has splits .*not \['dev'\]"):
+        main([*common, "--split", "dev", "--out", str(tmp_path / "dev")])
+    assert not (tmp_path / "dev").exists()
+
+
 # ---- fusion ---------------------------------------------------------------------------------
 
 
@@ -225,6 +249,19 @@ def test_rank_many_and_rank_order_by_the_fused_score(fused_reranker):
         )
     ranked = fused_reranker.rank("a red square", ids[0], first_stage_scores=first[0])
     assert [h["image_id"] for h in ranked] == [h["image_id"] for h in fused]
+
+
+def test_rank_takes_first_stage_scores_as_a_tensor_and_refuses_a_wrong_count_unscored(
+    fused_reranker, monkeypatch
+):
+    ids = [f"img{i}" for i in range(5)]
+    first = [0.5, 0.1, 0.9, 0.3, 0.7]
+    as_list = fused_reranker.rank("a red square", ids, first_stage_scores=first)
+    as_tensor = fused_reranker.rank("a red square", ids, first_stage_scores=torch.tensor(first))
+    assert as_tensor == as_list
+    monkeypatch.setattr(fused_reranker.scorer, "score", None)  # scoring would raise TypeError
+    with pytest.raises(ValueError, match=r"one first_stage_score per document \(5\), got 4"):
+        fused_reranker.rank("a red square", ids, first_stage_scores=first[:4])
 
 
 def test_serve_fuses_first_stage_scores_given_per_document(fused_reranker):

@@ -9,7 +9,14 @@ import datasets
 import pytest
 from PIL import Image
 
-from edje.data import SCHEMA, from_dataset, load_data, load_image_folder, save_builtin_dataset
+from edje.data import (
+    SCHEMA,
+    from_dataset,
+    load_data,
+    load_image_folder,
+    read_captions,
+    save_builtin_dataset,
+)
 
 
 def write_images(folder, names):
@@ -202,3 +209,32 @@ def test_names_joined_by_plus_give_each_split_of_all_of_them(tmp_path):
 def test_names_joined_by_plus_refuse_colliding_image_ids():
     with pytest.raises(ValueError, match="image ids of builtin\\+builtin collide"):
         load_data("builtin+builtin", builtin=SMALL_BUILTIN)
+
+
+@pytest.mark.parametrize("image_id", [17, "  ", ["a"]])
+def test_an_image_id_that_is_not_a_non_empty_string_names_the_row(tmp_path, image_id):
+    write_images(tmp_path, ["a.png"])
+    write_jsonl(tmp_path, [{"file_name": "a.png", "caption": "a cat", "image_id": image_id}])
+    with pytest.raises(ValueError, match=r"row 1 \(a.png\): expected image_id to be a non-empty"):
+        load_image_folder(tmp_path)
+
+
+def test_a_folder_whose_path_holds_a_plus_is_one_folder(tmp_path):
+    folder = write_images(tmp_path / "c++" / "photos", ["a.png"])
+    write_jsonl(folder, [{"file_name": "a.png", "caption": "a red square"}])
+    assert load_data(str(folder))["train"]["image_id"] == ["a"]
+
+
+def test_read_captions_takes_lines_or_jsonl_and_names_the_bad_line(tmp_path):
+    path = tmp_path / "captions.jsonl"
+    path.write_text('a cat\n\n{"caption": "a dog"}\n{"text": "a bird"}\n')
+    assert read_captions(path) == ["a cat", "a dog", "a bird"]
+    path.write_text('a cat\n{"caption": "a dog",\n')
+    with pytest.raises(ValueError, match=r"captions.jsonl:2: not valid JSON"):
+        read_captions(path)
+    path.write_text('{"label": "a dog"}\n')
+    with pytest.raises(ValueError, match=r'captions.jsonl:1: expected a "caption" or "text"'):
+        read_captions(path)
+    path.write_text("\n\n")
+    with pytest.raises(ValueError, match="expected captions"):
+        read_captions(path)

@@ -15,7 +15,18 @@ from typing import Any
 
 from PIL import Image
 
-__all__ = ["TMP_MARK", "atomic_folder", "atomic_write", "batches", "load_rgb", "progress"]
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "TMP_MARK",
+    "atomic_folder",
+    "atomic_write",
+    "batches",
+    "load_rgb",
+    "progress",
+]
+
+# The image files edje reads from a folder (encode, data folders, the search page's thumbnails).
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
 
 # In the name of every temporary file or folder edje writes, so cleanup finds only its own.
 TMP_MARK = ".tmp-"

@@ -188,6 +188,14 @@ class EDJEReranker:
         """
         query = _check_caption(query, "query")
         resolved = _Documents(self, documents)
+        first = None
+        if first_stage_scores is not None:  # checked before any document is scored
+            first = torch.as_tensor(first_stage_scores, dtype=torch.float32).flatten().tolist()
+            if len(first) != len(resolved):
+                raise ValueError(
+                    f"EDJEReranker.rank: expected one first_stage_score per document "
+                    f"({len(resolved)}), got {len(first)}."
+                )
         logits = torch.zeros(len(resolved), device=self.device)
         with progress(len(resolved), show_progress_bar, "EDJE rank", "image") as bar:
             for start in range(0, len(resolved), batch_size):
@@ -195,11 +203,6 @@ class EDJEReranker:
                 tokens = resolved.tokens(range(start, stop))
                 logits[start:stop] = self.scorer.score(query, tokens).to(self.device)
                 bar.update(stop - start)
-        first = None if first_stage_scores is None else _as_rows([first_stage_scores], 1)[0]
-        if first is not None and len(first) != len(resolved):
-            raise ValueError(
-                f"EDJEReranker.rank: {len(first)} first_stage_scores for {len(resolved)} documents."
-            )
         hits = []
         convert = (activation_fn or torch.sigmoid, convert_to_numpy, convert_to_tensor)
         for i, hit in self._hits(logits, first, top_k, convert):

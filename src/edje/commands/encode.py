@@ -12,11 +12,14 @@ EXAMPLE = """examples:
   edje encode --vision facebook/dinov2-small --images photos/ --out photos.raw
   # the 64 compressed tokens a trained EDJE keeps, fp16, on 4 GPUs
   edje encode --model my-edje --images photos/ --out photos.store --devices 4
+  # a data set as edje fit and edje eval read it (a name, or a folder with metadata.jsonl or
+  # train/ validation/ test/ folders): every split, ids as they use them ("test/0000")
+  edje encode --model my-edje --data photos/ --out photos.store
   # a Hugging Face dataset (Hub id, saved folder or script), ids from its "filename" column
   edje encode --model my-edje --dataset nlphuji/flickr_1k_test_image_text_retrieval \\
       --split test --id-column filename --out flickr.store --dtype int8
   # WebDataset / img2dataset tar shards (ids: the samples' keys), on 2 nodes of 8 GPUs each
-  edje encode --model my-edje --shards "cc3m/{00000..00331}.tar" --out cc3m.store \
+  edje encode --model my-edje --shards "cc3m/{00000..00331}.tar" --out cc3m.store \\
       --devices 8 --num-nodes 2
 
 Run the same command again after an interruption: images already stored are skipped.
@@ -41,6 +44,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     source.add_argument(
         "--images", type=existing_folder, metavar="FOLDER", help="folder of image files (recursive)"
     )
+    source.add_argument(
+        "--data",
+        metavar="NAME_OR_DIR",
+        help="a data set named as in edje fit / eval (builtin, emoji, ...) or a data folder",
+    )
     source.add_argument("--dataset", metavar="NAME_OR_DIR", help="a Hugging Face dataset")
     source.add_argument(
         "--shards",
@@ -48,7 +56,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="PATTERN",
         help='local WebDataset tar shards, braces expanded ("data/{00000..00099}.tar")',
     )
-    what.add_argument("--split", default="train", help="dataset split (default: train)")
+    what.add_argument(
+        "--split", help="the split to encode (default: train for --dataset, every split for --data)"
+    )
     what.add_argument("--id-column", default="id", help="dataset column of image ids (default: id)")
     what.add_argument(
         "--image-column", default="image", help="dataset image column (default: image)"
@@ -101,12 +111,20 @@ def _load_source(args: argparse.Namespace):
             raise SystemExit(f"edje encode: {error}") from None
     import datasets
 
+    if args.data:
+        from edje.data import load_data
+
+        splits = load_data(args.data)
+        names = [args.split] if args.split else list(splits)
+        if unknown := [name for name in names if name not in splits]:
+            raise SystemExit(f"edje encode: {args.data} has splits {list(splits)}, not {unknown}")
+        return datasets.concatenate_datasets([splits[name] for name in names])
     path = args.dataset
     try:
         loaded = datasets.load_from_disk(path)  # a folder written by save_to_disk
     except (FileNotFoundError, ValueError):
-        return datasets.load_dataset(path, split=args.split)
-    return loaded[args.split] if isinstance(loaded, datasets.DatasetDict) else loaded
+        return datasets.load_dataset(path, split=args.split or "train")
+    return loaded[args.split or "train"] if isinstance(loaded, datasets.DatasetDict) else loaded
 
 
 def _load_encoders(args: argparse.Namespace):
@@ -155,8 +173,9 @@ def run(args: argparse.Namespace) -> int:
         vision_encoder=vision,
         image_processor=processor,
         compressor=compressor,
-        id_column=args.id_column,
-        image_column=args.image_column,
+        # --data: ids and images in the columns edje fit and eval read them from
+        id_column="image_id" if args.data else args.id_column,
+        image_column="image" if args.data else args.image_column,
         batch_size=args.batch_size,
         dtype=args.dtype,
         shard_size=args.shard_size,

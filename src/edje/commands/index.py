@@ -58,10 +58,13 @@ def run(args: argparse.Namespace) -> int:
 
     first_stage = load_embedding_model(args.first_stage)
     if args.store:
-        from edje.commands.search import index_from_store
         from edje.store import TokenStore
 
-        index, failures = index_from_store(TokenStore.open(args.store), first_stage), {}
+        store = TokenStore.open(args.store)
+        index = VectorIndex.from_store(
+            store, first_stage, factory=args.factory, batch_size=args.batch_size
+        )
+        failures = {}
     else:
         from edje.store.encode import find_images
 

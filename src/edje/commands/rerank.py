@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
             bar = progress(total, False if args.no_progress else None, "edje rerank", "line")
             with bar:
                 for batch in _batches(lines, reranker, args.batch_size, source):
-                    for record in _score(reranker, batch, args.logits):
+                    for record in _score(reranker, batch, args.logits, args.batch_size):
                         out.write(json.dumps(record, ensure_ascii=False) + "\n")
                     bar.update(len(batch))
 
@@ -120,7 +120,7 @@ def _parse(line: str, reranker, where: str) -> dict:
     return record
 
 
-def _score(reranker, batch: list[dict], logits: bool) -> list[dict]:
+def _score(reranker, batch: list[dict], logits: bool, batch_size: int) -> list[dict]:
     import torch
 
     pairs = []
@@ -128,7 +128,7 @@ def _score(reranker, batch: list[dict], logits: bool) -> list[dict]:
         documents = record.get("documents", [record.get("document")])
         pairs.extend((record["query"], d) for d in documents)
     activation = torch.nn.Identity() if logits else None
-    scores = reranker.predict(pairs, batch_size=len(pairs), activation_fn=activation).tolist()
+    scores = reranker.predict(pairs, batch_size=batch_size, activation_fn=activation).tolist()
     out, start = [], 0
     for record in batch:
         if "documents" in record:

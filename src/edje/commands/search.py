@@ -128,13 +128,18 @@ def unknown_caption_hint(args: argparse.Namespace) -> str:
 
 def search_images(args: argparse.Namespace, first_stage) -> list[dict]:
     """Caption -> images: index top-k, then `EDJEReranker.rank_many`."""
+    from edje.first_stage import VectorIndex
     from edje.rerank import EDJEReranker
     from edje.store import TokenStore
 
     if not args.store:
         raise SystemExit("edje search: caption -> image search needs --store (the image tokens)")
     store = TokenStore.open(args.store)
-    index = load_index(args.index) if args.index else index_from_store(store, first_stage)
+    index = (
+        VectorIndex.load(args.index, require_ids=True)
+        if args.index
+        else VectorIndex.from_store(store, first_stage)
+    )
     scores, positions = index.search(first_stage.encode_texts([args.query]), k=args.k)
     reranker = EDJEReranker(args.model, store=store, device=args.device, force_store=args.force)
     hits = reranker.rank_many([args.query], positions, scores, top_k=args.top, ids=index.ids)[0]
@@ -150,6 +155,8 @@ def search_captions(args: argparse.Namespace, first_stage) -> list[dict]:
 
     if not args.captions:
         raise SystemExit("edje search --images: give the candidate captions with --captions FILE")
+    from edje.data import read_captions
+
     captions = read_captions(args.captions)
     image = load_rgb(args.query)
     similarity = first_stage.encode_texts(captions) @ first_stage.encode_images([image])[0]
@@ -171,62 +178,6 @@ def search_captions(args: argparse.Namespace, first_stage) -> list[dict]:
         }
         for r, i in enumerate(order, 1)
     ]
-
-
-def load_index(path: str):
-    from edje.first_stage import VectorIndex
-
-    index = VectorIndex.load(path)
-    if index.ids is None:
-        raise SystemExit(f"edje search: the index {path} holds no ids; rebuild it with edje index")
-    return index
-
-
-def index_from_store(store, first_stage, ids=None):
-    """An exact index over a raw-token store's images (or those of `ids`); a compressed store
-    cannot be embedded."""
-    import torch
-
-    from edje.first_stage import VectorIndex
-
-    hint = (
-        "build an index with `edje index --first-stage F --images FOLDER --out INDEX` (ids: "
-        "paths relative to FOLDER, as `edje encode --images` names them) and pass --index INDEX"
-    )
-    if not store.is_raw:
-        raise SystemExit(
-            f"edje search: {store.path} holds compressed EDJE tokens, which the first stage "
-            f"cannot embed; {hint}."
-        )
-    ids, chunks = list(store.ids if ids is None else ids), []
-    try:
-        for start in range(0, len(ids), 256):
-            tokens = store.gather(ids[start : start + 256]).float()
-            chunks.append(first_stage.encode_vision_tokens(tokens))
-    except NotImplementedError as e:
-        raise SystemExit(f"edje search: {e}; {hint}.") from None
-    embeddings = torch.cat(chunks)
-    index = VectorIndex(embeddings.shape[1])
-    index.add(embeddings, ids=ids)
-    return index
-
-
-def read_captions(path: str) -> list[str]:
-    """One caption per line, or JSONL objects with "caption" / "text"; blank lines skipped."""
-    captions = []
-    with open(path, encoding="utf-8") as file:
-        for number, line in enumerate(file, 1):
-            line = line.strip()
-            if line.startswith("{"):
-                record = json.loads(line)
-                line = record.get("caption", record.get("text"))
-                if not isinstance(line, str):
-                    raise SystemExit(f'edje search: {path}:{number}: no "caption" or "text" field')
-            if line:
-                captions.append(line)
-    if not captions:
-        raise SystemExit(f"edje search: no captions in {path}")
-    return captions
 
 
 def print_table(hits: list[dict], what: str) -> None:

@@ -160,15 +160,15 @@ def _fill_from_quickstart(args: argparse.Namespace) -> None:
 def _collection(args: argparse.Namespace, reranker):
     """What the search page searches: the index's images (or the store's, restricted to the
     image folder's files when one is given)."""
-    from edje.commands.search import index_from_store, load_index, read_captions
-    from edje.first_stage import load_embedding_model
+    from edje.data import read_captions
+    from edje.first_stage import VectorIndex, load_embedding_model
     from edje.serving.search_page import Collection, image_ids_in
 
     first_stage = load_embedding_model(args.first_stage)
     if args.index:
-        index = load_index(args.index)
+        index = VectorIndex.load(args.index, require_ids=True)
     else:
         only = image_ids_in(args.images, reranker.store.ids) if args.images else None
-        index = index_from_store(reranker.store, first_stage, ids=only)
+        index = VectorIndex.from_store(reranker.store, first_stage, ids=only)
     captions = read_captions(args.captions) if args.captions else []
     return Collection(reranker, first_stage, index, images=args.images, captions=captions)

@@ -35,7 +35,7 @@ Example:
 from edje.data.builtin import make_builtin_dataset, make_builtin_scenes, save_builtin_dataset
 from edje.data.columns import from_dataset
 from edje.data.emoji import emoji_slices, load_emoji
-from edje.data.folder import load_image_folder
+from edje.data.folder import load_image_folder, read_captions
 from edje.data.karpathy import HubSource, load_coco_karpathy, load_flickr30k
 from edje.data.load import DATA_NAMES, load_data
 from edje.data.schema import SCHEMA, flatten_captions
@@ -54,5 +54,6 @@ __all__ = [
     "load_image_folder",
     "make_builtin_dataset",
     "make_builtin_scenes",
+    "read_captions",
     "save_builtin_dataset",
 ]

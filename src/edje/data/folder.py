@@ -32,12 +32,11 @@ from pathlib import Path
 
 import datasets
 
+from edje._utils import IMAGE_SUFFIXES
 from edje.data.columns import caption_list
 from edje.data.schema import make_dataset
 
-__all__ = ["IMAGE_EXTENSIONS", "load_image_folder"]
-
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+__all__ = ["load_image_folder", "read_captions"]
 METADATA_NAMES = ("metadata.jsonl", "metadata.csv")
 
 
@@ -147,7 +146,14 @@ def _merge_rows(rows: list[dict], metadata: Path) -> dict[str, tuple[str | None,
                 captions += caption_list(row[column], f"{where} ({file_name}), {column!r}")
         if not captions:
             raise ValueError(f"{where} ({file_name}): empty caption; expected a non-empty string")
-        image_id = row.get("image_id") or None
+        image_id = row.get("image_id")
+        if image_id in (None, ""):  # a CSV row may leave it empty: the file name's stem
+            image_id = None
+        elif not isinstance(image_id, str) or not image_id.strip():
+            raise ValueError(
+                f"{where} ({file_name}): expected image_id to be a non-empty string, got "
+                f"{image_id!r}"
+            )
         old_id, old_captions = by_file.get(file_name, (image_id, []))
         if old_id != image_id and image_id is not None and old_id is not None:
             raise ValueError(
@@ -162,7 +168,7 @@ def _check_uncaptioned(folder: Path, listed: set[str], skip: bool) -> None:
     on_disk = {
         p.relative_to(folder).as_posix()
         for p in folder.rglob("*")
-        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
     }
     uncaptioned = sorted(on_disk - {Path(f).as_posix() for f in listed})
     if not uncaptioned:
@@ -190,3 +196,29 @@ def _check_unique_ids(
         owner[image_id] = file_name
         ids.append(image_id)
     return ids
+
+
+def read_captions(path: str | Path) -> list[str]:
+    """The captions of a captions file: one per line, or JSONL objects with a "caption" (or
+    "text") field, as `edje quickstart` writes them; blank lines are skipped.
+
+    Raises:
+        ValueError: a JSON line that does not parse or has neither field, or no captions.
+    """
+    captions = []
+    with open(path, encoding="utf-8") as file:
+        for number, line in enumerate(file, 1):
+            line = line.strip()
+            if line.startswith("{"):
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+                line = record.get("caption", record.get("text"))
+                if not isinstance(line, str):
+                    raise ValueError(f'{path}:{number}: expected a "caption" or "text" string')
+            if line:
+                captions.append(line)
+    if not captions:
+        raise ValueError(f"{path}: expected captions, one per line or JSONL; found none")
+    return captions

@@ -61,7 +61,7 @@ def load_data(
 
     if isinstance(name, DatasetDict):
         return name
-    if isinstance(name, str) and "+" in name:
+    if isinstance(name, str) and "+" in name and not Path(name).is_dir():  # "c++/photos" is one
         return _combined(name.split("+"), data_dir=data_dir, seed=seed, builtin=builtin)
     if name == "builtin":
         return edje_data.make_builtin_dataset(seed=seed, **(builtin or {}))

@@ -118,8 +118,9 @@ class VectorIndex:
         return folder
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> VectorIndex:
-        """Read what ``save`` wrote."""
+    def load(cls, path: str | os.PathLike, *, require_ids: bool = False) -> VectorIndex:
+        """Read what ``save`` wrote; `require_ids`: refuse an index saved without ids (search
+        results must name images)."""
         import faiss
 
         folder = Path(path)
@@ -129,4 +130,41 @@ class VectorIndex:
         index = cls(meta["dim"], meta["factory"])
         index.index = faiss.read_index(str(folder / INDEX_NAME))
         index.ids = meta["ids"]
+        if require_ids and index.ids is None:
+            raise ValueError(f"the index {folder} holds no ids; rebuild it with `edje index`")
+        return index
+
+    @classmethod
+    def from_store(
+        cls,
+        store,
+        first_stage,
+        ids: Sequence[str] | None = None,
+        *,
+        factory: str = "Flat",
+        batch_size: int = 256,
+    ) -> VectorIndex:
+        """An index of the first stage's embeddings of a raw-token store's images (or of
+        those in `ids`), embedded from their stored tokens; a compressed store cannot be."""
+        hint = (
+            "build an index with `edje index --first-stage F --images FOLDER --out INDEX` "
+            "(ids: paths relative to FOLDER, as `edje encode --images` names them)"
+        )
+        if not store.is_raw:
+            raise ValueError(
+                f"{store.path} holds compressed EDJE tokens, which a first stage cannot embed; "
+                f"{hint}"
+            )
+        ids, chunks = list(store.ids if ids is None else ids), []
+        try:
+            for start in range(0, len(ids), batch_size):
+                tokens = store.gather(ids[start : start + batch_size]).float()
+                chunks.append(first_stage.encode_vision_tokens(tokens))
+        except NotImplementedError as error:
+            raise ValueError(f"{error}; {hint}") from None
+        embeddings = torch.cat(chunks)
+        index = cls(embeddings.shape[1], factory)
+        if not index.index.is_trained:
+            index.train(embeddings)
+        index.add(embeddings, ids=ids)
         return index

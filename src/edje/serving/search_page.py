@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from edje._utils import IMAGE_SUFFIXES
 from edje.fusion import fusion_weights
 from edje.serving.requests import RequestError, check_fields, check_query, parse_json, read_body
 
@@ -31,7 +32,6 @@ PAGE = Path(__file__).with_name("search_page.html")
 THUMBNAIL_SIDE = 192
 THUMBNAILS_KEPT = 2048
 MAX_K = 100
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 
 
 @dataclass

@@ -27,7 +27,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from PIL import Image
 
-from edje._utils import load_rgb
+from edje._utils import IMAGE_SUFFIXES, load_rgb
 from edje.image_tokens import pixel_inputs
 from edje.store.fingerprint import (
     RAW_ADAPTER,
@@ -48,7 +48,6 @@ __all__ = [
     "find_images",
 ]
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 Compressor = Callable[[torch.Tensor], torch.Tensor]  # [B, n, d_vis] -> [B, m, d]
 
 
