@@ -121,7 +121,9 @@ def test_index_goes_on_past_bad_images_lists_them_and_exits_1(files, tmp_path, c
 
 def test_search_without_an_index_on_a_compressed_store_says_how_to_build_one(files):
     root, _, _ = files
-    with pytest.raises(ValueError, match=r"holds compressed EDJE tokens.*edje index --first-stage"):
+    with pytest.raises(
+        ValueError, match=r"holds compressed EDJE tokens.*edje index --first-stage.*as --index"
+    ):
         main(["search", "--model", str(root / "edje"), "--first-stage", str(root / "probe"),
               "--store", str(root / "store"), "a cat"])  # fmt: skip
 

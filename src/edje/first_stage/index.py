@@ -148,7 +148,8 @@ class VectorIndex:
         those in `ids`), embedded from their stored tokens; a compressed store cannot be."""
         hint = (
             "build an index with `edje index --first-stage F --images FOLDER --out INDEX` "
-            "(ids: paths relative to FOLDER, as `edje encode --images` names them)"
+            "(ids: paths relative to FOLDER, as `edje encode --images` names them) and pass it "
+            "as --index"
         )
         if not store.is_raw:
             raise ValueError(
