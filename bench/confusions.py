@@ -15,7 +15,9 @@ On the emoji set (`--data emoji`) the siblings of an emoji are the drawings of i
 differ from it in skin tone alone ("a woman detective with medium-dark skin" against the light
 one) or in gender alone (against "a man detective with medium-dark skin"); for each caption
 and each such sibling it reports how often the caption's own drawing wins. `--first-stage`
-adds the same shares for the first stage's cosine similarities.
+adds the same shares for the first stage's cosine similarities, and `top1`: T2I R@1 of the
+first stage and of EDJE on captions of concepts train holds and of held-out concepts, and
+whether EDJE's wrong top-1 picks (own image in the top 10) are siblings or other concepts.
 """
 
 from __future__ import annotations
@@ -137,7 +139,38 @@ def emoji_confusions(model, processor, store, split: str, first_stage=None) -> d
             return (embedder.encode_texts([caption]) @ images.T)[0]
 
         result["first_stage"] = sibling_accuracy(cosine, captions, pairs)
+        result["top1"] = top1_by_concept(model, processor, store, split, embedder)
     return result
+
+
+def top1_by_concept(model, processor, store, split: str, first_stage) -> dict:
+    """T2I R@1 of the first stage and of EDJE (its top 10 reranked) on captions whose concept
+    train holds and on held-out concepts, and what EDJE's wrong top-1 picks are."""
+    from edje.evaluation import evaluate
+
+    data = load_emoji()
+    seen = {emoji_info(i).concept for i in data["train"]["image_id"]}
+    ids = data[split]["image_id"]
+    report = evaluate(data[split], first_stage, model, processor, store, k=10, fusion=None,
+                      show_progress_bar=False)  # fmt: skip
+    c = report.candidates
+    hits = {name: {"first_stage": [], "edje": []} for name in ("seen", "held_out")}
+    picks = {"another concept": 0, "a sibling": 0}
+    for query, candidates in enumerate(c.t2i[:, :10].tolist()):
+        own = int(c.text_to_image[query])
+        edje_top = candidates[int(c.t2i_rerank[query, :10].argmax())]
+        group = hits["seen" if emoji_info(ids[own]).concept in seen else "held_out"]
+        group["first_stage"].append(candidates[0] == own)
+        group["edje"].append(edje_top == own)
+        if edje_top != own and own in candidates:
+            same = emoji_info(ids[edje_top]).concept == emoji_info(ids[own]).concept
+            picks["a sibling" if same else "another concept"] += 1
+    result = {
+        f"{name}_{who}_r1": round(100 * sum(h) / max(len(h), 1), 1)
+        for name, group in hits.items() for who, h in group.items()
+    }  # fmt: skip
+    result |= {f"{name}_captions": len(group["edje"]) for name, group in hits.items()}
+    return result | {f"edje_wrong_top1_{kind}": n for kind, n in picks.items()}
 
 
 if __name__ == "__main__":
