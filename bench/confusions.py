@@ -120,7 +120,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 
 def emoji_confusions(model, processor, store, split: str, first_stage=None) -> dict:
-    ids = load_emoji()[split]["image_id"]
+    data = load_emoji()
+    ids = data[split]["image_id"]
     captions = {i: emoji_info(i).caption for i in ids}
     pairs = emoji_siblings(ids)
 
@@ -139,16 +140,16 @@ def emoji_confusions(model, processor, store, split: str, first_stage=None) -> d
             return (embedder.encode_texts([caption]) @ images.T)[0]
 
         result["first_stage"] = sibling_accuracy(cosine, captions, pairs)
-        result["top1"] = top1_by_concept(model, processor, store, split, embedder)
+        result["top1"] = top1_by_concept(model, processor, store, data, split, embedder)
     return result
 
 
-def top1_by_concept(model, processor, store, split: str, first_stage) -> dict:
-    """T2I R@1 of the first stage and of EDJE (its top 10 reranked) on captions whose concept
-    train holds and on held-out concepts, and what EDJE's wrong top-1 picks are."""
+def top1_by_concept(model, processor, store, data, split: str, first_stage) -> dict:
+    """T2I R@1 of the first stage and of EDJE (its top 10 reranked) on `data[split]`'s captions
+    whose concept `data["train"]` holds and on held-out concepts, and what EDJE's wrong top-1
+    picks are."""
     from edje.evaluation import evaluate
 
-    data = load_emoji()
     seen = {emoji_info(i).concept for i in data["train"]["image_id"]}
     ids = data[split]["image_id"]
     report = evaluate(data[split], first_stage, model, processor, store, k=10, fusion=None,
