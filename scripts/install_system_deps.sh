@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# The system packages edje needs beyond pip: Noto Color Emoji (the drawings of edje.data.emoji)
-# and, with --browser, Chromium (the search page's browser test, tests/test_search_page.py).
+# The system packages edje needs beyond pip: Noto Color Emoji (the drawings of edje.data.emoji),
+# npm (fetches the icon corpus's packages: edje data build icons) and, with --browser, Chromium
+# (the search page's browser test, tests/test_search_page.py).
 # Returns at once when they are there; otherwise installs them with apt-get (as root).
 set -euo pipefail
 FONT=/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf
 missing=()
 if [ ! -f "$FONT" ] && [ ! -f "${EDJE_EMOJI_FONT:-}" ]; then
   missing+=(fonts-noto-color-emoji)
+fi
+if ! command -v npm >/dev/null 2>&1; then
+  missing+=(npm)
 fi
 if [ "${1:-}" = "--browser" ] && ! command -v chromium >/dev/null 2>&1 \
     && [ ! -x "${EDJE_CHROMIUM:-}" ]; then

@@ -15,6 +15,8 @@ DOCTESTED = [
     "edje.data",
     "edje.data.builtin",
     "edje.data.emoji",
+    "edje.data.icon_captions",
+    "edje.data.npm",
     "edje.data.load",
     "edje.evaluation.metrics",
     "edje.fusion",

@@ -70,7 +70,16 @@ from PIL import Image, ImageDraw, ImageFont
 
 from edje.data.schema import make_dataset
 
-__all__ = ["FONT_ENV", "EmojiInfo", "emoji_info", "emoji_slices", "find_emoji_font", "load_emoji"]
+__all__ = [
+    "FONT_ENV",
+    "EmojiHoldOut",
+    "EmojiInfo",
+    "emoji_hold_out",
+    "emoji_info",
+    "emoji_slices",
+    "find_emoji_font",
+    "load_emoji",
+]
 
 FONT_ENV = "EDJE_EMOJI_FONT"
 DEFAULT_FONT = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
@@ -348,6 +357,40 @@ def _assign(infos: list[EmojiInfo], seed: int, validation: float, test: float) -
     return split
 
 
+@dataclass(frozen=True)
+class EmojiHoldOut:
+    """What ``load_emoji`` keeps out of train: concepts and (concept, gender, tones) triples,
+    each mapped to "validation" or "test". The icon corpus holds the same out in every style."""
+
+    concepts: dict[str, str]
+    triples: dict[tuple, str]
+
+
+def emoji_hold_out(
+    font_path: str | os.PathLike | None = None,
+    seed: int = 0,
+    validation_concepts: float = 0.05,
+    test_concepts: float = 0.1,
+) -> EmojiHoldOut:
+    """The hold-out of ``load_emoji`` with the same arguments (draws the emoji to know which
+    the font has, as ``load_emoji`` does; encodes no image)."""
+    infos = [
+        emoji_info(char) for char in _drawn(_qualified(), _open_font(find_emoji_font(font_path)))
+    ]
+    concepts = sorted({info.concept for info in infos})
+    val, test = _held_out_concepts(concepts, seed, validation_concepts, test_concepts)
+    rest = [i for i in infos if i.concept not in val | test]
+    return EmojiHoldOut(
+        {c: "validation" for c in val} | {c: "test" for c in test}, _held_out_triples(rest, seed)
+    )
+
+
+def _qualified() -> list[str]:
+    emoji = _emoji_package()
+    fully = emoji.STATUS["fully_qualified"]
+    return sorted(char for char, data in emoji.EMOJI_DATA.items() if data["status"] == fully)
+
+
 # ---- the data set ----
 
 
@@ -377,14 +420,7 @@ def load_emoji(
             "load_emoji: validation_concepts and test_concepts must be >= 0 and sum below 1, got "
             f"{validation_concepts} and {test_concepts}"
         )
-    font = _open_font(find_emoji_font(font_path))
-    emoji = _emoji_package()
-    qualified = sorted(
-        char
-        for char, data in emoji.EMOJI_DATA.items()
-        if data["status"] == emoji.STATUS["fully_qualified"]
-    )
-    drawn = _drawn(qualified, font)
+    drawn = _drawn(_qualified(), _open_font(find_emoji_font(font_path)))
     infos = [emoji_info(char) for char in drawn]
     splits = _assign(infos, seed, validation_concepts, test_concepts)
     rows = defaultdict(list)

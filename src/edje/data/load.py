@@ -1,7 +1,9 @@
 """`load_data`: every data set by one name, the same for `edje fit`, `eval`, `encode`, `index`
 and the quickstart.
 
-A name is `"builtin"`, `"emoji"`, `"flickr30k"`, `"coco"`, or a folder of your own images;
+A name is `"builtin"`, `"emoji"`, `"flickr30k"`, `"coco"`, one of the icon corpus's evaluation
+sets (`"icons-heldout-style"`, ...: `ICON_SETS`, built by `edje data build icons`; `data_dir`
+is the corpus folder, by default `<edje cache>/icons`), or a folder of your own images;
 names joined by `+` (`"builtin+emoji"`, the quickstart's) give each split of all of them
 together (their image ids must not collide):
 
@@ -43,7 +45,15 @@ __all__ = ["DATA_NAMES", "SPLITS", "load_data"]
 
 logger = logging.getLogger(__name__)
 SPLITS = ("train", "validation", "test")
-DATA_NAMES = ("builtin", "emoji", "flickr30k", "coco")
+ICON_SETS = (
+    "icons-heldout-concepts",
+    "icons-heldout-noto",
+    "icons-heldout-emojione",
+    "icons-heldout-style",
+    "icons-heldout-set",
+    "icons-validation",
+)
+DATA_NAMES = ("builtin", "emoji", "flickr30k", "coco", *ICON_SETS)
 HELD_OUT = 0.1  # share of train held out as validation when no validation split is given
 
 
@@ -55,7 +65,8 @@ def load_data(
     builtin: dict[str, int] | None = None,
 ) -> DatasetDict:
     """The splits of a named data set or a folder (see the module docstring); a `DatasetDict`
-    in edje's schema is returned as it is. `data_dir` is where Flickr30k / COCO files are;
+    in edje's schema is returned as it is. `data_dir` is where Flickr30k / COCO files or the
+    icon corpus are;
     `builtin` sizes the built-in set (`make_builtin_dataset`'s `n_*` arguments)."""
     from edje import data as edje_data
 
@@ -67,6 +78,8 @@ def load_data(
         return edje_data.make_builtin_dataset(seed=seed, **(builtin or {}))
     if name == "emoji":
         return edje_data.load_emoji()
+    if name in ICON_SETS:  # built by `edje data build icons` (edje.data.icon_shards)
+        return _folder_splits(_icon_set_folder(name, data_dir))
     if name in ("flickr30k", "coco"):
         load = edje_data.load_flickr30k if name == "flickr30k" else edje_data.load_coco_karpathy
         return DatasetDict({split: load(split, data_dir=data_dir) for split in SPLITS})
@@ -77,6 +90,18 @@ def load_data(
             f"got {str(name)!r}"
         )
     return _with_validation(_folder_splits(folder))
+
+
+def _icon_set_folder(name: str, data_dir: str | None) -> Path:
+    from edje.backbones import cache_dir
+
+    corpus = Path(data_dir) if data_dir else cache_dir() / "icons"
+    if not (corpus / name / "test").is_dir():
+        raise ValueError(
+            f"load_data: {name} is not built in {corpus}; build it with `edje data build icons"
+            f" --out {corpus}` (or pass the corpus folder as data_dir)"
+        )
+    return corpus / name
 
 
 def _combined(names: list[str], **options) -> DatasetDict:

@@ -255,6 +255,37 @@ class LinearProbeEmbedding(EmbeddingModel):
             **fit_kwargs,
         )
 
+    def fit_shards(
+        self,
+        shards: str | Sequence[str],
+        *,
+        max_images: int | None = None,
+        batch_size: int = 64,
+        show_progress_bar: bool | None = None,
+        **fit_kwargs: Any,
+    ) -> list[float]:
+        """``fit_dataset`` over the samples of tar shards (``edje.data.shards.ShardImages``:
+        each sample's image and its caption), or ``max_images`` of them spread evenly."""
+        from edje.data.shards import ShardImages
+
+        samples = ShardImages(shards)
+        rows = [i for i, caption in enumerate(samples.captions) if caption]
+        if max_images is not None and max_images < len(rows):
+            rows = [rows[i * len(rows) // max_images] for i in range(max_images)]
+        if not rows:
+            raise ValueError(f"{type(self).__name__}.fit_shards: no captioned sample in {shards}")
+        images = _ShardPictures(samples, rows)
+        image_features = self.backbones.image_features(images, batch_size, show_progress_bar)
+        texts = [samples.captions[i] for i in rows]
+        text_features = self.backbones.text_features(texts, show_progress_bar=show_progress_bar)
+        return self.fit(
+            image_features,
+            text_features,
+            torch.arange(len(rows)),
+            show_progress_bar=show_progress_bar,
+            **fit_kwargs,
+        )
+
     # -- saving ------------------------------------------------------------------------------
 
     def config(self) -> dict[str, Any]:
@@ -315,6 +346,23 @@ class LinearProbeEmbedding(EmbeddingModel):
         model = cls(config["vision"], config["text"], **{k: config[k] for k in names})
         model.load_state_dict(load_file(folder / WEIGHTS_NAME))
         return model
+
+
+class _ShardPictures(Sequence):
+    """Chosen samples of `ShardImages`, decoded when a batch asks for them."""
+
+    def __init__(self, samples, rows: list[int]):
+        self.samples, self.rows = samples, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index):
+        from edje._utils import load_rgb
+
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        return load_rgb(self.samples[self.rows[index]])
 
 
 @torch.no_grad()
