@@ -178,6 +178,8 @@ def test_the_build_is_deterministic_and_resumes_without_rendering_kept_shards(
     second = build_icon_corpus(again, source=source, shard_size=4, workers=1, show_progress=False)
     assert kept.stat().st_mtime == 1  # kept, not rendered again
     assert second["shards"] == first["shards"]
+    with pytest.raises(ValueError, match="other image_size"):  # shards of another size stay
+        build_icon_corpus(again, source=source, image_size=64, shard_size=4, workers=1)
 
 
 def test_evaluation_sets_load_by_name(corpus):

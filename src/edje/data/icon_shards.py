@@ -9,6 +9,7 @@ Layout of `OUT` (`edje data build icons --out OUT`):
     icons-heldout-style/test/ ... metadata.jsonl), at most `eval_size` images each
     ATTRIBUTION.md, attribution.json   every set: author, licence, images per split
     holdout.json               the held-out concepts, labels and sets (what `check` tests)
+    options.json               what it was built with: a later run with others is refused
     manifest.json              packages, options, every shard's samples and sha256
 
 Deterministic: the same packages and options give the same bytes (samples ordered by a hash
@@ -82,11 +83,11 @@ def build_icon_corpus(
         from edje.backbones import cache_dir
 
         source = IconSource.fetch(cache if cache is not None else cache_dir())
+    _check_options(out, {"image_size": image_size, "shard_size": shard_size, "sets": sets})
     icons = list(catalogue(source, sets))
     by_split: dict[str, list[Icon]] = defaultdict(list)
     for icon in sorted(icons, key=lambda i: _digest(i.key)):
         by_split[icon.split].append(icon)
-    out.mkdir(parents=True, exist_ok=True)
     jobs = [
         (out / split / f"{n:05d}.tar", chunk, image_size)
         for split in SHARDED_SPLITS
@@ -109,6 +110,25 @@ def build_icon_corpus(
     _write_attribution(out, source, icons)
     _write_json(out / "manifest.json", manifest)
     return manifest
+
+
+def _check_options(out: Path, options: dict) -> None:
+    """Shards of an earlier run are kept only if it had these options (`options.json`)."""
+    from edje.data.icons import PACKAGES
+
+    options = options | {"packages": {p.name: p.version for p in PACKAGES.values()}}
+    path = out / "options.json"
+    if path.is_file():
+        before = json.loads(path.read_text(encoding="utf-8"))
+        if before != options:
+            changed = sorted(k for k in options if before.get(k) != options[k])
+            raise ValueError(
+                f"build_icon_corpus: {out} was built with other {', '.join(changed)} "
+                f"({ {k: before.get(k) for k in changed} }); build into a new folder"
+            )
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(path, options)
 
 
 def _chunks(items: list, size: int) -> list[list]:
