@@ -65,7 +65,7 @@ def main() -> None:
     codes = set()
     for prefix, names in PICKS.items():
         full = json.loads((roots["iconify"] / "json" / f"{prefix}.json").read_text())
-        part = {k: v for k, v in full.items() if k not in ("icons", "aliases", "chars")}
+        part = {k: v for k, v in full.items() if k in ("prefix", "info", "width", "height")}
         part["icons"] = {n: full["icons"][n] for n in names}
         part["aliases"] = {a: d for a, d in full.get("aliases", {}).items() if d["parent"] in names}
         part["chars"] = {c: n for c, n in full.get("chars", {}).items() if n in names}
