@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -97,16 +97,18 @@ def progress(total: int, show: bool | None, desc: str, unit: str = "it"):
 def load_rgb(image: Any) -> Image.Image:
     """Decode ``image`` (path, bytes, ``{"bytes", "path"}`` or PIL image) to an RGB image.
 
-    Grayscale, palette, CMYK and 16-bit images are converted; transparency is composited over
-    white. Pillow's decompression-bomb limit stays on and also refuses images past the
-    warning threshold. Raises ``ValueError`` with the reason when the image cannot be decoded.
+    The EXIF orientation tag is applied (a phone photo stored sideways comes back upright, as
+    ``transformers.image_utils.load_image`` and ``datasets.Image`` give it). Grayscale, palette,
+    CMYK and 16-bit images are converted; transparency is composited over white. Pillow's
+    decompression-bomb limit stays on and also refuses images past the warning threshold.
+    Raises ``ValueError`` with the reason when the image cannot be decoded.
     """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = image if isinstance(image, Image.Image) else Image.open(_as_file(image))
             img.load()
-            return _to_rgb(img)
+            return _to_rgb(_upright(img))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ValueError(f"decompression bomb refused: {e}") from None
     except Exception as e:  # truncated, not an image, zero bytes, unsupported mode...
@@ -121,6 +123,13 @@ def _as_file(image: Any) -> Any:
     if isinstance(image, str | Path):
         return str(image)
     raise TypeError(f"expected a path, bytes or a PIL image, got {type(image).__name__}")
+
+
+def _upright(img: Image.Image) -> Image.Image:
+    """``img`` turned as its EXIF orientation tag says (a new image; the caller's is untouched)."""
+    if img.getexif().get(ExifTags.Base.Orientation, 1) in (0, 1):
+        return img  # nothing to turn: no copy
+    return ImageOps.exif_transpose(img)
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
