@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from conftest import make_tiny_model, spread_weights_
+from edje._utils import load_rgb
 from edje.data.schema import make_dataset
 from edje.evaluation import evaluate
 from edje.first_stage import EmbeddingModel
@@ -64,12 +65,14 @@ def logit_of(model, processor, picture: Image.Image) -> float:
 
 def logits_through_every_door(model, processor, file, tmp_path) -> dict[str, float]:
     """EDJE's logit for `CAPTION` and the picture in `file`, through each door that decodes it:
-    the reranker (PIL image, Path, str), `edje encode`'s store, evaluation and `edje
+    the reranker (PIL image, Path, str, bytes, array), `edje encode`'s store, evaluation and `edje
     serve`."""
     reranker = EDJEReranker(model, processor=processor, device="cpu")
     identity = torch.nn.Identity()
     logits = {}
-    for door, document in (("PIL", Image.open(file)), ("Path", file), ("str", str(file))):
+    documents = {"PIL": Image.open(file), "Path": file, "str": str(file),
+                 "bytes": file.read_bytes(), "array": np.asarray(load_rgb(file))}  # fmt: skip
+    for door, document in documents.items():
         logits[door] = float(reranker.predict([(CAPTION, document)], activation_fn=identity)[0])
 
     store_path = tmp_path / "doors.store"
@@ -128,8 +131,6 @@ def test_a_sideways_phone_jpeg_scores_as_its_upright_copy_through_every_door(
     model, tiny_processor, tmp_path
 ):
     from transformers.image_utils import load_image
-
-    from edje._utils import load_rgb
 
     folder = tmp_path / "images"
     folder.mkdir()

@@ -95,7 +95,8 @@ def progress(total: int, show: bool | None, desc: str, unit: str = "it"):
 
 
 def load_rgb(image: Any) -> Image.Image:
-    """Decode ``image`` (path, bytes, ``{"bytes", "path"}`` or PIL image) to an RGB image.
+    """Decode ``image`` (path, bytes, ``{"bytes", "path"}``, uint8 array or PIL image) to an RGB
+    image.
 
     The EXIF orientation tag is applied (a phone photo stored sideways comes back upright, as
     ``transformers.image_utils.load_image`` and ``datasets.Image`` give it). Grayscale, palette,
@@ -106,13 +107,29 @@ def load_rgb(image: Any) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = image if isinstance(image, Image.Image) else Image.open(_as_file(image))
+            img = image if isinstance(image, Image.Image) else _opened(image)
             img.load()
             return _to_rgb(_upright(img))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ValueError(f"decompression bomb refused: {e}") from None
     except Exception as e:  # truncated, not an image, zero bytes, unsupported mode...
         raise ValueError(f"{type(e).__name__}: {e}") from None
+
+
+def _opened(image: Any) -> Image.Image:
+    if hasattr(image, "__array_interface__"):  # a numpy array of pixels, as Image.fromarray
+        return _from_array(image)
+    return Image.open(_as_file(image))
+
+
+def _from_array(array: Any) -> Image.Image:
+    shape, dtype = tuple(array.shape), str(array.dtype)
+    if dtype != "uint8" or not (len(shape) == 2 or (len(shape) == 3 and shape[2] in (1, 3, 4))):
+        raise TypeError(
+            f"an image array must be uint8 [H, W], [H, W, 1], [H, W, 3] or [H, W, 4]; "
+            f"got {dtype} {list(shape)}"
+        )
+    return Image.fromarray(array[..., 0] if len(shape) == 3 and shape[2] == 1 else array)
 
 
 def _as_file(image: Any) -> Any:
@@ -122,7 +139,9 @@ def _as_file(image: Any) -> Any:
         return io.BytesIO(image)
     if isinstance(image, str | Path):
         return str(image)
-    raise TypeError(f"expected a path, bytes or a PIL image, got {type(image).__name__}")
+    raise TypeError(
+        f"expected a path, bytes, a uint8 array or a PIL image, got {type(image).__name__}"
+    )
 
 
 def _upright(img: Image.Image) -> Image.Image:
