@@ -5,8 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from edje.commands import count, existing_folder, folder_or_id, output_folder
-from edje.scoring import BACKENDS
+from edje.commands import (
+    add_scoring_options,
+    count,
+    existing_folder,
+    folder_or_id,
+    output_folder,
+    scoring_options,
+)
 
 EXAMPLE = """examples:
   # the built-in offline set: train the offline first stage on its train split, then evaluate
@@ -53,12 +59,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="builtin | emoji | FOLDER | flickr30k [DATA_DIR] | coco [DATA_DIR] (see "
         "edje.data.load_data; 'folder FOLDER' also works)",
     )
-    parser.add_argument(
-        "--backend",
-        choices=BACKENDS,
-        default="fast",
-        help="scoring backend (edje.scoring; default: fast)",
-    )
+    add_scoring_options(parser)
     parser.add_argument("--split", default="test", help="split to evaluate (default: test)")
     parser.add_argument(
         "--store",
@@ -165,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
         extra_k=args.extra_k,
         batch_size=args.batch_size,
         device=args.device,
-        backend=args.backend,
+        **scoring_options(args),
         dataset_name=args.data[1] if args.data[0] == "folder" else args.data[0],
         show_progress_bar=True,
         force_store=args.force,
