@@ -5,9 +5,11 @@ A name is `"builtin"`, `"emoji"`, `"flickr30k"`, `"coco"`, or a folder of your o
 names joined by `+` (`"builtin+emoji"`, the quickstart's) give each split of all of them
 together (their image ids must not collide):
 
-- one folder with `metadata.jsonl` / `metadata.csv`: the train split;
-- or split folders `train/`, `validation/`, `test/`, each with its own metadata. Image ids get
-  the split folder's name in front (`test/0000`), so the same file name may appear in several.
+- one folder with `metadata.jsonl`, `.csv` or `.parquet` (`edje.data.folder`): the train split;
+- or split folders, each with its own metadata, named as `datasets`' imagefolder names them:
+  `train/` (or `training/`), `validation/` (`valid/`, `dev/`, `val/`), `test/` (`testing/`,
+  `eval/`, `evaluation/`). Image ids get the split folder's name in front (`test/0000`), so the
+  same file name may appear in several.
 
 Without a validation split, a deterministic tenth of train (at least one image, chosen by a
 hash of the image id) is held out as validation, and a log line says so: export selection and
@@ -43,6 +45,12 @@ __all__ = ["DATA_NAMES", "SPLITS", "load_data"]
 
 logger = logging.getLogger(__name__)
 SPLITS = ("train", "validation", "test")
+# The folder names of each split, as datasets' imagefolder reads them (its SPLIT_KEYWORDS).
+SPLIT_FOLDERS = {
+    "train": ("train", "training"),
+    "validation": ("validation", "valid", "dev", "val"),
+    "test": ("test", "testing", "eval", "evaluation"),
+}
 DATA_NAMES = ("builtin", "emoji", "flickr30k", "coco")
 HELD_OUT = 0.1  # share of train held out as validation when no validation split is given
 
@@ -53,15 +61,23 @@ def load_data(
     data_dir: str | None = None,
     seed: int = 0,
     builtin: dict[str, int] | None = None,
+    caption_column: str | None = None,
 ) -> DatasetDict:
     """The splits of a named data set or a folder (see the module docstring); a `DatasetDict`
     in edje's schema is returned as it is. `data_dir` is where Flickr30k / COCO files are;
-    `builtin` sizes the built-in set (`make_builtin_dataset`'s `n_*` arguments)."""
+    `builtin` sizes the built-in set (`make_builtin_dataset`'s `n_*` arguments);
+    `caption_column` names a folder's caption column (`edje.data.folder`)."""
     from edje import data as edje_data
 
     if isinstance(name, DatasetDict):
         return name
-    if isinstance(name, str) and "+" in name and not Path(name).is_dir():  # "c++/photos" is one
+    folder = Path(name)
+    if caption_column is not None and not folder.is_dir():
+        raise ValueError(
+            f"load_data: caption_column names a column of a folder's metadata; {str(name)!r} "
+            "is not a folder"
+        )
+    if isinstance(name, str) and "+" in name and not folder.is_dir():  # "c++/photos" is one
         return _combined(name.split("+"), data_dir=data_dir, seed=seed, builtin=builtin)
     if name == "builtin":
         return edje_data.make_builtin_dataset(seed=seed, **(builtin or {}))
@@ -70,13 +86,12 @@ def load_data(
     if name in ("flickr30k", "coco"):
         load = edje_data.load_flickr30k if name == "flickr30k" else edje_data.load_coco_karpathy
         return DatasetDict({split: load(split, data_dir=data_dir) for split in SPLITS})
-    folder = Path(name)
     if not folder.is_dir():
         raise ValueError(
             f"load_data: expected one of {DATA_NAMES} or a folder of images with metadata, "
             f"got {str(name)!r}"
         )
-    return _with_validation(_folder_splits(folder))
+    return _with_validation(_folder_splits(folder, caption_column))
 
 
 def _combined(names: list[str], **options) -> DatasetDict:
@@ -91,15 +106,35 @@ def _combined(names: list[str], **options) -> DatasetDict:
     return combined
 
 
-def _folder_splits(folder: Path) -> DatasetDict:
+def split_folders(folder: Path) -> dict[str, Path]:
+    """`folder`'s split folders by split (`{"validation": folder / "val", ...}`), named as
+    imagefolder names them; two folders of one split are refused, not merged silently."""
+    found = {}
+    for split, names in SPLIT_FOLDERS.items():
+        present = [folder / n for n in names if (folder / n).is_dir()]
+        if len(present) > 1:
+            raise ValueError(
+                f"load_data: {folder} has {len(present)} {split} folders "
+                f"({', '.join(p.name + '/' for p in present)}); keep one"
+            )
+        if present:
+            found[split] = present[0]
+    return found
+
+
+def _folder_splits(folder: Path, caption_column: str | None) -> DatasetDict:
     from edje.data.folder import load_image_folder
 
-    present = [s for s in SPLITS if (folder / s).is_dir()]
+    present = split_folders(folder)
     if not present:
-        return DatasetDict({"train": load_image_folder(folder, split="train")})
-    return DatasetDict(
-        {s: load_image_folder(folder / s, split=s, id_prefix=f"{s}/") for s in present}
-    )
+        return DatasetDict(
+            {"train": load_image_folder(folder, split="train", caption_column=caption_column)}
+        )
+    return DatasetDict({
+        split: load_image_folder(path, split=split, id_prefix=f"{path.name}/",
+                                 caption_column=caption_column)
+        for split, path in present.items()
+    })  # fmt: skip
 
 
 def _with_validation(splits: DatasetDict) -> DatasetDict:
