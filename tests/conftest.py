@@ -195,3 +195,22 @@ def http_json(url: str, payload=None, *, body: bytes | None = None, method=None,
     except urllib.error.HTTPError as error:
         with error:
             return error.code, json.loads(error.read())
+
+
+def absolute_paths(file) -> list[str]:
+    """The strings of a saved JSON (or the words of a card) that are absolute local paths."""
+    import re
+
+    if file.suffix != ".json":
+        return re.findall(r"(?<![\w.:])/(?:home|work|tmp|usr|root|opt)/\S+", file.read_text())
+    found = []
+
+    def walk(value):
+        if isinstance(value, dict | list):
+            for item in value.values() if isinstance(value, dict) else value:
+                walk(item)
+        elif isinstance(value, str) and (value.startswith("/") or "site-packages" in value):
+            found.append(value)
+
+    walk(json.loads(file.read_text()))
+    return found

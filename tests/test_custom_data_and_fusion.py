@@ -299,9 +299,12 @@ def test_the_card_yaml_holds_a_model_index_equal_to_the_report(tiny_processor, t
     report.reranked_metrics = {"image_retrieval_recall@1": 0.333, "text_retrieval_recall@1": 0.667}
     report.fused_metrics = {"image_retrieval_recall@1": 1.0, "text_retrieval_recall@1": 1.0}
     model = make_tiny_model(tiny_processor, tiny_vision_encoder)
-    card = render_model_card(model, report=report, repo_id="me/edje-toy")
+    card = render_model_card(model, report=report, repo_id="me/edje-toy",
+                             datasets=["umaru97/flickr30k_train_val_test"])  # fmt: skip
     metadata = yaml.safe_load(card.split("---")[1])
     assert metadata["library_name"] == "edje" and metadata["metrics"] == ["recall"]
+    assert metadata["license"] == "apache-2.0" and metadata["pipeline_tag"] == "text-ranking"
+    assert metadata["datasets"] == ["umaru97/flickr30k_train_val_test"]
     (entry,) = metadata["model-index"]
     found = {m["name"]: m["value"] for result in entry["results"] for m in result["metrics"]}
     expected = {f"{row} {k}": v for row, table in (("reranked", report.reranked_metrics),

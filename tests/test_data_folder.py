@@ -310,3 +310,13 @@ def test_read_captions_takes_lines_or_jsonl_and_names_the_bad_line(tmp_path):
     path.write_text("\n\n")
     with pytest.raises(ValueError, match="expected captions"):
         read_captions(path)
+
+
+def test_hub_datasets_names_only_hub_sources_for_a_card(tmp_path):
+    from edje.data.load import hub_datasets
+
+    assert hub_datasets("builtin+flickr30k+coco") == [
+        "umaru97/flickr30k_train_val_test",
+        "yerevann/coco-karpathy",
+    ]
+    assert hub_datasets(str(tmp_path)) == [] and hub_datasets("emoji") == []

@@ -52,6 +52,34 @@ def test_shipped_checkpoint_is_compact_fp16_within_30_mb_with_no_code_or_pickles
     assert any(key.startswith("itm_head.") for key in keys)
 
 
+def test_the_shipped_card_metadata_has_license_pipeline_tag_and_both_evaluations(checkpoint):
+    import yaml
+
+    from edje.evaluation.report import EvaluationReport
+    from edje.model_card import eval_results
+
+    metadata = yaml.safe_load((checkpoint / "README.md").read_text().split("---")[1])
+    assert metadata["license"] == "apache-2.0" and metadata["pipeline_tag"] == "text-ranking"
+    (entry,) = metadata["model-index"]
+    found = {(r["dataset"]["name"], m["name"]): m["value"]
+             for r in entry["results"] for m in r["metrics"]}  # fmt: skip
+    expected = {}
+    for name in DATA_SETS:
+        report = EvaluationReport.from_dict(shipped_report(checkpoint, name))
+        expected |= {(e.dataset_name, e.metric_name): e.metric_value for e in eval_results(report)}
+    assert found == expected and len(found) == 12  # R@1/5/10 both ways, on both sets
+
+
+def test_no_shipped_file_holds_an_absolute_path(checkpoint):
+    """Saved files name backbones by their offline names, never by where they were installed
+    (the text config's `_name_or_path` used to keep the MiniLM package's folder)."""
+    from conftest import absolute_paths
+
+    for file in sorted(checkpoint.parent.rglob("*")):  # the model and its first stages
+        if file.suffix in (".json", ".md"):
+            assert absolute_paths(file) == [], file
+
+
 def test_shipped_checkpoint_loads_offline_with_both_backbones_resolved_by_name(checkpoint):
     model = EDJEModel.from_pretrained(checkpoint).eval()
     processor = EDJEProcessor.from_pretrained(checkpoint)

@@ -41,7 +41,7 @@ from pathlib import Path
 
 from datasets import DatasetDict, concatenate_datasets
 
-__all__ = ["DATA_NAMES", "SPLITS", "load_data"]
+__all__ = ["DATA_NAMES", "SPLITS", "hub_datasets", "load_data"]
 
 logger = logging.getLogger(__name__)
 SPLITS = ("train", "validation", "test")
@@ -92,6 +92,15 @@ def load_data(
             f"got {str(name)!r}"
         )
     return _with_validation(_folder_splits(folder, caption_column))
+
+
+def hub_datasets(name: str) -> list[str]:
+    """The Hub ids of the sets `name` loads from the Hub (a model card's `datasets`): the
+    default sources of flickr30k and coco; built-in, emoji and folders have none."""
+    from edje.data.karpathy import DEFAULT_COCO, DEFAULT_FLICKR30K
+
+    hub = {"flickr30k": DEFAULT_FLICKR30K, "coco": DEFAULT_COCO}
+    return [hub[part] for part in str(name).split("+") if part in hub]
 
 
 def _combined(names: list[str], **options) -> DatasetDict:
