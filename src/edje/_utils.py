@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import os
 import shutil
@@ -23,6 +24,7 @@ __all__ = [
     "batches",
     "load_rgb",
     "progress",
+    "require",
 ]
 
 # The image files edje reads from a folder (encode, data folders, the search page's thumbnails).
@@ -76,6 +78,19 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
             os.replace(temp, path)
     finally:
         shutil.rmtree(temp, ignore_errors=True)  # gone already after a successful rename
+
+
+def require(module: str, extra: str, who: str) -> Any:
+    """``import module``, or an ``ImportError`` naming the edje extra that installs it (the core
+    install leaves training, serving, FAISS and plots out)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        package = module.split(".")[0]
+        raise ImportError(
+            f"{who} needs {package}, which edje's core install leaves out: "
+            f"pip install 'edje[{extra}]'"
+        ) from None
 
 
 def batches(items: Sequence[Any], batch_size: int) -> Iterator[Sequence[Any]]:

@@ -29,13 +29,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from edje._utils import atomic_write
+from edje._utils import atomic_write, require
 from edje.evaluation.metrics import I2T_KEY, T2I_KEY
 
 __all__ = ["Candidates", "EvaluationReport", "draw_contact_sheet", "plot_recall_curves"]
@@ -256,7 +257,7 @@ class EvaluationReport:
         json_text, markdown = self.to_json(), self.to_markdown()
         atomic_write(paths["json"], lambda temp: Path(temp).write_text(json_text))
         atomic_write(paths["markdown"], lambda temp: Path(temp).write_text(markdown))
-        if plot:
+        if plot and _can_plot():
             paths["plot"] = folder / "recall_at_k.png"
             atomic_write(paths["plot"], lambda temp: plot_recall_curves(self, temp))
         if contact_sheet:
@@ -272,6 +273,17 @@ class EvaluationReport:
 
 
 # ---- pictures ----
+
+
+def _can_plot() -> bool:
+    """Whether matplotlib is installed; without it (edje's core install) the plot is left out,
+    with a warning naming the extra, and the JSON and markdown are still written."""
+    try:
+        require("matplotlib", "plots", "recall_at_k.png")
+    except ImportError as error:
+        warnings.warn(f"{error}; the report is written without it", stacklevel=3)
+        return False
+    return True
 
 
 def plot_recall_curves(report: EvaluationReport, path: str | os.PathLike) -> None:
