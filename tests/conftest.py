@@ -174,12 +174,19 @@ def offline_dinov2_dir(edje_cache):
 
 @pytest.fixture(scope="session")
 def shipped_quickstart(tmp_path_factory):
-    """`edje quickstart` with the shipped model, run once (about 4 minutes on 2 CPU cores):
-    tests/test_shipped_checkpoint.py checks its reports, tests/test_search_page.py its page."""
+    """`edje quickstart` with the shipped model, run once (about 4 minutes on 2 CPU cores), its
+    output kept in printed.txt: tests/test_shipped_checkpoint.py checks its reports and
+    suggested query, tests/test_search_page.py its page."""
+    import contextlib
+    import io
+
     from edje.quickstart import run_quickstart
 
     folder = tmp_path_factory.mktemp("quickstart")
-    run_quickstart(folder)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        run_quickstart(folder)
+    (folder / "printed.txt").write_text(printed.getvalue())  # what a user reads
     return folder
 
 

@@ -186,6 +186,24 @@ def test_quickstart_with_the_shipped_checkpoint_prints_what_the_card_says(
             ), (name, stage)
 
 
+def test_the_query_the_quickstart_suggests_finds_its_picture_first(shipped_quickstart, capsys):
+    from edje.cli import main
+
+    printed = (shipped_quickstart / "printed.txt").read_text()
+    said = re.search(r'# "(.+)", a test caption: its picture \((.+)\.png in .+\) is the first '
+                     r"stage's number (\d+), EDJE's first", printed)  # fmt: skip
+    command = re.search(r"  edje search (.+)", printed)
+    assert said and command, printed[-2000:]
+    caption, image_id, rank = said.group(1), said.group(2), int(said.group(3))
+    assert rank > 1  # it shows what the reranker adds over the first stage
+    argv = re.findall(r'"[^"]+"|\S+', command.group(1))
+    capsys.readouterr()
+    assert main(["search", *[a.strip('"') for a in argv], "--json", "--device", "cpu"]) == 0
+    hits = json.loads(capsys.readouterr().out)
+    assert hits[0]["image_id"] == image_id and hits[0]["first_stage_rank"] == rank - 1
+    assert argv[-1].strip('"') == caption
+
+
 def test_the_shipped_model_reranks_the_built_in_scenes_30_points_above_its_first_stage(checkpoint):
     """The built-in scenes' target: T2I R@1 at least 30 points over the first stage (the
     card's own evaluation file). On the emoji it is below its first stage, as its card warns."""
