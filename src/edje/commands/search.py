@@ -149,9 +149,8 @@ def search_images(args: argparse.Namespace, first_stage) -> list[dict]:
 
 
 def search_captions(args: argparse.Namespace, first_stage) -> list[dict]:
-    """Image -> captions: exact top-k over the caption file, then `EDJEReranker.predict`."""
-    import torch
-
+    """Image -> captions: exact top-k over the caption file, then `EDJEReranker.rank` with the
+    image as the query."""
     from edje._utils import load_rgb
     from edje.rerank import EDJEReranker
 
@@ -165,19 +164,17 @@ def search_captions(args: argparse.Namespace, first_stage) -> list[dict]:
     first_scores, lines = similarity.topk(min(args.k, len(captions)))
     reranker = EDJEReranker(args.model, store=args.store, device=args.device,
                             force_store=args.force, **scoring_options(args))  # fmt: skip
-    pairs = [(captions[i], image) for i in lines.tolist()]  # one image: encoded once
-    scores = reranker.predict(pairs, convert_to_tensor=True).float().cpu()
-    order = torch.sort(scores, descending=True, stable=True).indices.tolist()[: args.top]
+    candidates = [captions[i] for i in lines.tolist()]
+    hits = reranker.rank(image, candidates, top_k=args.top, first_stage_scores=first_scores)
     return [
         {
             "rank": r,
-            "corpus_id": int(lines[i]),
-            "caption": captions[lines[i]],
-            "score": float(scores[i]),
-            "first_stage_rank": i,
-            "first_stage_score": float(first_scores[i]),
+            "corpus_id": int(lines[hit["corpus_id"]]),
+            "caption": candidates[hit["corpus_id"]],
+            **{k: v for k, v in hit.items() if k != "corpus_id"},
+            "first_stage_rank": hit["corpus_id"],
         }
-        for r, i in enumerate(order, 1)
+        for r, hit in enumerate(hits, 1)
     ]
 
 
