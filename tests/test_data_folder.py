@@ -169,6 +169,16 @@ def test_a_text_column_in_jsonl_and_list_captions_in_parquet(tmp_path):
     assert load_image_folder(folder)["captions"] == [["dark", "black"], ["red"]]
 
 
+def test_images_beside_the_split_folders_are_named_as_not_read(tmp_path):
+    folder = write_images(tmp_path / "train", ["a.png"])
+    write_jsonl(folder, [{"file_name": "a.png", "caption": "a"}])
+    write_images(tmp_path, ["stray.png", "extra/b.png"])
+    with pytest.warns(UserWarning, match=r"2 image\(s\) outside them are not read, e.g. "
+                      r"\['extra/b.png', 'stray.png'\]"):  # fmt: skip
+        splits = load_data(str(tmp_path))
+    assert sorted(i for s in splits.values() for i in s["image_id"]) == ["train/a"]
+
+
 def test_two_folders_of_one_split_are_refused_not_merged(tmp_path):
     for split in ("val", "validation", "train"):
         folder = write_images(tmp_path / split, ["a.png"])

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import warnings
 from pathlib import Path
 
 from datasets import DatasetDict, concatenate_datasets
@@ -139,11 +140,32 @@ def _folder_splits(folder: Path, caption_column: str | None) -> DatasetDict:
         return DatasetDict(
             {"train": load_image_folder(folder, split="train", caption_column=caption_column)}
         )
+    _warn_outside(folder, present.values())
     return DatasetDict({
         split: load_image_folder(path, split=split, id_prefix=f"{path.name}/",
                                  caption_column=caption_column)
         for split, path in present.items()
     })  # fmt: skip
+
+
+def _warn_outside(folder: Path, split_paths) -> None:
+    """Images beside the split folders are not read (as imagefolder skips them): say so."""
+    from edje._utils import IMAGE_SUFFIXES
+
+    inside = {p.resolve() for p in split_paths}
+    skipped = sorted(
+        p.relative_to(folder).as_posix()
+        for p in folder.rglob("*")
+        if p.suffix.lower() in IMAGE_SUFFIXES
+        and p.is_file()
+        and not inside & {q.resolve() for q in p.parents}
+    )
+    if skipped:
+        warnings.warn(
+            f"load_data: {folder} has split folders ({', '.join(p.name for p in split_paths)}); "
+            f"{len(skipped)} image(s) outside them are not read, e.g. {skipped[:5]}",
+            stacklevel=3,
+        )
 
 
 def _with_validation(splits: DatasetDict) -> DatasetDict:
