@@ -174,12 +174,19 @@ def offline_dinov2_dir(edje_cache):
 
 @pytest.fixture(scope="session")
 def shipped_quickstart(tmp_path_factory):
-    """`edje quickstart` with the shipped model, run once (about 4 minutes on 2 CPU cores):
-    tests/test_shipped_checkpoint.py checks its reports, tests/test_search_page.py its page."""
+    """`edje quickstart` with the shipped model, run once (about 4 minutes on 2 CPU cores), its
+    output kept in printed.txt: tests/test_shipped_checkpoint.py checks its reports and
+    suggested query, tests/test_search_page.py its page."""
+    import contextlib
+    import io
+
     from edje.quickstart import run_quickstart
 
     folder = tmp_path_factory.mktemp("quickstart")
-    run_quickstart(folder)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        run_quickstart(folder)
+    (folder / "printed.txt").write_text(printed.getvalue())  # what a user reads
     return folder
 
 
@@ -195,3 +202,22 @@ def http_json(url: str, payload=None, *, body: bytes | None = None, method=None,
     except urllib.error.HTTPError as error:
         with error:
             return error.code, json.loads(error.read())
+
+
+def absolute_paths(file) -> list[str]:
+    """The strings of a saved JSON (or the words of a card) that are absolute local paths."""
+    import re
+
+    if file.suffix != ".json":
+        return re.findall(r"(?<![\w.:])/(?:home|work|tmp|usr|root|opt)/\S+", file.read_text())
+    found = []
+
+    def walk(value):
+        if isinstance(value, dict | list):
+            for item in value.values() if isinstance(value, dict) else value:
+                walk(item)
+        elif isinstance(value, str) and (value.startswith("/") or "site-packages" in value):
+            found.append(value)
+
+    walk(json.loads(file.read_text()))
+    return found

@@ -142,3 +142,19 @@ def test_quiet_libraries_silences_lightning_info_lines_even_when_lightning_is_im
     assert "built" in result.stdout
     printed = result.stdout + result.stderr
     assert "GPU available" not in printed and "Tip:" not in printed, printed
+
+
+def test_fit_help_alone_answers_without_importing_lightning_or_torch():
+    """`edje fit --help` is instant: its own help, pointing to the recipe's full option list
+    (LightningCLI's, which needs Lightning)."""
+    result = _python(
+        "import sys, edje_cli\n"
+        "from edje.cli import main\n"
+        "code = main(['fit', '--help'])\n"
+        "heavy = ('torch', 'transformers', 'lightning')\n"
+        "print(code, sorted(m for m in heavy if m in sys.modules))"
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.strip().splitlines()
+    assert lines[-1] == "0 []"
+    assert "edje fit --config RECIPE --help" in result.stdout and "example" in result.stdout

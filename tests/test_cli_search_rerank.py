@@ -254,3 +254,48 @@ def test_help_has_examples(capsys):
         with pytest.raises(SystemExit):
             main([command, "--help"])
         assert "example" in capsys.readouterr().out
+
+
+def test_search_and_rerank_take_dtype_and_backend(files, tmp_path, capsys):
+    root, ids, _ = files
+    search = ["search", "--model", str(root / "edje"), "--first-stage", str(root / "probe"),
+              "--store", str(root / "raw"), "--device", "cpu", "--json", "a cat"]  # fmt: skip
+    default = run_json(capsys, search)
+    chosen = run_json(capsys, [*search, "--backend", "torch", "--dtype", "float32"])
+    assert [h["image_id"] for h in chosen] == [h["image_id"] for h in default]
+    assert [h["score"] for h in chosen] == pytest.approx([h["score"] for h in default], abs=1e-5)
+    source = tmp_path / "pairs.jsonl"
+    source.write_text(json.dumps({"query": "a cat", "documents": ids}) + "\n")
+    outputs = []
+    for extra in ([], ["--backend", "torch", "--dtype", "float32"]):
+        target = tmp_path / f"scores{len(outputs)}.jsonl"
+        assert main([*rerank_argv(root, source, target, batch_size=4), *extra]) == 0
+        outputs.append(json.loads(target.read_text())["scores"])
+    assert outputs[1] == pytest.approx(outputs[0], abs=1e-5)
+    with pytest.raises(SystemExit) as refused:  # a dtype edje does not score in: usage error
+        main([*search, "--dtype", "int4"])
+    assert refused.value.code == 2 and "invalid choice: 'int4'" in capsys.readouterr().err
+
+
+def test_a_folder_of_first_stages_is_refused_in_one_line_naming_them(files, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    from edje.first_stage import load_embedding_model
+
+    root, _, _ = files
+    folder = tmp_path / "first_stage"  # as edje quickstart leaves it: one per data set
+    for name in ("builtin", "emoji"):
+        shutil.copytree(root / "probe", folder / name)
+    with pytest.raises(ValueError, match=r"folder of 2 first stages \(builtin, emoji\)"):
+        load_embedding_model(folder)
+    # Every command loads first stages through it: one line, exit code 2, no traceback.
+    argv = ["search", "--model", str(root / "edje"), "--first-stage", str(folder),
+            "--store", str(root / "store"), "--device", "cpu", "a cat"]  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", "import sys, edje_cli; sys.argv[1:] = sys.argv[2:]; edje_cli.run()",
+         "edje", *argv], capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and "pass the one made for your images" in result.stderr

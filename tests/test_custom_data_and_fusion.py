@@ -207,15 +207,17 @@ def test_a_reranker_worse_than_the_first_stage_is_called_out_in_report_and_card(
     tiny_processor, tiny_vision_encoder
 ):
     report = toy_report(toy_candidates())
-    report.first_stage_metrics = {"image_retrieval_recall@1": 80.0, "text_retrieval_recall@1": 90.0}
-    report.reranked_metrics = {"image_retrieval_recall@1": 10.0, "text_retrieval_recall@1": 95.0}
+    report.first_stage_metrics = {"image_retrieval_recall@1": 0.8, "text_retrieval_recall@1": 0.9}
+    report.reranked_metrics = {"image_retrieval_recall@1": 0.1, "text_retrieval_recall@1": 0.95}
     warning = report.regressions()
-    assert "reranked T2I R@1 10.0 < first stage 80.0" in warning
+    assert "reranked T2I R@1 10.0% < first stage 80.0%" in warning
     assert "I2T" not in warning and "fused score" in warning
     card = render_model_card(make_tiny_model(tiny_processor, tiny_vision_encoder),
                              warning=warning)  # fmt: skip
     first_lines = card.split("---", 2)[2].strip().splitlines()[:3]
-    assert any("**Warning.**" in line and "10.0 < first stage 80.0" in line for line in first_lines)
+    assert any(
+        "**Warning.**" in line and "10.0% < first stage 80.0%" in line for line in first_lines
+    )
     report.reranked_metrics = dict(report.first_stage_metrics)
     assert report.regressions() is None
 
@@ -294,12 +296,15 @@ def test_the_card_yaml_holds_a_model_index_equal_to_the_report(tiny_processor, t
     from huggingface_hub import ModelCard
 
     report = toy_report(toy_candidates())
-    report.reranked_metrics = {"image_retrieval_recall@1": 33.3, "text_retrieval_recall@1": 66.7}
-    report.fused_metrics = {"image_retrieval_recall@1": 100.0, "text_retrieval_recall@1": 100.0}
+    report.reranked_metrics = {"image_retrieval_recall@1": 0.333, "text_retrieval_recall@1": 0.667}
+    report.fused_metrics = {"image_retrieval_recall@1": 1.0, "text_retrieval_recall@1": 1.0}
     model = make_tiny_model(tiny_processor, tiny_vision_encoder)
-    card = render_model_card(model, report=report, repo_id="me/edje-toy")
+    card = render_model_card(model, report=report, repo_id="me/edje-toy",
+                             datasets=["umaru97/flickr30k_train_val_test"])  # fmt: skip
     metadata = yaml.safe_load(card.split("---")[1])
     assert metadata["library_name"] == "edje" and metadata["metrics"] == ["recall"]
+    assert metadata["license"] == "apache-2.0" and metadata["pipeline_tag"] == "text-ranking"
+    assert metadata["datasets"] == ["umaru97/flickr30k_train_val_test"]
     (entry,) = metadata["model-index"]
     found = {m["name"]: m["value"] for result in entry["results"] for m in result["metrics"]}
     expected = {f"{row} {k}": v for row, table in (("reranked", report.reranked_metrics),
@@ -338,5 +343,5 @@ def test_per_query_hits_average_to_recall_at_1_each_way():
         i2t_candidates=c.i2t, i2t_scores=c.i2t_rerank, ks=[1],
     )  # fmt: skip
     assert len(hits) == 6
-    assert 100 * hits[:3].mean() == pytest.approx(recall["image_retrieval_recall@1"])
-    assert 100 * hits[3:].mean() == pytest.approx(recall["text_retrieval_recall@1"])
+    assert hits[:3].mean() == pytest.approx(recall["image_retrieval_recall@1"])
+    assert hits[3:].mean() == pytest.approx(recall["text_retrieval_recall@1"])

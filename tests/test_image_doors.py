@@ -1,11 +1,11 @@
 """One picture, four doors: `edje encode`, `EDJEReranker`, evaluation and `edje serve` turn a
-transparent PNG into the same image tokens (transparency composited over white), hence the
-same score; and every scoring backend ranks the shipped model's candidates alike."""
+transparent PNG (composited over white) and a sideways phone JPEG (turned by its EXIF tag) into
+the same image tokens, hence the same score; and every scoring backend ranks the shipped model's
+candidates alike."""
 
 from __future__ import annotations
 
 import base64
-import io
 import json
 import urllib.request
 
@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from conftest import make_tiny_model, spread_weights_
+from edje._utils import load_rgb
 from edje.data.schema import make_dataset
 from edje.evaluation import evaluate
 from edje.first_stage import EmbeddingModel
@@ -62,6 +63,56 @@ def logit_of(model, processor, picture: Image.Image) -> float:
         return float(model(**inputs).logits[0])
 
 
+def logits_through_every_door(model, processor, file, tmp_path) -> dict[str, float]:
+    """EDJE's logit for `CAPTION` and the picture in `file`, through each door that decodes it:
+    the reranker (PIL image, Path, str, bytes, array), `edje encode`'s store, evaluation and `edje
+    serve`."""
+    reranker = EDJEReranker(model, processor=processor, device="cpu")
+    identity = torch.nn.Identity()
+    logits = {}
+    documents = {"PIL": Image.open(file), "Path": file, "str": str(file),
+                 "bytes": file.read_bytes(), "array": np.asarray(load_rgb(file))}  # fmt: skip
+    for door, document in documents.items():
+        logits[door] = float(reranker.predict([(CAPTION, document)], activation_fn=identity)[0])
+
+    store_path = tmp_path / "doors.store"
+    encode_images(
+        file.parent,
+        store_path,
+        vision_encoder=model.vision_encoder,
+        image_processor=processor.image_processor,
+        compressor=model.compress,
+        fingerprint=model.store_fingerprint(),
+        accelerator="cpu",
+        devices=1,
+        progress=False,
+    )
+    stored = EDJEReranker(model, store=store_path, processor=processor, device="cpu")
+    logits["store"] = float(stored.predict([(CAPTION, file.name)], activation_fn=identity)[0])
+
+    dataset = make_dataset([Image.open(file), Image.new("RGB", (28, 28))], ["pic", "black"],
+                           [[CAPTION], ["a black square"]], "test")  # fmt: skip
+    candidates = evaluate(dataset, Flat(), model, processor, k=2, ks=(1,), device="cpu").candidates
+    column = candidates.t2i[0].tolist().index(0)  # the picture among the caption's candidates
+    logits["evaluate"] = float(candidates.t2i_rerank[0, column])
+
+    document = {"image": base64.b64encode(file.read_bytes()).decode()}
+    payload = json.dumps({"query": CAPTION, "documents": [document]}).encode()
+    with serve_in_background(create_app(RerankerBackend(reranker))) as url:
+        request = urllib.request.Request(f"{url}/v1/rerank", data=payload, method="POST")
+        request.add_header("Content-Type", "application/json")
+        with urllib.request.urlopen(request, timeout=30) as response:
+            score = json.loads(response.read())["results"][0]["relevance_score"]
+    logits["serve"] = float(torch.logit(torch.tensor(score, dtype=torch.float64)))
+    return logits
+
+
+def assert_every_door_gives(logits: dict[str, float], reference: float) -> None:
+    for door, logit in logits.items():
+        tolerance = 1e-2 if door == "store" else 1e-4  # the store keeps float16 tokens
+        assert logit == pytest.approx(reference, abs=tolerance), door
+
+
 def test_a_transparent_png_scores_the_same_through_every_door(model, tiny_processor, tmp_path):
     picture = transparent_png()
     folder = tmp_path / "images"
@@ -71,46 +122,32 @@ def test_a_transparent_png_scores_the_same_through_every_door(model, tiny_proces
     reference = logit_of(model, tiny_processor, white.convert("RGB"))
     # The doors must agree on white: a plain convert("RGB") (black behind) scores otherwise.
     assert abs(logit_of(model, tiny_processor, picture.convert("RGB")) - reference) > 1e-3
-
-    reranker = EDJEReranker(model, processor=tiny_processor, device="cpu")
-    identity = torch.nn.Identity()
-    for document in (picture, folder / "disc.png", str(folder / "disc.png")):
-        got = reranker.predict([(CAPTION, document)], activation_fn=identity)
-        assert got[0] == pytest.approx(reference, abs=1e-5), type(document)
-
-    store_path = tmp_path / "disc.store"
-    encode_images(
-        folder,
-        store_path,
-        vision_encoder=model.vision_encoder,
-        image_processor=tiny_processor.image_processor,
-        compressor=model.compress,
-        fingerprint=model.store_fingerprint(),
-        accelerator="cpu",
-        devices=1,
-        progress=False,
+    assert_every_door_gives(
+        logits_through_every_door(model, tiny_processor, folder / "disc.png", tmp_path), reference
     )
-    stored = EDJEReranker(model, store=store_path, processor=tiny_processor, device="cpu")
-    by_id = stored.predict([(CAPTION, "disc.png")], activation_fn=identity)
-    assert by_id[0] == pytest.approx(reference, abs=1e-2)  # float16 storage
 
-    dataset = make_dataset([picture, Image.new("RGB", (28, 28))], ["disc", "black"],
-                           [[CAPTION], ["a black square"]], "test")  # fmt: skip
-    report = evaluate(dataset, Flat(), model, tiny_processor, k=2, ks=(1,), device="cpu")
-    candidates = report.candidates
-    column = candidates.t2i[0].tolist().index(0)  # the disc among the caption's candidates
-    assert float(candidates.t2i_rerank[0, column]) == pytest.approx(reference, abs=1e-5)
 
-    buffer = io.BytesIO()
-    picture.save(buffer, format="PNG")
-    document = {"image": base64.b64encode(buffer.getvalue()).decode()}
-    payload = json.dumps({"query": CAPTION, "documents": [document]}).encode()
-    with serve_in_background(create_app(RerankerBackend(reranker))) as url:
-        request = urllib.request.Request(f"{url}/v1/rerank", data=payload, method="POST")
-        request.add_header("Content-Type", "application/json")
-        with urllib.request.urlopen(request, timeout=30) as response:
-            score = json.loads(response.read())["results"][0]["relevance_score"]
-    assert score == pytest.approx(float(torch.sigmoid(torch.tensor(reference))), abs=1e-6)
+def test_a_sideways_phone_jpeg_scores_as_its_upright_copy_through_every_door(
+    model, tiny_processor, tmp_path
+):
+    from transformers.image_utils import load_image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    sideways = folder / "phone.jpg"
+    rng = np.random.default_rng(1)
+    pixels = Image.fromarray(rng.integers(0, 255, (24, 48, 3), dtype=np.uint8))  # 48 wide
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: turn 90 degrees clockwise to show
+    pixels.save(sideways, exif=exif, quality=95)
+    upright = load_image(str(sideways))  # transformers' loader turns it; so does datasets.Image
+    assert upright.size == (24, 48) and load_rgb(sideways).size == (24, 48)
+    reference = logit_of(model, tiny_processor, upright)
+    # A decoder that ignores the tag scores otherwise: the test has teeth.
+    untagged = Image.fromarray(np.asarray(Image.open(sideways)))
+    assert abs(logit_of(model, tiny_processor, untagged) - reference) > 1e-3
+    assert_every_door_gives(logits_through_every_door(model, tiny_processor, sideways, tmp_path),
+                            reference)  # fmt: skip
 
 
 def test_every_backend_ranks_the_shipped_models_candidates_alike():

@@ -52,8 +52,8 @@ def reference(scores, text_to_image, n_images, ks, hit) -> dict[str, float]:
         i2t = [
             hit([(scores[t][i], text_to_image[t] == i) for t in range(n_texts)], k) for i in queries
         ]
-        out[f"image_retrieval_recall@{k}"] = 100.0 * sum(t2i) / len(t2i)
-        out[f"text_retrieval_recall@{k}"] = 100.0 * sum(i2t) / len(i2t)
+        out[f"image_retrieval_recall@{k}"] = sum(t2i) / len(t2i)  # clip_benchmark's 0-1 scale
+        out[f"text_retrieval_recall@{k}"] = sum(i2t) / len(i2t)
     return out
 
 
@@ -100,27 +100,27 @@ def test_constant_scores_get_chance_not_100(n_images, captions_per_image):
     expected = recall_at_k(scores, text_to_image, ks=ks, ties="expected")
     worst = recall_at_k(scores, text_to_image, ks=ks)
     for k in ks:
-        chance_t2i = 100.0 * min(k, n_images) / n_images
+        chance_t2i = min(k, n_images) / n_images
         # Image -> text: P(at least one of c captions among k of n_texts drawn at random).
         miss = math.comb(n_texts - captions_per_image, k) / math.comb(n_texts, k)
         assert expected[f"image_retrieval_recall@{k}"] == pytest.approx(chance_t2i)
-        assert expected[f"text_retrieval_recall@{k}"] == pytest.approx(100.0 * (1 - miss))
+        assert expected[f"text_retrieval_recall@{k}"] == pytest.approx(1 - miss)
         # The worst-position rule is a lower bound: the collapsed model scores nothing.
-        assert worst[f"image_retrieval_recall@{k}"] == (100.0 if k >= n_images else 0.0)
-        assert worst[f"text_retrieval_recall@{k}"] == (100.0 if k >= n_texts else 0.0)
+        assert worst[f"image_retrieval_recall@{k}"] == (1.0 if k >= n_images else 0.0)
+        assert worst[f"text_retrieval_recall@{k}"] == (1.0 if k >= n_texts else 0.0)
 
 
-def test_perfect_scores_get_100():
+def test_perfect_scores_get_1():
     text_to_image = torch.tensor([0, 0, 1, 2, 2, 2, 3])
     scores = torch.nn.functional.one_hot(text_to_image, 4).float()
     for ties in ("worst", "expected"):
-        assert set(recall_at_k(scores, text_to_image, ks=(1, 5), ties=ties).values()) == {100.0}
+        assert set(recall_at_k(scores, text_to_image, ks=(1, 5), ties=ties).values()) == {1.0}
 
 
 def test_images_without_captions_are_distractors_not_queries():
     scores = torch.tensor([[1.0, 0.0, 0.5], [0.0, 1.0, 0.5]])  # image 2 has no caption
     got = recall_at_k(scores, torch.tensor([0, 1]), ks=(1,))
-    assert got == {"image_retrieval_recall@1": 100.0, "text_retrieval_recall@1": 100.0}
+    assert got == {"image_retrieval_recall@1": 1.0, "text_retrieval_recall@1": 1.0}
 
 
 def test_torchmetrics_hit_rate_agrees_on_tie_free_scores():
@@ -142,8 +142,8 @@ def test_torchmetrics_hit_rate_agrees_on_tie_free_scores():
         i2t = RetrievalHitRate(top_k=k)
         query = torch.arange(n_images)[:, None].expand_as(scores.T)
         i2t.update(scores.T.flatten(), target.T.flatten(), indexes=query.flatten())
-        assert ours[f"image_retrieval_recall@{k}"] == pytest.approx(100 * t2i.compute().item())
-        assert ours[f"text_retrieval_recall@{k}"] == pytest.approx(100 * i2t.compute().item())
+        assert ours[f"image_retrieval_recall@{k}"] == pytest.approx(t2i.compute().item())
+        assert ours[f"text_retrieval_recall@{k}"] == pytest.approx(i2t.compute().item())
 
 
 # ---- reranked candidate lists ----
@@ -154,7 +154,7 @@ def reference_reranked(candidates, cand_scores, is_right, k, hit) -> float:
         hit([(s, is_right(q, c)) for c, s in zip(cands, row, strict=True)], k)
         for q, (cands, row) in enumerate(zip(candidates, cand_scores, strict=True))
     ]
-    return 100.0 * sum(rows) / len(rows)
+    return sum(rows) / len(rows)
 
 
 @pytest.mark.parametrize("ties, hit", [("worst", worst_hit), ("expected", expected_hit)])
@@ -207,7 +207,7 @@ def test_reranked_one_direction_only_and_k_above_candidates_rejected():
     t2i = torch.tensor([0, 1])
     cands, scores = torch.tensor([[0, 1], [0, 1]]), torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     got = reranked_recall_at_k(t2i, t2i_candidates=cands, t2i_scores=scores, ks=(1,))
-    assert got == {"image_retrieval_recall@1": 100.0}
+    assert got == {"image_retrieval_recall@1": 1.0}
     with pytest.raises(ValueError, match="k=5 exceeds the 2 candidates"):
         reranked_recall_at_k(t2i, t2i_candidates=cands, t2i_scores=scores, ks=(5,))
     with pytest.raises(ValueError, match="give both i2t_candidates and i2t_scores"):

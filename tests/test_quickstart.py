@@ -65,3 +65,29 @@ def test_quickstart_leaves_store_first_stage_and_both_reports_and_reuses_them(
     run_quickstart(tmp_path, model=str(untrained_edje), builtin=SMALL, k=5)
     assert [p.stat().st_mtime_ns for p in shards] == stamps  # nothing encoded again
     assert copied.stat().st_mtime_ns == probe
+
+
+def test_the_suggested_query_is_a_test_caption_edje_ranks_first_and_the_first_stage_does_not():
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from edje.data.schema import make_dataset
+    from edje.evaluation.report import Candidates
+    from edje.quickstart import suggested_query
+
+    dataset = make_dataset([Image.new("RGB", (4, 4))] * 3, ["a", "b", "c"],
+                           [["cap a"], ["cap b"], ["cap c"]], "test")  # fmt: skip
+    t2i = torch.tensor([[0, 1, 2], [0, 1, 2], [0, 2, 1]])  # first stage: caption 0 right
+    rerank = torch.tensor([[3.0, 0.0, 0.0], [0.0, 0.5, 0.4], [2.0, 3.0, 0.0]])
+    report = SimpleNamespace(candidates=Candidates(
+        t2i=t2i, t2i_first=torch.zeros(3, 3), i2t=t2i, i2t_first=torch.zeros(3, 3),
+        t2i_rerank=rerank, i2t_rerank=rerank, text_to_image=torch.arange(3),
+    ))  # fmt: skip
+    # Captions 1 and 2 are EDJE's wins over the first stage; 2 by the wider margin (1.0 vs 0.1).
+    assert suggested_query(report, dataset) == ("cap c", "c", 2)
+    report.candidates.t2i_rerank = torch.tensor([[3.0, 0.0, 0.0], [1.0, 0.0, 0.0], [1.0] * 3])
+    assert suggested_query(report, dataset) == ("cap a", "a", 1)  # no win: one it keeps right
+    report.candidates.t2i_rerank = torch.tensor([[9.0, 0.0, 0.0]] * 3)  # EDJE picks column 0 ...
+    report.candidates.t2i = torch.tensor([[1, 0, 2], [0, 1, 2], [0, 1, 2]])  # ... never right
+    assert suggested_query(report, dataset) is None

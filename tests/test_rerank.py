@@ -90,8 +90,25 @@ def test_every_document_kind_ranks_alike(reranker, store, photos, tmp_path, monk
     by_pil = reranker.rank("a cat", photos)
     by_path = reranker.rank("a cat", [str(p) for p in paths])
     by_pathlib = reranker.rank("a cat", paths)
+    by_bytes = reranker.rank("a cat", [p.read_bytes() for p in paths])
+    by_array = reranker.rank("a cat", [np.asarray(photo) for photo in photos])
+    by_dict = reranker.rank(
+        "a cat", [{"image": photo} for photo in photos]
+    )  # sentence-transformers'
+    by_datasets = reranker.rank("a cat", [{"bytes": None, "path": str(p)} for p in paths])
     mixed = reranker.rank("a cat", [IDS[0], photos[1], str(paths[2]), *store.gather(IDS[3:])])
-    for hits in (by_tensor, by_pil, by_path, by_pathlib, mixed):
+    kinds = (
+        by_tensor,
+        by_pil,
+        by_path,
+        by_pathlib,
+        by_bytes,
+        by_array,
+        by_dict,
+        by_datasets,
+        mixed,
+    )
+    for hits in kinds:
         assert [h["corpus_id"] for h in hits] == [h["corpus_id"] for h in by_id]
         # stored tokens are fp16; pixels are encoded in fp32
         assert [h["score"] for h in hits] == pytest.approx([h["score"] for h in by_id], abs=1e-3)
@@ -121,7 +138,7 @@ NOT_FOR_IMAGES = {"self", "prompt_name", "prompt", "device", "pool", "chunk_size
 
 
 def test_predict_and_rank_take_cross_encoders_arguments_and_give_its_keys(reranker):
-    """Against the sentence-transformers installed with edje's dev extras (6.0.1 here)."""
+    """Against the sentence-transformers installed with edje's dev extras (6.3 here)."""
     import inspect
 
     from sentence_transformers import CrossEncoder
@@ -141,8 +158,37 @@ def test_predict_and_rank_take_cross_encoders_arguments_and_give_its_keys(rerank
     hits = reranker.rank("dogs", IDS, top_k=3, return_documents=True, activation_fn=None)
     # CrossEncoder.rank's keys, plus edje's image_id for store ids.
     assert all(set(h) == {"corpus_id", "score", "text", "image_id"} for h in hits)
-    assert all(isinstance(h["score"], np.float32) for h in hits)
     assert [h["text"] for h in hits] == [IDS[h["corpus_id"]] for h in hits]
+
+
+def test_rank_gives_plain_python_floats_that_json_takes(reranker):
+    import json
+
+    hits = reranker.rank("dogs", IDS, return_documents=True, first_stage_scores=np.ones(6))
+    assert all(type(h["score"]) is float and type(h["first_stage_score"]) is float for h in hits)
+    assert json.loads(json.dumps(hits)) == hits
+    with pytest.warns(FutureWarning, match="convert_to_tensor"):  # ignored, as in ST 6
+        assert reranker.rank("dogs", IDS, convert_to_tensor=True) == reranker.rank("dogs", IDS)
+
+
+def test_an_image_query_ranks_captions(reranker, model, tiny_processor, store, photos):
+    """sentence-transformers 6's CrossEncoder.rank takes an image as the query: image ->
+    captions, scored as the same pairs given to predict."""
+    captions = ["a cat", "dogs", "two birds in a tree", "a red circle on a big blue square"]
+    tokens = store.get(IDS[2]).float()
+    expected = reranker.predict([(caption, tokens) for caption in captions])
+    for query in (tokens, {"image": tokens}):
+        hits = reranker.rank(query, captions, return_documents=True, batch_size=3)
+        assert [h["corpus_id"] for h in hits] == np.argsort(-expected, kind="stable").tolist()
+        assert [h["score"] for h in hits] == pytest.approx(sorted(expected, reverse=True), abs=1e-6)
+        assert [h["text"] for h in hits] == [captions[h["corpus_id"]] for h in hits]
+    by_photo = reranker.rank(photos[2], captions, top_k=2)
+    assert len(by_photo) == 2 and all(type(h["score"]) is float for h in by_photo)
+    assert reranker.rank(photos[2], []) == []
+    with pytest.raises(ValueError, match="document 1 must be a non-empty caption"):
+        reranker.rank(photos[2], ["a cat", 3])
+    with pytest.raises(ValueError, match=r"query must be a store id.*got int"):
+        reranker.rank(7, captions)
 
 
 def test_rank_many_on_faiss_positions_equals_rank_per_query(reranker, store):
@@ -228,6 +274,23 @@ def test_errors_name_what_was_expected_and_what_came(reranker, model, tiny_proce
         reranker.rank("a cat", [3])
     with pytest.raises(FileNotFoundError, match=r"missing\.png"):
         reranker.rank("a cat", [tmp_path / "missing.png"])
+    # What was given is named: a URL is not "not in the store", undecodable bytes say so.
+    with pytest.raises(ValueError, match=r"document 1 is a URL \('https://x.org/a.jpg'\)"):
+        reranker.rank("a cat", ["img0", "https://x.org/a.jpg"])
+    with pytest.raises(ValueError, match="document 0 is not a decodable image"):
+        reranker.rank("a cat", [b"not an image"])
+    with pytest.raises(ValueError, match=r"uint8 \[H, W\].*got float32 \[4, 32\]"):
+        reranker.rank("a cat", [np.zeros((4, 32), np.float32)])
+    with pytest.raises(ValueError, match=r"\{\"image\": \.\.\.\}.*keys \['image', 'text'\]"):
+        reranker.rank("a cat", [{"image": "img0", "text": "a cat"}])
+    calls = {
+        "predict": lambda: reranker.predict([("a cat", "img0")], batch_size=0),
+        "rank": lambda: reranker.rank("a cat", IDS, batch_size=0),
+        "rank_many": lambda: reranker.rank_many(["a cat"], [[0]], batch_size=0),
+    }
+    for method, call in calls.items():
+        with pytest.raises(ValueError, match=f"{method}: batch_size must be a positive integer"):
+            call()
     with pytest.raises(ValueError, match="position 6 is past the 6 ids"):
         reranker.rank_many(["a cat"], [[0, 6]])
     with pytest.raises(ValueError, match="2 rows for 1 queries"):

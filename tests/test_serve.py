@@ -156,6 +156,60 @@ def test_top_n_and_return_documents(served):
     assert status == 200 and len(body["results"]) == 4
 
 
+# Requests as Cohere's (v1 and v2), Jina's and vLLM's clients send them, optional fields and all.
+CLIENT_REQUESTS = {
+    "cohere v2": {"model": "edje-tiny", "query": "a red car", "documents": ["img3", "img0"],
+                  "top_n": 2, "max_tokens_per_doc": 4096},
+    "cohere v1": {"model": "edje-tiny", "query": "a red car", "documents": ["img3", "img0"],
+                  "top_n": 2, "return_documents": True, "rank_fields": ["text"],
+                  "max_chunks_per_doc": 10},
+    "jina": {"model": "edje-tiny", "query": "a red car", "documents": ["img3", "img0"],
+             "top_n": 2, "return_documents": False, "truncation": True},
+    "vllm": {"model": "edje-tiny", "query": "a red car", "documents": ["img3", "img0"],
+             "truncate_prompt_tokens": -1, "priority": 0},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("path", ["/rerank", "/v1/rerank", "/v2/rerank"])
+def test_cohere_jina_and_vllm_requests_are_answered_on_every_rerank_route(served, path):
+    tokens = served.store.gather(["img3", "img0"], dtype=torch.float32)
+    expected = model_scores(served, "a red car", tokens)
+    for client, payload in CLIENT_REQUESTS.items():
+        status, body = call(f"{served.url}{path}", payload)
+        assert status == 200, (client, body)
+        assert_ranking(body["results"], expected)
+        ignored = sorted(set(payload) - {"model", "query", "documents", "top_n",
+                                         "return_documents"})  # fmt: skip
+        warnings = body["meta"].get("warnings", [])
+        assert [w.split()[0] for w in warnings] == ignored, client  # each named, and why
+    status, body = call(f"{served.url}{path}", GOOD)
+    assert status == 200 and "warnings" not in body["meta"]
+
+
+def test_the_openapi_schema_lists_the_request_and_response_fields(served):
+    status, schema = call(f"{served.url}/openapi.json", method="GET")
+    assert status == 200
+    components = schema["components"]["schemas"]
+    for path in ("/rerank", "/v1/rerank", "/v2/rerank"):
+        post = schema["paths"][path]["post"]
+        body = post["requestBody"]["content"]["application/json"]["schema"]
+        assert body == {"$ref": "#/components/schemas/RerankRequest"}
+        response = post["responses"]["200"]["content"]["application/json"]["schema"]
+        assert response == {"$ref": "#/components/schemas/RerankResponse"}
+        assert post["responses"]["400"]["content"]["application/json"]["schema"] == {
+            "$ref": "#/components/schemas/ErrorResponse"
+        }
+    request = components["RerankRequest"]
+    fields = {"query", "documents", "model", "top_n", "return_documents", "first_stage_scores",
+              "rank_fields", "max_tokens_per_doc", "max_chunks_per_doc"}  # fmt: skip
+    assert fields <= set(request["properties"])
+    assert set(request["required"]) == {"query", "documents"}
+    documents = request["properties"]["documents"]["items"]["anyOf"]
+    assert {"$ref": "#/components/schemas/ImageDocument"} in documents  # refs resolve
+    assert {"ImageDocument", "ImageIdDocument", "RerankResult"} <= set(components)
+    assert set(components["RerankResponse"]["properties"]) == {"id", "model", "results", "meta"}
+
+
 def test_base64_images_mixed_with_store_ids(served):
     images = [photo(1), photo(2)]
     documents = [{"image": as_base64(images[0])}, "img9", {"image": as_base64(images[1])}]
@@ -400,9 +454,14 @@ def test_serve_command_serves_a_saved_model_and_store(
 
     monkeypatch.setattr(edje.serving.app, "run_server", run_briefly)
     argv = ["serve", "--model", str(tmp_path / "model"), "--store", str(tmp_path / "store")]
-    assert main([*argv, "--port", "8123", "--served-name", "tiny", "--device", "cpu"]) == 0
-    [(status, body)] = answers
+    assert main([*argv, "--port", "8123", "--served-model-name", "tiny", "--device", "cpu"]) == 0
+    # By default the folder's own name: a client can send it, and no server path leaks.
+    assert main([*argv, "--port", "8123", "--dtype", "float32", "--backend", "torch"]) == 0
+    [(status, body), (default_status, default_body)] = answers
     assert status == 200 and body["model"] == "tiny"
+    assert default_status == 200 and default_body["model"] == "model"
+    assert str(tmp_path) not in json.dumps(default_body)
+    assert [r["index"] for r in default_body["results"]] == [r["index"] for r in body["results"]]
     with torch.no_grad():  # the command serves EDJEReranker's scores: EDJEModel's, again
         pixels = tiny_processor.image_processor(images=[image], return_tensors="pt")
         encoded = loaded.compress(loaded.encode_images(pixels["pixel_values"]))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import os
 import shutil
@@ -13,7 +14,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -23,6 +24,7 @@ __all__ = [
     "batches",
     "load_rgb",
     "progress",
+    "require",
 ]
 
 # The image files edje reads from a folder (encode, data folders, the search page's thumbnails).
@@ -78,6 +80,19 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(temp, ignore_errors=True)  # gone already after a successful rename
 
 
+def require(module: str, extra: str, who: str) -> Any:
+    """``import module``, or an ``ImportError`` naming the edje extra that installs it (the core
+    install leaves training, serving, FAISS and plots out)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        package = module.split(".")[0]
+        raise ImportError(
+            f"{who} needs {package}, which edje's core install leaves out: "
+            f"pip install 'edje[{extra}]'"
+        ) from None
+
+
 def batches(items: Sequence[Any], batch_size: int) -> Iterator[Sequence[Any]]:
     """Consecutive slices of ``items`` of at most ``batch_size``."""
     if batch_size < 1:
@@ -95,22 +110,41 @@ def progress(total: int, show: bool | None, desc: str, unit: str = "it"):
 
 
 def load_rgb(image: Any) -> Image.Image:
-    """Decode ``image`` (path, bytes, ``{"bytes", "path"}`` or PIL image) to an RGB image.
+    """Decode ``image`` (path, bytes, ``{"bytes", "path"}``, uint8 array or PIL image) to an RGB
+    image.
 
-    Grayscale, palette, CMYK and 16-bit images are converted; transparency is composited over
-    white. Pillow's decompression-bomb limit stays on and also refuses images past the
-    warning threshold. Raises ``ValueError`` with the reason when the image cannot be decoded.
+    The EXIF orientation tag is applied (a phone photo stored sideways comes back upright, as
+    ``transformers.image_utils.load_image`` and ``datasets.Image`` give it). Grayscale, palette,
+    CMYK and 16-bit images are converted; transparency is composited over white. Pillow's
+    decompression-bomb limit stays on and also refuses images past the warning threshold.
+    Raises ``ValueError`` with the reason when the image cannot be decoded.
     """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = image if isinstance(image, Image.Image) else Image.open(_as_file(image))
+            img = image if isinstance(image, Image.Image) else _opened(image)
             img.load()
-            return _to_rgb(img)
+            return _to_rgb(_upright(img))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ValueError(f"decompression bomb refused: {e}") from None
     except Exception as e:  # truncated, not an image, zero bytes, unsupported mode...
         raise ValueError(f"{type(e).__name__}: {e}") from None
+
+
+def _opened(image: Any) -> Image.Image:
+    if hasattr(image, "__array_interface__"):  # a numpy array of pixels, as Image.fromarray
+        return _from_array(image)
+    return Image.open(_as_file(image))
+
+
+def _from_array(array: Any) -> Image.Image:
+    shape, dtype = tuple(array.shape), str(array.dtype)
+    if dtype != "uint8" or not (len(shape) == 2 or (len(shape) == 3 and shape[2] in (1, 3, 4))):
+        raise TypeError(
+            f"an image array must be uint8 [H, W], [H, W, 1], [H, W, 3] or [H, W, 4]; "
+            f"got {dtype} {list(shape)}"
+        )
+    return Image.fromarray(array[..., 0] if len(shape) == 3 and shape[2] == 1 else array)
 
 
 def _as_file(image: Any) -> Any:
@@ -120,7 +154,16 @@ def _as_file(image: Any) -> Any:
         return io.BytesIO(image)
     if isinstance(image, str | Path):
         return str(image)
-    raise TypeError(f"expected a path, bytes or a PIL image, got {type(image).__name__}")
+    raise TypeError(
+        f"expected a path, bytes, a uint8 array or a PIL image, got {type(image).__name__}"
+    )
+
+
+def _upright(img: Image.Image) -> Image.Image:
+    """``img`` turned as its EXIF orientation tag says (a new image; the caller's is untouched)."""
+    if img.getexif().get(ExifTags.Base.Orientation, 1) in (0, 1):
+        return img  # nothing to turn: no copy
+    return ImageOps.exif_transpose(img)
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

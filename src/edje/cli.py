@@ -19,8 +19,9 @@ from edje import __version__, commands, register_auto_classes
 
 VERBOSE_FLAGS = ("-v", "--verbose")
 # Mistakes in what a user passed: edje refuses bad input with ValueError (naming what was
-# expected), and missing or unreadable files and Hub ids end in OSError.
-USER_ERRORS = (ValueError, OSError)
+# expected), missing or unreadable files and Hub ids end in OSError, and a command whose extra
+# is not installed in ImportError (naming it).
+USER_ERRORS = (ValueError, OSError, ImportError)
 
 
 class OneLineErrors(argparse.ArgumentParser):
@@ -58,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     if getattr(args, "pass_through", False):  # a command that parses its own arguments
         args.pass_through_args = rest
+        if rest in (["--help"], ["-h"]) and getattr(args, "quick_help", None):
+            print(args.quick_help, end="")  # its own help, before any heavy import
+            return 0
     elif rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if getattr(args, "func", None) is None:

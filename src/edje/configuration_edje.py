@@ -181,6 +181,13 @@ class EDJEConfig(PretrainedConfig):
         """Shape of one image's stored tokens: `(tokens_per_image, joint hidden size)`."""
         return (self.tokens_per_image, self.text_config.hidden_size)
 
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        # Where the text encoder's config was read from: often a local path (the offline
+        # package's folder), which a saved file must not carry; base_text_encoder names it.
+        out["text_config"].pop("_name_or_path", None)
+        return out
+
     def _validate(self) -> None:
         if self.adapter_mode not in ADAPTER_MODES:
             raise ValueError(

@@ -10,6 +10,8 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCardData
 
 CARD_TEMPLATE = "edje.md"
+LICENSE = "apache-2.0"  # edje's, and the text encoders' it starts from (all-MiniLM-L6-v2, BERT)
+PIPELINE_TAG = "text-ranking"  # as sentence-transformers tags a one-logit CrossEncoder
 
 
 def render_model_card(
@@ -21,11 +23,14 @@ def render_model_card(
     warning: str | None = None,
     report: Any = None,
     tags: list[str] | None = None,
+    datasets: list[str] | None = None,
+    license: str = LICENSE,
 ) -> str:
     """The model card text for `model` (an `EDJEModel`), with optional results in markdown;
     `compact`: the weights were saved with `save_pretrained(compact=True)`; `warning`: put
     first, as a quote (e.g. that reranking lowers recall); `report`: an `EvaluationReport`
-    whose reranked (and fused) recall goes into the card's `model-index`; `tags`: more tags."""
+    (or several) whose reranked (and fused) recall goes into the card's `model-index`; `tags`:
+    more tags; `datasets`: the Hub ids of the training data."""
     config = model.config
     text = config.text_config
     m, d = config.image_token_shape
@@ -33,8 +38,12 @@ def render_model_card(
         adapter = f"{m} learned queries, cross-attention with {config.adapter_num_heads} heads"
     else:
         adapter = "local: per-token MLP, no compression"
+    reports = [] if report is None else report if isinstance(report, list) else [report]
     card_data = ModelCardData(
         library_name="edje",
+        license=license,
+        pipeline_tag=PIPELINE_TAG,
+        datasets=datasets or None,
         tags=list(
             dict.fromkeys(
                 ["edje", "reranker", "image-text-retrieval", "vision-language", *(tags or [])]
@@ -42,9 +51,9 @@ def render_model_card(
         ),
         base_model=[n for n in (config.vision_encoder_name, config.base_text_encoder) if _hub(n)]
         or None,
-        metrics=["recall"] if report is not None else None,
+        metrics=["recall"] if reports else None,
         model_name=repo_id or "EDJE reranker",
-        eval_results=eval_results(report) if report is not None else None,
+        eval_results=[r for one in reports for r in eval_results(one)] or None,
     )
     if compact and str(config.base_text_encoder).startswith("edje:"):
         loading_note = (

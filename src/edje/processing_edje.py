@@ -15,9 +15,9 @@ from transformers import BatchFeature, ProcessorMixin
 from .configuration_edje import IMAGE_TOKEN
 
 try:  # edje's loaders know the offline backbone names (absent when loaded as remote code)
-    from edje.backbones import load_vision_encoder, resolve_backbone
+    from edje.backbones import load_image_processor, resolve_backbone
 except ImportError:
-    load_vision_encoder = resolve_backbone = None
+    load_image_processor = resolve_backbone = None
 
 
 class EDJEProcessor(ProcessorMixin):
@@ -26,7 +26,8 @@ class EDJEProcessor(ProcessorMixin):
     Call it as BLIP's processor: `processor(text=..., images=...)` (pixels, for the vision
     encoder) or `processor(text=..., image_tokens=...)` (stored tokens `[K, m, d]`). Captions and
     images pair row by row; one caption against K images (or one image against K captions) is
-    broadcast, and the caption is tokenized once.
+    broadcast, and the caption is tokenized once. `processor(images=...)` alone gives the
+    `pixel_values` to encode and store.
 
     Args:
         image_processor: the vision encoder's image processor.
@@ -71,14 +72,15 @@ class EDJEProcessor(ProcessorMixin):
     def from_backbones(
         cls, vision: str, text: str, *, vision_image_size: int | None = None, **kwargs: Any
     ) -> EDJEProcessor:
-        """The processor matching `EDJEModel.from_backbones(vision=..., text=...)`."""
-        if load_vision_encoder is None:
+        """The processor matching `EDJEModel.from_backbones(vision=..., text=...)` (the vision
+        encoder's image processor is read from its configs; no weights are loaded)."""
+        if load_image_processor is None:
             raise ImportError(
                 "EDJEProcessor.from_backbones needs the edje package: pip install edje"
             )
         from transformers import AutoTokenizer
 
-        _, image_processor = load_vision_encoder(vision, image_size=vision_image_size)
+        image_processor = load_image_processor(vision, image_size=vision_image_size)
         tokenizer = AutoTokenizer.from_pretrained(resolve_backbone(text))
         return cls(image_processor=image_processor, tokenizer=tokenizer, **kwargs)
 
@@ -101,6 +103,8 @@ class EDJEProcessor(ProcessorMixin):
             raise ValueError(
                 f"EDJEProcessor expects exactly one of images or image_tokens, got {given}."
             )
+        if text is None and images is not None:  # images alone: pixels to encode and store
+            return BatchFeature(data=self._pixels(images, kwargs), tensor_type=return_tensors)
         captions = _as_caption_list(text)
         if image_tokens is not None:
             if not isinstance(image_tokens, torch.Tensor):
@@ -109,14 +113,18 @@ class EDJEProcessor(ProcessorMixin):
                 image_tokens = image_tokens.unsqueeze(0)
             num_images, image_data = image_tokens.shape[0], {"image_tokens": image_tokens}
         else:
-            images = list(images) if isinstance(images, list | tuple) else [images]
-            pixels = self.image_processor(images=images, return_tensors="pt", **kwargs)
-            num_images, image_data = len(images), {"pixel_values": pixels["pixel_values"]}
+            image_data = self._pixels(images, kwargs)
+            num_images = len(image_data["pixel_values"])
         rows = _pair_count(len(captions), num_images)
         text_data = self.tokenize_pairs(captions, rows)
         if num_images != rows:  # one image against many captions
             image_data = {k: v.expand(rows, *v.shape[1:]) for k, v in image_data.items()}
         return BatchFeature(data={**text_data, **image_data}, tensor_type=return_tensors)
+
+    def _pixels(self, images: Any, kwargs: dict) -> dict[str, torch.Tensor]:
+        images = list(images) if isinstance(images, list | tuple) else [images]
+        pixels = self.image_processor(images=images, return_tensors="pt", **kwargs)
+        return {"pixel_values": pixels["pixel_values"]}
 
     def tokenize_captions(
         self, captions: list[str], pad_to_max_length: bool = False

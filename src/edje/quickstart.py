@@ -24,7 +24,6 @@ SHIPPED_CHECKPOINT = "quickstart"  # edje/checkpoints/<name>
 SHIPPED_FIRST_STAGES = "quickstart_first_stages"
 DATA = "builtin+emoji"
 DATA_SETS = {"builtin": "edje built-in scenes", "emoji": "Noto emoji (CLDR names)"}
-EXAMPLE_QUERY = "a small red circle left of a large blue square"
 
 
 class Steps:
@@ -112,6 +111,7 @@ def run_quickstart(
     processor = EDJEProcessor.from_pretrained(model_dir)
     store = TokenStore.open(out / "raw.store")
     report_root = out / "report"
+    suggestion = None
     for name, title in DATA_SETS.items():
         step(f"{title}: reranking the test split's first-stage top {k} with EDJE from {model_dir}")
         test = sets[name]["test"]
@@ -120,17 +120,52 @@ def run_quickstart(
             test, first_stage, edje, processor, store, k=k, dataset_name=title
         )  # fmt: skip
         report.save(report_root / name, dataset=test, contact_sheet=4)
+        if name == "builtin":  # the set `edje search` below searches with its first stage
+            suggestion = suggested_query(report, test)
         print(report.to_markdown())
         if report.regressions():
             print(f"\nwarning: {report.regressions()}")
     step(f"reports, plots and contact sheets in {report_root}")
+    print("\nTry next:")
+    if suggestion:
+        caption, image_id, rank = suggestion
+        print(
+            f'  # "{caption}", a test caption: its picture ({image_id}.png in '
+            f"{out / 'images' / 'builtin'}) is the first stage's number {rank}, EDJE's first\n"
+            f"  edje search --model {model_dir} --store {out / 'raw.store'} "
+            f'--first-stage {out / "first_stage" / "builtin"} "{caption}"'
+        )
     print(
-        "\nTry next:\n"
-        f"  edje search --model {model_dir} --store {out / 'raw.store'} "
-        f'--first-stage {out / "first_stage" / "builtin"} "{EXAMPLE_QUERY}"\n'
         f"  edje serve --quickstart {out}    # then open http://127.0.0.1:8000/ (the search page)"
     )
     return report_root
+
+
+def suggested_query(report, dataset) -> tuple[str, str, int] | None:
+    """A test caption showing what the reranker adds: EDJE ranks its picture first among the
+    first stage's candidates where the first stage does not (else where both do), by the
+    widest margin of EDJE's logit over the best wrong candidate's; `(caption, image id, the
+    first stage's 1-based rank)`, or None when EDJE ranks no caption's picture first."""
+    import torch
+
+    from edje.data import flatten_captions
+
+    candidates = report.candidates
+    if candidates is None or candidates.t2i_rerank is None:
+        return None
+    right = candidates.t2i == candidates.text_to_image[:, None]  # [captions, k]
+    logits = candidates.t2i_rerank.float()
+    margin = logits.masked_fill(~right, -torch.inf).amax(1) - logits.masked_fill(
+        right, -torch.inf
+    ).amax(1)
+    won = margin > 0  # EDJE's first is the right picture (and it was among the candidates)
+    shown = won & ~right[:, 0] if (won & ~right[:, 0]).any() else won
+    if not shown.any():
+        return None
+    row = int(margin.masked_fill(~shown, -torch.inf).argmax())
+    captions, _ = flatten_captions(dataset)
+    image = int(candidates.text_to_image[row])
+    return captions[row], dataset["image_id"][image], int(right[row].int().argmax()) + 1
 
 
 def _only(split, name: str):

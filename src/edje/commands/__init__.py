@@ -53,3 +53,27 @@ def output_folder(text: str) -> str:
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise argparse.ArgumentTypeError(f"cannot write {text}: no write permission in {ancestor}")
     return str(path)
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def add_scoring_options(parser: argparse.ArgumentParser) -> None:
+    """`--backend` and `--dtype`: how a command that reranks scores (`edje.scoring`)."""
+    from edje.scoring import BACKENDS
+
+    parser.add_argument(
+        "--backend", choices=BACKENDS, default="fast",
+        help="scoring backend (edje.scoring; default: %(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--dtype", choices=DTYPES, default=None,
+        help="scoring dtype (default: float32 on the CPU, bfloat16 on CUDA)",
+    )  # fmt: skip
+
+
+def scoring_options(args: argparse.Namespace) -> dict:
+    """`EDJEReranker`'s `backend` and `dtype` from `add_scoring_options`' flags."""
+    import torch
+
+    return {"backend": args.backend, "dtype": args.dtype and getattr(torch, args.dtype)}

@@ -61,6 +61,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     what.add_argument("--id-column", default="id", help="dataset column of image ids (default: id)")
     what.add_argument(
+        "--caption-column",
+        metavar="NAME",
+        help="--data folder's caption column (default: caption/captions, else text)",
+    )
+    what.add_argument(
         "--image-column", default="image", help="dataset image column (default: image)"
     )
     how = parser.add_argument_group("encoder and store")
@@ -114,7 +119,7 @@ def _load_source(args: argparse.Namespace):
     if args.data:
         from edje.data import load_data
 
-        splits = load_data(args.data)
+        splits = load_data(args.data, caption_column=args.caption_column)
         names = [args.split] if args.split else list(splits)
         if unknown := [name for name in names if name not in splits]:
             raise SystemExit(f"edje encode: {args.data} has splits {list(splits)}, not {unknown}")

@@ -5,8 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from edje.commands import count, existing_folder, folder_or_id, output_folder
-from edje.scoring import BACKENDS
+from edje.commands import (
+    add_scoring_options,
+    count,
+    existing_folder,
+    folder_or_id,
+    output_folder,
+    scoring_options,
+)
 
 EXAMPLE = """examples:
   # the built-in offline set: train the offline first stage on its train split, then evaluate
@@ -53,13 +59,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="builtin | emoji | FOLDER | flickr30k [DATA_DIR] | coco [DATA_DIR] (see "
         "edje.data.load_data; 'folder FOLDER' also works)",
     )
+    add_scoring_options(parser)
     parser.add_argument(
-        "--backend",
-        choices=BACKENDS,
-        default="fast",
-        help="scoring backend (edje.scoring; default: fast)",
+        "--split", default="test", help="split to evaluate (default: test; val, dev... too)"
     )
-    parser.add_argument("--split", default="test", help="split to evaluate (default: test)")
+    parser.add_argument(
+        "--caption-column",
+        metavar="NAME",
+        help="a data folder's caption column (default: caption/captions, else text)",
+    )
     parser.add_argument(
         "--store",
         type=existing_folder,
@@ -90,21 +98,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def load_split(spec: list[str], split: str):
+def load_split(spec: list[str], split: str, caption_column: str | None = None):
     """The `split` of `--data NAME [DATA_DIR]` (a folder: `FOLDER` or `folder FOLDER`); a
     folder without split folders is evaluated whole."""
     from pathlib import Path
 
     from edje.data import load_data, load_image_folder
+    from edje.data.load import SPLIT_FOLDERS, split_folders
 
+    # --split val / dev / testing ...: the split imagefolder reads from such a folder
+    split = next((s for s, names in SPLIT_FOLDERS.items() if split in names), split)
     name, rest = (
         (spec[1], spec[2:]) if spec[0] == "folder" and len(spec) > 1 else (spec[0], spec[1:])
     )
     if len(rest) > 1:
         raise SystemExit(f"edje eval: --data expects NAME [DATA_DIR], got {' '.join(spec)!r}")
     folder = Path(name)
-    if folder.is_dir() and not any((folder / s).is_dir() for s in ("train", "validation", "test")):
-        dataset = load_image_folder(folder, split=split)
+    if folder.is_dir() and not split_folders(folder):
+        dataset = load_image_folder(folder, split=split, caption_column=caption_column)
         print(
             f"edje eval: {folder} has no train/ validation/ test/ folders; evaluating all "
             f"{len(dataset)} of its images as the {split!r} split",
@@ -112,7 +123,7 @@ def load_split(spec: list[str], split: str):
         )
         return dataset
     try:
-        splits = load_data(name, data_dir=rest[0] if rest else None)
+        splits = load_data(name, data_dir=rest[0] if rest else None, caption_column=caption_column)
     except ValueError as error:
         raise SystemExit(f"edje eval: {error}") from None
     if split not in splits:
@@ -139,7 +150,7 @@ def load_first_stage(name: str):
 def run(args: argparse.Namespace) -> int:
     from edje.evaluation import evaluate
 
-    dataset = load_split(args.data, args.split)
+    dataset = load_split(args.data, args.split, args.caption_column)
     if args.limit:
         dataset = dataset.select(range(min(args.limit, len(dataset))))
     first_stage = load_first_stage(args.first_stage)
@@ -165,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
         extra_k=args.extra_k,
         batch_size=args.batch_size,
         device=args.device,
-        backend=args.backend,
+        **scoring_options(args),
         dataset_name=args.data[1] if args.data[0] == "folder" else args.data[0],
         show_progress_bar=True,
         force_store=args.force,

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from edje.commands import count, existing_folder, folder_or_id
+from edje.commands import add_scoring_options, count, existing_folder, folder_or_id, scoring_options
 
 EXAMPLE = """examples:
   edje rerank --model my-edje --store photos.store --input pairs.jsonl --output scores.jsonl
@@ -45,6 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=count, default=32, help="pairs per forward pass")
     parser.add_argument("--logits", action="store_true", help="write logits, not sigmoid scores")
     parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: auto)")
+    add_scoring_options(parser)
     parser.add_argument("--force", action="store_true", help="use a store of another fingerprint")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
@@ -57,9 +58,8 @@ def run(args: argparse.Namespace) -> int:
     source = Path(args.input)
     if not source.is_file():
         raise SystemExit(f"edje rerank: no input file {source}")
-    reranker = EDJEReranker(
-        args.model, store=args.store, device=args.device, force_store=args.force
-    )
+    reranker = EDJEReranker(args.model, store=args.store, device=args.device,
+                            force_store=args.force, **scoring_options(args))  # fmt: skip
     with source.open(encoding="utf-8") as file:
         total = sum(1 for line in file if line.strip())
     output = Path(args.output)

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from edje.commands import count, existing_folder, folder_or_id
+from edje.commands import add_scoring_options, count, existing_folder, folder_or_id, scoring_options
 
 EXAMPLE = """examples:
   # caption -> images: a saved index over the store's ids (see `edje index --help`)
@@ -58,6 +58,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--top", type=count, default=None, metavar="N", help="print the best N")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: auto)")
+    add_scoring_options(parser)
     parser.add_argument("--force", action="store_true", help="use a store of another fingerprint")
     parser.set_defaults(func=run)
 
@@ -141,15 +142,15 @@ def search_images(args: argparse.Namespace, first_stage) -> list[dict]:
         else VectorIndex.from_store(store, first_stage)
     )
     scores, positions = index.search(first_stage.encode_texts([args.query]), k=args.k)
-    reranker = EDJEReranker(args.model, store=store, device=args.device, force_store=args.force)
+    reranker = EDJEReranker(args.model, store=store, device=args.device, force_store=args.force,
+                            **scoring_options(args))  # fmt: skip
     hits = reranker.rank_many([args.query], positions, scores, top_k=args.top, ids=index.ids)[0]
     return [{"rank": r, **hit} for r, hit in enumerate(hits, 1)]
 
 
 def search_captions(args: argparse.Namespace, first_stage) -> list[dict]:
-    """Image -> captions: exact top-k over the caption file, then `EDJEReranker.predict`."""
-    import torch
-
+    """Image -> captions: exact top-k over the caption file, then `EDJEReranker.rank` with the
+    image as the query."""
     from edje._utils import load_rgb
     from edje.rerank import EDJEReranker
 
@@ -161,22 +162,19 @@ def search_captions(args: argparse.Namespace, first_stage) -> list[dict]:
     image = load_rgb(args.query)
     similarity = first_stage.encode_texts(captions) @ first_stage.encode_images([image])[0]
     first_scores, lines = similarity.topk(min(args.k, len(captions)))
-    reranker = EDJEReranker(
-        args.model, store=args.store, device=args.device, force_store=args.force
-    )
-    pairs = [(captions[i], image) for i in lines.tolist()]  # one image: encoded once
-    scores = reranker.predict(pairs, convert_to_tensor=True).float().cpu()
-    order = torch.sort(scores, descending=True, stable=True).indices.tolist()[: args.top]
+    reranker = EDJEReranker(args.model, store=args.store, device=args.device,
+                            force_store=args.force, **scoring_options(args))  # fmt: skip
+    candidates = [captions[i] for i in lines.tolist()]
+    hits = reranker.rank(image, candidates, top_k=args.top, first_stage_scores=first_scores)
     return [
         {
             "rank": r,
-            "corpus_id": int(lines[i]),
-            "caption": captions[lines[i]],
-            "score": float(scores[i]),
-            "first_stage_rank": i,
-            "first_stage_score": float(first_scores[i]),
+            "corpus_id": int(lines[hit["corpus_id"]]),
+            "caption": candidates[hit["corpus_id"]],
+            **{k: v for k, v in hit.items() if k != "corpus_id"},
+            "first_stage_rank": hit["corpus_id"],
         }
-        for r, i in enumerate(order, 1)
+        for r, hit in enumerate(hits, 1)
     ]
 
 

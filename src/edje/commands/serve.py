@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from edje.commands import count, existing_folder, folder_or_id
+from edje.commands import add_scoring_options, count, existing_folder, folder_or_id, scoring_options
 
 EXAMPLE = """examples:
   edje serve --quickstart edje-quickstart    # the quickstart's model, store and search page
@@ -85,9 +85,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--port", type=int, default=8000, help="port to listen on (default: %(default)s)"
     )
     parser.add_argument(
+        "--served-model-name",
         "--served-name",
-        default=None,
-        help="model name in requests and responses (default: --model)",
+        dest="served_name",
+        metavar="NAME",
+        help="model name in requests and responses (default: the model folder's name, or the "
+        "Hub id; never a local path)",
     )
     limits = parser.add_argument_group("limits (ServeLimits)")
     for flag, field, kind, what in LIMIT_OPTIONS:
@@ -98,6 +101,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--device", default=None, help="torch device (default: cuda if there is one)"
     )
+    add_scoring_options(parser)
     parser.add_argument(
         "--force", action="store_true", help="use a store made by another encoder (warns)"
     )
@@ -121,10 +125,9 @@ def run(args: argparse.Namespace) -> int:
     if not (args.model and args.store):
         raise SystemExit("edje serve: give --model and --store, or --quickstart DIR")
     print(f"loading {args.model} and {args.store}", flush=True)
-    reranker = EDJEReranker(
-        args.model, store=args.store, device=args.device, force_store=args.force
-    )
-    name, size = args.served_name or args.model, len(reranker.store)
+    reranker = EDJEReranker(args.model, store=args.store, device=args.device,
+                            force_store=args.force, **scoring_options(args))  # fmt: skip
+    name, size = args.served_name or served_name(args.model), len(reranker.store)
     app = create_app(RerankerBackend(reranker), model_name=name, limits=limits, store_size=size)
     where = f"http://{args.host}:{args.port}"
     if args.first_stage:
@@ -132,7 +135,8 @@ def run(args: argparse.Namespace) -> int:
 
         add_search_page(app, _collection(args, reranker))
         print(f"search page: {where}/", flush=True)
-    print(f"serving {name!r} ({size} images, {reranker.device}) on {where}/v1/rerank", flush=True)
+    print(f"serving {name!r} ({size} images, {reranker.device}) on {where}/v1/rerank (also "
+          "/rerank, /v2/rerank)", flush=True)  # fmt: skip
     run_server(app, host=args.host, port=args.port)
     return 0
 
@@ -150,11 +154,22 @@ def _fill_from_quickstart(args: argparse.Namespace) -> None:
             f"edje serve: {root} is not an `edje quickstart` folder with a {args.set!r} set "
             "(no raw.store or images/ in it); run `edje quickstart --out DIR` first"
         )
+    if not (args.model or args.served_name):  # "model" says nothing: the folder's own name
+        args.served_name = served_name(root)
     args.model = args.model or str(root / "model")
     args.store = args.store or str(root / "raw.store")
     args.first_stage = args.first_stage or str(root / "first_stage" / args.set)
     args.images = args.images or str(images)
     args.captions = args.captions or str(images / "captions.jsonl")
+
+
+def served_name(model: str) -> str:
+    """The name a model is served under by default: a local folder's own name (a path would
+    tell clients where the server keeps its files), else the Hub id as given."""
+    from pathlib import Path
+
+    folder = Path(model).expanduser()
+    return folder.resolve().name if folder.is_dir() else model
 
 
 def _collection(args: argparse.Namespace, reranker):

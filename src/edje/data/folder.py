@@ -1,10 +1,12 @@
-"""Your own images: a folder of images plus ``metadata.jsonl`` or ``metadata.csv``.
+"""Your own images: a folder of images plus ``metadata.jsonl``, ``metadata.csv`` or
+``metadata.parquet``: the layout of ``datasets``' imagefolder, so the same folder also loads
+with ``load_dataset("imagefolder", ...)``.
 
-Metadata columns: ``file_name`` (relative to the folder) and ``caption`` (one string) and/or
-``captions`` (a list; in CSV a JSON list such as ``["a dog", "a brown dog"]``), optionally
-``image_id`` (default: the file name's stem). Several rows may name the same file: their
-captions are merged. Other columns are ignored. This is the layout of ``datasets``'
-imagefolder, so the same folder also loads with ``load_dataset("imagefolder", ...)``.
+Metadata columns: ``file_name`` (relative to the folder) and the captions: ``caption`` (one
+string) and/or ``captions`` (a list; in CSV a JSON list such as ``["a dog", "a brown dog"]``),
+else ``text`` (the usual column of Hub image-text sets), or the column ``caption_column``
+names; optionally ``image_id`` (default: the file name's stem). Several rows may name the same
+file: their captions are merged. Other columns are ignored.
 
 Images in the folder that no metadata row names are an error by default (so that a typo in
 ``file_name`` cannot silently drop data); ``skip_uncaptioned=True`` skips them with a warning.
@@ -37,7 +39,9 @@ from edje.data.columns import caption_list
 from edje.data.schema import make_dataset
 
 __all__ = ["load_image_folder", "read_captions"]
-METADATA_NAMES = ("metadata.jsonl", "metadata.csv")
+METADATA_NAMES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
+CAPTION_COLUMNS = ("caption", "captions")  # read together when present
+TEXT_COLUMN = "text"  # else this one, as Hub image-text sets name it
 
 
 def load_image_folder(
@@ -47,6 +51,7 @@ def load_image_folder(
     split: str | None = None,
     skip_uncaptioned: bool = False,
     id_prefix: str = "",
+    caption_column: str | None = None,
 ) -> datasets.Dataset:
     """Load a folder of captioned images in the common schema.
 
@@ -57,6 +62,8 @@ def load_image_folder(
         skip_uncaptioned: skip images no row names, with a warning, instead of raising.
         id_prefix: put before every image id (``"test/"``: ids stay unique across split
             folders that repeat file names).
+        caption_column: the metadata column holding the captions (a string or a list a row);
+            default ``caption`` and/or ``captions``, else ``text``.
 
     Raises:
         FileNotFoundError: the folder, the metadata file, or a listed image is missing.
@@ -67,7 +74,8 @@ def load_image_folder(
     if not folder.is_dir():
         raise FileNotFoundError(f"load_image_folder: {folder} is not a folder")
     metadata = Path(metadata) if metadata is not None else _find_metadata(folder)
-    by_file = _merge_rows(_read_rows(metadata), metadata)
+    rows = _read_rows(metadata)
+    by_file = _merge_rows(rows, metadata, _caption_columns(rows, caption_column, metadata))
     for file_name in by_file:
         if not (folder / file_name).is_file():
             raise FileNotFoundError(
@@ -96,10 +104,12 @@ def _find_metadata(folder: Path) -> Path:
 
 
 def _read_rows(metadata: Path) -> list[dict]:
-    """Rows as dicts; a CSV ``captions`` cell holding a JSON list becomes that list."""
+    """Rows as dicts; a CSV cell holding a JSON list (``["a dog", "a brown dog"]``) becomes
+    that list (a ``captions`` cell must; in other columns a cell that does not parse stays
+    text, such as ``[draft] a dog``)."""
     if not metadata.is_file():
         raise FileNotFoundError(f"load_image_folder: metadata file {metadata} does not exist")
-    text = metadata.read_text(encoding="utf-8")
+    text = "" if metadata.suffix == ".parquet" else metadata.read_text(encoding="utf-8")
     if metadata.suffix == ".jsonl":
         rows = []
         for line_no, line in enumerate(text.splitlines(), start=1):
@@ -111,28 +121,50 @@ def _read_rows(metadata: Path) -> list[dict]:
     elif metadata.suffix == ".csv":
         rows = list(csv.DictReader(text.splitlines()))
         for row_no, row in enumerate(rows, start=1):
-            cell = row.get("captions")
-            if isinstance(cell, str) and cell.strip().startswith("["):
-                try:
-                    row["captions"] = json.loads(cell)
-                except json.JSONDecodeError as err:
-                    raise ValueError(
-                        f"{metadata}, row {row_no}: captions {cell!r} is not a JSON list ({err})"
-                    ) from err
+            for column, cell in row.items():
+                if isinstance(cell, str) and cell.strip().startswith("["):
+                    try:
+                        row[column] = json.loads(cell)
+                    except json.JSONDecodeError as err:
+                        if column != "captions":
+                            continue
+                        raise ValueError(
+                            f"{metadata}, row {row_no}: captions {cell!r} is not a JSON list "
+                            f"({err})"
+                        ) from err
+    elif metadata.suffix == ".parquet":
+        import pyarrow.parquet
+
+        rows = pyarrow.parquet.read_table(metadata).to_pylist()
     else:
-        raise ValueError(f"load_image_folder: metadata must be .jsonl or .csv, got {metadata}")
+        raise ValueError(
+            f"load_image_folder: metadata must be .jsonl, .csv or .parquet, got {metadata}"
+        )
     if not rows:
         raise ValueError(f"{metadata}: no rows")
-    columns = set().union(*(row.keys() for row in rows))
-    if "file_name" not in columns or not columns & {"caption", "captions"}:
-        raise ValueError(
-            f"{metadata}: expected columns 'file_name' and 'caption' or 'captions' "
-            f"(optionally 'image_id'), got {sorted(columns)}"
-        )
     return rows
 
 
-def _merge_rows(rows: list[dict], metadata: Path) -> dict[str, tuple[str | None, list[str]]]:
+def _caption_columns(rows: list[dict], chosen: str | None, metadata: Path) -> tuple[str, ...]:
+    """Which columns hold the captions (see the module docstring); refused by name when the
+    metadata lacks them."""
+    columns = set().union(*(row.keys() for row in rows))
+    found = (chosen,) if chosen else tuple(c for c in CAPTION_COLUMNS if c in columns)
+    if not chosen and not found and TEXT_COLUMN in columns:
+        found = (TEXT_COLUMN,)
+    if "file_name" not in columns or not found or not set(found) <= columns:
+        wanted = repr(chosen) if chosen else "'caption', 'captions' or 'text'"
+        raise ValueError(
+            f"{metadata}: expected columns 'file_name' and {wanted} (optionally 'image_id'), "
+            f"got {sorted(columns)}; name another caption column with caption_column= "
+            "(--caption-column)"
+        )
+    return found
+
+
+def _merge_rows(
+    rows: list[dict], metadata: Path, caption_columns: tuple[str, ...]
+) -> dict[str, tuple[str | None, list[str]]]:
     """file_name -> (image_id or None, captions of all its rows, in order)."""
     by_file: dict[str, tuple[str | None, list[str]]] = {}
     for row_no, row in enumerate(rows, start=1):
@@ -141,7 +173,7 @@ def _merge_rows(rows: list[dict], metadata: Path) -> dict[str, tuple[str | None,
         if not isinstance(file_name, str) or not file_name.strip():
             raise ValueError(f"{where}: expected a file_name, got {file_name!r}")
         captions = []
-        for column in ("caption", "captions"):
+        for column in caption_columns:
             if row.get(column) not in (None, ""):  # a CSV row may leave one of the two empty
                 captions += caption_list(row[column], f"{where} ({file_name}), {column!r}")
         if not captions:

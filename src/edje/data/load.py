@@ -7,9 +7,11 @@ is the corpus folder, by default `<edje cache>/icons`), or a folder of your own 
 names joined by `+` (`"builtin+emoji"`, the quickstart's) give each split of all of them
 together (their image ids must not collide):
 
-- one folder with `metadata.jsonl` / `metadata.csv`: the train split;
-- or split folders `train/`, `validation/`, `test/`, each with its own metadata. Image ids get
-  the split folder's name in front (`test/0000`), so the same file name may appear in several.
+- one folder with `metadata.jsonl`, `.csv` or `.parquet` (`edje.data.folder`): the train split;
+- or split folders, each with its own metadata, named as `datasets`' imagefolder names them:
+  `train/` (or `training/`), `validation/` (`valid/`, `dev/`, `val/`), `test/` (`testing/`,
+  `eval/`, `evaluation/`). Image ids get the split folder's name in front (`test/0000`), so the
+  same file name may appear in several.
 
 Without a validation split, a deterministic tenth of train (at least one image, chosen by a
 hash of the image id) is held out as validation, and a log line says so: export selection and
@@ -37,11 +39,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import warnings
 from pathlib import Path
 
 from datasets import DatasetDict, concatenate_datasets
 
-__all__ = ["DATA_NAMES", "SPLITS", "load_data"]
+__all__ = ["DATA_NAMES", "SPLITS", "hub_datasets", "load_data"]
 
 logger = logging.getLogger(__name__)
 SPLITS = ("train", "validation", "test")
@@ -53,6 +56,12 @@ ICON_SETS = (
     "icons-heldout-set",
     "icons-validation",
 )
+# The folder names of each split, as datasets' imagefolder reads them (its SPLIT_KEYWORDS).
+SPLIT_FOLDERS = {
+    "train": ("train", "training"),
+    "validation": ("validation", "valid", "dev", "val"),
+    "test": ("test", "testing", "eval", "evaluation"),
+}
 DATA_NAMES = ("builtin", "emoji", "flickr30k", "coco", *ICON_SETS)
 HELD_OUT = 0.1  # share of train held out as validation when no validation split is given
 
@@ -63,33 +72,48 @@ def load_data(
     data_dir: str | None = None,
     seed: int = 0,
     builtin: dict[str, int] | None = None,
+    caption_column: str | None = None,
 ) -> DatasetDict:
     """The splits of a named data set or a folder (see the module docstring); a `DatasetDict`
     in edje's schema is returned as it is. `data_dir` is where Flickr30k / COCO files or the
-    icon corpus are;
-    `builtin` sizes the built-in set (`make_builtin_dataset`'s `n_*` arguments)."""
+    icon corpus are; `builtin` sizes the built-in set (`make_builtin_dataset`'s `n_*` arguments);
+    `caption_column` names a folder's caption column (`edje.data.folder`)."""
     from edje import data as edje_data
 
     if isinstance(name, DatasetDict):
         return name
-    if isinstance(name, str) and "+" in name and not Path(name).is_dir():  # "c++/photos" is one
+    folder = Path(name)
+    if caption_column is not None and not folder.is_dir():
+        raise ValueError(
+            f"load_data: caption_column names a column of a folder's metadata; {str(name)!r} "
+            "is not a folder"
+        )
+    if isinstance(name, str) and "+" in name and not folder.is_dir():  # "c++/photos" is one
         return _combined(name.split("+"), data_dir=data_dir, seed=seed, builtin=builtin)
     if name == "builtin":
         return edje_data.make_builtin_dataset(seed=seed, **(builtin or {}))
     if name == "emoji":
         return edje_data.load_emoji()
     if name in ICON_SETS:  # built by `edje data build icons` (edje.data.icon_shards)
-        return _folder_splits(_icon_set_folder(name, data_dir))
+        return _folder_splits(_icon_set_folder(name, data_dir), None)
     if name in ("flickr30k", "coco"):
         load = edje_data.load_flickr30k if name == "flickr30k" else edje_data.load_coco_karpathy
         return DatasetDict({split: load(split, data_dir=data_dir) for split in SPLITS})
-    folder = Path(name)
     if not folder.is_dir():
         raise ValueError(
             f"load_data: expected one of {DATA_NAMES} or a folder of images with metadata, "
             f"got {str(name)!r}"
         )
-    return _with_validation(_folder_splits(folder))
+    return _with_validation(_folder_splits(folder, caption_column))
+
+
+def hub_datasets(name: str) -> list[str]:
+    """The Hub ids of the sets `name` loads from the Hub (a model card's `datasets`): the
+    default sources of flickr30k and coco; built-in, emoji and folders have none."""
+    from edje.data.karpathy import DEFAULT_COCO, DEFAULT_FLICKR30K
+
+    hub = {"flickr30k": DEFAULT_FLICKR30K, "coco": DEFAULT_COCO}
+    return [hub[part] for part in str(name).split("+") if part in hub]
 
 
 def _icon_set_folder(name: str, data_dir: str | None) -> Path:
@@ -116,15 +140,56 @@ def _combined(names: list[str], **options) -> DatasetDict:
     return combined
 
 
-def _folder_splits(folder: Path) -> DatasetDict:
+def split_folders(folder: Path) -> dict[str, Path]:
+    """`folder`'s split folders by split (`{"validation": folder / "val", ...}`), named as
+    imagefolder names them; two folders of one split are refused, not merged silently."""
+    found = {}
+    for split, names in SPLIT_FOLDERS.items():
+        present = [folder / n for n in names if (folder / n).is_dir()]
+        if len(present) > 1:
+            raise ValueError(
+                f"load_data: {folder} has {len(present)} {split} folders "
+                f"({', '.join(p.name + '/' for p in present)}); keep one"
+            )
+        if present:
+            found[split] = present[0]
+    return found
+
+
+def _folder_splits(folder: Path, caption_column: str | None) -> DatasetDict:
     from edje.data.folder import load_image_folder
 
-    present = [s for s in SPLITS if (folder / s).is_dir()]
+    present = split_folders(folder)
     if not present:
-        return DatasetDict({"train": load_image_folder(folder, split="train")})
-    return DatasetDict(
-        {s: load_image_folder(folder / s, split=s, id_prefix=f"{s}/") for s in present}
+        return DatasetDict(
+            {"train": load_image_folder(folder, split="train", caption_column=caption_column)}
+        )
+    _warn_outside(folder, present.values())
+    return DatasetDict({
+        split: load_image_folder(path, split=split, id_prefix=f"{path.name}/",
+                                 caption_column=caption_column)
+        for split, path in present.items()
+    })  # fmt: skip
+
+
+def _warn_outside(folder: Path, split_paths) -> None:
+    """Images beside the split folders are not read (as imagefolder skips them): say so."""
+    from edje._utils import IMAGE_SUFFIXES
+
+    inside = {p.resolve() for p in split_paths}
+    skipped = sorted(
+        p.relative_to(folder).as_posix()
+        for p in folder.rglob("*")
+        if p.suffix.lower() in IMAGE_SUFFIXES
+        and p.is_file()
+        and not inside & {q.resolve() for q in p.parents}
     )
+    if skipped:
+        warnings.warn(
+            f"load_data: {folder} has split folders ({', '.join(p.name for p in split_paths)}); "
+            f"{len(skipped)} image(s) outside them are not read, e.g. {skipped[:5]}",
+            stacklevel=3,
+        )
 
 
 def _with_validation(splits: DatasetDict) -> DatasetDict:

@@ -3,7 +3,8 @@
 Names follow clip_benchmark: ``image_retrieval_recall@k`` is text -> image (each caption has
 exactly one correct image), ``text_retrieval_recall@k`` is image -> text (a hit when ANY of
 the image's captions is in the top k: a hit rate per image, as in the EDJE paper). Values are
-percentages (0-100), as papers report them.
+fractions (0-1), on clip_benchmark's scale, so results merge with its own; tables and plots
+show them as percentages, as papers report them.
 
 Ties never count in the query's favour. Two rules (argument ``ties``):
 
@@ -22,9 +23,9 @@ Example:
     >>> scores = torch.tensor([[0.9, 0.1], [0.5, 0.5]])  # [n_texts, n_images]
     >>> text_to_image = torch.tensor([0, 1])  # caption 1 ties: a miss at k=1
     >>> recall_at_k(scores, text_to_image, ks=(1,))
-    {'image_retrieval_recall@1': 50.0, 'text_retrieval_recall@1': 100.0}
+    {'image_retrieval_recall@1': 0.5, 'text_retrieval_recall@1': 1.0}
     >>> recall_at_k(scores, text_to_image, ks=(1,), ties="expected")["image_retrieval_recall@1"]
-    75.0
+    0.75
 """
 
 from __future__ import annotations
@@ -53,11 +54,11 @@ def recall_at_k(
     Args:
         scores: ``[n_texts, n_images]`` similarity of every caption to every image.
         text_to_image: ``LongTensor[n_texts]``, the index of each caption's image.
-        ks: cut-offs; a k at least the gallery size gives 100.
+        ks: cut-offs; a k at least the gallery size gives 1.
         ties: ``"worst"`` or ``"expected"`` (see the module docstring).
 
     Returns:
-        ``{"image_retrieval_recall@k": pct, ..., "text_retrieval_recall@k": pct, ...}``.
+        ``{"image_retrieval_recall@k": r, ..., "text_retrieval_recall@k": r, ...}``, r in 0-1.
         Images without any caption are not image -> text queries and are left out of that mean.
     """
     _check_scores(scores, "scores", ndim=2)
@@ -102,7 +103,7 @@ def reranked_recall_at_k(
         >>> cands = torch.tensor([[1, 0], [0, 2]])  # caption 1's image was not retrieved
         >>> reranked_recall_at_k(t2i, t2i_candidates=cands,
         ...                      t2i_scores=torch.tensor([[0.1, 0.9], [0.5, 0.4]]), ks=(1, 2))
-        {'image_retrieval_recall@1': 50.0, 'image_retrieval_recall@2': 50.0}
+        {'image_retrieval_recall@1': 0.5, 'image_retrieval_recall@2': 0.5}
     """
     ks, ties = _check_ks(ks), _check_ties(ties)
     text_to_image = _check_index(text_to_image, len(text_to_image), None, "text_to_image")
@@ -239,7 +240,7 @@ def _hit_rate(standing: Standing, k: int, ties: str) -> torch.Tensor:
 def _recall(standing: Standing, ks: Sequence[int], ties: str, key: str) -> dict[str, float]:
     if len(standing.above) == 0:
         raise ValueError(f"recall: no queries to average for {key.format(k='k')}")
-    return {key.format(k=k): 100.0 * _hit_rate(standing, k, ties).mean().item() for k in ks}
+    return {key.format(k=k): _hit_rate(standing, k, ties).mean().item() for k in ks}
 
 
 # ---- input checks: name the argument, the expected and the given value ----

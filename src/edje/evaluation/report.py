@@ -2,8 +2,9 @@
 
 ``EvaluationReport.save(out_dir)`` writes, each file atomically (temporary file + rename):
 
-- ``report.json``: model, data, k, first-stage and reranked metrics (clip_benchmark names),
-  recall curves, pairs scored, seconds, device; ``EvaluationReport.from_json`` reads it back;
+- ``report.json``: model, data, k, first-stage and reranked metrics (clip_benchmark's names
+  and 0-1 scale), recall curves, pairs scored, seconds, device; ``EvaluationReport.from_json``
+  reads it back;
 - ``report.md``: first stage vs reranked, R@1/5/10 both ways;
 - ``recall_at_k.png``: recall@k against k for both stages, both directions;
 - ``contact_sheet.png`` (with ``contact_sheet=N`` and the data set): N captions, each with the
@@ -14,7 +15,7 @@ Example:
     >>> report = EvaluationReport.build(
     ...     model=None, first_stage="toy", dataset={"name": "toy", "split": "test",
     ...     "images": 2, "captions": 2}, k=1, ks=[1], depths=[1],
-    ...     first_stage_curve={"image_retrieval_recall@1": 50.0, "text_retrieval_recall@1": 50.0},
+    ...     first_stage_curve={"image_retrieval_recall@1": 0.5, "text_retrieval_recall@1": 0.5},
     ...     reranked_curves={}, curve_ks=[1], pairs_scored=0, seconds={"total": 0.1},
     ...     device="cpu", first_stage_recall_from="full score matrix")
     >>> EvaluationReport.from_json(report.to_json()) == report
@@ -28,13 +29,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from edje._utils import atomic_write
+from edje._utils import atomic_write, require
 from edje.evaluation.metrics import I2T_KEY, T2I_KEY
 
 __all__ = ["Candidates", "EvaluationReport", "draw_contact_sheet", "plot_recall_curves"]
@@ -158,8 +160,8 @@ class EvaluationReport:
                 name = key.format(k=1)
                 if name in metrics and metrics[name] < self.first_stage_metrics.get(name, 0):
                     first = self.first_stage_metrics[name]
-                    worse.append(f"{label} {SHORT[direction]} R@1 {metrics[name]:.1f} < first "
-                                 f"stage {first:.1f}")  # fmt: skip
+                    worse.append(f"{label} {SHORT[direction]} R@1 {metrics[name]:.1%} < first "
+                                 f"stage {first:.1%}")  # fmt: skip
         if not worse:
             return None
         return (
@@ -208,7 +210,8 @@ class EvaluationReport:
     # -- markdown ----------------------------------------------------------------------------
 
     def to_markdown(self) -> str:
-        """Header lines and a table: first stage vs reranked at every depth, R@ks both ways."""
+        """Header lines and a table: first stage vs reranked at every depth, R@ks both ways, in
+        percent."""
         data = self.dataset
         lines = [
             f"**model** {self.model or '(none: first stage only)'} · "
@@ -233,7 +236,7 @@ class EvaluationReport:
             rows.append((label, self.fused_metrics))
         for label, metrics in rows:
             values = [metrics[key.format(k=c)] for key in DIRECTIONS.values() for c in self.ks]
-            lines.append(f"| {label} | " + " | ".join(f"{v:.1f}" for v in values) + " |")
+            lines.append(f"| {label} | " + " | ".join(f"{100 * v:.1f}" for v in values) + " |")
         return "\n".join(lines) + "\n"
 
     # -- files -------------------------------------------------------------------------------
@@ -254,7 +257,7 @@ class EvaluationReport:
         json_text, markdown = self.to_json(), self.to_markdown()
         atomic_write(paths["json"], lambda temp: Path(temp).write_text(json_text))
         atomic_write(paths["markdown"], lambda temp: Path(temp).write_text(markdown))
-        if plot:
+        if plot and _can_plot():
             paths["plot"] = folder / "recall_at_k.png"
             atomic_write(paths["plot"], lambda temp: plot_recall_curves(self, temp))
         if contact_sheet:
@@ -272,6 +275,17 @@ class EvaluationReport:
 # ---- pictures ----
 
 
+def _can_plot() -> bool:
+    """Whether matplotlib is installed; without it (edje's core install) the plot is left out,
+    with a warning naming the extra, and the JSON and markdown are still written."""
+    try:
+        require("matplotlib", "plots", "recall_at_k.png")
+    except ImportError as error:
+        warnings.warn(f"{error}; the report is written without it", stacklevel=3)
+        return False
+    return True
+
+
 def plot_recall_curves(report: EvaluationReport, path: str | os.PathLike) -> None:
     """Recall@k against k, first stage and reranked (one line per depth), both directions.
 
@@ -287,10 +301,11 @@ def plot_recall_curves(report: EvaluationReport, path: str | os.PathLike) -> Non
     titles = {"image_retrieval": "text -> image", "text_retrieval": "image -> text"}
     for column, direction in enumerate(DIRECTIONS):
         axes = figure.add_subplot(1, 2, column + 1)
-        first = report.curves["first_stage"][direction]
+        first = [100 * r for r in report.curves["first_stage"][direction]]  # percent
         axes.plot(ks, first, marker=".", color="0.4", label="first stage")
         for depth, curve in sorted(report.curves["reranked"].items()):
-            axes.plot(ks, curve[direction], marker=".", label=f"reranked (top {depth})")
+            percent = [100 * r for r in curve[direction]]
+            axes.plot(ks, percent, marker=".", label=f"reranked (top {depth})")
         axes.set_xscale("log")
         axes.set_xticks([t for t in (1, 2, 5, 10, 20, 50, 100, 200, 500) if t <= ks[-1]])
         axes.xaxis.set_major_formatter(ScalarFormatter())

@@ -43,7 +43,25 @@ def load_embedding_model(name_or_path: str | os.PathLike, **kwargs) -> Embedding
     """A folder written by ``LinearProbeEmbedding.save_pretrained``, else a transformers model.
 
     ``kwargs`` go to :class:`TransformersEmbedding` (``device``, ``dtype``, ``max_length``).
+    A folder of first stages, one per data set (as `edje quickstart` leaves ``first_stage/``),
+    is refused with a ``ValueError`` naming them: which one fits depends on the images.
     """
-    if (Path(name_or_path) / CONFIG_NAME).is_file():
+    folder = Path(name_or_path)
+    if (folder / CONFIG_NAME).is_file():
         return LinearProbeEmbedding.from_pretrained(name_or_path)
+    inner = _first_stages_in(folder)
+    if inner:
+        raise ValueError(
+            f"{folder} is a folder of {len(inner)} first stages ({', '.join(inner)}), not one: "
+            f"pass the one made for your images, e.g. {folder / inner[0]}."
+        )
     return TransformersEmbedding(name_or_path, **kwargs)
+
+
+def _first_stages_in(folder: Path) -> list[str]:
+    """The names of `folder`'s sub-folders that hold a first stage, when `folder` holds no
+    model of its own (no config.json)."""
+    if not folder.is_dir() or (folder / "config.json").is_file():
+        return []
+    return sorted(p.name for p in folder.iterdir()
+                  if (p / CONFIG_NAME).is_file() or (p / "config.json").is_file())  # fmt: skip

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from edje._utils import batches, progress
+from edje._utils import batches, load_rgb, progress
 
 __all__ = ["DatasetImages", "FrozenBackbones", "mean_pool"]
 
@@ -85,7 +85,7 @@ class FrozenBackbones:
     def vision_tokens(self, images: Sequence[Any]) -> torch.Tensor:
         """PIL images -> the vision tower's ``last_hidden_state`` ``[N, n, d_vis]``."""
         model, processor = self.vision
-        rgb = [image.convert("RGB") for image in images]
+        rgb = [load_rgb(image) for image in images]  # the one decoder: EXIF, transparency
         pixels = processor(images=rgb, return_tensors="pt")["pixel_values"]
         return model(pixel_values=pixels.to(self.device)).last_hidden_state
 

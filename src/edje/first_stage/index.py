@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edje._utils import atomic_write
+from edje._utils import atomic_write, require
 
 __all__ = ["VectorIndex"]
 
@@ -47,7 +47,7 @@ class VectorIndex:
     """
 
     def __init__(self, dim: int, factory: str = "Flat"):
-        import faiss
+        faiss = require("faiss", "faiss", "VectorIndex")
 
         if dim < 1:
             raise ValueError(f"VectorIndex: dim must be a positive integer, got {dim}")
@@ -108,7 +108,7 @@ class VectorIndex:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``index.faiss`` (``faiss.write_index``) and ``ids.json`` into folder ``path``."""
-        import faiss
+        faiss = require("faiss", "faiss", "VectorIndex")
 
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
@@ -121,7 +121,7 @@ class VectorIndex:
     def load(cls, path: str | os.PathLike, *, require_ids: bool = False) -> VectorIndex:
         """Read what ``save`` wrote; `require_ids`: refuse an index saved without ids (search
         results must name images)."""
-        import faiss
+        faiss = require("faiss", "faiss", "VectorIndex")
 
         folder = Path(path)
         if not (folder / INDEX_NAME).is_file():

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from edje._utils import batches, progress
+from edje._utils import batches, load_rgb, progress
 from edje.first_stage.base import EmbeddingModel
 
 __all__ = ["TransformersEmbedding"]
@@ -118,7 +118,7 @@ class TransformersEmbedding(EmbeddingModel):
         out = []
         with progress(len(images), show_progress_bar, "image embeddings", "img") as bar:
             for chunk in batches(images, batch_size):
-                rgb = [image.convert("RGB") for image in chunk]
+                rgb = [load_rgb(image) for image in chunk]  # the one decoder
                 inputs = image_processor(images=rgb, return_tensors="pt").to(self.device)
                 if "pixel_values" in inputs:
                     inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)

@@ -2,14 +2,17 @@
 
 Endpoints:
 
-- `POST /v1/rerank`: `{"model"?, "query", "documents", "top_n"?, "return_documents"?,
+- `POST /rerank`, `/v1/rerank`, `/v2/rerank` (vLLM's, Cohere v1's and Jina's, Cohere v2's
+  paths): `{"model"?, "query", "documents", "top_n"?, "return_documents"?,
   "first_stage_scores"?}` ->
   `{"id", "model", "results": [{"index", "relevance_score", "document"?}], "meta"}`, best
   first; `relevance_score` is the sigmoid of EDJE's logit, or of the fused score
   (`edje.fusion`) when the request gives one first-stage score per document and the model's
   config holds fusion weights. Documents are image ids in the store
   (plain strings or `{"image_id": ...}`) or base64 images (`{"image": ...}`); see
-  `edje.serving.requests` for the checks. Client mistakes get a 4xx `{"message": ...}`; a failure
+  `edje.serving.requests` for the checks and `edje.serving.schema` for the pydantic models
+  (`/openapi.json`); the other APIs' optional fields are ignored and named in
+  `meta.warnings`. Client mistakes get a 4xx `{"message": ...}`; a failure
   while scoring gets a 500 `{"message": ...}` and the server goes on.
 - `GET /health`: `{"status": "ok", "model", "store_images", "batching": {...counters}}`, or
   503 with `"status": "error"` and a `message` when one stored image cannot be scored (a missing
@@ -153,6 +156,8 @@ def create_app(
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException
 
+    from edje.serving.schema import ErrorResponse, RerankResponse
+
     limits = limits or ServeLimits()
     batcher = MicroBatcher(
         backend.score_pairs,
@@ -207,7 +212,6 @@ def create_app(
         prepared = await loop.run_in_executor(app.state.device_thread, backend.prepare, documents)
         return await batcher.score(query, prepared)
 
-    @app.post("/v1/rerank")
     async def rerank(request: Request):
         started, request_id = time.perf_counter(), uuid.uuid4().hex
         body = await read_body(request, limits)
@@ -252,9 +256,52 @@ def create_app(
             results.append(result)
         elapsed_ms = round(1000 * (time.perf_counter() - started), 3)
         meta = {"documents": len(documents), "elapsed_ms": elapsed_ms}
+        if job.warnings:
+            meta["warnings"] = job.warnings
         return {"id": request_id, "model": model_name, "results": results, "meta": meta}
 
+    for path in RERANK_ROUTES:  # vLLM's, Cohere v1/Jina's and Cohere v2's paths: one handler
+        app.add_api_route(
+            path,
+            rerank,
+            methods=["POST"],
+            name=f"rerank ({path})",
+            operation_id=f"rerank{path.replace('/', '_')}",
+            response_model=RerankResponse,
+            response_model_exclude_none=True,
+            responses={code: {"model": ErrorResponse} for code in (400, 408, 413, 500)},
+            openapi_extra=REQUEST_BODY,  # the body is read by hand (size limits, timeouts)
+        )
+    _document_request_schema(app)
     return app
+
+
+RERANK_ROUTES = ("/rerank", "/v1/rerank", "/v2/rerank")
+REQUEST_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/RerankRequest"}}},
+    }
+}
+
+
+def _document_request_schema(app) -> None:
+    """`/openapi.json` with the request model's schema among its components: the rerank routes
+    read their bodies by hand, so FastAPI would not list it by itself."""
+    from edje.serving.schema import RerankRequest
+
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = build()
+            request = RerankRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            components.update(request.pop("$defs", {}))
+            components["RerankRequest"] = request
+        return app.openapi_schema
+
+    app.openapi = openapi
 
 
 def non_finite_message(broken: list[int], documents: Sequence[Document]) -> str:

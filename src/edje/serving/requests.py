@@ -1,4 +1,5 @@
-"""Parsing and checking `POST /v1/rerank` bodies: every mistake is a `RequestError` (4xx).
+"""Parsing and checking rerank bodies (`POST /rerank`, `/v1/rerank`, `/v2/rerank`): every
+mistake is a `RequestError` (4xx). The fields and their types are `edje.serving.schema`'s.
 
 A request, in the Cohere/Jina rerank shape:
 
@@ -8,7 +9,9 @@ A request, in the Cohere/Jina rerank shape:
                    {"image_id": "img-42"},   # the same, spelled out
                    {"image": "<base64 JPEG/PNG/...>"}],  # or "data:image/png;base64,..."
      "top_n": 2,                             # optional, null = all
-     "return_documents": false}              # optional: echo each document as sent
+     "return_documents": false,              # optional: echo each document as sent
+     "max_tokens_per_doc": 512}              # Cohere's, Jina's and vLLM's optional fields are
+                                             # ignored, and named in meta.warnings
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import binascii
 import io
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from PIL import Image
@@ -89,6 +92,7 @@ class RerankRequest:
     top_n: int | None
     return_documents: bool
     first_stage_scores: list[float] | None = None  # one per document, for score fusion
+    warnings: list[str] = field(default_factory=list)  # the optional fields ignored, and why
 
 
 async def read_body(request, limits: ServeLimits) -> bytes:
@@ -136,39 +140,49 @@ def parse_json(body: bytes) -> Any:
 
 
 def parse_rerank_request(payload: Any, limits: ServeLimits, model_name: str) -> RerankRequest:
-    check_fields(
-        payload, {"model", "query", "documents", "top_n", "return_documents", "first_stage_scores"}
-    )
-    model = payload.get("model")
-    if model is not None and model != model_name:
+    """The body validated against `edje.serving.schema.RerankRequest`, then against `limits`
+    and the served model's name; every mistake is one 400 naming the field and what came."""
+    from pydantic import ValidationError
+
+    from edje.serving.schema import RerankRequest as Body
+    from edje.serving.schema import ignored_field_warnings
+
+    check_fields(payload, set(Body.model_fields))
+    try:
+        body = Body.model_validate(payload)
+    except ValidationError as error:
+        raise RequestError(400, _validation_message(error, payload)) from None
+    if body.model is not None and body.model != model_name:
         raise RequestError(
-            400, f"model {model!r} is not served here; it serves {model_name!r} (or omit 'model')."
+            400,
+            f"model {body.model!r} is not served here; it serves {model_name!r} (or omit 'model').",
         )
-    query = check_query(payload.get("query"), limits)
-    documents = payload.get("documents")
-    if not isinstance(documents, list) or not documents:
-        raise RequestError(400, f"'documents' must be a non-empty list, got {_kind(documents)}.")
+    query = check_query(body.query, limits)
+    documents = payload["documents"]  # as sent: echoed with return_documents
     if len(documents) > limits.max_documents:
         raise RequestError(
             400, f"{len(documents)} documents; this server takes at most {limits.max_documents}."
         )
-    bad = [i for i, doc in enumerate(documents) if not _is_document(doc)]
-    if bad:
-        raise RequestError(
-            400,
-            f"documents {bad[:NAMED_AT_MOST]} are neither an image id string, "
-            '{"image_id": "<id>"} nor {"image": "<base64>"}.',
+    first_stage_scores = _first_stage_scores(body.first_stage_scores, len(documents))
+    return RerankRequest(query, documents, body.top_n, body.return_documents, first_stage_scores,
+                         ignored_field_warnings(body))  # fmt: skip
+
+
+def _validation_message(error: Any, payload: dict) -> str:
+    """pydantic's errors as one line: the bad documents by index, else the first bad field."""
+    problems = error.errors()
+    locations = [p["loc"] for p in problems]
+    documents = sorted({loc[1] for loc in locations if loc[0] == "documents" and len(loc) > 1})
+    if documents:
+        return (
+            f"documents {documents[:NAMED_AT_MOST]} are neither an image id string, "
+            '{"image_id": "<id>"} nor {"image": "<base64>"}.'
         )
-    top_n = payload.get("top_n")
-    if top_n is not None and (not isinstance(top_n, int) or isinstance(top_n, bool) or top_n < 1):
-        raise RequestError(400, f"'top_n' must be an integer >= 1 or null, got {top_n!r}.")
-    return_documents = payload.get("return_documents", False)
-    if not isinstance(return_documents, bool):
-        raise RequestError(
-            400, f"'return_documents' must be true or false, got {_kind(return_documents)}."
-        )
-    first_stage_scores = _first_stage_scores(payload.get("first_stage_scores"), len(documents))
-    return RerankRequest(query, documents, top_n, return_documents, first_stage_scores)
+    first = problems[0]
+    field = first["loc"][0] if first["loc"] else "body"
+    if first["type"] == "missing":
+        return f"{field!r} is required."
+    return f"{field!r}: {first['msg'].lower()}, got {_kind(payload.get(field))}."
 
 
 def check_fields(payload: Any, known: set[str]) -> dict:
@@ -282,15 +296,6 @@ def _first_stage_scores(scores: Any, count: int) -> list[float] | None:
             + ".",
         )
     return [float(s) for s in scores]
-
-
-def _is_document(doc: Any) -> bool:
-    if isinstance(doc, str):
-        return bool(doc)
-    if not isinstance(doc, dict) or len(doc) != 1:
-        return False
-    ((key, value),) = doc.items()
-    return key in ("image_id", "image") and isinstance(value, str) and bool(value)
 
 
 def _kind(value: Any) -> str:

@@ -23,11 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import BasePredictionWriter
 from PIL import Image
 
-from edje._utils import IMAGE_SUFFIXES, load_rgb
+from edje._utils import IMAGE_SUFFIXES, load_rgb, require
 from edje.image_tokens import pixel_inputs
 from edje.store.fingerprint import (
     RAW_ADAPTER,
@@ -39,6 +37,13 @@ from edje.store.format import remove_temporaries
 from edje.store.lock import store_lock
 from edje.store.reader import TokenStore
 from edje.store.writer import TokenStoreWriter, finalize
+
+# Lightning runs the encoding on any number of devices: the training extra.
+_lightning = require("lightning.pytorch", "training", "Encoding images (edje encode)")
+LightningModule, Trainer = _lightning.LightningModule, _lightning.Trainer
+BasePredictionWriter = require(
+    "lightning.pytorch.callbacks", "training", "Encoding images (edje encode)"
+).BasePredictionWriter
 
 __all__ = [
     "EncodeResult",

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from edje.data.load import hub_datasets
 from edje.model_card import write_model_card
 
 logger = logging.getLogger(__name__)
@@ -92,6 +93,9 @@ class ExportEDJE(Callback):
         model = EDJEModel.from_pretrained(self.dirpath).eval()
         processor = EDJEProcessor.from_pretrained(self.dirpath)
         data = datamodule.data if isinstance(datamodule.data, str) else "a DatasetDict"
+        hub = hub_datasets(data) if not Path(data).is_dir() else []
+        if Path(data).is_dir():  # a folder: its name (a card names no local path)
+            data = Path(data).resolve().name
         validation = None
         if "validation" in splits:
             validation = self._choose_fusion(model, processor, splits["validation"], datamodule)
@@ -105,7 +109,7 @@ class ExportEDJE(Callback):
         results = f"{report.to_markdown()}\n\n{_provenance(hardware)}; {where}."
         write_model_card(
             model, self.dirpath, results=results, compact=self.compact, warning=warning,
-            report=report,
+            report=report, datasets=hub,
         )  # fmt: skip
         report.save(self.dirpath / "evaluation", plot=True)
         logger.info("ExportEDJE: test results written to %s/README.md", self.dirpath)
@@ -163,10 +167,10 @@ def processor_for(edje, datamodule):
     """The `EDJEProcessor` matching a trained model and the data module's tokenizer."""
     import copy
 
-    from edje.backbones import load_vision_encoder
+    from edje.backbones import load_image_processor
     from edje.processing_edje import EDJEProcessor
 
-    _, image_processor = load_vision_encoder(
+    image_processor = load_image_processor(
         datamodule.vision, image_size=datamodule.vision_image_size
     )
     processor = EDJEProcessor(

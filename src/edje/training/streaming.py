@@ -94,7 +94,7 @@ class ShardDataModule(LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         from transformers import AutoTokenizer
 
-        from edje.backbones import load_vision_encoder
+        from edje.backbones import load_image_processor
         from edje.first_stage import load_embedding_model
 
         if self.samples_per_epoch is None:
@@ -102,10 +102,8 @@ class ShardDataModule(LightningDataModule):
         if isinstance(self.first_stage, str):
             self.first_stage = load_embedding_model(self.first_stage)
         self.tokenizer = AutoTokenizer.from_pretrained(resolve_backbone(self.text))
-        # The processor of the network's vision encoder (the tower loaded here is dropped).
-        _, self.image_processor = load_vision_encoder(
-            self.vision, image_size=self.vision_image_size
-        )
+        # The processor of the network's vision encoder (its configs only: no weights).
+        self.image_processor = load_image_processor(self.vision, image_size=self.vision_image_size)
 
     def _count_samples(self) -> int:
         if self.shards is None:  # a Hub data set whose card records its size
