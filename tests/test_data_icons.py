@@ -192,6 +192,10 @@ def test_evaluation_sets_load_by_name(corpus):
         and len(style["test"]) == manifest["eval_sets"]["icons-heldout-style"]
     )
     assert style["test"][0]["captions"][0].startswith(("a ", "an ", "the "))
+    concepts = load_data("icons-heldout-concepts", data_dir=str(out))["test"]
+    captions = [c for row in concepts["captions"] for c in row]
+    assert len(captions) == len(set(captions)) == len(concepts)  # one image per caption
+    assert len(concepts) < manifest["splits"]["heldout-concepts"]  # baby angel in 3 styles: one
     with pytest.raises(ValueError, match="edje data build icons"):
         load_data("icons-heldout-set", data_dir=str(out / "nothing"))
 

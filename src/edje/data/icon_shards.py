@@ -102,7 +102,7 @@ def build_icon_corpus(
             failed |= errors
             bar.update(written["planned"])
         for name, split in EVAL_SETS.items():
-            chosen = by_split[split][:eval_size]
+            chosen = _one_image_per_caption(by_split[split])[:eval_size]
             failed |= _write_eval_set(out / name, chosen, image_size, pool)
             bar.update(len(chosen))
     manifest = _manifest(source, icons, by_split, shards, failed, image_size, eval_size)
@@ -133,6 +133,14 @@ def _check_options(out: Path, options: dict) -> None:
 
 def _chunks(items: list, size: int) -> list[list]:
     return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def _one_image_per_caption(icons: list[Icon]) -> list[Icon]:
+    """The first image of each caption: a caption shared by several images (one emoji in
+    several styles, "abstract 001" and "abstract 002") would make retrieval ask for one of
+    them, and its copies tie against it."""
+    seen: set[str] = set()
+    return [icon for icon in icons if not (icon.caption in seen or seen.add(icon.caption))]
 
 
 def _digest(text: str) -> str:
@@ -230,7 +238,10 @@ def _manifest(source, icons, by_split, shards, failed, image_size, eval_size) ->
         "icons": len(icons),
         "splits": {split: len(items) for split, items in sorted(by_split.items())},
         "excluded": dict(excluded.most_common()),
-        "eval_sets": {name: min(eval_size, len(by_split[s])) for name, s in EVAL_SETS.items()},
+        "eval_sets": {
+            name: min(eval_size, len(_one_image_per_caption(by_split[s])))
+            for name, s in EVAL_SETS.items()
+        },
         "shards": shards,
         "failed": failed,
     }
@@ -249,7 +260,7 @@ def _holdout(source: IconSource, by_split, eval_size: int) -> dict:
             icon.key
             for split in EVAL_SETS.values()
             if split != "validation"
-            for icon in by_split[split][:eval_size]
+            for icon in _one_image_per_caption(by_split[split])[:eval_size]
         ),
     }
 
