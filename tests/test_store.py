@@ -442,6 +442,23 @@ def test_a_second_writer_of_a_store_is_refused_at_once_naming_the_first(tmp_path
     assert TokenStore.open(tmp_path / "s").ids == ["a", "b"]
 
 
+@pytest.mark.parametrize("planted", ["symlink", "fifo"])
+def test_a_link_or_fifo_at_the_lock_name_is_refused_and_its_target_left_alone(tmp_path, planted):
+    from edje.store.lock import LOCK_NAME, StoreLockError
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("the user's file")
+    (tmp_path / "s").mkdir()
+    lock = tmp_path / "s" / LOCK_NAME
+    lock.symlink_to(victim) if planted == "symlink" else os.mkfifo(lock)
+    with pytest.raises(
+        StoreLockError, match=r"edje-write\.lock is (a symbolic link|not a regular)"
+    ):
+        TokenStore.create(tmp_path / "s", token_shape=(M, D))
+    assert victim.read_text() == "the user's file"
+    assert os.path.lexists(lock)  # not edje's to remove either
+
+
 def test_an_encode_into_a_store_another_process_is_writing_fails_and_leaves_it_alone(
     tmp_path, tiny_vision_encoder, tiny_image_processor
 ):
