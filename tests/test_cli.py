@@ -142,3 +142,38 @@ def test_quiet_libraries_silences_lightning_info_lines_even_when_lightning_is_im
     assert "built" in result.stdout
     printed = result.stdout + result.stderr
     assert "GPU available" not in printed and "Tip:" not in printed, printed
+
+
+@pytest.mark.parametrize("command", ["quickstart", "check"])
+def test_an_out_folder_holding_a_users_files_is_left_alone_and_refused_at_once(
+    command, tmp_path, capsys
+):
+    from edje.cli import run
+
+    users = tmp_path / "model" if command == "quickstart" else tmp_path
+    users.mkdir(exist_ok=True)
+    (users / "README.md").write_text("mine")
+    (users / "notes.txt").write_text("mine too")
+    argv = ["edje", command, "--out", str(tmp_path)]
+    with pytest.raises(SystemExit) as exit_, patch.object(sys, "argv", argv):
+        run()
+    assert exit_.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "edje did not write" in error[0], error
+    assert sorted(p.name for p in users.iterdir()) == ["README.md", "notes.txt"]
+    assert (users / "README.md").read_text() == "mine"
+
+
+def test_a_folder_edje_wrote_is_replaced_whole_and_a_foreign_one_is_not(tmp_path):
+    from edje._utils import atomic_folder
+
+    with atomic_folder(tmp_path / "out") as partial:
+        (partial / "a.txt").write_text("1")
+    with atomic_folder(tmp_path / "out") as partial:  # edje's own: replaced
+        (partial / "b.txt").write_text("2")
+    assert not (tmp_path / "out" / "a.txt").exists() and (tmp_path / "out" / "b.txt").exists()
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "c.txt").write_text("3")
+    with pytest.raises(FileExistsError), atomic_folder(tmp_path / "theirs"):
+        pass
+    assert (tmp_path / "theirs" / "c.txt").read_text() == "3"
