@@ -85,6 +85,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--port", type=int, default=8000, help="port to listen on (default: %(default)s)"
     )
     parser.add_argument(
+        "--allowed-host",
+        dest="allowed_hosts",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also accept requests whose Host header is NAME (repeatable; '*': any). By "
+        "default only the address a request came in on (and localhost) is accepted, so a web "
+        "page cannot reach this server through DNS rebinding",
+    )
+    parser.add_argument(
         "--served-name",
         default=None,
         help="model name in requests and responses (default: --model)",
@@ -125,7 +135,10 @@ def run(args: argparse.Namespace) -> int:
         args.model, store=args.store, device=args.device, force_store=args.force
     )
     name, size = args.served_name or args.model, len(reranker.store)
-    app = create_app(RerankerBackend(reranker), model_name=name, limits=limits, store_size=size)
+    app = create_app(
+        RerankerBackend(reranker), model_name=name, limits=limits, store_size=size,
+        allowed_hosts=args.allowed_hosts,
+    )  # fmt: skip
     where = f"http://{args.host}:{args.port}"
     if args.first_stage:
         from edje.serving.search_page import add_search_page

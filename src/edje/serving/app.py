@@ -53,6 +53,7 @@ import torch
 from edje.fusion import fuse, fusion_weights
 from edje.serving.batching import MicroBatcher
 from edje.serving.budget import PixelBudget
+from edje.serving.hosts import HostCheck
 from edje.serving.requests import (
     NAMED_AT_MOST,
     Document,
@@ -146,8 +147,11 @@ def create_app(
     model_name: str = "edje",
     limits: ServeLimits | None = None,
     store_size: int | None = None,
+    allowed_hosts: Sequence[str] = (),
 ):
-    """The FastAPI app serving `backend`; run it with `run_server` or `serve_in_background`."""
+    """The FastAPI app serving `backend`; run it with `run_server` or `serve_in_background`.
+    A request's `Host` must be the address it came in on or one of `allowed_hosts`
+    (`edje.serving.hosts`)."""
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse
     from starlette.concurrency import run_in_threadpool
@@ -173,6 +177,7 @@ def create_app(
 
     pixels_in_flight = PixelBudget(limits.max_pixels_in_flight)
     app = FastAPI(title="edje rerank", lifespan=lifespan)
+    app.add_middleware(HostCheck, allowed=allowed_hosts)
     app.state.batcher, app.state.limits = batcher, limits
 
     @app.exception_handler(RequestError)
