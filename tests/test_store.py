@@ -134,9 +134,11 @@ def test_open_reads_only_the_manifest(tmp_path, monkeypatch):
     assert len(store) == 12 and "img0005.jpg" in store and store.fingerprint
     assert calls == []
     store.get("img0007.jpg")  # second shard only (rows 6..11)
-    assert calls == [("header", "r000-000001.safetensors"), ("memmap", "r000-000001.safetensors")]
+    second = "r000-000001.safetensors"
+    assert calls[0] == ("header", second) and set(calls[1:]) == {("memmap", second)}  # + sums
+    mapped = len(calls)
     store.gather(["img0006.jpg", "img0011.jpg"])
-    assert len(calls) == 2  # mapped once, then reused
+    assert len(calls) == mapped  # mapped once, then reused
 
 
 def test_truncated_shard_is_detected_on_open_naming_the_file(tmp_path):
@@ -165,6 +167,82 @@ def test_corrupt_data_is_detected_by_verify_naming_the_file(tmp_path):
         store.verify()
     with pytest.raises(StoreCorruptError, match=r"r000-000001.safetensors"):
         TokenStore.open(tmp_path / "s", verify=True)
+
+
+def _flip_token_byte(store_path, shard_name: str, row: int) -> None:
+    """Flip one byte inside `row`'s tokens, leaving header and size as they were."""
+    shard = store_path / "shards" / shard_name
+    header = store_format.read_shard_header(shard)
+    tokens = header.tensors["tokens"]
+    data = bytearray(shard.read_bytes())
+    data[tokens.offset + row * (tokens.nbytes // tokens.shape[0]) + 5] ^= 0x10
+    shard.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "int8"])
+def test_a_flipped_token_byte_is_a_named_error_on_every_read_path(tmp_path, dtype):
+    _make(tmp_path / "s", dtype=dtype)
+    _flip_token_byte(tmp_path / "s", "r000-000000.safetensors", row=1)
+    store = TokenStore.open(tmp_path / "s")
+    store.get("img0000.jpg")  # the rows around it still read
+    corrupt = r"r000-000000\.safetensors.*'img0001\.jpg' \(row 1\).*checksum"
+    with pytest.raises(StoreCorruptError, match=corrupt):
+        store.get("img0001.jpg")
+    with pytest.raises(StoreCorruptError, match=corrupt):
+        store.gather_rows([5, 1, 0])
+    with pytest.raises(StoreCorruptError, match=corrupt):
+        TokenStore.open(tmp_path / "s").to("cpu")
+
+
+def _shard_without_checks(path, tokens: np.ndarray, ids: list[str]) -> None:
+    """A version 1 shard (no row checksums), as edje wrote before row checksums."""
+    metadata = {
+        "format": store_format.FORMAT, "dtype": "float16", "ids": json.dumps(ids),
+        "failures": "{}", "fingerprint": "{}",
+    }  # fmt: skip
+    raw = memoryview(np.ascontiguousarray(tokens, np.float16).reshape(-1)).cast("B")
+    store_format.write_shard(path, {"tokens": ("F16", tokens.shape, raw)}, metadata)
+
+
+def test_a_version_1_store_still_reads_and_a_flipped_byte_in_it_is_refused(tmp_path):
+    from edje.store.writer import finalize
+
+    (tmp_path / "s" / "shards").mkdir(parents=True)
+    tokens = np.random.default_rng(0).standard_normal((3, M, D)).astype(np.float16)
+    _shard_without_checks(tmp_path / "s/shards/r000-000000.safetensors", tokens, _ids(3))
+    manifest = finalize(tmp_path / "s")
+    (tmp_path / "s" / "manifest.json").write_text(json.dumps({**manifest, "format_version": 1}))
+    store = TokenStore.open(tmp_path / "s", verify=True)
+    assert torch.equal(store.get("img0002.jpg"), torch.from_numpy(tokens[2]))
+    _flip_token_byte(tmp_path / "s", "r000-000000.safetensors", row=2)
+    with pytest.raises(StoreCorruptError, match=r"r000-000000\.safetensors.*sha256"):
+        TokenStore.open(tmp_path / "s").get("img0000.jpg")
+    (tmp_path / "s" / "manifest.json").write_text(json.dumps({**manifest, "format_version": 9}))
+    with pytest.raises(StoreCorruptError, match=r"versions 1, 2.*version=9"):
+        TokenStore.open(tmp_path / "s")
+
+
+def test_nan_tokens_with_consistent_hashes_fail_verify_naming_the_image(tmp_path, capsys):
+    from edje.cli import main
+    from edje.store.writer import finalize
+
+    (tmp_path / "s" / "shards").mkdir(parents=True)
+    tokens = np.ones((3, M, D), np.float16)
+    tokens[1, 2, 3] = np.nan
+    _shard_without_checks(tmp_path / "s/shards/r000-000000.safetensors", tokens, _ids(3))
+    finalize(tmp_path / "s")
+    with pytest.raises(StoreCorruptError, match=r"NaN or inf tokens \(image 'img0001\.jpg'\)"):
+        TokenStore.open(tmp_path / "s").verify()
+    assert main(["verify", str(tmp_path / "s")]) == 1
+    assert "img0001.jpg" in capsys.readouterr().err
+
+
+def test_tokens_past_the_store_dtypes_range_are_refused_at_write_time(tmp_path):
+    with TokenStore.create(tmp_path / "s", token_shape=(M, D), dtype="float16") as writer:
+        with pytest.raises(ValueError, match=r"\['b'\] hold NaN or inf once stored as float16"):
+            writer.add(["a", "b"], torch.stack([torch.ones(M, D), torch.full((M, D), 1e5)]))
+        writer.add(["a"], torch.ones(1, M, D))  # nothing of the refused call was kept
+    assert TokenStore.open(tmp_path / "s", verify=True).ids == ["a"]
 
 
 def test_corrupt_header_is_detected_on_first_read_naming_the_file(tmp_path):

@@ -9,8 +9,11 @@ A store is a folder::
 
 Each shard is a plain safetensors file (``safetensors.safe_open`` reads it) holding
 
+- ``row_crc32``: ``[rows]`` ``U32``, the CRC-32 of each row's token bytes followed by its
+  scale bytes (format version 2 on): checked on every read, so a flipped byte is an error
+  naming the shard and the id instead of a silently different score;
 - ``scales``: ``[rows, m]`` ``F32``, only for int8 stores (token = int8 row x its scale),
-  stored first so both tensors stay aligned;
+  stored before the tokens so every tensor stays aligned;
 - ``tokens``: ``[rows, m, d]`` in the store dtype (``F16``, ``BF16`` or ``I8``);
 
 and, in the header's ``__metadata__`` (all strings): ``format``, ``dtype`` (the store dtype),
@@ -28,8 +31,10 @@ Files are written as ``NAME.tmp-<pid>`` and renamed, so a reader never sees half
 
 Integrity checks, from cheap to thorough: opening a store stats every shard (missing or
 truncated files: the size must equal the manifest's ``bytes``); the first read of a shard parses
-its header and checks its size, row count and ``data_sha256`` field against the manifest;
-``TokenStore.verify()`` (or ``open(verify=True)``) re-hashes every shard's data, reading it all.
+its header and checks its size, row count and ``data_sha256`` field against the manifest; every
+read checks each row it returns against ``row_crc32`` (a version 1 shard, which has none, is
+re-hashed whole on its first read instead); ``TokenStore.verify()`` (or ``open(verify=True)``)
+re-hashes every shard's data and checks every token is finite, reading it all.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ import json
 import os
 import re
 import struct
+import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +55,9 @@ import torch
 from edje._utils import TMP_MARK, atomic_write
 
 FORMAT = "edje-token-store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-row CRC-32s (`row_crc32`)
+READABLE_VERSIONS = (1, 2)
+ROW_CHECKSUMS = "row_crc32"
 MANIFEST_NAME = "manifest.json"
 SHARD_DIR = "shards"
 SHARD_SUFFIX = ".safetensors"
@@ -62,6 +70,7 @@ STORE_DTYPES: dict[str, tuple[str, np.dtype]] = {
     "int8": ("I8", np.dtype(np.int8)),
 }
 SCALE_DTYPE = ("F32", np.dtype(np.float32))
+CHECKSUM_DTYPE = ("U32", np.dtype("<u4"))
 
 
 class StoreCorruptError(ValueError):
@@ -112,7 +121,19 @@ class ShardHeader:
 
 
 def _tag_itemsize(tag: str) -> int:
-    return {"F16": 2, "BF16": 2, "I8": 1, "F32": 4}[tag]
+    return {"F16": 2, "BF16": 2, "I8": 1, "F32": 4, "U32": 4}[tag]
+
+
+def row_checksum(tokens: np.ndarray, scales: np.ndarray | None) -> int:
+    """CRC-32 of one row's token bytes, then its scale bytes (int8 stores)."""
+    crc = zlib.crc32(np.ascontiguousarray(tokens))
+    return crc if scales is None else zlib.crc32(np.ascontiguousarray(scales), crc)
+
+
+def row_checksums(tokens: np.ndarray, scales: np.ndarray | None) -> np.ndarray:
+    """``[rows]`` `row_checksum` of each row."""
+    sums = [row_checksum(t, None if scales is None else scales[n]) for n, t in enumerate(tokens)]
+    return np.asarray(sums, dtype=CHECKSUM_DTYPE[1])
 
 
 def write_shard(
