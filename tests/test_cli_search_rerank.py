@@ -254,3 +254,27 @@ def test_help_has_examples(capsys):
         with pytest.raises(SystemExit):
             main([command, "--help"])
         assert "example" in capsys.readouterr().out
+
+
+def test_a_served_index_is_checked_against_the_store_and_first_stage_at_start(files):
+    from edje.first_stage import VectorIndex, load_embedding_model
+    from edje.serving.search_page import Collection
+
+    root, ids, _ = files
+    reranker = EDJEReranker(str(root / "edje"), store=root / "raw", device="cpu")
+    probe = load_embedding_model(root / "probe")
+    vectors = torch.nn.functional.normalize(torch.randn(5, 8), dim=-1)
+    other = VectorIndex(dim=8)
+    other.add(vectors, ids=[f"elsewhere-{i}.png" for i in range(5)])
+    with pytest.raises(ValueError, match=r"names 5 images the store .* does not hold"):
+        Collection(reranker, probe, other)
+    wide = VectorIndex(dim=16)
+    wide.add(torch.randn(5, 16), ids=ids)
+    with pytest.raises(ValueError, match=r"16-wide vectors, the first stage embeds to 8"):
+        Collection(reranker, probe, wide)
+    # An IVF index (no direct map when loaded) describes as an exact one does.
+    ivf = VectorIndex.from_store(reranker.store, probe, factory="IVF1,Flat")
+    collection = Collection(reranker, probe, ivf, captions=CAPTIONS)
+    exact = Collection(reranker, probe, VectorIndex.from_store(reranker.store, probe))
+    exact.captions = CAPTIONS
+    assert collection.describe(ids[0], k=3)["reranked"] == exact.describe(ids[0], k=3)["reranked"]

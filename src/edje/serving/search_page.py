@@ -48,6 +48,29 @@ class Collection:
 
     def __post_init__(self) -> None:
         self.positions = {image_id: i for i, image_id in enumerate(self.index.ids)}
+        self._check_index()
+
+    def _check_index(self) -> None:
+        """At start, what would make every search or describe fail: an index of images the
+        store does not hold (built from another store), of another width than the first
+        stage's embeddings, or whose vectors cannot be read back (describe needs them)."""
+        where = getattr(self.index, "path", None) or "the index"
+        store = self.reranker.store
+        missing = [i for i in self.index.ids if i not in store]
+        if missing:
+            raise ValueError(
+                f"{where} names {len(missing)} images the store {store.path} does not hold "
+                f"(e.g. {missing[0]!r}): it was built from other images; rebuild it with "
+                "`edje index` from this store's images."
+            )
+        width = self.first_stage.encode_texts(["index check"]).shape[-1]
+        if width != self.index.dim:
+            raise ValueError(
+                f"{where} holds {self.index.dim}-wide vectors, the first stage embeds to {width}: "
+                "it was built with another first stage."
+            )
+        if len(self.index):
+            self.index.vector(0)  # raises now, not at the first describe
 
     def search(self, query: str, k: int, fusion: bool) -> dict[str, Any]:
         """Runs on the device thread."""
@@ -87,7 +110,7 @@ class Collection:
         started = time.perf_counter()
         if self._caption_embeddings is None:
             self._caption_embeddings = self.first_stage.encode_texts(self.captions)
-        image = torch.from_numpy(self.index.index.reconstruct(self.positions[image_id]))
+        image = torch.from_numpy(self.index.vector(self.positions[image_id]))
         first_scores, lines = (self._caption_embeddings @ image).topk(min(k, len(self.captions)))
         first_ms = 1000 * (time.perf_counter() - started)
         started = time.perf_counter()
