@@ -469,3 +469,25 @@ def test_shard_images_hold_exactly_the_samples_the_stream_yields(tmp_path):
     streamed = [row["__key__"] for row in stream_shards(shard)]
     assert indexed.ids == streamed == ["_name", "b", "sub/c"]
     assert indexed.captions == ["underscore", "plain", "in a folder"]
+
+
+def test_a_bad_image_in_a_stream_is_skipped_listed_and_counted_and_resume_goes_past_it(
+    vision_folder, tmp_path
+):
+    from edje.training import ShardDataModule
+
+    members = []
+    for n in range(6):
+        image = b"not an image at all" if n == 2 else png(n)
+        members += [(f"s{n}.png", image), (f"s{n}.txt", f"caption {n}".encode())]
+    shard = write_tar(tmp_path / "s.tar", members)
+    data = ShardDataModule(shard, vision=str(vision_folder), batch_size=3, shuffle_buffer=0)
+    data.setup()
+    batches = list(data.train_dataloader())
+    assert [len(b["image_key"]) for b in batches] == [2, 3]  # s2 left out of the first
+    assert list(data.skipped) == ["s2"] and "UnidentifiedImageError" in data.skipped["s2"]
+    assert all(b["pixel_values"].shape[0] == len(b["caption_ids"]) for b in batches)
+    data.skipped.clear()
+    data.load_state_dict({"epoch": 0, "batches": 1})  # a checkpoint after the bad batch
+    resumed = list(data.train_dataloader())
+    assert len(resumed) == 1 and torch.equal(resumed[0]["image_key"], batches[1]["image_key"])
