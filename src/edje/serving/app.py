@@ -243,7 +243,10 @@ def create_app(
             return JSONResponse({"message": non_finite_message(broken, documents)}, status_code=500)
         weights = getattr(backend, "fusion", None)
         if weights is not None and job.first_stage_scores is not None:
-            logits = fuse(logits, torch.tensor(job.first_stage_scores), weights)
+            try:  # scores past float32's range: the client's numbers, a 400
+                logits = fuse(logits, torch.tensor(job.first_stage_scores), weights)
+            except ValueError as error:
+                raise RequestError(400, str(error)) from None
         # Ordered by logit (sigmoids of large logits tie at 1.0); a stable sort: ties by index.
         values = logits.tolist()
         order = sorted(range(len(values)), key=lambda i: -values[i])
