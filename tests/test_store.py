@@ -601,3 +601,24 @@ def test_edje_verify_says_intact_or_names_the_corrupt_shard(tmp_path):
     assert bad.returncode == 1
     (line,) = bad.stderr.strip().splitlines()
     assert "is corrupt" in line and shard.name in line and "sha256" in line, line
+
+
+def _run_cli(*argv: str) -> subprocess.CompletedProcess:
+    code = "import sys; from edje.cli import run; sys.argv = ['edje', *sys.argv[1:]]; run()"
+    return subprocess.run(
+        [sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120
+    )
+
+
+def test_a_fifo_in_a_store_or_given_as_a_shard_is_refused_not_waited_on(tmp_path):
+    _make(tmp_path / "s", n=2)
+    (tmp_path / "s" / "manifest.json").unlink()
+    os.mkfifo(tmp_path / "s" / "manifest.json")
+    verify = _run_cli("verify", str(tmp_path / "s"))
+    assert verify.returncode == 2 and "manifest.json is a FIFO" in verify.stderr
+    assert len(verify.stderr.strip().splitlines()) == 1
+    os.mkfifo(tmp_path / "shard.tar")
+    encode = _run_cli("encode", "--vision", "x", "--shards", str(tmp_path / "shard.tar"),
+                      "--out", str(tmp_path / "out"))  # fmt: skip
+    assert encode.returncode == 2 and "shard.tar is a FIFO" in encode.stderr, encode.stderr
+    assert not (tmp_path / "out").exists()

@@ -6,6 +6,7 @@ import contextlib
 import io
 import os
 import shutil
+import stat
 import sys
 import tempfile
 import warnings
@@ -23,6 +24,7 @@ __all__ = [
     "atomic_write",
     "batches",
     "load_rgb",
+    "open_regular",
     "progress",
     "refuse_foreign_folder",
 ]
@@ -48,6 +50,23 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> None:
         os.replace(temp, path)
     except BaseException:
         Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def open_regular(path: str | os.PathLike) -> io.BufferedReader:
+    """Open `path` for reading in binary, refusing anything but a regular file: a FIFO would
+    block the reader forever, a device never end. `OSError` names the path and what it is."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # a FIFO opens at once
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a FIFO" if stat.S_ISFIFO(mode) else "a folder" if stat.S_ISDIR(mode) else (
+                "a device or socket")  # fmt: skip
+            raise OSError(f"{path} is {kind}, not a regular file")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
         raise
 
 

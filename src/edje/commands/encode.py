@@ -166,9 +166,10 @@ def run(args: argparse.Namespace) -> int:
     from edje.store.encode import encode_images
 
     devices = int(args.devices) if str(args.devices).isdigit() else args.devices
+    source = _load_source(args)  # before the encoders: a bad source fails in a moment
     vision, processor, compressor = _load_encoders(args)
     result = encode_images(
-        _load_source(args),
+        source,
         args.out,
         vision_encoder=vision,
         image_processor=processor,

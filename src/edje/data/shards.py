@@ -32,6 +32,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from edje._utils import open_regular
+
 __all__ = ["IMAGE_EXTENSIONS", "ShardImages", "expand_shards", "stream_dataset", "stream_shards"]
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # img2dataset writes jpg; the first found wins
@@ -107,7 +109,7 @@ class ShardImages(Sequence):
 
     def __getitem__(self, index: int) -> bytes:  # type: ignore[override]
         shard, offset, size = self._where[index]
-        with open(self.shards[shard], "rb") as file:
+        with open_regular(self.shards[shard]) as file:
             file.seek(offset)
             return file.read(size)
 
@@ -125,7 +127,8 @@ def _samples(shard: str) -> Iterable[tuple[str, dict[str, tarfile.TarInfo]]]:
     grouped: dict[str, dict[str, tarfile.TarInfo]] = {}
     current = None
     try:
-        with tarfile.open(shard, "r:") as tar:  # headers only: the data is read by offset
+        # Headers only (the data is read by offset); a FIFO or device is refused, not waited on.
+        with open_regular(shard) as file, tarfile.open(fileobj=file, mode="r:") as tar:
             for member in tar:
                 name = member.name.rpartition("/")[2]
                 match = _MEMBER.match(member.name)
@@ -151,7 +154,7 @@ def _samples(shard: str) -> Iterable[tuple[str, dict[str, tarfile.TarInfo]]]:
 
 
 def _read(shard: str, member: tarfile.TarInfo) -> str:
-    with open(shard, "rb") as file:
+    with open_regular(shard) as file:
         file.seek(member.offset_data)
         return file.read(member.size).decode("utf-8", errors="replace").strip()
 

@@ -52,7 +52,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edje._utils import TMP_MARK, atomic_write
+from edje._utils import TMP_MARK, atomic_write, open_regular
 
 FORMAT = "edje-token-store"
 FORMAT_VERSION = 2  # 2: per-row CRC-32s (`row_crc32`)
@@ -181,7 +181,7 @@ def read_shard_header(path: Path) -> ShardHeader:
     the header is unreadable or the file is truncated.
     """
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             head = f.read(8)
             if len(head) < 8:
                 raise StoreCorruptError(f"shard {path} is truncated: {len(head)} bytes, no header")
@@ -222,7 +222,7 @@ def data_sha256(path: Path, header: ShardHeader, chunk: int = 1 << 22) -> str:
     """sha256 of a shard's data section (everything after the header)."""
     start = min((t.offset for t in header.tensors.values()), default=header.file_size)
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         f.seek(start)
         while block := f.read(chunk):
             digest.update(block)
@@ -255,9 +255,10 @@ def foreign_files(root: Path) -> list[Path]:
         if not p.is_file() or not (SHARD_NAME.fullmatch(p.name) or TMP_MARK in p.name)
     ]
     manifest = root / MANIFEST_NAME
-    if manifest.exists():
+    if os.path.lexists(manifest):
         try:
-            ours = json.loads(manifest.read_text(encoding="utf-8")).get("format") == FORMAT
+            with open_regular(manifest) as file:  # a FIFO: not ours, and never waited on
+                ours = json.loads(file.read().decode("utf-8")).get("format") == FORMAT
         except (OSError, ValueError, AttributeError):
             ours = False
         if not ours:

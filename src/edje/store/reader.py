@@ -15,6 +15,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from edje._utils import open_regular
 from edje.store.fingerprint import RAW_ADAPTER, fingerprint_diff
 from edje.store.format import (
     CHECKSUM_DTYPE,
@@ -83,10 +84,11 @@ class TokenStore:
         path = Path(path)
         manifest_path = path / MANIFEST_NAME
         try:
-            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+            with open_regular(manifest_path) as file:  # a FIFO there would hang the read
+                manifest = json.loads(file.read().decode("utf-8"))
         except FileNotFoundError:
             raise FileNotFoundError(f"TokenStore: no {MANIFEST_NAME} in {path}") from None
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise StoreCorruptError(f"TokenStore: {manifest_path} is corrupt: {e}") from None
         version = manifest.get("format_version") if isinstance(manifest, dict) else None
         if manifest.get("format") != FORMAT or version not in READABLE_VERSIONS:
