@@ -177,3 +177,30 @@ def test_a_folder_edje_wrote_is_replaced_whole_and_a_foreign_one_is_not(tmp_path
     with pytest.raises(FileExistsError), atomic_folder(tmp_path / "theirs"):
         pass
     assert (tmp_path / "theirs" / "c.txt").read_text() == "3"
+
+
+SERVE = ["serve", "--model", "m", "--store", "{tmp}"]
+ENCODE = ["encode", "--images", "{tmp}", "--out", "{tmp}/s"]
+SEARCH = ["search", "--model", "m", "--first-stage", "f", "--store", "{tmp}"]
+ARGUMENT_MISTAKES = {
+    "port": ([*SERVE, "--port", "70000"], "0 to 65535"),
+    "contact-sheet": (["eval", "--model", "m", "--contact-sheet", "-1"], ">= 0, got -1"),
+    "num-workers": ([*ENCODE, "--num-workers", "-1"], ">= 0, got -1"),
+    "surrogate": ([*SEARCH, "a\udc80"], "lone surrogate (U+DC80)"),
+}
+
+
+@pytest.mark.parametrize("mistake", sorted(ARGUMENT_MISTAKES))
+def test_an_argument_out_of_range_or_not_text_is_one_line_exit_2_and_makes_nothing(
+    mistake, tmp_path, capsys
+):
+    from edje.cli import run
+
+    argv, expected = ARGUMENT_MISTAKES[mistake]
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    with pytest.raises(SystemExit) as exit_info, patch.object(sys, "argv", ["edje", *argv]):
+        run()
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and expected in error[0], error
+    assert not any(tmp_path.iterdir())

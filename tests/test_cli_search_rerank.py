@@ -278,3 +278,34 @@ def test_a_served_index_is_checked_against_the_store_and_first_stage_at_start(fi
     exact = Collection(reranker, probe, VectorIndex.from_store(reranker.store, probe))
     exact.captions = CAPTIONS
     assert collection.describe(ids[0], k=3)["reranked"] == exact.describe(ids[0], k=3)["reranked"]
+
+
+def test_a_bad_index_factory_is_named_before_any_image_is_embedded(files, tmp_path, capsys):
+    root, _, _ = files
+    argv = ["index", "--first-stage", str(root / "probe"), "--images", str(root / "photos"),
+            "--out", str(tmp_path / "index"), "--factory", "garbage"]  # fmt: skip
+    capsys.readouterr()
+    with pytest.raises(ValueError, match=r"'garbage' is not a faiss index_factory string"):
+        main(argv)
+    assert "embedded" not in capsys.readouterr().out and not (tmp_path / "index").exists()
+
+
+def test_a_lone_surrogate_in_a_rerank_line_is_named_and_nothing_is_written(files, tmp_path):
+    root, _, _ = files
+    (tmp_path / "pairs.jsonl").write_text('{"query": "a \\ud800 cat", "document": "p0.png"}\n')
+    argv = [
+        "rerank",
+        "--model",
+        str(root / "edje"),
+        "--store",
+        str(root / "store"),
+        "--input",
+        str(tmp_path / "pairs.jsonl"),
+        "--output",
+        str(tmp_path / "out.jsonl"),
+    ]
+    with pytest.raises(
+        SystemExit, match=r"pairs\.jsonl:1: the query .* lone surrogate \(U\+D800\)"
+    ):
+        main(argv)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pairs.jsonl"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from edje.commands import count, existing_folder, folder_or_id, output_folder
+from edje.commands import count, existing_folder, folder_or_id, output_folder, whole_number
 
 EXAMPLE = """examples:
   # raw DINOv2 tokens of every image under photos/ (ids: paths relative to photos/)
@@ -88,7 +88,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run_group = parser.add_argument_group("running")
     run_group.add_argument("--batch-size", type=count, default=32)
     run_group.add_argument(
-        "--num-workers", type=int, default=2, help="decoding processes per device"
+        "--num-workers", type=whole_number, default=2, help="decoding processes per device"
     )
     run_group.add_argument("--devices", default="auto", help="devices per node: N, or auto")
     run_group.add_argument("--num-nodes", type=count, default=1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from edje.commands import count, existing_folder, folder_or_id, output_folder
+from edje.commands import count, existing_folder, folder_or_id, output_folder, whole_number
 from edje.scoring import BACKENDS
 
 EXAMPLE = """examples:
@@ -79,7 +79,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--out", type=output_folder, metavar="DIR", help="folder for the report files"
     )
     parser.add_argument(
-        "--contact-sheet", type=int, default=0, metavar="N", help="picture N queries' top 5"
+        "--contact-sheet",
+        type=whole_number,
+        default=0,
+        metavar="N",
+        help="picture N queries' top 5",
     )
     parser.add_argument("--batch-size", type=count, default=256, help="pairs per forward pass")
     parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: auto)")

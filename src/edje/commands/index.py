@@ -57,6 +57,8 @@ def run(args: argparse.Namespace) -> int:
     from edje.first_stage import VectorIndex, load_embedding_model
 
     first_stage = load_embedding_model(args.first_stage)
+    width = first_stage.encode_texts(["factory check"]).shape[-1]
+    VectorIndex(width, args.factory)  # a bad --factory fails now, not after embedding it all
     if args.store:
         from edje.store import TokenStore
 

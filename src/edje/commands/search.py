@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from edje.commands import count, existing_folder, folder_or_id
+from edje.commands import caption_text, count, existing_folder, folder_or_id
 
 EXAMPLE = """examples:
   # caption -> images: a saved index over the store's ids (see `edje index --help`)
@@ -35,7 +35,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("query", metavar="QUERY", help="a caption (an image path with --images)")
+    parser.add_argument(
+        "query", type=caption_text, metavar="QUERY", help="a caption (an image path with --images)"
+    )
     parser.add_argument(
         "--model", type=folder_or_id, required=True, metavar="EDJE_DIR", help="EDJE folder or id"
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from edje.commands import count, existing_folder, folder_or_id
+from edje.commands import count, existing_folder, folder_or_id, port
 
 EXAMPLE = """examples:
   edje serve --quickstart edje-quickstart    # the quickstart's model, store and search page
@@ -82,7 +82,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="address to listen on (default: %(default)s, this machine only)",
     )
     parser.add_argument(
-        "--port", type=int, default=8000, help="port to listen on (default: %(default)s)"
+        "--port", type=port, default=8000, help="port to listen on (default: %(default)s)"
     )
     parser.add_argument(
         "--allowed-host",

@@ -52,7 +52,14 @@ class VectorIndex:
         if dim < 1:
             raise ValueError(f"VectorIndex: dim must be a positive integer, got {dim}")
         self.dim, self.factory = int(dim), factory
-        self.index = faiss.index_factory(self.dim, factory, faiss.METRIC_INNER_PRODUCT)
+        try:
+            self.index = faiss.index_factory(self.dim, factory, faiss.METRIC_INNER_PRODUCT)
+        except RuntimeError as error:  # faiss's message holds its C++ source location: cut it
+            reason = str(error).rpartition(": ")[2]
+            raise ValueError(
+                f"VectorIndex: {factory!r} is not a faiss index_factory string for {dim}-wide "
+                f"vectors ({reason}); e.g. 'Flat', 'HNSW32', 'IVF1024,Flat'"
+            ) from None
         self.ids: list | None = None  # names of the vectors, when add was given ids
         self.path: Path | None = None  # the folder it was loaded from
 
