@@ -622,3 +622,42 @@ def test_a_fifo_in_a_store_or_given_as_a_shard_is_refused_not_waited_on(tmp_path
                       "--out", str(tmp_path / "out"))  # fmt: skip
     assert encode.returncode == 2 and "shard.tar is a FIFO" in encode.stderr, encode.stderr
     assert not (tmp_path / "out").exists()
+
+
+ODD_MANIFESTS = {
+    "a list": [],
+    "a string": "store",
+    "fingerprint a list": {"fingerprint": []},
+    "nested ids": {"shards": [{"ids": [["a"]]}]},
+    "sha256 a number": {"shards": [{"data_sha256": 7}]},
+}
+
+
+@pytest.mark.parametrize("odd", sorted(ODD_MANIFESTS))
+def test_verify_on_odd_json_is_a_named_corruption_not_a_traceback(tmp_path, odd, capsys):
+    from edje.cli import main
+
+    _make(tmp_path / "s", n=2)
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    change = ODD_MANIFESTS[odd]
+    if isinstance(change, dict):
+        for key, value in change.items():
+            if key == "shards":
+                manifest["shards"][0].update(value[0])
+            else:
+                manifest[key] = value
+    else:
+        manifest = change
+    (tmp_path / "s" / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["verify", str(tmp_path / "s")]) == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "is corrupt" in error[0] and "manifest" in error[0], error
+
+
+def test_a_shard_header_of_odd_json_is_named_corrupt(tmp_path):
+    (tmp_path / "s").mkdir()
+    for n, header in enumerate([b"[1,2,3] ", b'{"__metadata__":[1]}', b'{"__metadata__":{"a":1}}']):
+        shard = tmp_path / "s" / f"r000-00000{n}.safetensors"
+        shard.write_bytes(len(header).to_bytes(8, "little") + header)
+        with pytest.raises(StoreCorruptError, match="not a safetensors header"):
+            store_format.read_shard_header(shard)

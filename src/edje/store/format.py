@@ -196,7 +196,9 @@ def read_shard_header(path: Path) -> ShardHeader:
         raise StoreCorruptError(f"shard {path} has a corrupt header: {e}") from None
     except FileNotFoundError:
         raise StoreCorruptError(f"shard {path} is missing") from None
-    metadata = header.pop("__metadata__", {}) or {}
+    metadata = header.pop("__metadata__", {}) if isinstance(header, dict) else None
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise StoreCorruptError(f"shard {path} has a corrupt header: not a safetensors header")
     if metadata.get("format") != FORMAT:
         raise StoreCorruptError(f"{path} is not an edje token-store shard (no format={FORMAT!r})")
     tensors = {}
@@ -403,6 +405,8 @@ def check_manifest(manifest: object, where: Path) -> None:
     shape = manifest.get("token_shape")
     if not (isinstance(shape, list) and len(shape) == 2 and all(_whole(v, 1) for v in shape)):
         refuse(f"token_shape {shape!r}, expected [m, d] of whole numbers >= 1")
+    if not isinstance(manifest.get("fingerprint", {}), dict):
+        refuse(f"fingerprint must be an object, got {type(manifest['fingerprint']).__name__}")
     shards, failures = manifest.get("shards"), manifest.get("failures", {})
     if not isinstance(shards, list) or not all(isinstance(x, dict) for x in shards):
         refuse("shards must be a list of objects")
@@ -424,6 +428,8 @@ def check_manifest(manifest: object, where: Path) -> None:
             refuse(f"shard {file}: rows {shard.get('rows')!r} for {len(shard_ids)} ids")
         if not _whole(shard.get("bytes"), 0):
             refuse(f"shard {file}: bytes {shard.get('bytes')!r}")
+        if not isinstance(shard.get("data_sha256"), str):
+            refuse(f"shard {file}: data_sha256 {shard.get('data_sha256')!r}, expected a string")
         repeated = ids.intersection(shard_ids)
         if repeated or len(set(shard_ids)) != len(shard_ids):
             refuse(f"shard {file} repeats ids: {sorted(repeated)[:5] or 'within the shard'}")

@@ -90,7 +90,12 @@ class TokenStore:
             raise FileNotFoundError(f"TokenStore: no {MANIFEST_NAME} in {path}") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise StoreCorruptError(f"TokenStore: {manifest_path} is corrupt: {e}") from None
-        version = manifest.get("format_version") if isinstance(manifest, dict) else None
+        if not isinstance(manifest, dict):
+            raise StoreCorruptError(
+                f"TokenStore: {manifest_path} holds a JSON {type(manifest).__name__}, not a "
+                f"{FORMAT} manifest (an object)"
+            )
+        version = manifest.get("format_version")
         if manifest.get("format") != FORMAT or version not in READABLE_VERSIONS:
             raise StoreCorruptError(
                 f"TokenStore: {manifest_path} is not a {FORMAT} manifest this edje reads "
