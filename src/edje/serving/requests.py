@@ -18,6 +18,7 @@ import base64
 import binascii
 import io
 import json
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +26,8 @@ from typing import Any
 from PIL import Image
 
 from edje._utils import load_rgb
+
+logger = logging.getLogger(__name__)
 
 Document = str | Image.Image  # an image id in the store, or a decoded image
 NAMED_AT_MOST = 10  # unknown ids / bad documents named in one error message
@@ -93,7 +96,9 @@ class RerankRequest:
 
 async def read_body(request, limits: ServeLimits) -> bytes:
     """The body, refused with 413 as soon as it is known to exceed `max_body_bytes` (never
-    read whole), and with 408 when it has not all arrived within `body_timeout_s`."""
+    read whole), and with 408 when it has not all arrived within `body_timeout_s`. A client
+    that goes away mid-upload is one log line (and a 499 no one reads), not a traceback."""
+    from starlette.requests import ClientDisconnect
 
     try:
         async with asyncio.timeout(limits.body_timeout_s):
@@ -102,6 +107,10 @@ async def read_body(request, limits: ServeLimits) -> bytes:
         raise RequestError(
             408, f"the body did not arrive within {limits.body_timeout_s:g} s."
         ) from None
+    except ClientDisconnect:
+        client = f"{request.client.host}:{request.client.port}" if request.client else "a client"
+        logger.warning("edje serve: %s disconnected before its body arrived; dropped", client)
+        raise RequestError(499, "the client disconnected before its body arrived.") from None
 
 
 async def _read_body_within(request, limit: int) -> bytes:
