@@ -32,6 +32,8 @@ LIMIT_OPTIONS = [
      "base64 pixels decoded and held at once, across requests"),
     ("--max-wait-ms", "max_wait_ms", float,
      "how long a forward waits for other requests to join"),
+    ("--max-forward-ms", "max_forward_ms", float,
+     "a forward's target time: how long a request may wait behind a large one"),
     ("--header-timeout", "header_timeout_s", float,
      "seconds a connection has to send its request head"),
     ("--body-timeout", "body_timeout_s", float, "seconds a request has to send its body"),

@@ -162,6 +162,7 @@ def create_app(
         backend.score_pairs,
         max_pairs=limits.max_batch_pairs,
         max_wait_s=limits.max_wait_ms / 1000,
+        max_forward_s=limits.max_forward_ms / 1000,
     )
 
     @contextlib.asynccontextmanager

@@ -41,6 +41,9 @@ class ServeLimits:
     max_body_bytes: int = 32 * 1024 * 1024
     max_batch_pairs: int = 512  # pairs in one forward, across requests
     max_wait_ms: float = 5.0  # how long a forward waits for other requests to join it
+    # A forward is sized (from the measured speed) to take about this long: a request that
+    # arrives while a large one is scored waits about one forward, then joins the next.
+    max_forward_ms: float = 250.0
     max_image_pixels: int = 40_000_000  # a decoded base64 image (decompression bombs)
     # All base64 images of one request together, counted from their headers before any is
     # decoded: a few small files that each decode to tens of millions of pixels are refused.
@@ -75,6 +78,8 @@ class ServeLimits:
             )
         if self.max_wait_ms < 0:
             raise ValueError(f"ServeLimits: max_wait_ms must be >= 0, got {self.max_wait_ms}.")
+        if not self.max_forward_ms > 0:
+            raise ValueError(f"ServeLimits: max_forward_ms must be > 0, got {self.max_forward_ms}.")
 
 
 class RequestError(Exception):
