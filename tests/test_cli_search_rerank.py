@@ -309,3 +309,27 @@ def test_a_lone_surrogate_in_a_rerank_line_is_named_and_nothing_is_written(files
     ):
         main(argv)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pairs.jsonl"]
+
+
+def test_index_decodes_a_few_images_at_a_time_each_reduced_at_once(tmp_path):
+    from edje.commands.index import DECODED_AT_ONCE, _embed_images
+
+    big = Image.new("RGB", (2100, 2100), "red")
+    found = []
+    for i in range(DECODED_AT_ONCE + 4):
+        big.save(tmp_path / f"{i}.png")
+        found.append((f"{i}.png", str(tmp_path / f"{i}.png")))
+
+    class Recording:
+        def __init__(self) -> None:
+            self.groups: list[list[tuple[int, int]]] = []
+
+        def encode_images(self, images, batch_size=64):
+            self.groups.append([image.size for image in images])
+            return torch.zeros(len(images), 4)
+
+    first_stage = Recording()
+    ids, embeddings, failures = _embed_images(first_stage, found, batch_size=64)
+    assert ids == [i for i, _ in found] and embeddings.shape == (len(found), 4) and not failures
+    assert [len(g) for g in first_stage.groups] == [DECODED_AT_ONCE, 4]  # not all 64 at once
+    assert {size for g in first_stage.groups for size in g} == {(1050, 1050)}  # 2100 / 2
