@@ -270,3 +270,37 @@ def test_a_small_request_joins_the_next_forward_beside_a_large_one_and_all_answe
     small, small_s, logits = asyncio.run(scenario())
     assert small.tolist() == [7.0, 8.0] and logits.tolist() == list(map(float, range(1000)))
     assert small_s < 1.0, f"the 2-document request waited {small_s:.2f} s beside 1,000"
+
+
+def test_concurrent_large_bodies_are_held_within_the_servers_body_budget(
+    tiny_processor, tiny_vision_encoder, tmp_path, monkeypatch
+):
+    """6 clients each send a 1 MB body; the server may hold 2 MB of bodies: at most 2 are
+    read and held at once (all 6 were, each with its parsed copy, before the budget)."""
+    import asyncio
+
+    import edje.serving.app as app_module
+
+    held, most = [0], [0]
+    real_read_body = app_module.read_body
+
+    async def counting_read_body(request, limits):
+        held[0] += 1
+        most[0] = max(most[0], held[0])
+        try:
+            body = await real_read_body(request, limits)
+            await asyncio.sleep(0.2)  # as a large body being parsed and scored
+            return body
+        finally:
+            held[0] -= 1
+
+    monkeypatch.setattr(app_module, "read_body", counting_read_body)
+    model_dir, store_dir = saved_model_and_store(tmp_path, tiny_processor, tiny_vision_encoder)
+    reranker = EDJEReranker(str(model_dir), store=str(store_dir), device="cpu")
+    limits = ServeLimits(max_body_bytes=1 << 20, max_body_bytes_in_flight=2 << 20)
+    payload = {"query": "a" * ((1 << 20) - 100), "documents": ["img1"]}
+    app = create_app(RerankerBackend(reranker), limits=limits)
+    with serve_in_background(app) as base, ThreadPoolExecutor(6) as clients:
+        statuses = list(clients.map(lambda _: post(f"{base}/v1/rerank", payload)[0], range(6)))
+    assert statuses == [400] * 6  # the query is over max_query_chars: read, parsed, refused
+    assert most[0] == 2, f"{most[0]} bodies held at once"

@@ -30,6 +30,8 @@ LIMIT_OPTIONS = [
      "pixels of all base64 images of a request together, from their headers"),
     ("--max-pixels-in-flight", "max_pixels_in_flight", count,
      "base64 pixels decoded and held at once, across requests"),
+    ("--max-body-bytes-in-flight", "max_body_bytes_in_flight", count,
+     "request body bytes held at once, across requests"),
     ("--max-wait-ms", "max_wait_ms", float,
      "how long a forward waits for other requests to join"),
     ("--max-forward-ms", "max_forward_ms", float,

@@ -52,13 +52,14 @@ import torch
 
 from edje.fusion import fuse, fusion_weights
 from edje.serving.batching import MicroBatcher
-from edje.serving.budget import PixelBudget
+from edje.serving.budget import Budget
 from edje.serving.hosts import HostCheck
 from edje.serving.requests import (
     NAMED_AT_MOST,
     Document,
     RequestError,
     ServeLimits,
+    body_size,
     decode_opened,
     open_documents,
     parse_json,
@@ -176,7 +177,8 @@ def create_app(
             await batcher.stop()
             app.state.device_thread.shutdown(wait=False, cancel_futures=True)
 
-    pixels_in_flight = PixelBudget(limits.max_pixels_in_flight)
+    pixels_in_flight = Budget(limits.max_pixels_in_flight)
+    bodies_in_flight = Budget(limits.max_body_bytes_in_flight, "bytes", give_back_at=16 << 20)
     app = FastAPI(title="edje rerank", lifespan=lifespan)
     app.add_middleware(HostCheck, allowed=allowed_hosts)
     app.state.batcher, app.state.limits = batcher, limits
@@ -215,6 +217,12 @@ def create_app(
 
     @app.post("/v1/rerank")
     async def rerank(request: Request):
+        # A body, its JSON and its images are held until answered: all requests together hold
+        # at most max_body_bytes_in_flight of bodies, so concurrent large uploads take turns.
+        async with bodies_in_flight.reserve(body_size(request, limits)):
+            return await _rerank(request)
+
+    async def _rerank(request):
         started, request_id = time.perf_counter(), uuid.uuid4().hex
         body = await read_body(request, limits)
         job = parse_rerank_request(parse_json(body), limits, model_name)

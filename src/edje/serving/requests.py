@@ -54,6 +54,9 @@ class ServeLimits:
     # Base64 images decoded at once across all requests: concurrent requests wait their turn
     # rather than each holding its decoded pixels (4 bytes a pixel in Pillow's RGB, and a copy).
     max_pixels_in_flight: int = 64_000_000
+    # Request bodies held at once across requests (a body, its parsed JSON and its decoded
+    # base64 stay until the request is answered): concurrent large uploads wait their turn.
+    max_body_bytes_in_flight: int = 128 * 1024 * 1024
     # A connection must send its request head this soon after opening (or after the previous
     # response), and its body this soon after the head; idle keep-alive connections close
     # after idle_timeout_s.
@@ -63,7 +66,8 @@ class ServeLimits:
 
     def __post_init__(self) -> None:
         names = ("max_documents", "max_body_bytes", "max_batch_pairs", "max_image_pixels")
-        more = ("max_request_pixels", "max_query_chars", "max_pixels_in_flight", "idle_timeout_s")
+        more = ("max_request_pixels", "max_query_chars", "max_pixels_in_flight", "idle_timeout_s",
+                "max_body_bytes_in_flight")  # fmt: skip
         for name in (*names, *more):
             if getattr(self, name) < 1:
                 raise ValueError(f"ServeLimits: {name} must be >= 1, got {getattr(self, name)}.")
@@ -75,6 +79,11 @@ class ServeLimits:
                 f"ServeLimits: max_pixels_in_flight ({self.max_pixels_in_flight}) must be at "
                 f"least max_request_pixels ({self.max_request_pixels}), or a largest request "
                 "could never be decoded."
+            )
+        if self.max_body_bytes_in_flight < self.max_body_bytes:
+            raise ValueError(
+                f"ServeLimits: max_body_bytes_in_flight ({self.max_body_bytes_in_flight}) must be "
+                f"at least max_body_bytes ({self.max_body_bytes})."
             )
         if self.max_wait_ms < 0:
             raise ValueError(f"ServeLimits: max_wait_ms must be >= 0, got {self.max_wait_ms}.")
@@ -116,6 +125,14 @@ async def read_body(request, limits: ServeLimits) -> bytes:
         client = f"{request.client.host}:{request.client.port}" if request.client else "a client"
         logger.warning("edje serve: %s disconnected before its body arrived; dropped", client)
         raise RequestError(499, "the client disconnected before its body arrived.") from None
+
+
+def body_size(request, limits: ServeLimits) -> int:
+    """The bytes a request's body will hold: its Content-Length, or the most taken."""
+    declared = request.headers.get("content-length", "")
+    return (
+        min(int(declared), limits.max_body_bytes) if declared.isdigit() else limits.max_body_bytes
+    )
 
 
 async def _read_body_within(request, limit: int) -> bytes:
