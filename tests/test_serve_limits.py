@@ -304,3 +304,53 @@ def test_concurrent_large_bodies_are_held_within_the_servers_body_budget(
         statuses = list(clients.map(lambda _: post(f"{base}/v1/rerank", payload)[0], range(6)))
     assert statuses == [400] * 6  # the query is over max_query_chars: read, parsed, refused
     assert most[0] == 2, f"{most[0]} bodies held at once"
+
+
+def test_thumbnails_decode_once_per_image_and_within_the_pixel_budget(tmp_path, monkeypatch):
+    """Six clients asking for one image decode it once; different large images decode one at a
+    time when two do not fit the server's pixel budget (thumbnails bypassed it)."""
+    from types import SimpleNamespace
+
+    import edje.serving.search_page as page
+
+    for name in ("a", "b", "c"):
+        Image.new("RGB", (3000, 2000)).save(tmp_path / f"{name}.png")
+    decoding, most, calls = [0], [0], []
+    real_thumbnail = page._thumbnail
+
+    def counting_thumbnail(path):
+        calls.append(path.name)
+        decoding[0] += 1
+        most[0] = max(most[0], decoding[0])
+        time.sleep(0.2)
+        try:
+            return real_thumbnail(path)
+        finally:
+            decoding[0] -= 1
+
+    monkeypatch.setattr(page, "_thumbnail", counting_thumbnail)
+    collection = SimpleNamespace(
+        image_file=lambda image_id: tmp_path / f"{image_id}.png",
+        reranker=SimpleNamespace(model=SimpleNamespace(config=SimpleNamespace())),
+    )
+
+    class NoScoring:
+        def unknown_ids(self, ids):
+            return []
+
+        def score_pairs(self, queries, documents):
+            raise AssertionError("no scoring here")
+
+    limits = ServeLimits(max_request_pixels=8_000_000, max_pixels_in_flight=10_000_000)
+    app = create_app(NoScoring(), limits=limits)
+    page.add_search_page(app, collection)
+
+    def get(image_id):
+        with urllib.request.urlopen(f"{base}/images/{image_id}", timeout=30) as response:
+            return response.status
+
+    with serve_in_background(app) as base, ThreadPoolExecutor(6) as clients:
+        assert list(clients.map(get, ["a"] * 6)) == [200] * 6
+        assert calls == ["a.png"] and most[0] == 1
+        assert list(clients.map(get, ["b", "c"])) == [200, 200]
+    assert sorted(calls) == ["a.png", "b.png", "c.png"] and most[0] == 1  # 6M pixels each

@@ -182,6 +182,7 @@ def create_app(
     app = FastAPI(title="edje rerank", lifespan=lifespan)
     app.add_middleware(HostCheck, allowed=allowed_hosts)
     app.state.batcher, app.state.limits = batcher, limits
+    app.state.pixels_in_flight = pixels_in_flight  # thumbnails decode within it too
 
     @app.exception_handler(RequestError)
     async def client_error(request: Request, error: RequestError):
