@@ -61,7 +61,7 @@ class MicroBatcher:
         max_pairs: int = 512,
         max_wait_s: float = 0.005,
         max_forward_s: float = 0.25,
-        chunk_pairs: int = 32,
+        chunk_pairs: int = 8,
     ) -> None:
         if max_pairs < 1 or chunk_pairs < 1:
             raise ValueError(
