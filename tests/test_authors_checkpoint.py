@@ -408,3 +408,17 @@ def test_the_authors_hub_checkpoint_converts_and_scores(tmp_path):
     with torch.no_grad():
         logits = model(**pair, vision_tokens=torch.randn(1, 576, 1024)).logits
     assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"\x10" + bytes(7) + b'{"a":1}', b"\xff" * 7 + b"\x7fjunk", b"\x08" + bytes(7) + b"[1,2,3] "],
+    ids=["short", "huge-header", "not-an-object"],
+)
+def test_a_malformed_safetensors_file_is_named_and_nothing_written(
+    raw, image_processor_dir, tmp_path
+):
+    (tmp_path / "bad.safetensors").write_bytes(raw)
+    with pytest.raises(AuthorsCheckpointError, match=r"bad\.safetensors is not a readable"):
+        convert(tmp_path / "bad.safetensors", tmp_path / "out", image_processor_dir)
+    assert not (tmp_path / "out").exists()

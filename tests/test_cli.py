@@ -158,3 +158,65 @@ def test_fit_help_alone_answers_without_importing_lightning_or_torch():
     lines = result.stdout.strip().splitlines()
     assert lines[-1] == "0 []"
     assert "edje fit --config RECIPE --help" in result.stdout and "example" in result.stdout
+
+
+@pytest.mark.parametrize("command", ["quickstart", "check"])
+def test_an_out_folder_holding_a_users_files_is_left_alone_and_refused_at_once(
+    command, tmp_path, capsys
+):
+    from edje.cli import run
+
+    users = tmp_path / "model" if command == "quickstart" else tmp_path
+    users.mkdir(exist_ok=True)
+    (users / "README.md").write_text("mine")
+    (users / "notes.txt").write_text("mine too")
+    argv = ["edje", command, "--out", str(tmp_path)]
+    with pytest.raises(SystemExit) as exit_, patch.object(sys, "argv", argv):
+        run()
+    assert exit_.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "edje did not write" in error[0], error
+    assert sorted(p.name for p in users.iterdir()) == ["README.md", "notes.txt"]
+    assert (users / "README.md").read_text() == "mine"
+
+
+def test_a_folder_edje_wrote_is_replaced_whole_and_a_foreign_one_is_not(tmp_path):
+    from edje._utils import atomic_folder
+
+    with atomic_folder(tmp_path / "out") as partial:
+        (partial / "a.txt").write_text("1")
+    with atomic_folder(tmp_path / "out") as partial:  # edje's own: replaced
+        (partial / "b.txt").write_text("2")
+    assert not (tmp_path / "out" / "a.txt").exists() and (tmp_path / "out" / "b.txt").exists()
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "c.txt").write_text("3")
+    with pytest.raises(FileExistsError), atomic_folder(tmp_path / "theirs"):
+        pass
+    assert (tmp_path / "theirs" / "c.txt").read_text() == "3"
+
+
+SERVE = ["serve", "--model", "m", "--store", "{tmp}"]
+ENCODE = ["encode", "--images", "{tmp}", "--out", "{tmp}/s"]
+SEARCH = ["search", "--model", "m", "--first-stage", "f", "--store", "{tmp}"]
+ARGUMENT_MISTAKES = {
+    "port": ([*SERVE, "--port", "70000"], "0 to 65535"),
+    "contact-sheet": (["eval", "--model", "m", "--contact-sheet", "-1"], ">= 0, got -1"),
+    "num-workers": ([*ENCODE, "--num-workers", "-1"], ">= 0, got -1"),
+    "surrogate": ([*SEARCH, "a\udc80"], "lone surrogate (U+DC80)"),
+}
+
+
+@pytest.mark.parametrize("mistake", sorted(ARGUMENT_MISTAKES))
+def test_an_argument_out_of_range_or_not_text_is_one_line_exit_2_and_makes_nothing(
+    mistake, tmp_path, capsys
+):
+    from edje.cli import run
+
+    argv, expected = ARGUMENT_MISTAKES[mistake]
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    with pytest.raises(SystemExit) as exit_info, patch.object(sys, "argv", ["edje", *argv]):
+        run()
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and expected in error[0], error
+    assert not any(tmp_path.iterdir())

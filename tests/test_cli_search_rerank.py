@@ -299,3 +299,82 @@ def test_a_folder_of_first_stages_is_refused_in_one_line_naming_them(files, tmp_
     )  # fmt: skip
     assert result.returncode == 2, result.stderr
     assert result.stderr.count("\n") == 1 and "pass the one made for your images" in result.stderr
+
+
+def test_a_served_index_is_checked_against_the_store_and_first_stage_at_start(files):
+    from edje.first_stage import VectorIndex, load_embedding_model
+    from edje.serving.search_page import Collection
+
+    root, ids, _ = files
+    reranker = EDJEReranker(str(root / "edje"), store=root / "raw", device="cpu")
+    probe = load_embedding_model(root / "probe")
+    vectors = torch.nn.functional.normalize(torch.randn(5, 8), dim=-1)
+    other = VectorIndex(dim=8)
+    other.add(vectors, ids=[f"elsewhere-{i}.png" for i in range(5)])
+    with pytest.raises(ValueError, match=r"names 5 images the store .* does not hold"):
+        Collection(reranker, probe, other)
+    wide = VectorIndex(dim=16)
+    wide.add(torch.randn(5, 16), ids=ids)
+    with pytest.raises(ValueError, match=r"16-wide vectors, the first stage embeds to 8"):
+        Collection(reranker, probe, wide)
+    # An IVF index (no direct map when loaded) describes as an exact one does.
+    ivf = VectorIndex.from_store(reranker.store, probe, factory="IVF1,Flat")
+    collection = Collection(reranker, probe, ivf, captions=CAPTIONS)
+    exact = Collection(reranker, probe, VectorIndex.from_store(reranker.store, probe))
+    exact.captions = CAPTIONS
+    assert collection.describe(ids[0], k=3)["reranked"] == exact.describe(ids[0], k=3)["reranked"]
+
+
+def test_a_bad_index_factory_is_named_before_any_image_is_embedded(files, tmp_path, capsys):
+    root, _, _ = files
+    argv = ["index", "--first-stage", str(root / "probe"), "--images", str(root / "photos"),
+            "--out", str(tmp_path / "index"), "--factory", "garbage"]  # fmt: skip
+    capsys.readouterr()
+    with pytest.raises(ValueError, match=r"'garbage' is not a faiss index_factory string"):
+        main(argv)
+    assert "embedded" not in capsys.readouterr().out and not (tmp_path / "index").exists()
+
+
+def test_a_lone_surrogate_in_a_rerank_line_is_named_and_nothing_is_written(files, tmp_path):
+    root, _, _ = files
+    (tmp_path / "pairs.jsonl").write_text('{"query": "a \\ud800 cat", "document": "p0.png"}\n')
+    argv = [
+        "rerank",
+        "--model",
+        str(root / "edje"),
+        "--store",
+        str(root / "store"),
+        "--input",
+        str(tmp_path / "pairs.jsonl"),
+        "--output",
+        str(tmp_path / "out.jsonl"),
+    ]
+    with pytest.raises(
+        SystemExit, match=r"pairs\.jsonl:1: the query .* lone surrogate \(U\+D800\)"
+    ):
+        main(argv)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pairs.jsonl"]
+
+
+def test_index_decodes_a_few_images_at_a_time_each_reduced_at_once(tmp_path):
+    from edje.commands.index import DECODED_AT_ONCE, _embed_images
+
+    big = Image.new("RGB", (2100, 2100), "red")
+    found = []
+    for i in range(DECODED_AT_ONCE + 4):
+        big.save(tmp_path / f"{i}.png")
+        found.append((f"{i}.png", str(tmp_path / f"{i}.png")))
+
+    class Recording:
+        def __init__(self) -> None:
+            self.groups: list[list[tuple[int, int]]] = []
+
+        def encode_images(self, images, batch_size=64):
+            self.groups.append([image.size for image in images])
+            return torch.zeros(len(images), 4)
+
+    first_stage = Recording()
+    ids, embeddings, failures = _embed_images(first_stage, found, batch_size=64)
+    assert ids == [i for i, _ in found] and embeddings.shape == (len(found), 4) and not failures
+    assert [len(g) for g in first_stage.groups] == [DECODED_AT_ONCE, 4]  # not all 64 at once
+    assert {size for g in first_stage.groups for size in g} == {(1050, 1050)}  # 2100 / 2

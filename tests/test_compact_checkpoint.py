@@ -55,6 +55,21 @@ def test_compact_checkpoint_keeps_only_changed_weights_and_scores_identically(fi
         assert torch.equal(loaded(**inputs).logits, fine_tuned(**inputs).logits)
 
 
+def test_saving_replaces_links_planted_at_its_file_names_and_leaves_their_targets(
+    fine_tuned, tmp_path
+):
+    out = tmp_path / "model"
+    out.mkdir()
+    names = ["README.md", COMPACT_WEIGHTS, f".{COMPACT_WEIGHTS}.tmp"]  # the last: old temp
+    for name in names:
+        (tmp_path / f"victim-{name}").write_text("the user's file")
+        (out / name).symlink_to(tmp_path / f"victim-{name}")
+    fine_tuned.save_pretrained(out, compact=True)
+    assert all((tmp_path / f"victim-{n}").read_text() == "the user's file" for n in names)
+    assert not (out / "README.md").is_symlink() and not (out / COMPACT_WEIGHTS).is_symlink()
+    assert EDJEModel.from_pretrained(out) is not None
+
+
 def test_compact_needs_the_base_encoder_name(tmp_path, tiny_model):
     with pytest.raises(ValueError, match="base_text_encoder is None"):
         tiny_model.save_pretrained(tmp_path, compact=True)

@@ -74,3 +74,32 @@ def test_round_trip_through_a_folder_and_auto_config(tmp_path):
 
 def test_auto_config_resolves_the_model_type():
     assert isinstance(AutoConfig.for_model("edje"), EDJEConfig)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"adapter_mlp_size": 10_000_000},
+        {"vision_hidden_size": 600_000, "vision_num_heads": 1},
+        {"text_config": {"vocab_size": 10_000_000_000}},
+        {"text_config": {"num_hidden_layers": 100_000}},
+    ],
+    ids=["mlp", "vision-width", "vocab", "layers"],
+)
+def test_sizes_past_the_parameter_bound_are_refused_before_anything_is_allocated(kwargs, tmp_path):
+    import json
+    import time
+
+    from edje import EDJEModel
+
+    started = time.perf_counter()
+    with pytest.raises(ValueError, match=r"billion parameters .* at most 2 billion"):
+        EDJEConfig(**kwargs)
+    config = EDJEConfig().to_dict()
+    config.update({k: v for k, v in kwargs.items() if k != "text_config"})
+    config["text_config"].update(kwargs.get("text_config", {}))
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"at most 2 billion"):
+        EDJEModel.from_pretrained(tmp_path)  # a downloaded folder's config.json: the same
+    assert time.perf_counter() - started < 10  # refused, not allocated and then refused
+    assert EDJEConfig().parameter_estimate()["joint encoder"] < 40_000_000  # MiniLM-L12 size

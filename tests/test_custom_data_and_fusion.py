@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import make_tiny_model, spread_weights_
+from conftest import http_json, make_tiny_model, spread_weights_
 from edje.data import load_data
 from edje.evaluation import choose_fusion_weights, evaluate
 from edje.evaluation.metrics import reranked_recall_at_k
@@ -345,3 +345,19 @@ def test_per_query_hits_average_to_recall_at_1_each_way():
     assert len(hits) == 6
     assert hits[:3].mean() == pytest.approx(recall["image_retrieval_recall@1"])
     assert hits[3:].mean() == pytest.approx(recall["text_retrieval_recall@1"])
+
+
+def test_first_stage_scores_past_float32_are_a_named_error_never_nan():
+    with pytest.raises(ValueError, match=r"score 1e\+39 \(candidate 1\) is past float32's range"):
+        fuse(torch.tensor([1.0, 2.0]), torch.tensor([0.5, 1e39], dtype=torch.float64), (1.0, 0.0))
+    with pytest.raises(ValueError, match=r"score 1e\+38 x 20 \(candidate 0\)"):
+        fuse(torch.tensor([1.0]), [1e38], (1.0, 20.0))
+
+
+def test_serve_answers_overflowing_first_stage_scores_with_a_400(fused_reranker):
+    payload = {"query": "a red square", "documents": ["img0", "img1"],
+               "first_stage_scores": [0.5, 1e39]}  # fmt: skip
+    with serve_in_background(create_app(RerankerBackend(fused_reranker))) as url:
+        status, body = http_json(f"{url}/v1/rerank", payload)
+        assert status == 400 and "past float32's range" in body["message"]
+        assert http_json(f"{url}/health")[0] == 200  # and it goes on

@@ -119,3 +119,44 @@ def test_a_batch_size_below_one_is_refused_before_anything_is_made(
         encode_images(folder, tmp_path / "s", vision_encoder=tiny_vision_encoder,
                       image_processor=tiny_image_processor, batch_size=0)  # fmt: skip
     assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize(
+    "option, refused",
+    [
+        ({"devices": 0}, r"devices=0"),
+        ({"num_workers": -1}, r"num_workers must be 0 or more, got -1"),
+        ({"precision": "garbage"}, r"Precision 'garbage' is invalid"),
+        ({"accelerator": "garbage"}, r"invalid accelerator name"),
+        ({"strategy": "garbage"}, r"invalid strategy name"),
+        ({"source": "empty"}, r"no images in .*empty.*nothing to encode"),
+    ],
+    ids=lambda v: str(v) if isinstance(v, str) else "-".join(map(str, v.items())),
+)
+def test_bad_encode_options_and_an_empty_folder_are_refused_before_a_store_folder_is_made(
+    tmp_path, folder, option, refused, tiny_vision_encoder, tiny_image_processor
+):
+    from edje.store.encode import encode_images
+
+    (tmp_path / "empty").mkdir()
+    source = tmp_path / option.pop("source") if "source" in option else folder
+    with pytest.raises(ValueError, match=refused):
+        encode_images(source, tmp_path / "s", vision_encoder=tiny_vision_encoder,
+                      image_processor=tiny_image_processor, **option)  # fmt: skip
+    assert not (tmp_path / "s").exists()
+
+
+def test_encode_of_an_empty_folder_is_one_line_and_exit_code_2(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from edje.cli import run
+
+    (tmp_path / "empty").mkdir()
+    argv = ["edje", *_args("--vision", "edje:dinov2-small", "--images", tmp_path / "empty",
+                           "--out", tmp_path / "s")]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exit_info:
+        run()
+    assert exit_info.value.code == 2 and not (tmp_path / "s").exists()
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "no images in" in error[0]

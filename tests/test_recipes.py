@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
+import os
 from pathlib import Path
 
 import pytest
+import yaml
 from lightning.pytorch.cli import LightningCLI
 
 from edje.training import EDJEDataModule, EDJETrainingModule
 
+SRC = Path(__file__).resolve().parents[1] / "src"
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
 REQUIRED = {
     "pretrain",
@@ -103,3 +107,44 @@ def test_edje_fit_passes_its_command_line_without_lightnings_args_warning(monkey
         cli = make_cli(["--config", str(packaged_recipes()["quickstart"])], run=False)
     assert cli.model.network.edje.config.num_image_tokens == 16
     assert not [w for w in caught if "args parameter" in str(w.message)]
+
+
+def fit_command(tmp_path, *args: str):
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SRC), str(Path(__file__).parent)]))
+    command = [sys.executable, "-c", "import edje_cli; edje_cli.run()", "fit", *args]
+    return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
+
+
+def test_a_recipe_naming_a_shell_command_is_refused_before_anything_runs(tmp_path):
+    (tmp_path / "evil.yaml").write_text(
+        "model:\n  optimizer:\n    class_path: os.system\n    init_args: {command: 'touch pwned'}\n"
+    )
+    done = fit_command(tmp_path, "--config", "quickstart", "--config", "evil.yaml")
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert not (tmp_path / "pwned").exists()
+    error = done.stderr.strip().splitlines()
+    assert len(error) == 1 and "os.system" in error[0] and "--trust-code-from" in error[0]
+
+
+def test_a_recipe_names_other_modules_only_when_the_user_trusts_their_code(tmp_path):
+    from edje.commands.fit import make_cli, packaged_recipes
+    from edje.training.recipe_trust import recipe_imports
+
+    callback = {"class_path": "training_callbacks.RecordSteps", "init_args": {"path": "x"}}
+    recipe = tmp_path / "callback.yaml"
+    recipe.write_text(yaml.safe_dump({"trainer": {"callbacks": [callback]}}))
+    args = ["--config", str(packaged_recipes()["quickstart"]), "--config", str(recipe)]
+    with pytest.raises(argparse.ArgumentError, match=r"training_callbacks\.RecordSteps"):
+        make_cli(args, run=False)
+    cli = make_cli(args, run=False, trusted_code=["training_callbacks"])
+    assert any(type(c).__name__ == "RecordSteps" for c in cli.trainer.callbacks)
+    # The trust lasts one run: the next recipe is refused again, and torch's loaders always.
+    with pytest.raises(argparse.ArgumentError):
+        make_cli(args, run=False)
+    from jsonargparse._util import import_object
+
+    with recipe_imports(), pytest.raises(ImportError, match=r"torch\.serialization"):
+        import_object("torch.load")

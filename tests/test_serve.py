@@ -293,6 +293,41 @@ def raw_connection(served: Served) -> http.client.HTTPConnection:
     return http.client.HTTPConnection(parts.hostname, parts.port, timeout=TIMEOUT)
 
 
+def get_with_host(served: Served, path: str, host: str) -> tuple[int, dict]:
+    connection = raw_connection(served)
+    try:
+        connection.putrequest("GET", path, skip_host=True)
+        connection.putheader("Host", host)
+        connection.endheaders()
+        response = connection.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        connection.close()
+
+
+def test_a_request_naming_another_host_is_refused_as_dns_rebinding_would_send_it(served):
+    port = urlsplit(served.url).port
+    for path in ("/health", "/v1/models", "/images/a.jpg"):
+        status, body = get_with_host(served, path, f"attacker.example:{port}")
+        assert status == 400 and "'attacker.example'" in body["message"], (path, body)
+        assert "--allowed-host" in body["message"]
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", "LOCALHOST"):
+        assert get_with_host(served, "/health", host)[0] == 200, host
+
+
+def test_allowed_hosts_widen_the_check_and_a_host_is_read_without_its_port():
+    from edje.serving.hosts import HostCheck, host_name
+
+    assert host_name("[::1]:8000") == "::1" and host_name("Example.ORG.:80") == "example.org"
+    check = HostCheck(app=None, allowed=["search.lan"])
+    assert check.accepts("search.lan", ("10.0.0.5", 8000))
+    assert check.accepts("10.0.0.5", ("10.0.0.5", 8000))
+    assert check.accepts("::1", ("::1", 8000)) and check.accepts("localhost", ("::1", 8000))
+    assert not check.accepts("localhost", ("10.0.0.5", 8000))  # not loopback: not localhost
+    assert not check.accepts("attacker.example", ("127.0.0.1", 8000))
+    assert HostCheck(app=None, allowed=["*"]).accepts("anything", ("127.0.0.1", 8000))
+
+
 def test_oversized_body_is_refused_before_it_is_sent(served):
     connection = raw_connection(served)
     try:  # declare 1 GB, send none of it: the answer comes from the headers alone

@@ -179,7 +179,7 @@ def _closed_within(sock: socket.socket, seconds: float) -> tuple[bool, bytes]:
 
 @pytest.mark.parametrize(
     "sent",
-    [b"", b"POST /v1/rerank HTTP/1.1\r\nHost: x\r\n"],
+    [b"", b"POST /v1/rerank HTTP/1.1\r\nHost: 127.0.0.1\r\n"],
     ids=["nothing", "half a head"],
 )
 def test_a_connection_that_does_not_send_its_request_head_in_time_is_closed(url, sent):
@@ -191,7 +191,7 @@ def test_a_connection_that_does_not_send_its_request_head_in_time_is_closed(url,
 
 def test_a_head_sent_byte_by_byte_too_slowly_is_closed(url):
     sock = _connect(url)
-    head = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+    head = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
     try:
         for byte in head[:20]:  # 0.1 s a byte: each byte arrives, the head never completes
             sock.sendall(bytes([byte]))
@@ -204,7 +204,7 @@ def test_a_head_sent_byte_by_byte_too_slowly_is_closed(url):
 
 def test_a_partial_body_is_a_408(url):
     sock = _connect(url)
-    head = b"POST /v1/rerank HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    head = b"POST /v1/rerank HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
     sock.sendall(head + b"Content-Length: 100\r\n\r\n" + b'{"query": "a')
     closed, received = _closed_within(sock, 5)
     assert received.startswith(b"HTTP/1.1 408"), received[:200]
@@ -215,3 +215,142 @@ def test_a_partial_body_is_a_408(url):
 def test_a_connection_that_sends_in_time_is_served(url):
     status, body = post(f"{url}/v1/rerank", {"query": "a cat", "documents": ["img1"]})
     assert status == 200 and len(body["results"]) == 1
+
+
+def test_a_client_gone_mid_upload_is_one_log_line_not_a_traceback(url):
+    import logging
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    loggers = [logging.getLogger(name) for name in ("uvicorn.error", "edje.serving")]
+    for logger in loggers:
+        logger.addHandler(handler)
+    try:
+        sock = _connect(url)
+        head = b"POST /v1/rerank HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000\r\n\r\n"
+        sock.sendall(head + b'{"query": "a')
+        time.sleep(0.1)
+        sock.close()
+        time.sleep(0.3)  # within the body timeout: the disconnect, not the timeout, ends it
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+    lines = [r.getMessage() for r in records]
+    assert len(records) == 1 and "disconnected before its body arrived" in lines[0], lines
+    assert records[0].exc_info is None
+
+
+def test_a_small_request_joins_the_next_forward_beside_a_large_one_and_all_answers_hold():
+    """A backend that costs 2 ms a pair: 1,000 documents take 2 s; 2 documents sent 0.1 s
+    after them must not wait for all of it (they waited for whole 512-pair forwards, one
+    request after the other), and every logit goes back to its own request, in order."""
+    import asyncio
+
+    from edje.serving.batching import MicroBatcher
+
+    def score_pairs(queries, documents):
+        time.sleep(0.002 * len(queries))
+        return torch.tensor([float(d) for d in documents])
+
+    async def scenario():
+        batcher = MicroBatcher(score_pairs, max_pairs=512, max_wait_s=0.001)
+        executor = ThreadPoolExecutor(1)
+        batcher.start(executor)
+        large = asyncio.create_task(batcher.score("long", list(range(1000))))
+        await asyncio.sleep(0.1)
+        started = time.perf_counter()
+        small = await batcher.score("short", [7, 8])
+        small_s = time.perf_counter() - started
+        logits = await large
+        await batcher.stop()
+        executor.shutdown()
+        return small, small_s, logits
+
+    small, small_s, logits = asyncio.run(scenario())
+    assert small.tolist() == [7.0, 8.0] and logits.tolist() == list(map(float, range(1000)))
+    assert small_s < 1.0, f"the 2-document request waited {small_s:.2f} s beside 1,000"
+
+
+def test_concurrent_large_bodies_are_held_within_the_servers_body_budget(
+    tiny_processor, tiny_vision_encoder, tmp_path, monkeypatch
+):
+    """6 clients each send a 1 MB body; the server may hold 2 MB of bodies: at most 2 are
+    read and held at once (all 6 were, each with its parsed copy, before the budget)."""
+    import asyncio
+
+    import edje.serving.app as app_module
+
+    held, most = [0], [0]
+    real_read_body = app_module.read_body
+
+    async def counting_read_body(request, limits):
+        held[0] += 1
+        most[0] = max(most[0], held[0])
+        try:
+            body = await real_read_body(request, limits)
+            await asyncio.sleep(0.2)  # as a large body being parsed and scored
+            return body
+        finally:
+            held[0] -= 1
+
+    monkeypatch.setattr(app_module, "read_body", counting_read_body)
+    model_dir, store_dir = saved_model_and_store(tmp_path, tiny_processor, tiny_vision_encoder)
+    reranker = EDJEReranker(str(model_dir), store=str(store_dir), device="cpu")
+    limits = ServeLimits(max_body_bytes=1 << 20, max_body_bytes_in_flight=2 << 20)
+    payload = {"query": "a" * ((1 << 20) - 100), "documents": ["img1"]}
+    app = create_app(RerankerBackend(reranker), limits=limits)
+    with serve_in_background(app) as base, ThreadPoolExecutor(6) as clients:
+        statuses = list(clients.map(lambda _: post(f"{base}/v1/rerank", payload)[0], range(6)))
+    assert statuses == [400] * 6  # the query is over max_query_chars: read, parsed, refused
+    assert most[0] == 2, f"{most[0]} bodies held at once"
+
+
+def test_thumbnails_decode_once_per_image_and_within_the_pixel_budget(tmp_path, monkeypatch):
+    """Six clients asking for one image decode it once; different large images decode one at a
+    time when two do not fit the server's pixel budget (thumbnails bypassed it)."""
+    from types import SimpleNamespace
+
+    import edje.serving.search_page as page
+
+    for name in ("a", "b", "c"):
+        Image.new("RGB", (3000, 2000)).save(tmp_path / f"{name}.png")
+    decoding, most, calls = [0], [0], []
+    real_thumbnail = page._thumbnail
+
+    def counting_thumbnail(path):
+        calls.append(path.name)
+        decoding[0] += 1
+        most[0] = max(most[0], decoding[0])
+        time.sleep(0.2)
+        try:
+            return real_thumbnail(path)
+        finally:
+            decoding[0] -= 1
+
+    monkeypatch.setattr(page, "_thumbnail", counting_thumbnail)
+    collection = SimpleNamespace(
+        image_file=lambda image_id: tmp_path / f"{image_id}.png",
+        reranker=SimpleNamespace(model=SimpleNamespace(config=SimpleNamespace())),
+    )
+
+    class NoScoring:
+        def unknown_ids(self, ids):
+            return []
+
+        def score_pairs(self, queries, documents):
+            raise AssertionError("no scoring here")
+
+    limits = ServeLimits(max_request_pixels=8_000_000, max_pixels_in_flight=10_000_000)
+    app = create_app(NoScoring(), limits=limits)
+    page.add_search_page(app, collection)
+
+    def get(image_id):
+        with urllib.request.urlopen(f"{base}/images/{image_id}", timeout=30) as response:
+            return response.status
+
+    with serve_in_background(app) as base, ThreadPoolExecutor(6) as clients:
+        assert list(clients.map(get, ["a"] * 6)) == [200] * 6
+        assert calls == ["a.png"] and most[0] == 1
+        assert list(clients.map(get, ["b", "c"])) == [200, 200]
+    assert sorted(calls) == ["a.png", "b.png", "c.png"] and most[0] == 1  # 6M pixels each

@@ -428,3 +428,66 @@ def test_online_mining_embeds_the_steps_raw_tokens_with_the_data_modules_first_s
     assert torch.equal(raw_terms["itm"], online_terms["itm"])
     shuffled, _ = module._losses({**raw, "image_embedding": embeddings.roll(1, 0)}, train=True)
     assert not torch.equal(shuffled["itm"], raw_terms["itm"])  # the embeddings steer mining
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> str:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+def png(seed: int) -> bytes:
+    encoded = io.BytesIO()
+    pixels = np.random.default_rng(seed).integers(0, 255, (8, 8, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(encoded, "PNG")
+    return encoded.getvalue()
+
+
+@pytest.mark.parametrize(
+    "members, refused",
+    [
+        ([("a.png", png(0)), ("a.PNG", png(1)), ("a.txt", b"x")], "a.png and a.PNG"),
+        ([("a.png", png(0)), ("a.txt", b"x"), ("a.png", png(1))], "a.png and a.png"),
+        ([("a.png", png(0)), ("b.png", png(1)), ("a.txt", b"x")], "'a' are not together"),
+    ],
+    ids=["case", "twice", "apart"],
+)
+def test_a_shard_whose_samples_a_stream_would_read_otherwise_is_refused(tmp_path, members, refused):
+    with pytest.raises(ValueError, match=refused):
+        ShardImages(write_tar(tmp_path / "s.tar", members))
+
+
+def test_shard_images_hold_exactly_the_samples_the_stream_yields(tmp_path):
+    members = [("_name.png", png(0)), ("_name.txt", b"underscore"), ("b.png", png(1)),
+               ("b.txt", b"plain"), ("__meta__.json", b"{}"), (".hidden.png", png(2)),
+               ("sub/c.png", png(3)), ("sub/c.txt", b"in a folder")]  # fmt: skip
+    shard = write_tar(tmp_path / "s.tar", members)
+    indexed = ShardImages(shard)
+    streamed = [row["__key__"] for row in stream_shards(shard)]
+    assert indexed.ids == streamed == ["_name", "b", "sub/c"]
+    assert indexed.captions == ["underscore", "plain", "in a folder"]
+
+
+def test_a_bad_image_in_a_stream_is_skipped_listed_and_counted_and_resume_goes_past_it(
+    vision_folder, tmp_path
+):
+    from edje.training import ShardDataModule
+
+    members = []
+    for n in range(6):
+        image = b"not an image at all" if n == 2 else png(n)
+        members += [(f"s{n}.png", image), (f"s{n}.txt", f"caption {n}".encode())]
+    shard = write_tar(tmp_path / "s.tar", members)
+    data = ShardDataModule(shard, vision=str(vision_folder), batch_size=3, shuffle_buffer=0)
+    data.setup()
+    batches = list(data.train_dataloader())
+    assert [len(b["image_key"]) for b in batches] == [2, 3]  # s2 left out of the first
+    assert list(data.skipped) == ["s2"] and "UnidentifiedImageError" in data.skipped["s2"]
+    assert all(b["pixel_values"].shape[0] == len(b["caption_ids"]) for b in batches)
+    data.skipped.clear()
+    data.load_state_dict({"epoch": 0, "batches": 1})  # a checkpoint after the bad batch
+    resumed = list(data.train_dataloader())
+    assert len(resumed) == 1 and torch.equal(resumed[0]["image_key"], batches[1]["image_key"])

@@ -134,9 +134,11 @@ def test_open_reads_only_the_manifest(tmp_path, monkeypatch):
     assert len(store) == 12 and "img0005.jpg" in store and store.fingerprint
     assert calls == []
     store.get("img0007.jpg")  # second shard only (rows 6..11)
-    assert calls == [("header", "r000-000001.safetensors"), ("memmap", "r000-000001.safetensors")]
+    second = "r000-000001.safetensors"
+    assert calls[0] == ("header", second) and set(calls[1:]) == {("memmap", second)}  # + sums
+    mapped = len(calls)
     store.gather(["img0006.jpg", "img0011.jpg"])
-    assert len(calls) == 2  # mapped once, then reused
+    assert len(calls) == mapped  # mapped once, then reused
 
 
 def test_truncated_shard_is_detected_on_open_naming_the_file(tmp_path):
@@ -165,6 +167,82 @@ def test_corrupt_data_is_detected_by_verify_naming_the_file(tmp_path):
         store.verify()
     with pytest.raises(StoreCorruptError, match=r"r000-000001.safetensors"):
         TokenStore.open(tmp_path / "s", verify=True)
+
+
+def _flip_token_byte(store_path, shard_name: str, row: int) -> None:
+    """Flip one byte inside `row`'s tokens, leaving header and size as they were."""
+    shard = store_path / "shards" / shard_name
+    header = store_format.read_shard_header(shard)
+    tokens = header.tensors["tokens"]
+    data = bytearray(shard.read_bytes())
+    data[tokens.offset + row * (tokens.nbytes // tokens.shape[0]) + 5] ^= 0x10
+    shard.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "int8"])
+def test_a_flipped_token_byte_is_a_named_error_on_every_read_path(tmp_path, dtype):
+    _make(tmp_path / "s", dtype=dtype)
+    _flip_token_byte(tmp_path / "s", "r000-000000.safetensors", row=1)
+    store = TokenStore.open(tmp_path / "s")
+    store.get("img0000.jpg")  # the rows around it still read
+    corrupt = r"r000-000000\.safetensors.*'img0001\.jpg' \(row 1\).*checksum"
+    with pytest.raises(StoreCorruptError, match=corrupt):
+        store.get("img0001.jpg")
+    with pytest.raises(StoreCorruptError, match=corrupt):
+        store.gather_rows([5, 1, 0])
+    with pytest.raises(StoreCorruptError, match=corrupt):
+        TokenStore.open(tmp_path / "s").to("cpu")
+
+
+def _shard_without_checks(path, tokens: np.ndarray, ids: list[str]) -> None:
+    """A version 1 shard (no row checksums), as edje wrote before row checksums."""
+    metadata = {
+        "format": store_format.FORMAT, "dtype": "float16", "ids": json.dumps(ids),
+        "failures": "{}", "fingerprint": "{}",
+    }  # fmt: skip
+    raw = memoryview(np.ascontiguousarray(tokens, np.float16).reshape(-1)).cast("B")
+    store_format.write_shard(path, {"tokens": ("F16", tokens.shape, raw)}, metadata)
+
+
+def test_a_version_1_store_still_reads_and_a_flipped_byte_in_it_is_refused(tmp_path):
+    from edje.store.writer import finalize
+
+    (tmp_path / "s" / "shards").mkdir(parents=True)
+    tokens = np.random.default_rng(0).standard_normal((3, M, D)).astype(np.float16)
+    _shard_without_checks(tmp_path / "s/shards/r000-000000.safetensors", tokens, _ids(3))
+    manifest = finalize(tmp_path / "s")
+    (tmp_path / "s" / "manifest.json").write_text(json.dumps({**manifest, "format_version": 1}))
+    store = TokenStore.open(tmp_path / "s", verify=True)
+    assert torch.equal(store.get("img0002.jpg"), torch.from_numpy(tokens[2]))
+    _flip_token_byte(tmp_path / "s", "r000-000000.safetensors", row=2)
+    with pytest.raises(StoreCorruptError, match=r"r000-000000\.safetensors.*sha256"):
+        TokenStore.open(tmp_path / "s").get("img0000.jpg")
+    (tmp_path / "s" / "manifest.json").write_text(json.dumps({**manifest, "format_version": 9}))
+    with pytest.raises(StoreCorruptError, match=r"versions 1, 2.*version=9"):
+        TokenStore.open(tmp_path / "s")
+
+
+def test_nan_tokens_with_consistent_hashes_fail_verify_naming_the_image(tmp_path, capsys):
+    from edje.cli import main
+    from edje.store.writer import finalize
+
+    (tmp_path / "s" / "shards").mkdir(parents=True)
+    tokens = np.ones((3, M, D), np.float16)
+    tokens[1, 2, 3] = np.nan
+    _shard_without_checks(tmp_path / "s/shards/r000-000000.safetensors", tokens, _ids(3))
+    finalize(tmp_path / "s")
+    with pytest.raises(StoreCorruptError, match=r"NaN or inf tokens \(image 'img0001\.jpg'\)"):
+        TokenStore.open(tmp_path / "s").verify()
+    assert main(["verify", str(tmp_path / "s")]) == 1
+    assert "img0001.jpg" in capsys.readouterr().err
+
+
+def test_tokens_past_the_store_dtypes_range_are_refused_at_write_time(tmp_path):
+    with TokenStore.create(tmp_path / "s", token_shape=(M, D), dtype="float16") as writer:
+        with pytest.raises(ValueError, match=r"\['b'\] hold NaN or inf once stored as float16"):
+            writer.add(["a", "b"], torch.stack([torch.ones(M, D), torch.full((M, D), 1e5)]))
+        writer.add(["a"], torch.ones(1, M, D))  # nothing of the refused call was kept
+    assert TokenStore.open(tmp_path / "s", verify=True).ids == ["a"]
 
 
 def test_corrupt_header_is_detected_on_first_read_naming_the_file(tmp_path):
@@ -442,6 +520,23 @@ def test_a_second_writer_of_a_store_is_refused_at_once_naming_the_first(tmp_path
     assert TokenStore.open(tmp_path / "s").ids == ["a", "b"]
 
 
+@pytest.mark.parametrize("planted", ["symlink", "fifo"])
+def test_a_link_or_fifo_at_the_lock_name_is_refused_and_its_target_left_alone(tmp_path, planted):
+    from edje.store.lock import LOCK_NAME, StoreLockError
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("the user's file")
+    (tmp_path / "s").mkdir()
+    lock = tmp_path / "s" / LOCK_NAME
+    lock.symlink_to(victim) if planted == "symlink" else os.mkfifo(lock)
+    with pytest.raises(
+        StoreLockError, match=r"edje-write\.lock is (a symbolic link|not a regular)"
+    ):
+        TokenStore.create(tmp_path / "s", token_shape=(M, D))
+    assert victim.read_text() == "the user's file"
+    assert os.path.lexists(lock)  # not edje's to remove either
+
+
 def test_an_encode_into_a_store_another_process_is_writing_fails_and_leaves_it_alone(
     tmp_path, tiny_vision_encoder, tiny_image_processor
 ):
@@ -506,3 +601,63 @@ def test_edje_verify_says_intact_or_names_the_corrupt_shard(tmp_path):
     assert bad.returncode == 1
     (line,) = bad.stderr.strip().splitlines()
     assert "is corrupt" in line and shard.name in line and "sha256" in line, line
+
+
+def _run_cli(*argv: str) -> subprocess.CompletedProcess:
+    code = "import sys; from edje.cli import run; sys.argv = ['edje', *sys.argv[1:]]; run()"
+    return subprocess.run(
+        [sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120
+    )
+
+
+def test_a_fifo_in_a_store_or_given_as_a_shard_is_refused_not_waited_on(tmp_path):
+    _make(tmp_path / "s", n=2)
+    (tmp_path / "s" / "manifest.json").unlink()
+    os.mkfifo(tmp_path / "s" / "manifest.json")
+    verify = _run_cli("verify", str(tmp_path / "s"))
+    assert verify.returncode == 2 and "manifest.json is a FIFO" in verify.stderr
+    assert len(verify.stderr.strip().splitlines()) == 1
+    os.mkfifo(tmp_path / "shard.tar")
+    encode = _run_cli("encode", "--vision", "x", "--shards", str(tmp_path / "shard.tar"),
+                      "--out", str(tmp_path / "out"))  # fmt: skip
+    assert encode.returncode == 2 and "shard.tar is a FIFO" in encode.stderr, encode.stderr
+    assert not (tmp_path / "out").exists()
+
+
+ODD_MANIFESTS = {
+    "a list": [],
+    "a string": "store",
+    "fingerprint a list": {"fingerprint": []},
+    "nested ids": {"shards": [{"ids": [["a"]]}]},
+    "sha256 a number": {"shards": [{"data_sha256": 7}]},
+}
+
+
+@pytest.mark.parametrize("odd", sorted(ODD_MANIFESTS))
+def test_verify_on_odd_json_is_a_named_corruption_not_a_traceback(tmp_path, odd, capsys):
+    from edje.cli import main
+
+    _make(tmp_path / "s", n=2)
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    change = ODD_MANIFESTS[odd]
+    if isinstance(change, dict):
+        for key, value in change.items():
+            if key == "shards":
+                manifest["shards"][0].update(value[0])
+            else:
+                manifest[key] = value
+    else:
+        manifest = change
+    (tmp_path / "s" / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["verify", str(tmp_path / "s")]) == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "is corrupt" in error[0] and "manifest" in error[0], error
+
+
+def test_a_shard_header_of_odd_json_is_named_corrupt(tmp_path):
+    (tmp_path / "s").mkdir()
+    for n, header in enumerate([b"[1,2,3] ", b'{"__metadata__":[1]}', b'{"__metadata__":{"a":1}}']):
+        shard = tmp_path / "s" / f"r000-00000{n}.safetensors"
+        shard.write_bytes(len(header).to_bytes(8, "little") + header)
+        with pytest.raises(StoreCorruptError, match="not a safetensors header"):
+            store_format.read_shard_header(shard)

@@ -32,8 +32,10 @@ def recipe(tmp_path: Path, extra_callbacks: list[dict]) -> Path:
 
 
 def fit(tmp_path: Path, config: Path, *extra: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "tests"), HF_HUB_OFFLINE="1")
+    path = os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, PYTHONPATH=path, HF_HUB_OFFLINE="1")
     command = [sys.executable, "-m", "edje.cli", "fit", "--config", str(config), *extra]
+    command += ["--trust-code-from", "training_callbacks"]  # the test callbacks
     return subprocess.run(
         command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900
     )

@@ -7,6 +7,7 @@ import importlib
 import io
 import os
 import shutil
+import stat
 import sys
 import tempfile
 import warnings
@@ -18,12 +19,15 @@ from PIL import ExifTags, Image, ImageOps
 
 __all__ = [
     "IMAGE_SUFFIXES",
+    "OWNED_MARK",
     "TMP_MARK",
     "atomic_folder",
     "atomic_write",
     "batches",
     "load_rgb",
+    "open_regular",
     "progress",
+    "refuse_foreign_folder",
     "require",
 ]
 
@@ -51,23 +55,65 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> None:
         raise
 
 
+def open_regular(path: str | os.PathLike) -> io.BufferedReader:
+    """Open `path` for reading in binary, refusing anything but a regular file: a FIFO would
+    block the reader forever, a device never end. `OSError` names the path and what it is."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # a FIFO opens at once
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a FIFO" if stat.S_ISFIFO(mode) else "a folder" if stat.S_ISDIR(mode) else (
+                "a device or socket")  # fmt: skip
+            raise OSError(f"{path} is {kind}, not a regular file")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def _umask() -> int:
     mask = os.umask(0o022)  # the only way to read it is to set it: put it straight back
     os.umask(mask)
     return mask
 
 
+# In every folder `atomic_folder` writes: what edje may replace later (see `refuse_foreign_folder`).
+OWNED_MARK = ".edje-written"
+
+
+def refuse_foreign_folder(path: str | os.PathLike, action: str = "replace") -> None:
+    """The one rule for folders edje writes whole: never delete or overwrite what edje did not
+    create. `path` may be replaced only when it is missing, an empty folder, or a folder edje
+    wrote (it holds `OWNED_MARK`); else `FileExistsError` names it, before any work is done."""
+    path = Path(path)
+    if not os.path.lexists(path):
+        return
+    if path.is_symlink() or not path.is_dir():
+        raise FileExistsError(f"will not {action} {path}: it is not a folder edje wrote")
+    if (path / OWNED_MARK).is_file() or not any(path.iterdir()):
+        return
+    raise FileExistsError(
+        f"will not {action} {path}: it holds files edje did not write; choose a new or empty "
+        "folder (or remove it yourself)"
+    )
+
+
 @contextlib.contextmanager
 def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling folder to fill; on success it replaces ``path`` whole.
 
-    On an error the temporary folder is removed and ``path`` is left as it was.
+    On an error the temporary folder is removed and ``path`` is left as it was. An existing
+    ``path`` is replaced only if edje wrote it (`refuse_foreign_folder`), checked first.
     """
     path = Path(path)
+    refuse_foreign_folder(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}{TMP_MARK}"))
     try:
         yield temp
+        (temp / OWNED_MARK).touch()
+        refuse_foreign_folder(path)  # again: a user may have put files there meanwhile
         os.chmod(temp, 0o777 & ~_umask())  # mkdtemp makes 0700
         if path.exists():  # swap: move the old one aside first, so no moment lacks a folder
             old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}{TMP_MARK}old-"))

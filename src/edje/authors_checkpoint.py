@@ -175,9 +175,15 @@ def _load_weights(path: Path) -> dict[str, torch.Tensor]:
     """Tensors from safetensors, or from a torch pickle with `weights_only=True`: never
     arbitrary unpickling."""
     if path.suffix in SAFETENSORS:
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except SafetensorError as error:  # a malformed header, a truncated file
+            raise AuthorsCheckpointError(
+                f"edje convert: {path} is not a readable safetensors file ({error})."
+            ) from None
     if path.suffix not in PICKLED:
         raise AuthorsCheckpointError(
             f"edje convert: {path.name} is neither safetensors nor a torch checkpoint; expected "

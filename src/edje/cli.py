@@ -100,6 +100,11 @@ def run() -> None:
     except KeyboardInterrupt:
         print("edje: interrupted", file=sys.stderr)
         sys.exit(130)
+    except SystemExit as stop:  # `raise SystemExit("edje x: ...")`: a user mistake, exit 2
+        if not isinstance(stop.code, str):
+            raise
+        print(one_line(stop), file=sys.stderr)
+        sys.exit(2)
     except USER_ERRORS as error:
         if debug:
             raise

@@ -14,6 +14,8 @@ offline backbone, `edje:...`, needs edje).
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -42,14 +44,28 @@ def save_compact(model, folder: str | Path, *, dtype: torch.dtype = torch.float1
         if name.startswith("joint_encoder.") and key in base and _same(tensor, base[key], rows):
             continue
         kept[name] = tensor.detach().to("cpu", dtype).contiguous()
-    temporary = folder / f".{COMPACT_WEIGHTS}.tmp"
-    save_file(kept, str(temporary), metadata={"format": "pt", "base": base_name})
-    temporary.chmod(0o644)  # readable like the other files of a model folder
-    temporary.replace(folder / COMPACT_WEIGHTS)
+    metadata = {"format": "pt", "base": base_name}
+    _write_new(folder / COMPACT_WEIGHTS, lambda temp: save_file(kept, temp, metadata=metadata))
     config = model.config.to_dict()
     config["compact_checkpoint"] = True
-    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    _write_new(folder / "config.json", lambda temp: Path(temp).write_text(text))
     return folder
+
+
+def _write_new(path: Path, write) -> None:
+    """`write(temp)` into a new file beside `path`, renamed onto it: a link planted at `path`
+    is replaced, never written through. (This module ships inside model folders and loads
+    without edje, so it has its own copy of `edje._utils.atomic_write`'s idea.)"""
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+    os.close(fd)
+    try:
+        write(temp)
+        os.chmod(temp, 0o644)  # readable like the other files of a model folder
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
 
 
 def load_compact(model_class, config, weights_file: str | Path):

@@ -14,6 +14,9 @@ ADAPTER_MODES = ("compressed", "local")
 ADAPTER_TYPES = ("paper", "light")
 # The token whose input embeddings the image tokens replace in the joint encoder.
 IMAGE_TOKEN = "<image>"
+# The most parameters a config may ask for (8 GB in float32; the paper's EDJE has about 60M):
+# sizes are checked before anything is allocated, so a typo is an error, not minutes of swap.
+MAX_PARAMETERS = 2_000_000_000
 
 
 class EDJEConfig(PretrainedConfig):
@@ -225,11 +228,50 @@ class EDJEConfig(PretrainedConfig):
                 f"{self.max_caption_length} + image {self.tokens_per_image} + [SEP]), but the "
                 f"joint encoder has max_position_embeddings={positions}."
             )
+        self._validate_size()
         vocab = self.text_config.vocab_size
         if self.image_token_id is not None and not 0 <= self.image_token_id < vocab:
             raise ValueError(
                 f"EDJEConfig: image_token_id must be in [0, {vocab}) (the joint encoder's "
                 f"vocabulary), got {self.image_token_id}."
+            )
+
+    def parameter_estimate(self) -> dict[str, int]:
+        """About how many parameters the adapter and the joint encoder take, by the sizes that
+        drive them (biases and norms left out)."""
+        text = self.text_config
+        d_vis, width, mlp = self.vision_hidden_size, text.hidden_size, self.adapter_mlp_size
+        layer = 4 * width * width + 2 * width * text.intermediate_size
+        return {
+            "adapter": 6 * d_vis * d_vis + self.num_image_tokens * d_vis + 2 * d_vis * mlp
+            + (d_vis + mlp) * width,
+            "joint encoder": text.num_hidden_layers * layer
+            + (text.vocab_size + text.max_position_embeddings) * width,
+        }  # fmt: skip
+
+    def _validate_size(self) -> None:
+        text = self.text_config
+        sizes = {
+            "text_config.hidden_size": text.hidden_size,
+            "text_config.intermediate_size": text.intermediate_size,
+            "text_config.num_hidden_layers": text.num_hidden_layers,
+            "text_config.vocab_size": text.vocab_size,
+            "text_config.max_position_embeddings": text.max_position_embeddings,
+        }
+        for name, value in sizes.items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"EDJEConfig: {name} must be a positive int, got {value!r}.")
+        parts = self.parameter_estimate()
+        total = sum(parts.values())
+        if total > MAX_PARAMETERS:
+            largest = max(parts, key=parts.get)
+            raise ValueError(
+                f"EDJEConfig: these sizes make about {total / 1e9:.1f} billion parameters "
+                f"({total * 4 / 1e9:.0f} GB in float32, most in the {largest}: adapter_mlp_size="
+                f"{self.adapter_mlp_size}, vision_hidden_size={self.vision_hidden_size}, "
+                f"hidden_size={text.hidden_size}, intermediate_size={text.intermediate_size}, "
+                f"num_hidden_layers={text.num_hidden_layers}, vocab_size={text.vocab_size}); "
+                f"edje takes at most {MAX_PARAMETERS / 1e9:g} billion. Is a size mistyped?"
             )
 
     def _validate_adapter_type(self) -> None:

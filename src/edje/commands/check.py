@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+from pathlib import Path
 
 from edje.commands import folder_or_id, output_folder
 
@@ -47,10 +48,13 @@ def run(args: argparse.Namespace) -> int:
     from skimage import data as skimage_data
 
     from edje import EDJEModel, EDJEProcessor
+    from edje._utils import atomic_folder, refuse_foreign_folder
     from edje.backbones import OFFLINE_TEXT, OFFLINE_VISION
     from edje.quickstart import Steps
 
     vision, text = args.vision or OFFLINE_VISION, args.text or OFFLINE_TEXT
+    if args.out:
+        refuse_foreign_folder(args.out, "save the model into")  # a user's README.md stays
     step = Steps()
     step(f"building an untrained EDJE on {vision} + {text}")
     torch.manual_seed(0)
@@ -66,10 +70,11 @@ def run(args: argparse.Namespace) -> int:
         scores = _score_grid(model, processor, image_tokens)
     _print_grid(scores)
     with tempfile.TemporaryDirectory() as scratch:
-        folder = args.out or scratch
+        folder = Path(args.out or Path(scratch) / "model")
         step(f"saving and reloading from {folder}")
-        model.save_pretrained(folder)
-        processor.save_pretrained(folder)
+        with atomic_folder(folder) as partial:
+            model.save_pretrained(partial)
+            processor.save_pretrained(partial)
         reloaded = EDJEModel.from_pretrained(folder).eval()
         with torch.no_grad():
             same = torch.equal(_score_grid(reloaded, processor, image_tokens), scores)

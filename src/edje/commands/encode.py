@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from edje.commands import count, existing_folder, folder_or_id, output_folder
+from edje.commands import count, existing_folder, folder_or_id, output_folder, whole_number
 
 EXAMPLE = """examples:
   # raw DINOv2 tokens of every image under photos/ (ids: paths relative to photos/)
@@ -93,7 +93,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run_group = parser.add_argument_group("running")
     run_group.add_argument("--batch-size", type=count, default=32)
     run_group.add_argument(
-        "--num-workers", type=int, default=2, help="decoding processes per device"
+        "--num-workers", type=whole_number, default=2, help="decoding processes per device"
     )
     run_group.add_argument("--devices", default="auto", help="devices per node: N, or auto")
     run_group.add_argument("--num-nodes", type=count, default=1)
@@ -171,9 +171,10 @@ def run(args: argparse.Namespace) -> int:
     from edje.store.encode import encode_images
 
     devices = int(args.devices) if str(args.devices).isdigit() else args.devices
+    source = _load_source(args)  # before the encoders: a bad source fails in a moment
     vision, processor, compressor = _load_encoders(args)
     result = encode_images(
-        _load_source(args),
+        source,
         args.out,
         vision_encoder=vision,
         image_processor=processor,

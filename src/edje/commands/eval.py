@@ -12,6 +12,7 @@ from edje.commands import (
     folder_or_id,
     output_folder,
     scoring_options,
+    whole_number,
 )
 
 EXAMPLE = """examples:
@@ -87,7 +88,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--out", type=output_folder, metavar="DIR", help="folder for the report files"
     )
     parser.add_argument(
-        "--contact-sheet", type=int, default=0, metavar="N", help="picture N queries' top 5"
+        "--contact-sheet",
+        type=whole_number,
+        default=0,
+        metavar="N",
+        help="picture N queries' top 5",
     )
     parser.add_argument("--batch-size", type=count, default=256, help="pairs per forward pass")
     parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: auto)")

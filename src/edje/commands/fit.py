@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 EXAMPLE = """example:
@@ -11,6 +12,11 @@ EXAMPLE = """example:
   edje fit --config recipes/quickstart.yaml
   edje fit --config recipes/quickstart.yaml --trainer.max_steps 200 --data.batch_size 32
   edje fit --config recipes/finetune_custom.yaml --print_config   # the full resolved recipe
+  edje fit --config my.yaml --trust-code-from my_callbacks   # my.yaml names my_callbacks.X
+
+A recipe is data: the classes it names come from edje, torch, lightning and transformers
+only (not their pickle or code loaders). Naming another module's classes runs its code, so
+it takes --trust-code-from MODULE (repeatable), like transformers' trust_remote_code.
 """
 
 
@@ -37,10 +43,13 @@ def run(args: argparse.Namespace) -> int:
     from edje._utils import require
 
     require("lightning.pytorch", "training", "edje fit")
+    from edje.training.recipe_trust import explained, trusted_modules
+
     try:
-        cli = make_cli(with_packaged_recipes(args.pass_through_args))
+        cli_args, trusted = trusted_modules(args.pass_through_args)
+        cli = make_cli(with_packaged_recipes(cli_args), trusted_code=trusted)
     except argparse.ArgumentError as error:  # a missing recipe, an unknown key: one line
-        message = " ".join(str(error).split())
+        message = explained(" ".join(str(error).split()))
         print(f"edje fit: error: {message} (see edje fit --help)", file=sys.stderr)
         return 2
     return 0 if cli.trainer.state.status.value == "finished" else 1
@@ -114,11 +123,13 @@ def cpu_precision(trainer) -> None:
         trainer["precision"] = "32-true"
 
 
-def make_cli(cli_args: list[str], run: bool = True):
-    """The LightningCLI of `edje fit` (`run=False` parses and instantiates only)."""
+def make_cli(cli_args: list[str], run: bool = True, trusted_code: Sequence[str] = ()):
+    """The LightningCLI of `edje fit` (`run=False` parses and instantiates only); the recipe's
+    import paths resolve only where `recipe_imports` allows, plus the `trusted_code` modules."""
     from lightning.pytorch.cli import LightningCLI
 
     from edje.training import EDJETrainingModule
+    from edje.training.recipe_trust import recipe_imports
 
     datamodule, by_class_path = datamodule_class(cli_args)
 
@@ -138,13 +149,14 @@ def make_cli(cli_args: list[str], run: bool = True):
             config = self.config[self.subcommand] if self.subcommand else self.config
             cpu_precision(config["trainer"])
 
-    return EDJECLI(
-        EDJETrainingModule,
-        datamodule,
-        subclass_mode_data=by_class_path,
-        args=(["fit"] if run else []) + list(cli_args),
-        run=run,
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={"epilog": EXAMPLE, "exit_on_error": False},  # errors: `run` says them
-        auto_configure_optimizers=False,  # the optimizer is the module's own argument
-    )
+    with recipe_imports(trusted_code):
+        return EDJECLI(
+            EDJETrainingModule,
+            datamodule,
+            subclass_mode_data=by_class_path,
+            args=(["fit"] if run else []) + list(cli_args),
+            run=run,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"epilog": EXAMPLE, "exit_on_error": False},  # errors: `run` says them
+            auto_configure_optimizers=False,  # the optimizer is the module's own argument
+        )

@@ -57,6 +57,8 @@ def run(args: argparse.Namespace) -> int:
     from edje.first_stage import VectorIndex, load_embedding_model
 
     first_stage = load_embedding_model(args.first_stage)
+    width = first_stage.encode_texts(["factory check"]).shape[-1]
+    VectorIndex(width, args.factory)  # a bad --factory fails now, not after embedding it all
     if args.store:
         from edje.store import TokenStore
 
@@ -89,23 +91,35 @@ def run(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+# Decoded images are box-reduced at once to keep this many pixels on their short side (at
+# least twice any first stage's input), as `edje.image_tokens.pixel_inputs` reduces them.
+KEPT_SIDE = 1024
+DECODED_AT_ONCE = 16  # images decoded and preprocessed together (a processor makes floats)
+PROGRESS_EVERY = 1024
+
+
 def _embed_images(first_stage, found: list[tuple[str, Any]], batch_size: int):
-    """(ids, embeddings, failures by id) of the image files; undecodable ones are skipped."""
+    """(ids, embeddings, failures by id) of the image files; undecodable ones are skipped.
+    A few images are decoded at a time, each reduced as soon as it is decoded: 60 photos of
+    12 Mpx held whole at once took 8 GB."""
     import torch
 
     from edje._utils import load_rgb
+    from edje.image_tokens import reduced
 
     ids, chunks, failures = [], [], {}
-    for start in range(0, len(found), 1024):  # decoded images held 1024 at a time
+    group = min(batch_size, DECODED_AT_ONCE)
+    for start in range(0, len(found), group):
         images = []
-        for image_id, path in found[start : start + 1024]:
+        for image_id, path in found[start : start + group]:
             try:
-                images.append(load_rgb(path))
+                images.append(reduced(load_rgb(path), KEPT_SIDE // 2))
                 ids.append(image_id)
             except ValueError as error:
                 failures[image_id] = str(error)
         if images:
             chunks.append(first_stage.encode_images(images, batch_size=batch_size))
-        done = min(start + 1024, len(found))
-        print(f"embedded {done}/{len(found)} images", flush=True)
+        done = min(start + group, len(found))
+        if done % PROGRESS_EVERY < group or done == len(found):
+            print(f"embedded {done}/{len(found)} images", flush=True)
     return ids, (torch.cat(chunks) if chunks else None), failures

@@ -6,7 +6,14 @@ import argparse
 import json
 from pathlib import Path
 
-from edje.commands import add_scoring_options, count, existing_folder, folder_or_id, scoring_options
+from edje.commands import (
+    add_scoring_options,
+    count,
+    existing_folder,
+    folder_or_id,
+    scoring_options,
+    unicode_problem,
+)
 
 EXAMPLE = """examples:
   edje rerank --model my-edje --store photos.store --input pairs.jsonl --output scores.jsonl
@@ -109,6 +116,9 @@ def _parse(line: str, reranker, where: str) -> dict:
     documents = record.get("documents", [record.get("document")])
     if not isinstance(documents, list) or not all(isinstance(d, str) for d in documents):
         raise SystemExit(f"edje rerank: {where}: documents must be strings (ids or image paths)")
+    for field, value in (("query", query), *(("document", d) for d in documents)):
+        if problem := unicode_problem(value):
+            raise SystemExit(f"edje rerank: {where}: the {field} is not valid Unicode: {problem}")
     store = reranker.store
     for document in documents:
         if not (store is not None and document in store) and not Path(document).is_file():

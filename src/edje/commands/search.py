@@ -7,7 +7,14 @@ import json
 import sys
 from pathlib import Path
 
-from edje.commands import add_scoring_options, count, existing_folder, folder_or_id, scoring_options
+from edje.commands import (
+    add_scoring_options,
+    caption_text,
+    count,
+    existing_folder,
+    folder_or_id,
+    scoring_options,
+)
 
 EXAMPLE = """examples:
   # caption -> images: a saved index over the store's ids (see `edje index --help`)
@@ -35,7 +42,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("query", metavar="QUERY", help="a caption (an image path with --images)")
+    parser.add_argument(
+        "query", type=caption_text, metavar="QUERY", help="a caption (an image path with --images)"
+    )
     parser.add_argument(
         "--model", type=folder_or_id, required=True, metavar="EDJE_DIR", help="EDJE folder or id"
     )

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from edje.commands import add_scoring_options, count, existing_folder, folder_or_id, scoring_options
+from edje.commands import (
+    add_scoring_options,
+    count,
+    existing_folder,
+    folder_or_id,
+    port,
+    scoring_options,
+)
 
 EXAMPLE = """examples:
   edje serve --quickstart edje-quickstart    # the quickstart's model, store and search page
@@ -30,8 +37,12 @@ LIMIT_OPTIONS = [
      "pixels of all base64 images of a request together, from their headers"),
     ("--max-pixels-in-flight", "max_pixels_in_flight", count,
      "base64 pixels decoded and held at once, across requests"),
+    ("--max-body-bytes-in-flight", "max_body_bytes_in_flight", count,
+     "request body bytes held at once, across requests"),
     ("--max-wait-ms", "max_wait_ms", float,
      "how long a forward waits for other requests to join"),
+    ("--max-forward-ms", "max_forward_ms", float,
+     "a forward's target time: how long a request may wait behind a large one"),
     ("--header-timeout", "header_timeout_s", float,
      "seconds a connection has to send its request head"),
     ("--body-timeout", "body_timeout_s", float, "seconds a request has to send its body"),
@@ -82,7 +93,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="address to listen on (default: %(default)s, this machine only)",
     )
     parser.add_argument(
-        "--port", type=int, default=8000, help="port to listen on (default: %(default)s)"
+        "--port", type=port, default=8000, help="port to listen on (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--allowed-host",
+        dest="allowed_hosts",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also accept requests whose Host header is NAME (repeatable; '*': any). By "
+        "default only the address a request came in on (and localhost) is accepted, so a web "
+        "page cannot reach this server through DNS rebinding",
     )
     parser.add_argument(
         "--served-model-name",
@@ -128,7 +149,10 @@ def run(args: argparse.Namespace) -> int:
     reranker = EDJEReranker(args.model, store=args.store, device=args.device,
                             force_store=args.force, **scoring_options(args))  # fmt: skip
     name, size = args.served_name or served_name(args.model), len(reranker.store)
-    app = create_app(RerankerBackend(reranker), model_name=name, limits=limits, store_size=size)
+    app = create_app(
+        RerankerBackend(reranker), model_name=name, limits=limits, store_size=size,
+        allowed_hosts=args.allowed_hosts,
+    )  # fmt: skip
     where = f"http://{args.host}:{args.port}"
     if args.first_stage:
         from edje.serving.search_page import add_search_page

@@ -15,11 +15,12 @@ EXAMPLE = """example:
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "verify",
-        help="check a token store whole: every shard's hash and header",
+        help="check a token store whole: every shard's hash and header, every row and token",
         description=(
             "Open a token store (its manifest checked as every reader does), then read every "
-            "shard: its data's sha256 against the manifest and its header against its manifest "
-            "entry. Exit code 0 when intact, 1 when not."
+            "shard: its data's sha256 against the manifest, its header against its manifest "
+            "entry, every row against its checksum and every token finite. Exit code 0 when "
+            "intact, 1 when not."
         ),
         epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,

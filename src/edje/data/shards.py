@@ -32,6 +32,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from edje._utils import open_regular
+
 __all__ = ["IMAGE_EXTENSIONS", "ShardImages", "expand_shards", "stream_dataset", "stream_shards"]
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # img2dataset writes jpg; the first found wins
@@ -107,33 +109,52 @@ class ShardImages(Sequence):
 
     def __getitem__(self, index: int) -> bytes:  # type: ignore[override]
         shard, offset, size = self._where[index]
-        with open(self.shards[shard], "rb") as file:
+        with open_regular(self.shards[shard]) as file:
             file.seek(offset)
             return file.read(size)
 
 
+_MEMBER = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # key: up to the name's first dot
+
+
 def _samples(shard: str) -> Iterable[tuple[str, dict[str, tarfile.TarInfo]]]:
-    """(key, {extension: member}) per sample, in the shard's order (WebDataset's grouping:
-    the key is the member name up to its first dot after the last slash)."""
+    """(key, {extension: member}) per sample, in the shard's order, grouped as WebDataset
+    readers (and `stream_shards`, which `edje fit` trains from) group them: consecutive
+    members sharing the name up to its first dot, hidden names (`.x`, `__x`) skipped. So a
+    shard is indexed as it is streamed, sample for sample; what a stream would read otherwise
+    than meant is refused, naming it: a sample's files apart (two samples to a stream), or one
+    extension twice (`a.jpg` and `a.JPG`: one would replace the other)."""
     grouped: dict[str, dict[str, tarfile.TarInfo]] = {}
+    current = None
     try:
-        with tarfile.open(shard, "r:") as tar:  # headers only: the data is read by offset
+        # Headers only (the data is read by offset); a FIFO or device is refused, not waited on.
+        with open_regular(shard) as file, tarfile.open(fileobj=file, mode="r:") as tar:
             for member in tar:
-                if not member.isfile():
+                name = member.name.rpartition("/")[2]
+                match = _MEMBER.match(member.name)
+                if not member.isreg() or name.startswith((".", "__")) or match is None:
                     continue
-                folder, _, name = member.name.rpartition("/")
-                stem, dot, extension = name.partition(".")
-                if not dot or stem.startswith("_"):  # no extension, or a __metadata__ file
-                    continue
-                key = f"{folder}/{stem}" if folder else stem
-                grouped.setdefault(key, {})[extension.lower()] = member
+                key, extension = match.group(1), match.group(2).lower()
+                if key != current and key in grouped:
+                    raise ValueError(
+                        f"ShardImages: the files of sample {key!r} are not together in {shard} "
+                        f"({member.name} comes after other samples); a stream would read two "
+                        "samples. Keys must be unique: write each sample's files in a row."
+                    )
+                members = grouped.setdefault(key, {})
+                if extension in members:
+                    raise ValueError(
+                        f"ShardImages: sample {key!r} in {shard} has {members[extension].name} "
+                        f"and {member.name}; one would silently replace the other."
+                    )
+                members[extension], current = member, key
     except (tarfile.TarError, OSError) as error:
         raise ValueError(f"ShardImages: cannot read the shard {shard}: {error}") from None
     return grouped.items()
 
 
 def _read(shard: str, member: tarfile.TarInfo) -> str:
-    with open(shard, "rb") as file:
+    with open_regular(shard) as file:
         file.seek(member.offset_data)
         return file.read(member.size).decode("utf-8", errors="replace").strip()
 

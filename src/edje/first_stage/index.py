@@ -52,8 +52,16 @@ class VectorIndex:
         if dim < 1:
             raise ValueError(f"VectorIndex: dim must be a positive integer, got {dim}")
         self.dim, self.factory = int(dim), factory
-        self.index = faiss.index_factory(self.dim, factory, faiss.METRIC_INNER_PRODUCT)
+        try:
+            self.index = faiss.index_factory(self.dim, factory, faiss.METRIC_INNER_PRODUCT)
+        except RuntimeError as error:  # faiss's message holds its C++ source location: cut it
+            reason = str(error).rpartition(": ")[2]
+            raise ValueError(
+                f"VectorIndex: {factory!r} is not a faiss index_factory string for {dim}-wide "
+                f"vectors ({reason}); e.g. 'Flat', 'HNSW32', 'IVF1024,Flat'"
+            ) from None
         self.ids: list | None = None  # names of the vectors, when add was given ids
+        self.path: Path | None = None  # the folder it was loaded from
 
     def __len__(self) -> int:
         return int(self.index.ntotal)
@@ -106,6 +114,15 @@ class VectorIndex:
         scores, positions = self.index.search(array, min(k, len(self)))
         return torch.from_numpy(scores), torch.from_numpy(positions).long()
 
+    def vector(self, position: int) -> np.ndarray:
+        """The stored vector at `position` (an IVF index gets the direct map this needs)."""
+        import faiss
+
+        ivf = faiss.try_extract_index_ivf(self.index)
+        if ivf is not None and ivf.direct_map.type == faiss.DirectMap.NoMap:
+            ivf.make_direct_map()
+        return self.index.reconstruct(int(position))
+
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``index.faiss`` (``faiss.write_index``) and ``ids.json`` into folder ``path``."""
         faiss = require("faiss", "faiss", "VectorIndex")
@@ -129,7 +146,7 @@ class VectorIndex:
         meta = json.loads((folder / IDS_NAME).read_text())
         index = cls(meta["dim"], meta["factory"])
         index.index = faiss.read_index(str(folder / INDEX_NAME))
-        index.ids = meta["ids"]
+        index.ids, index.path = meta["ids"], folder
         if require_ids and index.ids is None:
             raise ValueError(f"the index {folder} holds no ids; rebuild it with `edje index`")
         return index

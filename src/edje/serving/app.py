@@ -55,12 +55,14 @@ import torch
 
 from edje.fusion import fuse, fusion_weights
 from edje.serving.batching import MicroBatcher
-from edje.serving.budget import PixelBudget
+from edje.serving.budget import Budget
+from edje.serving.hosts import HostCheck
 from edje.serving.requests import (
     NAMED_AT_MOST,
     Document,
     RequestError,
     ServeLimits,
+    body_size,
     decode_opened,
     open_documents,
     parse_json,
@@ -149,8 +151,11 @@ def create_app(
     model_name: str = "edje",
     limits: ServeLimits | None = None,
     store_size: int | None = None,
+    allowed_hosts: Sequence[str] = (),
 ):
-    """The FastAPI app serving `backend`; run it with `run_server` or `serve_in_background`."""
+    """The FastAPI app serving `backend`; run it with `run_server` or `serve_in_background`.
+    A request's `Host` must be the address it came in on or one of `allowed_hosts`
+    (`edje.serving.hosts`)."""
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse
     from starlette.concurrency import run_in_threadpool
@@ -163,6 +168,7 @@ def create_app(
         backend.score_pairs,
         max_pairs=limits.max_batch_pairs,
         max_wait_s=limits.max_wait_ms / 1000,
+        max_forward_s=limits.max_forward_ms / 1000,
     )
 
     @contextlib.asynccontextmanager
@@ -176,9 +182,12 @@ def create_app(
             await batcher.stop()
             app.state.device_thread.shutdown(wait=False, cancel_futures=True)
 
-    pixels_in_flight = PixelBudget(limits.max_pixels_in_flight)
+    pixels_in_flight = Budget(limits.max_pixels_in_flight)
+    bodies_in_flight = Budget(limits.max_body_bytes_in_flight, "bytes", give_back_at=16 << 20)
     app = FastAPI(title="edje rerank", lifespan=lifespan)
+    app.add_middleware(HostCheck, allowed=allowed_hosts)
     app.state.batcher, app.state.limits = batcher, limits
+    app.state.pixels_in_flight = pixels_in_flight  # thumbnails decode within it too
 
     @app.exception_handler(RequestError)
     async def client_error(request: Request, error: RequestError):
@@ -213,6 +222,12 @@ def create_app(
         return await batcher.score(query, prepared)
 
     async def rerank(request: Request):
+        # A body, its JSON and its images are held until answered: all requests together hold
+        # at most max_body_bytes_in_flight of bodies, so concurrent large uploads take turns.
+        async with bodies_in_flight.reserve(body_size(request, limits)):
+            return await _rerank(request)
+
+    async def _rerank(request):
         started, request_id = time.perf_counter(), uuid.uuid4().hex
         body = await read_body(request, limits)
         job = parse_rerank_request(parse_json(body), limits, model_name)
@@ -242,7 +257,10 @@ def create_app(
             return JSONResponse({"message": non_finite_message(broken, documents)}, status_code=500)
         weights = getattr(backend, "fusion", None)
         if weights is not None and job.first_stage_scores is not None:
-            logits = fuse(logits, torch.tensor(job.first_stage_scores), weights)
+            try:  # scores past float32's range: the client's numbers, a 400
+                logits = fuse(logits, torch.tensor(job.first_stage_scores), weights)
+            except ValueError as error:
+                raise RequestError(400, str(error)) from None
         # Ordered by logit (sigmoids of large logits tie at 1.0); a stable sort: ties by index.
         values = logits.tolist()
         order = sorted(range(len(values)), key=lambda i: -values[i])

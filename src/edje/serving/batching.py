@@ -1,11 +1,13 @@
-"""MicroBatcher: pairs from concurrent HTTP requests scored together in one forward.
+"""MicroBatcher: pairs from concurrent HTTP requests scored together in one forward, and
+taken from every waiting request in turn, so one large request cannot starve the others.
 
-Each request puts its `(query, documents)` on an asyncio queue (documents: image tokens
-`[K, m, d]`, or a list the backend resolves itself). One worker task takes the first job, waits
-`max_wait_s` for others to arrive (and, while a forward runs, new jobs pile up on their own),
-then scores up to `max_pairs` pairs from several requests in a single
+Each request's documents are cut into chunks of `chunk_pairs`. One worker task builds each
+forward round-robin, one chunk from each waiting request in turn, up to a size measured to
+take about `max_forward_s` (never more than `max_pairs` pairs), and runs it as a single
 `score_pairs(queries, documents)` call on a one-thread executor (the device is used by one
-forward at a time) and hands each request its slice of the logits.
+forward at a time). A request that arrives while a 1,000-document one is being scored joins
+the next forward: it waits about one forward, not the whole large request. After the first
+job arrives the worker waits `max_wait_s` for others to join a forward that is not full.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -47,7 +51,8 @@ class _Job:
 
 
 class MicroBatcher:
-    """Batch `score_pairs` calls across concurrent requests; `start()` inside the event loop."""
+    """Batch `score_pairs` calls across concurrent requests, fairly; `start()` inside the event
+    loop."""
 
     def __init__(
         self,
@@ -55,46 +60,64 @@ class MicroBatcher:
         *,
         max_pairs: int = 512,
         max_wait_s: float = 0.005,
+        max_forward_s: float = 0.25,
+        chunk_pairs: int = 8,
     ) -> None:
-        if max_pairs < 1:
-            raise ValueError(f"MicroBatcher: max_pairs must be >= 1, got {max_pairs}.")
+        if max_pairs < 1 or chunk_pairs < 1:
+            raise ValueError(
+                f"MicroBatcher: max_pairs and chunk_pairs must be >= 1, got {max_pairs}, "
+                f"{chunk_pairs}."
+            )
+        if not max_forward_s > 0:
+            raise ValueError(f"MicroBatcher: max_forward_s must be > 0, got {max_forward_s}.")
         self.max_pairs, self.max_wait_s = max_pairs, max_wait_s
+        self.max_forward_s, self.chunk_pairs = max_forward_s, min(chunk_pairs, max_pairs)
         self.stats = BatchStats()
         self._score_pairs = score_pairs
         self._executor: Executor | None = None  # given by start()
-        self._queue: asyncio.Queue[_Job] | None = None
-        self._carry: _Job | None = None  # a job that did not fit the last forward
+        self._waiting: deque[deque[_Job]] = deque()  # per request, its chunks not yet taken
+        self._arrived: asyncio.Event | None = None
+        self._seconds_per_pair: float | None = None  # measured over the last forwards
         self._task: asyncio.Task | None = None
 
     def start(self, executor: Executor) -> None:
         """Begin taking jobs (inside the running event loop); forwards run on `executor`."""
-        self._executor, self._queue = executor, asyncio.Queue()
-        self._carry = None
+        self._executor, self._arrived = executor, asyncio.Event()
+        self._waiting.clear()
         self._task = asyncio.create_task(self._work(), name="edje-micro-batcher")
 
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        waiting = [self._carry] if self._carry else []
-        while self._queue is not None and not self._queue.empty():
-            waiting.append(self._queue.get_nowait())
-        for job in waiting:
-            _fail(job, RuntimeError("the server is shutting down"))
+        for chunks in self._waiting:
+            for job in chunks:
+                _fail(job, RuntimeError("the server is shutting down"))
+        self._waiting.clear()
 
     async def score(self, query: str, documents: Sequence[Any]) -> torch.Tensor:
         """Logits `[K]` (float32, CPU) of `query` against its K documents."""
-        if self._queue is None:
+        if self._arrived is None:
             raise RuntimeError("MicroBatcher.score called before start().")
         if not len(documents):
             return torch.zeros(0)
         loop = asyncio.get_running_loop()
-        futures = []
-        for start in range(0, len(documents), self.max_pairs):  # bounded forwards, whatever K
-            futures.append(loop.create_future())
-            chunk = documents[start : start + self.max_pairs]
-            self._queue.put_nowait(_Job(query, chunk, futures[-1]))
+        chunks: deque[_Job] = deque()
+        for start in range(0, len(documents), self.chunk_pairs):
+            chunk = documents[start : start + self.chunk_pairs]
+            chunks.append(_Job(query, chunk, loop.create_future()))
+        futures = [job.future for job in chunks]
+        self._waiting.append(chunks)
+        self._arrived.set()
         return torch.cat(await asyncio.gather(*futures))
+
+    def forward_pairs(self) -> int:
+        """Pairs in the next forward: what takes about `max_forward_s` at the measured speed
+        (one chunk until it is measured), within `chunk_pairs`..`max_pairs`."""
+        if self._seconds_per_pair is None:
+            return self.chunk_pairs
+        fits = int(self.max_forward_s / self._seconds_per_pair)
+        return max(self.chunk_pairs, min(self.max_pairs, fits))
 
     async def _work(self) -> None:
         while True:
@@ -107,18 +130,26 @@ class MicroBatcher:
                     _fail(job, error)
 
     async def _next_batch(self) -> list[_Job]:
-        assert self._queue is not None
-        first, self._carry = self._carry or await self._queue.get(), None
-        jobs, pairs = [first], len(first.documents)
-        if pairs < self.max_pairs and self.max_wait_s > 0:
+        assert self._arrived is not None
+        while not self._waiting:
+            self._arrived.clear()
+            await self._arrived.wait()
+        limit = self.forward_pairs()
+        waiting_pairs = sum(len(job.documents) for chunks in self._waiting for job in chunks)
+        if waiting_pairs < limit and self.max_wait_s > 0:
             await asyncio.sleep(self.max_wait_s)  # let concurrent requests join this forward
-        while pairs < self.max_pairs and not self._queue.empty():
-            job = self._queue.get_nowait()
-            if pairs + len(job.documents) > self.max_pairs:
-                self._carry = job
+        jobs, pairs = [], 0
+        while self._waiting:  # round robin: a chunk from each waiting request in turn
+            chunks = self._waiting[0]
+            if jobs and pairs + len(chunks[0].documents) > limit:
                 break
+            job = chunks.popleft()
             jobs.append(job)
             pairs += len(job.documents)
+            if chunks:
+                self._waiting.rotate(-1)  # its next chunk after the other requests' ones
+            else:
+                self._waiting.popleft()
         return jobs
 
     async def _run(self, jobs: list[_Job]) -> None:
@@ -145,11 +176,15 @@ class MicroBatcher:
         queries = [job.query for job in jobs for _ in range(len(job.documents))]
         documents = jobs[0].documents if len(jobs) == 1 else _concat([j.documents for j in jobs])
         self.stats.forward_calls += 1
+        started = time.perf_counter()
         try:
             logits = self._score_pairs(queries, documents)
         except Exception:
             self.stats.failed_forwards += 1
             raise
+        per_pair = (time.perf_counter() - started) / len(queries)
+        last = self._seconds_per_pair
+        self._seconds_per_pair = per_pair if last is None else 0.5 * (last + per_pair)
         self.stats.jobs += len(jobs)
         self.stats.pairs += len(queries)
         self.stats.largest_forward_pairs = max(self.stats.largest_forward_pairs, len(queries))

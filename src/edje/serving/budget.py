@@ -1,6 +1,6 @@
-"""A budget shared by all requests of one server: how many base64 pixels may be decoded and
-held at once. A request waits (in arrival order) until its pixels fit, so many concurrent
-requests of large images cost one budget of memory, not one image each."""
+"""Budgets shared by all requests of one server: how many decoded pixels, and how many body
+bytes, may be held at once. A request waits (in arrival order) until its share fits, so many
+concurrent requests of large images or bodies cost one budget of memory, not one each."""
 
 from __future__ import annotations
 
@@ -10,19 +10,26 @@ import ctypes
 from collections.abc import AsyncIterator
 
 
-class PixelBudget:
-    def __init__(self, capacity: int) -> None:
+class Budget:
+    """`capacity` units (pixels, bytes) held at once; a block of at least `give_back_at` units
+    hands freed memory back to the system when it ends."""
+
+    def __init__(self, capacity: int, unit: str = "pixels", give_back_at: int = 4_000_000):
         if capacity < 1:
-            raise ValueError(f"PixelBudget: capacity must be >= 1, got {capacity}.")
-        self.capacity, self.in_use = capacity, 0
+            raise ValueError(f"Budget: capacity must be >= 1, got {capacity}.")
+        self.capacity, self.in_use, self.unit = capacity, 0, unit
+        self.give_back_at = give_back_at
         self._turn = asyncio.Lock()  # one waiter at a time: arrival order, no starvation
         self._freed = asyncio.Condition()
 
     @contextlib.asynccontextmanager
     async def reserve(self, pixels: int) -> AsyncIterator[None]:
-        """Hold `pixels` (at most `capacity`) for the block; 0 holds nothing and never waits."""
+        """Hold `pixels` units (at most `capacity`) for the block; 0 holds nothing and never
+        waits."""
         if pixels > self.capacity:
-            raise ValueError(f"PixelBudget: {pixels} pixels asked, capacity {self.capacity}.")
+            raise ValueError(
+                f"Budget: {pixels} {self.unit} asked, capacity {self.capacity} {self.unit}."
+            )
         if pixels > 0:
             async with self._turn, self._freed:
                 await self._freed.wait_for(lambda: self.in_use + pixels <= self.capacity)
@@ -34,13 +41,12 @@ class PixelBudget:
                 async with self._freed:
                     self.in_use -= pixels
                     self._freed.notify_all()
-                if pixels >= GIVE_BACK_PIXELS:
+                if pixels >= self.give_back_at:
                     _give_back_freed_memory()
 
 
 # glibc keeps large freed blocks for reuse (per thread arena), so a service's RSS stays at its
-# peak after a burst of large images; handing them back costs about a millisecond.
-GIVE_BACK_PIXELS = 4_000_000
+# peak after a burst of large images or bodies; handing them back costs about a millisecond.
 
 
 def _give_back_freed_memory() -> None:

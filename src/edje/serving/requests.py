@@ -21,6 +21,7 @@ import base64
 import binascii
 import io
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +29,8 @@ from typing import Any
 from PIL import Image
 
 from edje._utils import load_rgb
+
+logger = logging.getLogger(__name__)
 
 Document = str | Image.Image  # an image id in the store, or a decoded image
 NAMED_AT_MOST = 10  # unknown ids / bad documents named in one error message
@@ -41,6 +44,9 @@ class ServeLimits:
     max_body_bytes: int = 32 * 1024 * 1024
     max_batch_pairs: int = 512  # pairs in one forward, across requests
     max_wait_ms: float = 5.0  # how long a forward waits for other requests to join it
+    # A forward is sized (from the measured speed) to take about this long: a request that
+    # arrives while a large one is scored waits about one forward, then joins the next.
+    max_forward_ms: float = 250.0
     max_image_pixels: int = 40_000_000  # a decoded base64 image (decompression bombs)
     # All base64 images of one request together, counted from their headers before any is
     # decoded: a few small files that each decode to tens of millions of pixels are refused.
@@ -51,6 +57,9 @@ class ServeLimits:
     # Base64 images decoded at once across all requests: concurrent requests wait their turn
     # rather than each holding its decoded pixels (4 bytes a pixel in Pillow's RGB, and a copy).
     max_pixels_in_flight: int = 64_000_000
+    # Request bodies held at once across requests (a body, its parsed JSON and its decoded
+    # base64 stay until the request is answered): concurrent large uploads wait their turn.
+    max_body_bytes_in_flight: int = 128 * 1024 * 1024
     # A connection must send its request head this soon after opening (or after the previous
     # response), and its body this soon after the head; idle keep-alive connections close
     # after idle_timeout_s.
@@ -60,7 +69,8 @@ class ServeLimits:
 
     def __post_init__(self) -> None:
         names = ("max_documents", "max_body_bytes", "max_batch_pairs", "max_image_pixels")
-        more = ("max_request_pixels", "max_query_chars", "max_pixels_in_flight", "idle_timeout_s")
+        more = ("max_request_pixels", "max_query_chars", "max_pixels_in_flight", "idle_timeout_s",
+                "max_body_bytes_in_flight")  # fmt: skip
         for name in (*names, *more):
             if getattr(self, name) < 1:
                 raise ValueError(f"ServeLimits: {name} must be >= 1, got {getattr(self, name)}.")
@@ -73,8 +83,15 @@ class ServeLimits:
                 f"least max_request_pixels ({self.max_request_pixels}), or a largest request "
                 "could never be decoded."
             )
+        if self.max_body_bytes_in_flight < self.max_body_bytes:
+            raise ValueError(
+                f"ServeLimits: max_body_bytes_in_flight ({self.max_body_bytes_in_flight}) must be "
+                f"at least max_body_bytes ({self.max_body_bytes})."
+            )
         if self.max_wait_ms < 0:
             raise ValueError(f"ServeLimits: max_wait_ms must be >= 0, got {self.max_wait_ms}.")
+        if not self.max_forward_ms > 0:
+            raise ValueError(f"ServeLimits: max_forward_ms must be > 0, got {self.max_forward_ms}.")
 
 
 class RequestError(Exception):
@@ -97,7 +114,9 @@ class RerankRequest:
 
 async def read_body(request, limits: ServeLimits) -> bytes:
     """The body, refused with 413 as soon as it is known to exceed `max_body_bytes` (never
-    read whole), and with 408 when it has not all arrived within `body_timeout_s`."""
+    read whole), and with 408 when it has not all arrived within `body_timeout_s`. A client
+    that goes away mid-upload is one log line (and a 499 no one reads), not a traceback."""
+    from starlette.requests import ClientDisconnect
 
     try:
         async with asyncio.timeout(limits.body_timeout_s):
@@ -106,6 +125,18 @@ async def read_body(request, limits: ServeLimits) -> bytes:
         raise RequestError(
             408, f"the body did not arrive within {limits.body_timeout_s:g} s."
         ) from None
+    except ClientDisconnect:
+        client = f"{request.client.host}:{request.client.port}" if request.client else "a client"
+        logger.warning("edje serve: %s disconnected before its body arrived; dropped", client)
+        raise RequestError(499, "the client disconnected before its body arrived.") from None
+
+
+def body_size(request, limits: ServeLimits) -> int:
+    """The bytes a request's body will hold: its Content-Length, or the most taken."""
+    declared = request.headers.get("content-length", "")
+    return (
+        min(int(declared), limits.max_body_bytes) if declared.isdigit() else limits.max_body_bytes
+    )
 
 
 async def _read_body_within(request, limit: int) -> bytes:

@@ -48,6 +48,29 @@ class Collection:
 
     def __post_init__(self) -> None:
         self.positions = {image_id: i for i, image_id in enumerate(self.index.ids)}
+        self._check_index()
+
+    def _check_index(self) -> None:
+        """At start, what would make every search or describe fail: an index of images the
+        store does not hold (built from another store), of another width than the first
+        stage's embeddings, or whose vectors cannot be read back (describe needs them)."""
+        where = getattr(self.index, "path", None) or "the index"
+        store = self.reranker.store
+        missing = [i for i in self.index.ids if i not in store]
+        if missing:
+            raise ValueError(
+                f"{where} names {len(missing)} images the store {store.path} does not hold "
+                f"(e.g. {missing[0]!r}): it was built from other images; rebuild it with "
+                "`edje index` from this store's images."
+            )
+        width = self.first_stage.encode_texts(["index check"]).shape[-1]
+        if width != self.index.dim:
+            raise ValueError(
+                f"{where} holds {self.index.dim}-wide vectors, the first stage embeds to {width}: "
+                "it was built with another first stage."
+            )
+        if len(self.index):
+            self.index.vector(0)  # raises now, not at the first describe
 
     def search(self, query: str, k: int, fusion: bool) -> dict[str, Any]:
         """Runs on the device thread."""
@@ -87,7 +110,7 @@ class Collection:
         started = time.perf_counter()
         if self._caption_embeddings is None:
             self._caption_embeddings = self.first_stage.encode_texts(self.captions)
-        image = torch.from_numpy(self.index.index.reconstruct(self.positions[image_id]))
+        image = torch.from_numpy(self.index.vector(self.positions[image_id]))
         first_scores, lines = (self._caption_embeddings @ image).topk(min(k, len(self.captions)))
         first_ms = 1000 * (time.perf_counter() - started)
         started = time.perf_counter()
@@ -141,6 +164,18 @@ def add_search_page(app, collection: Collection) -> None:
         return await loop.run_in_executor(app.state.device_thread, work, *args)
 
     thumbnails: OrderedDict[str, bytes] = OrderedDict()
+    making: dict[str, asyncio.Future] = {}  # thumbnails being made, by image id
+
+    async def make_thumbnail(image_id: str) -> None:
+        # Decoded within the server's pixel budget, as base64 images are: six 6000 x 6000
+        # RGBA files asked at once held 3.2 GB.
+        path = collection.image_file(image_id)
+        budget = app.state.pixels_in_flight
+        async with budget.reserve(min(_pixels_in(path), budget.capacity)):
+            thumbnails[image_id] = await asyncio.to_thread(_thumbnail, path)
+        if len(thumbnails) > THUMBNAILS_KEPT:
+            thumbnails.popitem(last=False)
+
     fusion_available = fusion_weights(collection.reranker.model.config) is not None
 
     @app.get("/", response_class=HTMLResponse)
@@ -172,13 +207,25 @@ def add_search_page(app, collection: Collection) -> None:
     @app.get("/images/{image_id:path}")
     async def image(image_id: str):
         if image_id not in thumbnails:
-            path = collection.image_file(image_id)
-            thumbnails[image_id] = await asyncio.to_thread(_thumbnail, path)
-            if len(thumbnails) > THUMBNAILS_KEPT:
-                thumbnails.popitem(last=False)
+            made = making.get(image_id)
+            if made is None:  # the first asker decodes it; the others wait for its thumbnail
+                made = making[image_id] = asyncio.ensure_future(make_thumbnail(image_id))
+                made.add_done_callback(lambda _: making.pop(image_id, None))
+            await asyncio.shield(made)
         thumbnails.move_to_end(image_id)
         headers = {"Cache-Control": "public, max-age=3600"}
         return Response(thumbnails[image_id], media_type="image/png", headers=headers)
+
+
+def _pixels_in(path: Path) -> int:
+    """Pixels of the image file, from its header (0 when it has none: `_thumbnail` says why)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return image.width * image.height
+    except Exception:  # not an image: nothing will be decoded
+        return 0
 
 
 def _thumbnail(path: Path) -> bytes:

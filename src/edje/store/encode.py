@@ -382,8 +382,19 @@ def encode_images(
     """
     start = time.perf_counter()
     _check_batch_size("encode_images", batch_size)
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise ValueError(f"encode_images: num_workers must be 0 or more, got {num_workers!r}")
     out = Path(out)
     all_ids, refs = _collect(source, ids, id_column, image_column)
+    if not all_ids:
+        where = source if isinstance(source, str | Path) else f"the {type(source).__name__}"
+        raise ValueError(
+            f"encode_images: no images in {where} (image files end in "
+            f"{', '.join(IMAGE_SUFFIXES)}); nothing to encode"
+        )
+    callback = _StoreWriterCallback(out, {}, 0, progress)
+    # The Trainer checks accelerator, devices, strategy and precision: before any folder is made.
+    trainer = _trainer(callback, accelerator, devices, num_nodes, strategy, precision)
     if fingerprint is None:
         fingerprint = default_fingerprint(vision_encoder, image_processor, compressor)
     token_shape = _probe_token_shape(vision_encoder, image_processor, compressor)
@@ -407,20 +418,7 @@ def encode_images(
         batches = [b for b in batches if b]
         total = sum(len(b) for b in batches)
         data = _Batches(all_ids, refs, batches, image_processor)
-        callback = _StoreWriterCallback(out, writer_kwargs, total, progress)
-        trainer = Trainer(
-            accelerator=accelerator,
-            devices=devices,
-            num_nodes=num_nodes,
-            strategy=strategy,
-            precision=precision,
-            callbacks=[callback],
-            logger=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            use_distributed_sampler=False,
-            enable_checkpointing=False,
-        )
+        callback.writer_kwargs, callback.total = writer_kwargs, total
         module = _EncodeModule(vision_encoder, compressor, data, num_workers)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Couldn't infer the batch indices")
@@ -438,6 +436,20 @@ def encode_images(
             seconds=time.perf_counter() - start,
             rank=trainer.global_rank,
         )
+
+
+def _trainer(callback, accelerator, devices, num_nodes, strategy, precision) -> Trainer:
+    """The encode's Trainer; options it refuses are a ValueError naming them."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    try:
+        return Trainer(
+            accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
+            precision=precision, callbacks=[callback], logger=False, enable_progress_bar=False,
+            enable_model_summary=False, use_distributed_sampler=False, enable_checkpointing=False,
+        )  # fmt: skip
+    except (MisconfigurationException, TypeError) as error:
+        raise ValueError(f"encode_images: {error}") from None
 
 
 def _first_process() -> bool:

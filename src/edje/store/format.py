@@ -9,8 +9,11 @@ A store is a folder::
 
 Each shard is a plain safetensors file (``safetensors.safe_open`` reads it) holding
 
+- ``row_crc32``: ``[rows]`` ``U32``, the CRC-32 of each row's token bytes followed by its
+  scale bytes (format version 2 on): checked on every read, so a flipped byte is an error
+  naming the shard and the id instead of a silently different score;
 - ``scales``: ``[rows, m]`` ``F32``, only for int8 stores (token = int8 row x its scale),
-  stored first so both tensors stay aligned;
+  stored before the tokens so every tensor stays aligned;
 - ``tokens``: ``[rows, m, d]`` in the store dtype (``F16``, ``BF16`` or ``I8``);
 
 and, in the header's ``__metadata__`` (all strings): ``format``, ``dtype`` (the store dtype),
@@ -28,8 +31,10 @@ Files are written as ``NAME.tmp-<pid>`` and renamed, so a reader never sees half
 
 Integrity checks, from cheap to thorough: opening a store stats every shard (missing or
 truncated files: the size must equal the manifest's ``bytes``); the first read of a shard parses
-its header and checks its size, row count and ``data_sha256`` field against the manifest;
-``TokenStore.verify()`` (or ``open(verify=True)``) re-hashes every shard's data, reading it all.
+its header and checks its size, row count and ``data_sha256`` field against the manifest; every
+read checks each row it returns against ``row_crc32`` (a version 1 shard, which has none, is
+re-hashed whole on its first read instead); ``TokenStore.verify()`` (or ``open(verify=True)``)
+re-hashes every shard's data and checks every token is finite, reading it all.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ import json
 import os
 import re
 import struct
+import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,10 +52,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edje._utils import TMP_MARK, atomic_write
+from edje._utils import TMP_MARK, atomic_write, open_regular
 
 FORMAT = "edje-token-store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-row CRC-32s (`row_crc32`)
+READABLE_VERSIONS = (1, 2)
+ROW_CHECKSUMS = "row_crc32"
 MANIFEST_NAME = "manifest.json"
 SHARD_DIR = "shards"
 SHARD_SUFFIX = ".safetensors"
@@ -62,6 +70,7 @@ STORE_DTYPES: dict[str, tuple[str, np.dtype]] = {
     "int8": ("I8", np.dtype(np.int8)),
 }
 SCALE_DTYPE = ("F32", np.dtype(np.float32))
+CHECKSUM_DTYPE = ("U32", np.dtype("<u4"))
 
 
 class StoreCorruptError(ValueError):
@@ -112,7 +121,19 @@ class ShardHeader:
 
 
 def _tag_itemsize(tag: str) -> int:
-    return {"F16": 2, "BF16": 2, "I8": 1, "F32": 4}[tag]
+    return {"F16": 2, "BF16": 2, "I8": 1, "F32": 4, "U32": 4}[tag]
+
+
+def row_checksum(tokens: np.ndarray, scales: np.ndarray | None) -> int:
+    """CRC-32 of one row's token bytes, then its scale bytes (int8 stores)."""
+    crc = zlib.crc32(np.ascontiguousarray(tokens))
+    return crc if scales is None else zlib.crc32(np.ascontiguousarray(scales), crc)
+
+
+def row_checksums(tokens: np.ndarray, scales: np.ndarray | None) -> np.ndarray:
+    """``[rows]`` `row_checksum` of each row."""
+    sums = [row_checksum(t, None if scales is None else scales[n]) for n, t in enumerate(tokens)]
+    return np.asarray(sums, dtype=CHECKSUM_DTYPE[1])
 
 
 def write_shard(
@@ -160,7 +181,7 @@ def read_shard_header(path: Path) -> ShardHeader:
     the header is unreadable or the file is truncated.
     """
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             head = f.read(8)
             if len(head) < 8:
                 raise StoreCorruptError(f"shard {path} is truncated: {len(head)} bytes, no header")
@@ -175,7 +196,9 @@ def read_shard_header(path: Path) -> ShardHeader:
         raise StoreCorruptError(f"shard {path} has a corrupt header: {e}") from None
     except FileNotFoundError:
         raise StoreCorruptError(f"shard {path} is missing") from None
-    metadata = header.pop("__metadata__", {}) or {}
+    metadata = header.pop("__metadata__", {}) if isinstance(header, dict) else None
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise StoreCorruptError(f"shard {path} has a corrupt header: not a safetensors header")
     if metadata.get("format") != FORMAT:
         raise StoreCorruptError(f"{path} is not an edje token-store shard (no format={FORMAT!r})")
     tensors = {}
@@ -201,7 +224,7 @@ def data_sha256(path: Path, header: ShardHeader, chunk: int = 1 << 22) -> str:
     """sha256 of a shard's data section (everything after the header)."""
     start = min((t.offset for t in header.tensors.values()), default=header.file_size)
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         f.seek(start)
         while block := f.read(chunk):
             digest.update(block)
@@ -234,9 +257,10 @@ def foreign_files(root: Path) -> list[Path]:
         if not p.is_file() or not (SHARD_NAME.fullmatch(p.name) or TMP_MARK in p.name)
     ]
     manifest = root / MANIFEST_NAME
-    if manifest.exists():
+    if os.path.lexists(manifest):
         try:
-            ours = json.loads(manifest.read_text(encoding="utf-8")).get("format") == FORMAT
+            with open_regular(manifest) as file:  # a FIFO: not ours, and never waited on
+                ours = json.loads(file.read().decode("utf-8")).get("format") == FORMAT
         except (OSError, ValueError, AttributeError):
             ours = False
         if not ours:
@@ -381,6 +405,8 @@ def check_manifest(manifest: object, where: Path) -> None:
     shape = manifest.get("token_shape")
     if not (isinstance(shape, list) and len(shape) == 2 and all(_whole(v, 1) for v in shape)):
         refuse(f"token_shape {shape!r}, expected [m, d] of whole numbers >= 1")
+    if not isinstance(manifest.get("fingerprint", {}), dict):
+        refuse(f"fingerprint must be an object, got {type(manifest['fingerprint']).__name__}")
     shards, failures = manifest.get("shards"), manifest.get("failures", {})
     if not isinstance(shards, list) or not all(isinstance(x, dict) for x in shards):
         refuse("shards must be a list of objects")
@@ -402,6 +428,8 @@ def check_manifest(manifest: object, where: Path) -> None:
             refuse(f"shard {file}: rows {shard.get('rows')!r} for {len(shard_ids)} ids")
         if not _whole(shard.get("bytes"), 0):
             refuse(f"shard {file}: bytes {shard.get('bytes')!r}")
+        if not isinstance(shard.get("data_sha256"), str):
+            refuse(f"shard {file}: data_sha256 {shard.get('data_sha256')!r}, expected a string")
         repeated = ids.intersection(shard_ids)
         if repeated or len(set(shard_ids)) != len(shard_ids):
             refuse(f"shard {file} repeats ids: {sorted(repeated)[:5] or 'within the shard'}")

@@ -9,8 +9,10 @@ writer takes over; a writer that closes removes it.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
+import stat
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -21,6 +23,16 @@ class StoreBusyError(BlockingIOError):
     """Another process is writing this store."""
 
 
+class StoreLockError(FileExistsError):
+    """The lock file's name is taken by something edje did not create: a link, a FIFO."""
+
+    def __init__(self, path: Path, what: str) -> None:
+        super().__init__(
+            f"TokenStore: {path} is {what}, not edje's write lock; edje does not write "
+            "through it: remove it, or write the store elsewhere."
+        )
+
+
 class StoreLock:
     """The write lock of the store at `path` (the folder is created if missing)."""
 
@@ -29,7 +41,7 @@ class StoreLock:
         self.path.mkdir(parents=True, exist_ok=True)
         self._file = self.path / LOCK_NAME
         while True:
-            fd = os.open(self._file, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = self._open()
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -44,6 +56,21 @@ class StoreLock:
         self._fd = fd
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
+
+    def _open(self) -> int:
+        """The lock file, never through a link or into a special file: a link planted at the
+        lock's name would have its target truncated and a PID written into it."""
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        try:
+            fd = os.open(self._file, flags, 0o644)
+        except OSError as error:
+            if error.errno != errno.ELOOP:
+                raise
+            raise StoreLockError(self._file, "a symbolic link") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise StoreLockError(self._file, "not a regular file")
+        return fd
 
     def _is_current(self, fd: int) -> bool:
         try:

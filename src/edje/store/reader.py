@@ -10,15 +10,19 @@ import os
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
+from edje._utils import open_regular
 from edje.store.fingerprint import RAW_ADAPTER, fingerprint_diff
 from edje.store.format import (
+    CHECKSUM_DTYPE,
     FORMAT,
-    FORMAT_VERSION,
     MANIFEST_NAME,
+    READABLE_VERSIONS,
+    ROW_CHECKSUMS,
     SCALE_DTYPE,
     STORE_DTYPES,
     StoreCorruptError,
@@ -26,10 +30,19 @@ from edje.store.format import (
     data_sha256,
     dequantize_int8,
     read_shard_header,
+    row_checksum,
 )
 from edje.store.writer import TokenStoreWriter
 
 __all__ = ["StoreCorruptError", "TokenStore", "TokenStoreWriter"]
+
+
+class MappedShard(NamedTuple):
+    """One shard's memory maps: tokens, int8 scales (or None), row CRC-32s (None: version 1)."""
+
+    tokens: np.ndarray
+    scales: np.ndarray | None
+    sums: np.ndarray | None
 
 
 class TokenStore:
@@ -61,7 +74,7 @@ class TokenStore:
         rows = [s["rows"] for s in self._shard_meta]
         self._starts = np.concatenate([[0], np.cumsum(rows, dtype=np.int64)])  # [S + 1]
         self._index: dict[str, int] | None = None
-        self._mapped: list[tuple[np.ndarray, np.ndarray | None] | None] = [None] * len(rows)
+        self._mapped: list[MappedShard | None] = [None] * len(rows)
         self._resident: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     # -- construction ------------------------------------------------------------------------
@@ -71,15 +84,23 @@ class TokenStore:
         path = Path(path)
         manifest_path = path / MANIFEST_NAME
         try:
-            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+            with open_regular(manifest_path) as file:  # a FIFO there would hang the read
+                manifest = json.loads(file.read().decode("utf-8"))
         except FileNotFoundError:
             raise FileNotFoundError(f"TokenStore: no {MANIFEST_NAME} in {path}") from None
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise StoreCorruptError(f"TokenStore: {manifest_path} is corrupt: {e}") from None
-        if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+        if not isinstance(manifest, dict):
             raise StoreCorruptError(
-                f"TokenStore: {manifest_path} is not a {FORMAT} v{FORMAT_VERSION} manifest "
-                f"(format={manifest.get('format')!r}, version={manifest.get('format_version')!r})"
+                f"TokenStore: {manifest_path} holds a JSON {type(manifest).__name__}, not a "
+                f"{FORMAT} manifest (an object)"
+            )
+        version = manifest.get("format_version")
+        if manifest.get("format") != FORMAT or version not in READABLE_VERSIONS:
+            raise StoreCorruptError(
+                f"TokenStore: {manifest_path} is not a {FORMAT} manifest this edje reads "
+                f"(versions {', '.join(map(str, READABLE_VERSIONS))}; "
+                f"format={manifest.get('format')!r}, version={version!r})"
             )
         check_manifest(manifest, manifest_path)
         store = cls(path, manifest)
@@ -205,7 +226,8 @@ class TokenStore:
         return (out.view(torch.bfloat16) if self.dtype == "bfloat16" else out).to(dtype)
 
     def _gather_numpy(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        # rows [B] -> tokens [B, m, d] (store numpy dtype), scales [B, m] or None
+        # rows [B] -> tokens [B, m, d] (store numpy dtype), scales [B, m] or None; each row
+        # checked against its shard's CRC-32 after the copy (what is returned is what was hashed)
         shard = np.searchsorted(self._starts, rows, side="right") - 1  # [B]
         local = rows - self._starts[shard]
         np_dtype = STORE_DTYPES[self.dtype][1]
@@ -214,7 +236,7 @@ class TokenStore:
             np.empty((len(rows), self.token_shape[0]), np.float32) if self.dtype == "int8" else None
         )
         for s in np.unique(shard):
-            tok, sc = self._map(int(s))
+            tok, sc, sums = self._map(int(s))
             pos = np.flatnonzero(shard == s)
             if len(pos) == len(rows):  # all from one shard: one vectorised copy
                 np.take(tok, local, axis=0, out=out)
@@ -228,9 +250,22 @@ class TokenStore:
                 out[pos] = tok[local[pos]]
                 if out_s is not None:
                     out_s[pos] = sc[local[pos]]
+            if sums is not None:
+                self._check_rows(int(s), local[pos], pos, sums, out, out_s)
         return out, out_s
 
-    def _map(self, s: int) -> tuple[np.ndarray, np.ndarray | None]:
+    def _check_rows(self, s, local, positions, sums, tokens, scales) -> None:
+        """Rows ``tokens[positions]`` (and ``scales``) against shard ``s``'s CRC-32s."""
+        for row, p in zip(local.tolist(), positions.tolist(), strict=True):
+            if row_checksum(tokens[p], None if scales is None else scales[p]) != int(sums[row]):
+                meta = self._shard_meta[s]
+                raise StoreCorruptError(
+                    f"shard {self.path / meta['file']} is corrupt: the tokens of "
+                    f"{meta['ids'][row]!r} (row {row}) do not match their checksum "
+                    "(`edje verify` checks the whole store)"
+                )
+
+    def _map(self, s: int) -> MappedShard:
         """Memory-map shard ``s`` (header parsed and checked on first access)."""
         mapped = self._mapped[s]
         if mapped is None:
@@ -249,9 +284,16 @@ class TokenStore:
                     f"shard {file} does not match {self.path / MANIFEST_NAME} (size, hash, ids "
                     "or fingerprint): it belongs to another store or was changed."
                 )
-            mapped = (self._memmap(file, header.tensors["tokens"], STORE_DTYPES[self.dtype]), None)
+            tokens = self._memmap(file, header.tensors["tokens"], STORE_DTYPES[self.dtype])
+            scales = None
             if self.dtype == "int8":
-                mapped = (mapped[0], self._memmap(file, header.tensors["scales"], SCALE_DTYPE))
+                scales = self._memmap(file, header.tensors["scales"], SCALE_DTYPE)
+            sums = None
+            if ROW_CHECKSUMS in header.tensors:
+                sums = self._memmap(file, header.tensors[ROW_CHECKSUMS], CHECKSUM_DTYPE)
+            elif data_sha256(file, header) != meta["data_sha256"]:  # a version 1 shard
+                raise StoreCorruptError(f"shard {file} is corrupt: its sha256 does not match")
+            mapped = MappedShard(tokens, scales, sums)
             self._mapped[s] = mapped
         return mapped
 
@@ -292,22 +334,34 @@ class TokenStore:
                 )
 
     def verify(self, progress: bool = False) -> None:
-        """Read every shard whole: its data's sha256 against the manifest and its header against
-        its manifest entry; raise `StoreCorruptError` naming the first bad file. (The writer
-        refuses non-finite tokens, and the hashes cover every byte.) `progress` shows a bar
-        over the shards."""
+        """Read every shard whole: its data's sha256 against the manifest, its header against
+        its manifest entry, every row against its checksum and every token finite (the writer
+        refuses NaN and inf, but a store with consistent hashes can still hold them); raise
+        `StoreCorruptError` naming the first bad file. `progress` shows a bar over the shards."""
         from edje._utils import progress as progress_bar
 
         self.check_files()
         bar = progress_bar(len(self._shard_meta), progress, desc="verify", unit="shard")
-        for meta in self._shard_meta:
+        for shard_number, meta in enumerate(self._shard_meta):
             bar.update()
             file = self.path / meta["file"]
             header = read_shard_header(file)
             if data_sha256(file, header) != meta["data_sha256"]:
                 raise StoreCorruptError(f"shard {file} is corrupt: its sha256 does not match")
-            self.gather(meta["ids"][:1])  # the header's ids and fingerprint against the manifest
+            self._check_finite(shard_number)
         bar.close()
+
+    def _check_finite(self, s: int, chunk: int = 256) -> None:
+        """Every row of shard ``s`` read (checksums, header against the manifest) and finite."""
+        meta, start = self._shard_meta[s], int(self._starts[s])
+        for first in range(0, meta["rows"], chunk):
+            rows = np.arange(start + first, start + min(first + chunk, meta["rows"]))
+            finite = torch.isfinite(self.gather_rows(rows, torch.float32)).flatten(1).all(1)
+            if not bool(finite.all()):
+                bad = meta["ids"][first + int((~finite).nonzero()[0])]
+                raise StoreCorruptError(
+                    f"shard {self.path / meta['file']} holds NaN or inf tokens (image {bad!r})"
+                )
 
     def check_fingerprint(self, expected: Mapping, *, force: bool = False) -> None:
         """Raise ValueError if this store was not made the way ``expected`` says.

@@ -10,8 +10,10 @@ import numpy as np
 import torch
 
 from edje.store.format import (
+    CHECKSUM_DTYPE,
     FORMAT,
     MANIFEST_NAME,
+    ROW_CHECKSUMS,
     SCALE_DTYPE,
     SHARD_DIR,
     SHARD_SUFFIX,
@@ -25,6 +27,7 @@ from edje.store.format import (
     refuse_foreign_files,
     remove_store,
     remove_temporaries,
+    row_checksums,
     write_json_atomic,
     write_shard,
 )
@@ -160,12 +163,9 @@ class TokenStoreWriter:
                 f"TokenStore: tokens must have shape {list(expected)} ([len(ids), m, d]), "
                 f"got {list(tokens.shape)}"
             )
-        if ids and not bool(torch.isfinite(tokens).all()):
-            finite = torch.isfinite(tokens).flatten(1).all(1).tolist()
-            bad = [i for i, ok in zip(ids, finite, strict=True) if not ok]
-            raise ValueError(f"TokenStore: tokens of {bad[:5]} hold NaN or inf")
+        _refuse_non_finite(ids, tokens, "")
         if ids:
-            self._rows.append(self._encode_rows(tokens))
+            self._rows.append(self._encode_rows(ids, tokens))
         self._ids.extend(ids)
         self._failures.update({str(k): str(v) for k, v in failures.items()})
         self._pending.update(ids)
@@ -192,14 +192,19 @@ class TokenStoreWriter:
                 f"TokenStore: duplicate ids refused (nothing written): {sorted(dup)[:5]}"
             )
 
-    def _encode_rows(self, tokens: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+    def _encode_rows(
+        self, ids: list[str], tokens: torch.Tensor
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         x = tokens.detach().cpu()
         if self.dtype == "int8":
             q, scales = quantize_int8(x)
             return q.numpy(), scales.numpy()
+        stored = x.to(torch.bfloat16 if self.dtype == "bfloat16" else torch.float16)
+        # Finite in float32 yet past the store dtype's range (float16 stops at 65,504): inf.
+        _refuse_non_finite(ids, stored, f"once stored as {self.dtype}")
         if self.dtype == "bfloat16":
-            return x.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16), None
-        return x.to(torch.float16).numpy(), None
+            return stored.view(torch.int16).numpy().view(np.uint16), None
+        return stored.numpy(), None
 
     def flush(self) -> Path | None:
         """Write the buffered rows and failures as one shard; return its path (None if empty)."""
@@ -210,13 +215,17 @@ class TokenStoreWriter:
         tag, np_dtype = STORE_DTYPES[self.dtype]
         rows = len(self._ids)
         tokens = np.concatenate([t for t, _ in self._rows]) if self._rows else np.empty(0, np_dtype)
-        tensors = {}
-        if self.dtype == "int8":  # f32 scales first, so both tensors stay aligned
+        tokens = np.ascontiguousarray(tokens).reshape(rows, m, d)
+        scales = None
+        if self.dtype == "int8":
             scales = np.concatenate([s for _, s in self._rows]) if self._rows else np.empty(0)
-            scales = np.ascontiguousarray(scales, dtype=SCALE_DTYPE[1])
-            tensors["scales"] = (SCALE_DTYPE[0], (rows, m), memoryview(scales).cast("B"))
-        tokens = np.ascontiguousarray(tokens)
-        tensors["tokens"] = (tag, (rows, m, d), memoryview(tokens).cast("B"))
+            scales = np.ascontiguousarray(scales, dtype=SCALE_DTYPE[1]).reshape(rows, m)
+        # 4-byte checksums and scales before the tokens: every tensor stays aligned.
+        checksums = row_checksums(tokens, scales)
+        tensors = {ROW_CHECKSUMS: (CHECKSUM_DTYPE[0], (rows,), _raw(checksums))}
+        if scales is not None:
+            tensors["scales"] = (SCALE_DTYPE[0], (rows, m), _raw(scales))
+        tensors["tokens"] = (tag, (rows, m, d), _raw(tokens))
         metadata = {
             "format": FORMAT,
             "dtype": self.dtype,
@@ -266,6 +275,17 @@ class TokenStoreWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _raw(array: np.ndarray) -> memoryview:
+    return memoryview(array.reshape(-1)).cast("B")  # flat: an empty [0, m, d] casts too
+
+
+def _refuse_non_finite(ids: list[str], tokens: torch.Tensor, when: str) -> None:
+    if ids and not bool(torch.isfinite(tokens).all()):
+        finite = torch.isfinite(tokens).flatten(1).all(1).tolist()
+        bad = [i for i, ok in zip(ids, finite, strict=True) if not ok]
+        raise ValueError(f"TokenStore: tokens of {bad[:5]} hold NaN or inf {when}".rstrip())
 
 
 def finalize(

@@ -11,11 +11,13 @@ node when they divide evenly, else every n-th sample; DataLoader workers split a
 shards), shuffled by a buffer with a fixed seed per epoch, and every process yields the same
 number of batches, `samples_per_epoch // (world_size * batch_size)`, so no process waits at the
 end of an epoch. The order is deterministic, so a run resumed from a mid-epoch checkpoint skips
-the batches the checkpoint had trained on and sees exactly the rest of the epoch.
+the batches the checkpoint had trained on and sees exactly the rest of the epoch. A sample
+whose image does not decode is left out of its batch, logged and kept in `skipped`.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -25,6 +27,8 @@ from lightning.pytorch import LightningDataModule
 from edje.backbones import OFFLINE_TEXT, OFFLINE_VISION, resolve_backbone
 from edje.data.shards import ShardImages, expand_shards, stream_dataset, stream_shards
 from edje.training.datamodule import agreeing, stable_key
+
+logger = logging.getLogger(__name__)
 
 
 class ShardDataModule(LightningDataModule):
@@ -90,6 +94,7 @@ class ShardDataModule(LightningDataModule):
         self.samples_per_epoch, self.shuffle_buffer = samples_per_epoch, shuffle_buffer
         self.first_stage = first_stage
         self._resume: dict[str, int] = {}  # {"epoch", "batches"} from a checkpoint
+        self.skipped: dict[str, str] = {}  # key -> why its image was left out of its batch
 
     def setup(self, stage: str | None = None) -> None:
         from transformers import AutoTokenizer
@@ -155,9 +160,24 @@ class ShardDataModule(LightningDataModule):
 
     # -- one sample, one batch -------------------------------------------------------------
 
-    def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+    def collate(self, rows: list[dict]) -> dict[str, Any]:
+        """A batch of the rows whose image decodes; the others are in `skipped`, `(key,
+        reason)` each (one bad image in a shard must not end a run, nor stop its resume)."""
+        from edje._utils import load_rgb
         from edje.image_tokens import pixel_inputs
 
+        decoded, skipped = [], []
+        for row in rows:
+            try:
+                decoded.append((row, load_rgb(row["image"]["bytes"])))
+            except ValueError as error:
+                skipped.append((row["__key__"], str(error)))
+        if not decoded:
+            raise ValueError(
+                f"ShardDataModule: no image of a batch of {len(rows)} decodes "
+                f"(e.g. {skipped[0][0]!r}: {skipped[0][1]}); are these image shards?"
+            )
+        rows = [row for row, _ in decoded]
         captions = [row["caption"] for row in rows]
         encoded = self.tokenizer(
             captions,
@@ -167,8 +187,9 @@ class ShardDataModule(LightningDataModule):
             return_tensors="pt",
         )
         keys = torch.tensor([stable_key(row["__key__"]) for row in rows])
-        pixels = pixel_inputs(self.image_processor, [row["image"]["bytes"] for row in rows])
+        pixels = pixel_inputs(self.image_processor, [image for _, image in decoded])
         batch = {
+            "skipped": skipped,
             "caption_ids": encoded["input_ids"],
             "caption_mask": encoded["attention_mask"],
             "pixel_values": pixels["pixel_values"],
@@ -213,5 +234,11 @@ class _Epoch:
         for number, batch in enumerate(loader):
             if number >= len(self):
                 return
+            for key, reason in batch.pop("skipped"):
+                data.skipped[key] = reason
+                logger.warning(
+                    "ShardDataModule: skipped sample %r (%d so far): %s",
+                    key, len(data.skipped), reason,
+                )  # fmt: skip
             if number >= skip:
                 yield batch
