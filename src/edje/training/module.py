@@ -99,6 +99,14 @@ class EDJETrainingModule(LightningModule):
             "max_caption_length": config.max_caption_length,
         }
 
+    def on_fit_start(self) -> None:
+        # `from_pretrained` returns a model in eval mode and Lightning keeps each module's mode:
+        # without this a fine-tune from a saved model would run with dropout off. Teachers
+        # stay frozen in eval mode.
+        self.network.train()
+        if self.teacher is not None:
+            self.teacher.eval()
+
     def setup(self, stage: str) -> None:
         datamodule = getattr(self._trainer, "datamodule", None)
         if self.teacher is not None and datamodule is not None:
