@@ -200,6 +200,9 @@ def test_converted_folder_records_the_authors_model(converted):
     assert (config["adapter_hidden_act"], config["adapter_layer_norm_eps"]) == ("gelu", 1e-6)
     assert config["max_caption_length"] == 63  # 64 + m for the pair, only the caption cut
     assert config["image_token_id"] == 30522
+    # The authors clean every caption (their pre_caption): recorded for every door to apply.
+    assert config["normalize_captions"] is True
+    assert EDJEProcessor.from_pretrained(converted).normalize_captions is True
     card = (converted / "README.md").read_text()
     assert "checkpoint_03.pth" in card and "License:" in card
     assert "`language_model.cls.*`" in card and "`text_projection.*`" in card

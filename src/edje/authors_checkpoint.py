@@ -286,7 +286,8 @@ def authors_config(
     comes from the frozen SigLIP's position embeddings when the file has them, else
     `vision_num_tokens` (default 576: 384 px in patches of 16). The activation and
     eps follow the authors' code: the adapter's MLP uses the text encoder's `hidden_act` (BERT's
-    exact "gelu"), its LayerNorm the vision encoder's eps (SigLIP: 1e-6).
+    exact "gelu"), its LayerNorm the vision encoder's eps (SigLIP: 1e-6). Captions are cleaned
+    as theirs were (`normalize_captions`).
     """
     s = checkpoint.state
     words = s["joint_encoder.embeddings.word_embeddings.weight"]
@@ -317,6 +318,7 @@ def authors_config(
         adapter_layer_norm_eps=SIGLIP_LAYER_NORM_EPS,
         image_token_id=words.shape[0] - 1,  # `<image>` is the one token appended
         max_caption_length=AUTHORS_MAX_CAPTION_LENGTH,
+        normalize_captions=True,  # the authors clean every caption (their `pre_caption`)
         base_text_encoder=AUTHORS_TEXT,
     )
     return EDJEConfig(**{**values, **config_kwargs})
@@ -417,6 +419,7 @@ def _processor(config: EDJEConfig, tokenizer: str | Path, image_processor: str |
         tokenizer=AutoTokenizer.from_pretrained(str(tokenizer)),
         num_image_tokens=config.num_image_tokens,
         max_caption_length=config.max_caption_length,
+        normalize_captions=config.normalize_captions,
     )
     vocab = config.text_config.vocab_size
     if processor.image_token_id != config.image_token_id or len(processor.tokenizer) != vocab:

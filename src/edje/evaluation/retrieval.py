@@ -130,6 +130,8 @@ def evaluate(
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     timer, start = _Timer({}), time.perf_counter()
     texts, text_to_image, image_ids = _captions_and_ids(dataset)
+    if model is not None:  # both stages read the captions as the model was trained on them
+        texts = model.config.prepare_captions(texts)
     curve_ks = list(range(1, max([*depths, *ks]) + 1))
 
     t = time.perf_counter()

@@ -14,6 +14,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
 from edje.backbones import OFFLINE_TEXT, OFFLINE_VISION, load_vision_encoder, resolve_backbone
+from edje.configuration_edje import clean_caption
 from edje.data import flatten_captions, load_data
 from edje.training.sampling import NeighbourhoodSampler
 
@@ -42,14 +43,16 @@ class EDJEDataModule(LightningDataModule):
             text-embedding targets.
         vision, vision_image_size: the vision encoder the store is built with (the network's).
         text: the tokenizer's backbone (the network's text encoder).
-        backbones: the network's `vision`, `vision_image_size`, `text` and
-            `max_caption_length` (`EDJETrainingModule.backbones`; `edje fit` links it), so a
-            recipe names them once and training tokenizes as the saved model will. A value
-            given here as well must agree with it.
+        backbones: the network's `vision`, `vision_image_size`, `text`, `max_caption_length`
+            and `normalize_captions` (`EDJETrainingModule.backbones`; `edje fit` links it), so
+            a recipe names them once and training reads captions as the saved model will. A
+            value given here as well must agree with it.
         builtin: sizes of the built-in set when `data` is "builtin" (e.g. a reduced one for
             tests: `{"n_train_triplets": 20, "n_test_triplets": 4}`).
         max_caption_length: caption tokens kept, `[CLS]` and `[SEP]` included (default: the
             network's, else 64).
+        normalize_captions: clean captions with the authors' rule before the first stage and
+            the tokenizer read them (`edje.clean_caption`; default: the network's, else off).
         neighbourhood_size: train batches are built of groups of this many captions, a random
             one and captions of the images the first stage ranks closest to it
             (`NeighbourhoodSampler`), so mined negatives include the first stage's confusions;
@@ -68,6 +71,7 @@ class EDJEDataModule(LightningDataModule):
         batch_size: int = 64,
         eval_batch_size: int | None = None,
         max_caption_length: int | None = None,
+        normalize_captions: bool | None = None,
         num_workers: int = 0,
         encode_batch_size: int = 64,
         seed: int = 0,
@@ -90,11 +94,13 @@ class EDJEDataModule(LightningDataModule):
             vision_image_size=vision_image_size,
             text=text,
             max_caption_length=max_caption_length,
+            normalize_captions=normalize_captions,
         )
         self.vision = linked.get("vision") or OFFLINE_VISION
         self.vision_image_size = linked.get("vision_image_size")
         self.text = linked.get("text") or OFFLINE_TEXT
         self.max_caption_length = linked.get("max_caption_length") or 64
+        self.normalize_captions = bool(linked.get("normalize_captions"))
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
@@ -136,7 +142,7 @@ class EDJEDataModule(LightningDataModule):
         from edje.store import TokenStore
 
         store = TokenStore.open(self.store_path)
-        texts, text_to_image = flatten_captions(train)
+        texts, text_to_image = self.captions_of(train)
         ids = list(train["image_id"])
         keep = torch.tensor([ids[i] not in store.failures for i in text_to_image.tolist()])
         usable = [i for i in ids if i not in store.failures]
@@ -169,7 +175,18 @@ class EDJEDataModule(LightningDataModule):
             self.first_stage = load_embedding_model(self.first_stage)
         self.tokenizer = AutoTokenizer.from_pretrained(resolve_backbone(self.text))
         for name, split in self.splits.items():
-            self.pairs[name] = PairTable.build(split, self.store, self.first_stage, name)
+            texts, text_to_image = self.captions_of(split)
+            self.pairs[name] = PairTable.build(
+                split, texts, text_to_image, self.store, self.first_stage, name
+            )
+
+    def captions_of(self, split: Dataset) -> tuple[list[str], torch.Tensor]:
+        """A split's captions as the network reads them (cleaned when `normalize_captions`),
+        with the image row of each."""
+        texts, text_to_image = flatten_captions(split)
+        if self.normalize_captions:
+            texts = [clean_caption(t) for t in texts]
+        return texts, text_to_image
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True, batch_size=self.batch_size)
@@ -280,8 +297,9 @@ class PairTable:
         return self.split[self.image_rows[key]]["image"]
 
     @classmethod
-    def build(cls, split: Dataset, store, first_stage, name: str) -> PairTable:
-        texts, text_to_image = flatten_captions(split)
+    def build(
+        cls, split: Dataset, texts: list[str], text_to_image, store, first_stage, name: str
+    ) -> PairTable:
         ids = split["image_id"]
         failed = [i for i in ids if i in store.failures]
         if failed:
