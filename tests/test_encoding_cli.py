@@ -119,3 +119,22 @@ def test_a_batch_size_below_one_is_refused_before_anything_is_made(
         encode_images(folder, tmp_path / "s", vision_encoder=tiny_vision_encoder,
                       image_processor=tiny_image_processor, batch_size=0)  # fmt: skip
     assert not (tmp_path / "s").exists()
+
+
+def test_encode_reads_flickr30k_from_a_local_copy_of_one_split(
+    tmp_path, tiny_model, tiny_processor
+):
+    """`edje encode --data flickr30k DIR --split test`: the test parquet alone, ids as eval's."""
+    import datasets
+
+    from test_data_karpathy import FLICKR_FEATURES, flickr_rows, write_parquet
+
+    root = tmp_path / "flickr30k"
+    write_parquet(root / "data" / "test-00000-of-00001.parquet", flickr_rows("test", 20, 2),
+                  datasets.Features(FLICKR_FEATURES))  # fmt: skip
+    tiny_model.save_pretrained(tmp_path / "model", save_vision_encoder=True)
+    tiny_processor.save_pretrained(tmp_path / "model")
+    code = main(_args("--model", tmp_path / "model", "--data", "flickr30k", root,
+                      "--split", "test", "--out", tmp_path / "store"))  # fmt: skip
+    assert code == 0
+    assert TokenStore.open(tmp_path / "store").ids == ["1000020", "1000021"]

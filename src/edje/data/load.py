@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 from datasets import DatasetDict, concatenate_datasets
@@ -53,10 +54,22 @@ def load_data(
     data_dir: str | None = None,
     seed: int = 0,
     builtin: dict[str, int] | None = None,
+    splits: Sequence[str] | None = None,
 ) -> DatasetDict:
     """The splits of a named data set or a folder (see the module docstring); a `DatasetDict`
     in edje's schema is returned as it is. `data_dir` is where Flickr30k / COCO files are;
-    `builtin` sizes the built-in set (`make_builtin_dataset`'s `n_*` arguments)."""
+    `builtin` sizes the built-in set (`make_builtin_dataset`'s `n_*` arguments). `splits`
+    keeps only those splits: Flickr30k and COCO then read (or download) no other split's files.
+    """
+    if splits is None:
+        return _load_all(name, data_dir=data_dir, seed=seed, builtin=builtin)
+    if name in ("flickr30k", "coco"):
+        return _karpathy(name, data_dir, splits)
+    loaded = _load_all(name, data_dir=data_dir, seed=seed, builtin=builtin)
+    return DatasetDict({s: loaded[s] for s in splits if s in loaded})
+
+
+def _load_all(name, *, data_dir, seed, builtin) -> DatasetDict:
     from edje import data as edje_data
 
     if isinstance(name, DatasetDict):
@@ -68,8 +81,7 @@ def load_data(
     if name == "emoji":
         return edje_data.load_emoji()
     if name in ("flickr30k", "coco"):
-        load = edje_data.load_flickr30k if name == "flickr30k" else edje_data.load_coco_karpathy
-        return DatasetDict({split: load(split, data_dir=data_dir) for split in SPLITS})
+        return _karpathy(name, data_dir, SPLITS)
     folder = Path(name)
     if not folder.is_dir():
         raise ValueError(
@@ -77,6 +89,13 @@ def load_data(
             f"got {str(name)!r}"
         )
     return _with_validation(_folder_splits(folder))
+
+
+def _karpathy(name: str, data_dir: str | None, splits: Sequence[str]) -> DatasetDict:
+    from edje import data as edje_data
+
+    load = edje_data.load_flickr30k if name == "flickr30k" else edje_data.load_coco_karpathy
+    return DatasetDict({split: load(split, data_dir=data_dir) for split in splits})
 
 
 def _combined(names: list[str], **options) -> DatasetDict:
