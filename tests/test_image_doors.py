@@ -91,7 +91,7 @@ def test_a_transparent_png_scores_the_same_through_every_door(model, tiny_proces
         progress=False,
     )
     stored = EDJEReranker(model, store=store_path, processor=tiny_processor, device="cpu")
-    by_id = stored.predict([(CAPTION, "disc.png")], activation_fn=identity)
+    by_id = stored.predict([(CAPTION, "disc")], activation_fn=identity)
     assert by_id[0] == pytest.approx(reference, abs=1e-2)  # float16 storage
 
     dataset = make_dataset([picture, Image.new("RGB", (28, 28))], ["disc", "black"],

@@ -8,7 +8,7 @@ import sys
 from edje.commands import count, existing_folder, folder_or_id, output_folder
 
 EXAMPLE = """examples:
-  # raw DINOv2 tokens of every image under photos/ (ids: paths relative to photos/)
+  # raw DINOv2 tokens of every image under photos/ (ids: paths under photos/ without suffix)
   edje encode --vision facebook/dinov2-small --images photos/ --out photos.raw
   # the 64 compressed tokens a trained EDJE keeps, fp16, on 4 GPUs
   edje encode --model my-edje --images photos/ --out photos.store --devices 4
