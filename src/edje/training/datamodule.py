@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +37,14 @@ class EDJEDataModule(LightningDataModule):
     Args:
         data: a data set name or folder, or a `DatasetDict`: what `edje.data.load_data` takes.
         store: folder of the raw token store.
-        first_stage: an `EmbeddingModel` or the folder/Hub id of one; it must embed raw vision
-            tokens (`encode_vision_tokens`), as the offline linear probe does. A folder that
-            does not exist yet gets a `LinearProbeEmbedding` fitted on the train split (seconds,
-            on cached features). `None`: no mining signal (random negatives only) and no
-            text-embedding targets.
+        first_stage: an `EmbeddingModel` or the folder/Hub id of one (a saved linear probe, a
+            CLIP or SigLIP model of the network's vision encoder); it must embed raw vision
+            tokens (`encode_vision_tokens`). `None`: no mining signal (random negatives only)
+            and no text-embedding targets.
+        fit_first_stage: fit a `LinearProbeEmbedding` on the train split (seconds, on cached
+            features) into the folder `first_stage` names, when it does not exist yet. Only
+            for vision encoders with a [CLS] token (DINOv2, CLIP); a folder name that is a
+            model on the Hub (or in its cache) is refused, so a probe never shadows it.
         vision, vision_image_size: the vision encoder the store is built with (the network's).
         text: the tokenizer's backbone (the network's text encoder).
         backbones: the network's `vision`, `vision_image_size`, `text`, `max_caption_length`
@@ -65,6 +69,7 @@ class EDJEDataModule(LightningDataModule):
         data: str | DatasetDict = "builtin",
         store: str = "outputs/raw.store",
         first_stage=None,
+        fit_first_stage: bool = False,
         vision: str | None = None,
         vision_image_size: int | None = None,
         text: str | None = None,
@@ -86,8 +91,13 @@ class EDJEDataModule(LightningDataModule):
                 "EDJEDataModule: neighbourhood_size > 1 groups captions by the first stage's "
                 "similarities; give a first_stage."
             )
+        if fit_first_stage and not isinstance(first_stage, str | Path):
+            raise ValueError(
+                "EDJEDataModule: fit_first_stage=True fits a probe into the folder first_stage "
+                f"names; got first_stage={first_stage!r}."
+            )
         self.data, self.store_path = data, Path(store)
-        self.first_stage = first_stage
+        self.first_stage, self.fit_first_stage = first_stage, fit_first_stage
         linked = agreeing(
             backbones or {},
             vision=vision,
@@ -133,7 +143,7 @@ class EDJEDataModule(LightningDataModule):
             devices=1,
         )
         logger.info(result.summary())
-        if isinstance(self.first_stage, str | Path) and not Path(self.first_stage).exists():
+        if self.fit_first_stage and not Path(self.first_stage).exists():
             self._fit_first_stage(splits["train"])
 
     def _fit_first_stage(self, train: Dataset) -> None:
@@ -141,6 +151,7 @@ class EDJEDataModule(LightningDataModule):
         from edje.first_stage import LinearProbeEmbedding
         from edje.store import TokenStore
 
+        refuse_probe_folder(str(self.first_stage), self.vision)
         store = TokenStore.open(self.store_path)
         texts, text_to_image = self.captions_of(train)
         ids = list(train["image_id"])
@@ -263,6 +274,38 @@ class EDJEDataModule(LightningDataModule):
             "text_embedding": pairs.text_embeddings[index],
             "image_embedding": pairs.image_embeddings[index],
         }
+
+
+def refuse_probe_folder(folder: str, vision: str) -> None:
+    """A probe reads the vision encoder's [CLS] token and must not shadow a Hub model."""
+    from transformers import AutoConfig
+
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", folder) and _names_a_hub_model(folder):
+        raise ValueError(
+            f"EDJEDataModule: first_stage {folder!r} is a model on the Hub; set fit_first_stage "
+            "to false to use it as the first stage, or name another folder for the probe."
+        )
+    model_type = AutoConfig.from_pretrained(resolve_backbone(vision)).model_type
+    if model_type.startswith("siglip"):
+        raise ValueError(
+            f"EDJEDataModule: the linear probe reads the vision encoder's [CLS] token, and "
+            f"{vision} ({model_type}) has none; give a CLIP / SigLIP id or folder as "
+            "first_stage (e.g. the vision encoder's own model) with fit_first_stage false."
+        )
+
+
+def _names_a_hub_model(repo_id: str) -> bool:
+    """Whether `repo_id` is a model in the Hub cache, or (online) on the Hub."""
+    from huggingface_hub import constants, repo_exists, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+        return True
+    if constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        return repo_exists(repo_id)
+    except OSError:  # unreachable: nothing to shadow that this run could load
+        return False
 
 
 def agreeing(linked: dict[str, Any], **given: Any) -> dict[str, Any]:
