@@ -42,7 +42,7 @@ from edje.authors_facts import (
     MINILM_L12_HEADS,
     SIGLIP_LAYER_NORM_EPS,
 )
-from edje.authors_vision import VisionMismatchError, vision_facts
+from edje.authors_vision import VisionMismatchError, config_of, vision_facts
 from edje.configuration_edje import EDJEConfig
 from edje.model_card import render_model_card
 
@@ -290,18 +290,19 @@ def authors_config(
     vision_encoder: str | None = None,
     image_size: int | None = None,
     vision_num_heads: int | None = None,
-    text_num_heads: int = MINILM_L12_HEADS,
+    text_num_heads: int | None = None,
     **config_kwargs: Any,
 ) -> EDJEConfig:
     """The `EDJEConfig` of the authors' model, its shapes read from the weights.
 
     The vision encoder, its image size and heads come from the file where it tells them (the
     adapter's width, the frozen SigLIP's positions), else from the options and the named
-    encoder's `config.json` (`edje.authors_vision`; refused when they disagree). MiniLM-L12-H384
-    has 12 heads, which no shape gives. The activation and eps follow the authors' code: the
-    adapter's MLP uses the text encoder's `hidden_act` (BERT's exact "gelu"), its LayerNorm the
-    vision encoder's eps (SigLIP: 1e-6). Captions are cleaned as theirs were
-    (`normalize_captions`).
+    encoder's `config.json` (`edje.authors_vision`; refused when they disagree). The joint
+    encoder's heads, which no shape gives, are `text_num_heads`, else the authors' text
+    encoder's config's (MiniLM-L12-H384: 12) where it can be read and has the same width. The
+    activation and eps follow the authors' code: the adapter's MLP uses the text encoder's
+    `hidden_act` (BERT's exact "gelu"), its LayerNorm the vision encoder's eps (SigLIP: 1e-6).
+    Captions are cleaned as theirs were (`normalize_captions`).
     """
     s = checkpoint.state
     absent = [key for key in REQUIRED if key not in s]
@@ -316,7 +317,7 @@ def authors_config(
         vocab_size=words.shape[0],
         hidden_size=words.shape[1],
         num_hidden_layers=len(layers),
-        num_attention_heads=text_num_heads,
+        num_attention_heads=text_num_heads or _text_heads(words.shape[1]),
         intermediate_size=s["joint_encoder.encoder.layer.0.intermediate.dense.weight"].shape[0],
         max_position_embeddings=s["joint_encoder.embeddings.position_embeddings.weight"].shape[0],
         type_vocab_size=s["joint_encoder.embeddings.token_type_embeddings.weight"].shape[0],
@@ -350,6 +351,13 @@ def authors_config(
         base_text_encoder=AUTHORS_TEXT,
     )
     return EDJEConfig(**{**values, **config_kwargs})
+
+
+def _text_heads(width: int) -> int:
+    config = config_of(AUTHORS_TEXT)
+    if config is not None and getattr(config, "hidden_size", None) == width:
+        return config.num_attention_heads
+    return MINILM_L12_HEADS
 
 
 def load_authors_checkpoint(

@@ -110,14 +110,20 @@ def _agree(what: str, sources: dict[str, Any]) -> Any:
     return next(iter(given.values()), None)
 
 
-def _vision_config(name: str):
-    """The vision tower's config (`SiglipVisionConfig`), or None where it cannot be read."""
+def config_of(name: str):
+    """The `config.json` of a model by Hub id or folder, or None where it cannot be read
+    (offline without it in the cache, or not a model)."""
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(name)
-    except (OSError, ValueError):  # offline without it in the cache, or not a model
+        return AutoConfig.from_pretrained(name)
+    except (OSError, ValueError):
         return None
+
+
+def _vision_config(name: str):
+    """The vision tower's config (`SiglipVisionConfig`), or None where it cannot be read."""
+    config = config_of(name)
     return getattr(config, "vision_config", config)
 
 

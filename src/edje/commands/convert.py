@@ -59,8 +59,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--text-heads",
         type=count,
-        default=MINILM_L12_HEADS,
-        help=f"joint encoder attention heads (default: {MINILM_L12_HEADS}, MiniLM-L12-H384)",
+        default=None,
+        help="joint encoder attention heads (default: the text encoder's config's, else "
+        f"{MINILM_L12_HEADS}, MiniLM-L12-H384)",
     )
     parser.add_argument(
         "--vision-heads",
