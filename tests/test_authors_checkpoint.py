@@ -200,6 +200,9 @@ def test_converted_folder_records_the_authors_model(converted):
     assert (config["adapter_hidden_act"], config["adapter_layer_norm_eps"]) == ("gelu", 1e-6)
     assert config["max_caption_length"] == 63  # 64 + m for the pair, only the caption cut
     assert config["image_token_id"] == 30522
+    # The authors clean every caption (their pre_caption): recorded for every door to apply.
+    assert config["normalize_captions"] is True
+    assert EDJEProcessor.from_pretrained(converted).normalize_captions is True
     card = (converted / "README.md").read_text()
     assert "checkpoint_03.pth" in card and "License:" in card
     assert "`language_model.cls.*`" in card and "`text_projection.*`" in card
@@ -241,6 +244,75 @@ def test_safetensors_folder_without_tied_copies_converts_to_the_same_weights(
     assert ours.state_dict().keys() == theirs.state_dict().keys()
     for key, value in theirs.state_dict().items():
         assert torch.equal(ours.state_dict()[key], value), key
+
+
+def test_a_file_keeping_only_the_tied_decoder_name_converts_to_the_same_weights(
+    tiny_layout, converted, image_processor_dir, tmp_path
+):
+    """BertForMaskedLM's decoder is tied to the word embeddings: a file may keep only it."""
+    state = {k: v.clone() for k, v in tiny_layout.state_dict().items()}
+    del state["language_model.bert.embeddings.word_embeddings.weight"]
+    del state["text_embeddings.weight"]
+    save_file(state, tmp_path / "decoder-only.safetensors")
+    out = convert(tmp_path / "decoder-only.safetensors", tmp_path / "edje", image_processor_dir,
+                  vision_num_heads=2, text_num_heads=2)  # fmt: skip
+    ours, theirs = EDJEModel.from_pretrained(out), EDJEModel.from_pretrained(converted)
+    for key, value in theirs.state_dict().items():
+        assert torch.equal(ours.state_dict()[key], value), key
+    del state["language_model.cls.predictions.decoder.weight"]  # no name of them left
+    save_file(state, tmp_path / "no-words.safetensors")
+    with pytest.raises(AuthorsCheckpointError, match=r"lacks \['joint_encoder\.embeddings\.word"):
+        convert(tmp_path / "no-words.safetensors", tmp_path / "x", image_processor_dir,
+                vision_num_heads=2, text_num_heads=2)  # fmt: skip
+    assert not (tmp_path / "x").exists()
+
+
+def test_the_vision_encoder_comes_from_the_file_and_options_and_disagreement_is_refused(
+    tiny_layout, image_processor_dir, tmp_path
+):
+    source = save_authors_pth(tiny_layout, tmp_path / "checkpoint.pth")  # 2 x 2 SigLIP patches
+    options = dict(vision_num_heads=2, text_num_heads=2)
+    with pytest.raises(AuthorsCheckpointError, match=r"frozen SigLIP positions: 32, --image-size"
+                       r": 48\); nothing was written"):  # fmt: skip
+        convert(source, tmp_path / "a", image_processor_dir, image_size=48, **options)
+    # A vision encoder named by folder: its config.json gives heads and size, and is checked.
+    vision = tmp_path / "tiny-siglip"
+    SiglipVisionConfig(**TINY_SIGLIP).save_pretrained(vision)
+    out = convert(source, tmp_path / "b", image_processor_dir, vision_encoder=str(vision),
+                  text_num_heads=2)  # fmt: skip
+    config = json.loads((out / "config.json").read_text())
+    assert (config["vision_encoder_name"], config["vision_image_size"]) == (str(vision), 32)
+    assert (config["vision_num_heads"], config["vision_num_tokens"]) == (2, 4)
+    with pytest.raises(AuthorsCheckpointError, match=r"heads disagree \(--vision-heads: 4, "):
+        convert(source, tmp_path / "c", image_processor_dir, vision_encoder=str(vision),
+                vision_num_heads=4, text_num_heads=2)  # fmt: skip
+    wide = tmp_path / "wide-siglip"
+    SiglipVisionConfig(**{**TINY_SIGLIP, "hidden_size": 64}).save_pretrained(wide)
+    with pytest.raises(AuthorsCheckpointError, match=r"32-wide vision tokens, but .* is 64 wide"):
+        convert(source, tmp_path / "d", image_processor_dir, vision_encoder=str(wide), **options)
+    big = tmp_path / "siglip-64"
+    SiglipImageProcessor(size={"height": 64, "width": 64}).save_pretrained(big)
+    with pytest.raises(AuthorsCheckpointError, match=r"resizes to 64 px but .* runs at 32 px"):
+        convert(source, tmp_path / "e", big, **options)
+    assert not any((tmp_path / name).exists() for name in "acde")
+
+
+@pytest.mark.parametrize(
+    ("width", "tokens", "image_size", "expected"),
+    [
+        (1024, None, None, ("google/siglip2-large-patch16-384", 384, 576, 16)),  # the release
+        (1024, 256, None, ("google/siglip2-large-patch16-256", 256, 256, 16)),
+        (768, 196, None, ("google/siglip2-base-patch16-224", 224, 196, 12)),
+        (768, None, 224, ("google/siglip2-base-patch16-224", 224, 196, 12)),
+    ],
+)
+def test_siglip2_sizes_the_authors_code_runs_are_named_from_the_file(
+    width, tokens, image_size, expected
+):
+    from edje.authors_vision import vision_facts
+
+    facts = vision_facts(width, tokens, image_size=image_size, load_config=False)
+    assert (facts.name, facts.image_size, facts.num_tokens, facts.num_heads) == expected
 
 
 def test_from_authors_checkpoint_gives_the_model_without_a_folder(tiny_layout, converted, tmp_path):
@@ -289,7 +361,9 @@ def test_full_size_checkpoint_maps_every_key_and_scores_a_pair(tmp_path, image_p
         len(authors_tokenizer()), m=64, d_vis=1024, heads=16, bert=MINILM_L12, mlp=8192
     ).eval()
     source = save_authors_pth(layout, tmp_path / "checkpoint.pth")
-    out = convert(source, tmp_path / "edje", image_processor_dir)  # SigLIP2-L / MiniLM defaults
+    processor_384 = tmp_path / "siglip-384"
+    SiglipImageProcessor(size={"height": 384, "width": 384}).save_pretrained(processor_384)
+    out = convert(source, tmp_path / "edje", processor_384)  # SigLIP2-L / MiniLM defaults
     model = EDJEModel.from_pretrained(out).eval()
     config = model.config
     assert (config.vision_hidden_size, config.adapter_num_heads, config.vision_num_tokens) == (

@@ -39,9 +39,9 @@ def files(tiny_processor, tiny_vision_encoder, tmp_path_factory):
     rng = np.random.default_rng(0)
     (root / "photos").mkdir()
     photos = [Image.fromarray(rng.integers(0, 255, (28, 28, 3), dtype=np.uint8)) for _ in range(5)]
-    ids = [f"p{i}.png" for i in range(5)]
+    ids = [f"p{i}" for i in range(5)]  # as edje encode/index --images name p0.png ...
     for name, photo in zip(ids, photos, strict=True):
-        photo.save(root / "photos" / name)
+        photo.save(root / "photos" / f"{name}.png")
     with torch.no_grad():
         pixels = tiny_processor.image_processor(images=photos, return_tensors="pt")
         raw = model.encode_images(pixels["pixel_values"])
@@ -107,15 +107,15 @@ def test_index_goes_on_past_bad_images_lists_them_and_exits_1(files, tmp_path, c
     folder = tmp_path / "photos"
     folder.mkdir()
     for name, photo in zip(ids, photos, strict=True):
-        photo.save(folder / name)
-    (folder / "truncated.png").write_bytes((folder / ids[0]).read_bytes()[:40])
+        photo.save(folder / f"{name}.png")
+    (folder / "truncated.png").write_bytes((folder / f"{ids[0]}.png").read_bytes()[:40])
     (folder / "empty.jpg").write_bytes(b"")
     argv = ["index", "--first-stage", str(root / "probe"), "--images", str(folder)]
     capsys.readouterr()
     assert main([*argv, "--out", str(tmp_path / "index")]) == 1
     err = capsys.readouterr().err
     assert "2 images could not be decoded (not indexed):" in err
-    assert "truncated.png: " in err and "empty.jpg: " in err
+    assert "  truncated: " in err and "  empty: " in err
     assert sorted(VectorIndex.load(tmp_path / "index").ids) == sorted(ids)  # the others indexed
 
 
@@ -201,7 +201,7 @@ def test_rerank_streams_jsonl_to_jsonl(files, tmp_path, monkeypatch):
     monkeypatch.setattr(EDJEReranker, "predict", recording)
     records = [
         {"query": "a cat", "document": ids[0]},
-        {"query": "two birds", "documents": [ids[1], str(root / "photos" / ids[2]), ids[3]]},
+        {"query": "two birds", "documents": [ids[1], str(root / "photos" / "p2.png"), ids[3]]},
         {"query": "a boat", "document": ids[4], "extra": 7},
     ]
     source, target = tmp_path / "pairs.jsonl", tmp_path / "scores.jsonl"
@@ -234,7 +234,7 @@ def rerank_argv(root, source, target, *, batch_size: int) -> list[str]:
     ("bad_line", "message"),
     [
         ("{not json", "not JSON"),
-        ('{"query": "", "document": "p0.png"}', '"query" must be'),
+        ('{"query": "", "document": "p0"}', '"query" must be'),
         ('{"query": "a cat"}', 'exactly one of "document"'),
         ('{"query": "a cat", "document": "nope.png"}', "'nope.png' is neither an image id"),
     ],
@@ -242,7 +242,7 @@ def rerank_argv(root, source, target, *, batch_size: int) -> list[str]:
 def test_rerank_stops_at_a_malformed_line_and_leaves_no_output(files, tmp_path, bad_line, message):
     root, _, _ = files
     source, target = tmp_path / "pairs.jsonl", tmp_path / "scores.jsonl"
-    good = json.dumps({"query": "a cat", "document": "p0.png"})
+    good = json.dumps({"query": "a cat", "document": "p0"})
     source.write_text(f"{good}\n{good}\n{bad_line}\n{good}\n")
     with pytest.raises(SystemExit, match=f"pairs.jsonl:3: .*{message}"):
         main(rerank_argv(root, source, target, batch_size=1))

@@ -40,7 +40,7 @@ def write_csv(folder, header, rows):
         writer.writerows(rows)
 
 
-def test_jsonl_rows_for_one_file_merge_and_ids_default_to_the_stem(tmp_path):
+def test_jsonl_rows_for_one_file_merge_and_ids_default_to_the_path_without_suffix(tmp_path):
     folder = write_images(tmp_path / "photos", ["a.png", "sub/b.jpg"])
     write_jsonl(
         folder,
@@ -52,7 +52,7 @@ def test_jsonl_rows_for_one_file_merge_and_ids_default_to_the_stem(tmp_path):
     )
     ds = load_image_folder(folder)
     assert ds.features == SCHEMA
-    assert list(ds["image_id"]) == ["a", "b"]
+    assert list(ds["image_id"]) == ["a", "sub/b"]  # as edje encode --images names them
     assert list(ds["captions"]) == [["a dark square", "nearly black"], ["a red square", "red"]]
     assert list(ds["split"]) == ["photos", "photos"]
     assert ds[1]["image"].getpixel((0, 0)) == (40, 0, 0)
@@ -200,11 +200,12 @@ def test_eval_reads_a_split_by_its_alias_and_a_caption_column(tmp_path):
 
 
 def test_duplicate_ids_name_both_files(tmp_path):
-    folder = write_images(tmp_path / "f", ["a/x.png", "b/x.png"])
+    folder = write_images(tmp_path / "f", ["a/x.png", "a/x.jpg"])
     write_jsonl(
-        folder, [{"file_name": "a/x.png", "caption": "1"}, {"file_name": "b/x.png", "caption": "2"}]
+        folder, [{"file_name": "a/x.png", "caption": "1"}, {"file_name": "a/x.jpg", "caption": "2"}]
     )
-    with pytest.raises(ValueError, match=r"image_id 'x' is used by both 'a/x\.png' and 'b/x\.png'"):
+    both = r"image_id 'a/x' is used by both 'a/x\.png' and 'a/x\.jpg'"
+    with pytest.raises(ValueError, match=both):
         load_image_folder(folder)
 
 

@@ -176,3 +176,20 @@ def test_hub_repository_still_has_the_mapped_columns_and_splits(source):
         for name in names:
             row = next(iter(datasets.load_dataset(source.repo_id, split=name, streaming=True)))
             assert set(source.columns) <= set(row), (source.repo_id, name, sorted(row))
+
+
+def test_a_copy_holding_only_the_test_split_loads_it_alone(tmp_path):
+    """Evaluating Flickr30k's 1k test needs only its test parquet: no other split is read."""
+    from edje.commands.eval import load_split
+    from edje.data import load_data
+
+    root = tmp_path / "flickr30k"
+    write_parquet(root / "data" / "test-00000-of-00001.parquet", flickr_rows("test", 20, 3),
+                  FLICKR_FEATURES)  # fmt: skip
+    splits = load_data("flickr30k", data_dir=str(root), splits=["test"])
+    assert list(splits) == ["test"] and splits["test"]["image_id"] == [
+        "1000020", "1000021", "1000022",
+    ]  # fmt: skip
+    assert load_split(["flickr30k", str(root)], "test")["image_id"] == splits["test"]["image_id"]
+    with pytest.raises(FileNotFoundError, match="no parquet files for split 'train'"):
+        load_data("flickr30k", data_dir=str(root))  # every split: train's files are missing

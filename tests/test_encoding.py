@@ -74,12 +74,12 @@ def test_folder_tokens_match_the_vision_encoder(
     result = _encode(photo_folder, tmp_path / "raw", tiny_vision_encoder, tiny_image_processor)
     assert result.ok and result.count == 6 and result.encoded == 6 and result.skipped == 0
     store = TokenStore.open(tmp_path / "raw")
-    assert store.ids == ["0.png", "1.png", "2.png", "3.png", "4.png", "sub/deep.jpg"]
+    assert store.ids == ["0", "1", "2", "3", "4", "sub/deep"]  # paths without their suffix
     assert store.token_shape == (5, 32) and store.bytes_per_image == 5 * 32 * 2
     pixels = tiny_image_processor(images=[load_rgb(photo_folder / "3.png")], return_tensors="pt")
     with torch.no_grad():
         expected = tiny_vision_encoder(pixel_values=pixels["pixel_values"]).last_hidden_state[0]
-    torch.testing.assert_close(store.get("3.png").float(), expected, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(store.get("3").float(), expected, atol=2e-3, rtol=2e-3)
     fp = store.fingerprint
     assert fp["adapter_sha256"] == "raw"
     assert fp["vision_weights_sha256"] == state_dict_sha256(tiny_vision_encoder)
@@ -133,11 +133,11 @@ def test_bad_images_are_failures_with_reasons(tmp_path, tiny_vision_encoder, tin
     assert not result.ok and result.count == 1
     reasons = TokenStore.open(tmp_path / "s").failures
     assert reasons == result.failures
-    assert sorted(reasons) == ["bomb.png", "text.png", "truncated.jpg", "zero.jpg"]
-    assert "decompression bomb" in reasons["bomb.png"]
-    assert "truncated" in reasons["truncated.jpg"].lower()
-    assert "cannot identify image file" in reasons["zero.jpg"]
-    assert "cannot identify image file" in reasons["text.png"]
+    assert sorted(reasons) == ["bomb", "text", "truncated", "zero"]
+    assert "decompression bomb" in reasons["bomb"]
+    assert "truncated" in reasons["truncated"].lower()
+    assert "cannot identify image file" in reasons["zero"]
+    assert "cannot identify image file" in reasons["text"]
     assert "4 images could not be encoded" in result.summary()
 
 
@@ -251,15 +251,10 @@ def test_rerun_skips_done_images_and_adds_new_ones(
     )
 
 
-def test_find_images_sorted_relative_ids(photo_folder):
-    assert [i for i, _ in find_images(photo_folder)] == [
-        "0.png",
-        "1.png",
-        "2.png",
-        "3.png",
-        "4.png",
-        "sub/deep.jpg",
-    ]
+def test_find_images_ids_are_relative_paths_without_suffix_as_data_folders_name_them(
+    photo_folder,
+):
+    assert [i for i, _ in find_images(photo_folder)] == ["0", "1", "2", "3", "4", "sub/deep"]
 
 
 class _ModelWithAdapter(torch.nn.Module):
@@ -334,10 +329,10 @@ def test_an_image_that_failed_is_tried_again_and_its_failure_cleared_once_repair
     _photo(0).save(folder / "good.png")
     (folder / "broken.png").write_text("not an image yet")
     first = _encode(folder, tmp_path / "s", tiny_vision_encoder, tiny_image_processor)
-    assert not first.ok and sorted(first.failures) == ["broken.png"]
+    assert not first.ok and sorted(first.failures) == ["broken"]
     _photo(1).save(folder / "broken.png")  # repaired
     again = _encode(folder, tmp_path / "s", tiny_vision_encoder, tiny_image_processor)
     assert again.ok and again.encoded == 1 and again.skipped == 1
     store = TokenStore.open(tmp_path / "s")
-    assert sorted(store.ids) == ["broken.png", "good.png"] and store.failures == {}
+    assert sorted(store.ids) == ["broken", "good"] and store.failures == {}
     store.verify()

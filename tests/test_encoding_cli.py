@@ -51,7 +51,7 @@ def test_encode_raw_store_from_a_vision_folder(
     )
     assert code == 1  # resumed: the 4 stored images skipped, the bad one failed
     assert "bad.jpg" in capsys.readouterr().err
-    assert TokenStore.open(tmp_path / "s").failures.keys() == {"bad.jpg"}
+    assert TokenStore.open(tmp_path / "s").failures.keys() == {"bad"}
 
 
 def test_encode_compressed_store_with_model(tmp_path, folder, tiny_model, tiny_processor):
@@ -77,7 +77,7 @@ def test_encode_compressed_store_with_model(tmp_path, folder, tiny_model, tiny_p
     )
     with torch.no_grad():
         expected = tiny_model.compress(tiny_model.encode_images(pixels["pixel_values"]))[0]
-    torch.testing.assert_close(store.get("2.png").float(), expected, atol=0.05, rtol=0.05)
+    torch.testing.assert_close(store.get("2").float(), expected, atol=0.05, rtol=0.05)
     if hasattr(tiny_model, "store_fingerprint"):
         store.check_fingerprint(tiny_model.store_fingerprint())
 
@@ -160,3 +160,22 @@ def test_encode_of_an_empty_folder_is_one_line_and_exit_code_2(tmp_path, monkeyp
     assert exit_info.value.code == 2 and not (tmp_path / "s").exists()
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "no images in" in error[0]
+
+
+def test_encode_reads_flickr30k_from_a_local_copy_of_one_split(
+    tmp_path, tiny_model, tiny_processor
+):
+    """`edje encode --data flickr30k DIR --split test`: the test parquet alone, ids as eval's."""
+    import datasets
+
+    from test_data_karpathy import FLICKR_FEATURES, flickr_rows, write_parquet
+
+    root = tmp_path / "flickr30k"
+    write_parquet(root / "data" / "test-00000-of-00001.parquet", flickr_rows("test", 20, 2),
+                  datasets.Features(FLICKR_FEATURES))  # fmt: skip
+    tiny_model.save_pretrained(tmp_path / "model", save_vision_encoder=True)
+    tiny_processor.save_pretrained(tmp_path / "model")
+    code = main(_args("--model", tmp_path / "model", "--data", "flickr30k", root,
+                      "--split", "test", "--out", tmp_path / "store"))  # fmt: skip
+    assert code == 0
+    assert TokenStore.open(tmp_path / "store").ids == ["1000020", "1000021"]

@@ -11,6 +11,7 @@ import zlib
 
 import pytest
 import torch
+from datasets import concatenate_datasets
 
 from edje.evaluation import evaluate
 from edje.evaluation.metrics import recall_at_k, reranked_recall_at_k
@@ -238,7 +239,8 @@ def test_token_store_paths_give_the_models_scores(
         fingerprint=reranker.store_fingerprint(),
     ) as writer:
         writer.add(ids[:3], compressed[:3])
-    with pytest.raises(KeyError, match=repr(ids[3])):
+    missing = rf"the data has \[{ids[3]!r}, .*the store ids such as \[{ids[0]!r}"
+    with pytest.raises(ValueError, match=missing):
         evaluate(
             tiny_dataset,
             ColourEmbedding(),
@@ -247,6 +249,39 @@ def test_token_store_paths_give_the_models_scores(
             TokenStore.open(tmp_path / "partial"),
             show_progress_bar=False,
         )
+
+
+def test_a_store_encoded_from_a_data_folder_serves_its_evaluation(
+    reranker, tiny_processor, tmp_path
+):
+    """One image-id rule: `edje encode --images DIR` stores the ids `load_data(DIR)` gives."""
+    import json
+
+    from PIL import Image
+
+    from edje.data import load_data
+    from edje.store import TokenStore
+    from edje.store.encode import encode_images
+
+    folder = tmp_path / "photos"
+    (folder / "sub").mkdir(parents=True)
+    rows = []
+    for i, (name, colour) in enumerate([("a.png", "red"), ("sub/b.jpg", "blue"),
+                                        ("c.jpeg", "green")]):  # fmt: skip
+        Image.new("RGB", (28, 28), colour).save(folder / name)
+        rows.append({"file_name": name, "caption": f"a {colour} square {i}"})
+    (folder / "metadata.jsonl").write_text("\n".join(map(json.dumps, rows)))
+    encode_images(folder, tmp_path / "store", vision_encoder=reranker.vision_encoder,
+                  image_processor=tiny_processor.image_processor, compressor=reranker.compress,
+                  fingerprint=reranker.store_fingerprint(), accelerator="cpu", devices=1,
+                  progress=False)  # fmt: skip
+    store = TokenStore.open(tmp_path / "store")
+    data = load_data(str(folder), splits=["train", "validation"])
+    dataset = concatenate_datasets(list(data.values()))
+    assert sorted(store.ids) == sorted(dataset["image_id"]) == ["a", "c", "sub/b"]
+    report = evaluate(dataset, ColourEmbedding(), reranker, tiny_processor, store, k=2,
+                      ks=(1,), show_progress_bar=False)  # fmt: skip
+    assert report.candidates.t2i_rerank is not None
 
 
 def test_a_store_from_another_adapter_is_refused_unless_forced(

@@ -88,7 +88,7 @@ def logits_through_every_door(model, processor, file, tmp_path) -> dict[str, flo
         progress=False,
     )
     stored = EDJEReranker(model, store=store_path, processor=processor, device="cpu")
-    logits["store"] = float(stored.predict([(CAPTION, file.name)], activation_fn=identity)[0])
+    logits["store"] = float(stored.predict([(CAPTION, file.stem)], activation_fn=identity)[0])
 
     dataset = make_dataset([Image.open(file), Image.new("RGB", (28, 28))], ["pic", "black"],
                            [[CAPTION], ["a black square"]], "test")  # fmt: skip

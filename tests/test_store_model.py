@@ -3,6 +3,8 @@ scores from stored tokens equal to scores from pixels."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -101,3 +103,36 @@ def test_a_saved_model_checks_its_store_without_instantiating_the_vision_encoder
     # Another encoder attached: the recorded hash no longer describes it, and is dropped.
     loaded.set_vision_encoder(tiny_vision_encoder)
     assert loaded.config.vision_encoder_sha256 is None
+
+
+def test_a_folder_recording_no_weight_hash_reads_its_store_without_any_vision_encoder(
+    tiny_processor, tiny_vision_encoder, tmp_path, monkeypatch
+):
+    """A converted folder names its vision encoder (a Hub id) but records no weight hash: the
+    store's fingerprint is checked against what the folder records, and nothing is loaded."""
+    from edje import EDJEModel
+    from edje.rerank import EDJEReranker
+
+    model = make_tiny_model(tiny_processor, tiny_vision_encoder, seed=0)
+    encode(model, tiny_processor, tmp_path / "store", photos(2))
+    assert TokenStore.open(tmp_path / "store").fingerprint["vision_weights_sha256"]
+    config = copy.deepcopy(model.config)
+    config.vision_encoder_sha256 = None  # as `edje convert` writes it: the encoder by name only
+    unhashed = EDJEModel(config)
+    unhashed.load_state_dict(model.state_dict())
+    unhashed.save_pretrained(tmp_path / "model")  # no encoder attached: no hash computed
+    tiny_processor.save_pretrained(tmp_path / "model")
+
+    def refuse(self):
+        raise AssertionError("the vision encoder was loaded")
+
+    monkeypatch.setattr(EDJEModel, "_load_vision_encoder", refuse)
+    loaded = EDJEModel.from_pretrained(tmp_path / "model")
+    assert loaded.config.vision_encoder_sha256 is None
+    reranker = EDJEReranker(tmp_path / "model", store=tmp_path / "store", device="cpu")
+    assert reranker.predict([("a photo", "img0")]).shape == (1,)
+    assert not reranker.model.has_vision_encoder
+    # Without a weight hash the vision encoder's name is what is compared.
+    loaded.config.vision_encoder_name = "another/encoder"
+    with pytest.raises(ValueError, match="vision_name: store='tiny/dinov2', expected='another"):
+        loaded.check_store(TokenStore.open(tmp_path / "store"))

@@ -160,3 +160,36 @@ def test_mlm_joins_the_loss_at_its_start_step(tiny_network, tiny_processor, monk
         assert set(module._losses(batch, train=True)[0]) == expected, step
     with pytest.raises(ValueError, match="mlm_start_step must be >= 0, got -1"):
         EDJETrainingModule(tiny_network, mlm_start_step=-1)
+
+
+def test_training_from_a_saved_model_starts_with_dropout_active(tiny_processor, tmp_path):
+    """`from_pretrained` returns eval mode; training from it must still use dropout from the
+    first step, while a frozen teacher stays in eval mode."""
+    from lightning.pytorch import Callback, Trainer
+
+    torch.manual_seed(0)
+    config = make_tiny_config(len(tiny_processor.tokenizer), tiny_processor.image_token_id)
+    EDJEModel(config).save_pretrained(tmp_path / "saved")
+    network = EDJEForPreTraining(pretrained=str(tmp_path / "saved"), text_embedding_dim=8)
+    assert not network.edje.training  # as transformers loads it
+    teacher = EDJETeacher(EDJEModel(config))
+    modes = {}
+
+    class RecordModes(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == 0:
+                dropouts = [m for m in network.modules() if isinstance(m, torch.nn.Dropout)]
+                modes["network"] = [m.training for m in dropouts]
+                modes["teacher"] = [m.training for m in teacher.modules()]
+
+    module = EDJETrainingModule(network, teacher=teacher, mlm_weight=0)
+    trainer = Trainer(
+        accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[RecordModes()],
+    )  # fmt: skip
+    batches = torch.utils.data.DataLoader(
+        [synthetic_batch(tiny_processor)], batch_size=None, collate_fn=lambda b: b
+    )
+    trainer.fit(module, train_dataloaders=batches)
+    assert modes["network"] and all(modes["network"]), modes["network"]
+    assert not any(modes["teacher"])

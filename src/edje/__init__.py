@@ -22,6 +22,7 @@ _EXPORTS = {
     "TokenCompressionAdapter": "edje.modeling_edje",
     "EDJEProcessor": "edje.processing_edje",
     "EDJEReranker": "edje.rerank",
+    "clean_caption": "edje.configuration_edje",
 }
 __all__ = [
     "EDJEConfig",
@@ -33,11 +34,12 @@ __all__ = [
     "PaperTokenCompressionAdapter",
     "TokenCompressionAdapter",
     "__version__",
+    "clean_caption",
     "register_auto_classes",
 ]
 
 if TYPE_CHECKING:
-    from edje.configuration_edje import EDJEConfig
+    from edje.configuration_edje import EDJEConfig, clean_caption
     from edje.modeling_edje import (
         EDJEModel,
         EDJEOutput,

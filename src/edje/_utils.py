@@ -24,6 +24,7 @@ __all__ = [
     "atomic_folder",
     "atomic_write",
     "batches",
+    "image_id",
     "load_rgb",
     "open_regular",
     "progress",
@@ -33,6 +34,22 @@ __all__ = [
 
 # The image files edje reads from a folder (encode, data folders, the search page's thumbnails).
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+def image_id(name: str | os.PathLike) -> str:
+    """The one image-id rule of every way of encoding and loading: an image file's path (relative
+    to its folder, `/`-separated, or a file name as a data set's id column holds it) without
+    its image suffix. `"photos/img00.png"` -> `"photos/img00"`, `"1000092795.jpg"` ->
+    `"1000092795"`; other values (`"391895"`) stay as they are.
+
+    Example:
+        >>> image_id("sub/deep.JPG"), image_id("1000092795.jpg"), image_id("391895")
+        ('sub/deep', '1000092795', '391895')
+    """
+    text = str(name).replace(os.sep, "/")
+    suffix = Path(text).suffix
+    return text[: -len(suffix)] if suffix.lower() in IMAGE_SUFFIXES else text
+
 
 # In the name of every temporary file or folder edje writes, so cleanup finds only its own.
 TMP_MARK = ".tmp-"

@@ -36,16 +36,13 @@ import torch
 
 from edje.authors_facts import (
     AUTHORS_CODE,
-    AUTHORS_IMAGE_SIZE,
     AUTHORS_MAX_CAPTION_LENGTH,
     AUTHORS_REPO,
     AUTHORS_TEXT,
-    AUTHORS_VISION,
     MINILM_L12_HEADS,
-    SIGLIP2_LARGE_HEADS,
-    SIGLIP2_PATCH,
     SIGLIP_LAYER_NORM_EPS,
 )
+from edje.authors_vision import VisionMismatchError, config_of, vision_facts
 from edje.configuration_edje import EDJEConfig
 from edje.model_card import render_model_card
 
@@ -83,7 +80,19 @@ SIGLIP_POSITIONS = tuple(
     for tower in ("vision_encoder", "clip")
 )
 WORDS = "language_model.bert.embeddings.word_embeddings.weight"
+# Other names of the same tensor (a safetensors file keeps one name of a shared tensor): their
+# pair embedding, and BertForMaskedLM's decoder, tied to the word embeddings.
 WORDS_ALIAS = "text_embeddings.weight"
+TIED_DECODER = "language_model.cls.predictions.decoder.weight"
+# What authors_config reads shapes from (edje names).
+REQUIRED = (
+    "adapter.key.weight",
+    "adapter.mlp.0.weight",
+    "joint_encoder.embeddings.word_embeddings.weight",
+    "joint_encoder.embeddings.position_embeddings.weight",
+    "joint_encoder.embeddings.token_type_embeddings.weight",
+    "joint_encoder.encoder.layer.0.intermediate.dense.weight",
+)
 SAFETENSORS, PICKLED = (".safetensors",), (".pth", ".pt", ".bin")
 
 
@@ -262,17 +271,20 @@ def _edje_key(key: str) -> str | None:
 
 
 def _fold_word_embedding_alias(state: dict[str, torch.Tensor]) -> None:
-    """Their pair embedding reads `text_embeddings`, the same module as the word embeddings; a
-    file that kept one name of the shared tensor still converts, two that differ are refused."""
+    """Their pair embedding reads `text_embeddings`, the same module as the word embeddings: a
+    file that kept one name of the shared tensor still converts, two that differ are refused.
+    The MLM decoder is tied to them too; it is read only when no other name was kept (it is
+    dropped otherwise, so never compared)."""
     alias = state.get(WORDS_ALIAS)
-    if alias is None:
-        return
-    words = state.setdefault(WORDS, alias)
-    if words is not alias and not torch.equal(words, alias):
-        raise AuthorsCheckpointError(
-            f"edje convert: {WORDS_ALIAS} and {WORDS} differ; in the authors' model they are "
-            "one tensor, so this is not their checkpoint layout."
-        )
+    if alias is not None:
+        words = state.setdefault(WORDS, alias)
+        if words is not alias and not torch.equal(words, alias):
+            raise AuthorsCheckpointError(
+                f"edje convert: {WORDS_ALIAS} and {WORDS} differ; in the authors' model they "
+                "are one tensor, so this is not their checkpoint layout."
+            )
+    if WORDS not in state and TIED_DECODER in state:
+        state[WORDS] = state[TIED_DECODER]
 
 
 # -- the model -------------------------------------------------------------------------------
@@ -281,41 +293,59 @@ def _fold_word_embedding_alias(state: dict[str, torch.Tensor]) -> None:
 def authors_config(
     checkpoint: AuthorsCheckpoint,
     *,
-    vision_num_heads: int = SIGLIP2_LARGE_HEADS,
-    text_num_heads: int = MINILM_L12_HEADS,
-    vision_num_tokens: int | None = None,
+    vision_encoder: str | None = None,
+    image_size: int | None = None,
+    vision_num_heads: int | None = None,
+    text_num_heads: int | None = None,
     **config_kwargs: Any,
 ) -> EDJEConfig:
-    """The `EDJEConfig` of the authors' model, its shapes read from the weights (no download).
+    """The `EDJEConfig` of the authors' model, its shapes read from the weights.
 
-    Heads cannot be read from shapes: SigLIP2-L has 16, MiniLM-L12-H384 12. The raw token count
-    comes from the frozen SigLIP's position embeddings when the file has them, else
-    `vision_num_tokens` (default 576: 384 px in patches of 16). The activation and
-    eps follow the authors' code: the adapter's MLP uses the text encoder's `hidden_act` (BERT's
-    exact "gelu"), its LayerNorm the vision encoder's eps (SigLIP: 1e-6).
+    The vision encoder, its image size and heads come from the file where it tells them (the
+    adapter's width, the frozen SigLIP's positions), else from the options and the named
+    encoder's `config.json` (`edje.authors_vision`; refused when they disagree). The joint
+    encoder's heads, which no shape gives, are `text_num_heads`, else the authors' text
+    encoder's config's (MiniLM-L12-H384: 12) where it can be read and has the same width. The
+    activation and eps follow the authors' code: the adapter's MLP uses the text encoder's
+    `hidden_act` (BERT's exact "gelu"), its LayerNorm the vision encoder's eps (SigLIP: 1e-6).
+    Captions are cleaned as theirs were (`normalize_captions`).
     """
     s = checkpoint.state
+    absent = [key for key in REQUIRED if key not in s]
+    if absent:
+        raise AuthorsCheckpointError(
+            f"edje convert: {checkpoint.origin} lacks {absent} (edje names); expected the "
+            "authors' compressed-adapter checkpoint. Nothing was written."
+        )
     words = s["joint_encoder.embeddings.word_embeddings.weight"]
     layers = {int(k.split(".")[3]) for k in s if k.startswith("joint_encoder.encoder.layer.")}
     text_config = dict(
         vocab_size=words.shape[0],
         hidden_size=words.shape[1],
         num_hidden_layers=len(layers),
-        num_attention_heads=text_num_heads,
+        num_attention_heads=text_num_heads or _text_heads(words.shape[1]),
         intermediate_size=s["joint_encoder.encoder.layer.0.intermediate.dense.weight"].shape[0],
         max_position_embeddings=s["joint_encoder.embeddings.position_embeddings.weight"].shape[0],
         type_vocab_size=s["joint_encoder.embeddings.token_type_embeddings.weight"].shape[0],
         hidden_act="gelu",
     )
+    try:
+        vision = vision_facts(
+            s["adapter.key.weight"].shape[1],
+            checkpoint.vision_num_tokens,
+            vision_encoder=vision_encoder,
+            image_size=image_size,
+            num_heads=vision_num_heads,
+        )
+    except VisionMismatchError as error:
+        raise AuthorsCheckpointError(str(error)) from None
     values = dict(
         text_config=text_config,
-        vision_encoder_name=AUTHORS_VISION,
+        vision_encoder_name=vision.name,
         vision_hidden_size=s["adapter.key.weight"].shape[1],
-        vision_num_tokens=vision_num_tokens
-        or checkpoint.vision_num_tokens
-        or (AUTHORS_IMAGE_SIZE // SIGLIP2_PATCH) ** 2,
-        vision_num_heads=vision_num_heads,
-        vision_image_size=AUTHORS_IMAGE_SIZE,
+        vision_num_tokens=vision.num_tokens,
+        vision_num_heads=vision.num_heads,
+        vision_image_size=vision.image_size,
         adapter_type="paper",
         num_image_tokens=s["adapter.queries"].shape[1],
         adapter_mlp_size=s["adapter.mlp.0.weight"].shape[0],
@@ -323,9 +353,17 @@ def authors_config(
         adapter_layer_norm_eps=SIGLIP_LAYER_NORM_EPS,
         image_token_id=words.shape[0] - 1,  # `<image>` is the one token appended
         max_caption_length=AUTHORS_MAX_CAPTION_LENGTH,
+        normalize_captions=True,  # the authors clean every caption (their `pre_caption`)
         base_text_encoder=AUTHORS_TEXT,
     )
     return EDJEConfig(**{**values, **config_kwargs})
+
+
+def _text_heads(width: int) -> int:
+    config = config_of(AUTHORS_TEXT)
+    if config is not None and getattr(config, "hidden_size", None) == width:
+        return config.num_attention_heads
+    return MINILM_L12_HEADS
 
 
 def load_authors_checkpoint(
@@ -377,7 +415,7 @@ def convert_authors_checkpoint(
     out: str | Path,
     *,
     tokenizer: str | Path = AUTHORS_TEXT,
-    image_processor: str | Path = AUTHORS_VISION,
+    image_processor: str | Path | None = None,
     filename: str | None = None,
     revision: str | None = None,
     **config_kwargs: Any,
@@ -385,8 +423,10 @@ def convert_authors_checkpoint(
     """Write the authors' checkpoint as an edje folder: config, `model.safetensors`, processor
     (tokenizer with `<image>`, SigLIP2's image processor) and a model card naming the source.
 
-    `tokenizer` and `image_processor` are Hub ids or local folders (the defaults are the
-    authors' backbones on the Hub). Nothing appears at `out` unless every step succeeds.
+    `tokenizer` and `image_processor` are Hub ids or local folders (defaults: the authors' text
+    encoder, and the vision encoder's own processor); `config_kwargs` go to `authors_config`
+    (`vision_encoder`, `image_size`, heads). An image processor of another size than the
+    vision encoder's is refused. Nothing appears at `out` unless every step succeeds.
     """
     out = Path(out)
     if out.exists():
@@ -396,7 +436,9 @@ def convert_authors_checkpoint(
         )
     checkpoint = read_authors_checkpoint(source, filename=filename, revision=revision)
     model = model_from_checkpoint(checkpoint, **config_kwargs)
-    processor = _processor(model.config, tokenizer, image_processor)
+    processor = _processor(
+        model.config, tokenizer, image_processor or model.config.vision_encoder_name
+    )
     model.config.vision_image_processor = processor.image_processor.to_dict()
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -423,7 +465,15 @@ def _processor(config: EDJEConfig, tokenizer: str | Path, image_processor: str |
         tokenizer=AutoTokenizer.from_pretrained(str(tokenizer)),
         num_image_tokens=config.num_image_tokens,
         max_caption_length=config.max_caption_length,
+        normalize_captions=config.normalize_captions,
     )
+    side = _processor_side(processor.image_processor)
+    if side is not None and side != config.vision_image_size:
+        raise AuthorsCheckpointError(
+            f"edje convert: the image processor {str(image_processor)!r} resizes to {side} px "
+            f"but the vision encoder {config.vision_encoder_name} runs at "
+            f"{config.vision_image_size} px; give the matching --image-processor or --image-size."
+        )
     vocab = config.text_config.vocab_size
     if processor.image_token_id != config.image_token_id or len(processor.tokenizer) != vocab:
         raise AuthorsCheckpointError(
@@ -433,6 +483,11 @@ def _processor(config: EDJEConfig, tokenizer: str | Path, image_processor: str |
             f"{processor.image_token_id}."
         )
     return processor
+
+
+def _processor_side(image_processor) -> int | None:
+    size = getattr(image_processor, "size", None) or {}
+    return size.get("height") or size.get("shortest_edge")
 
 
 def _paper_results() -> str:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import html
+import string
+import unicodedata
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from transformers import BertConfig, PretrainedConfig
@@ -17,6 +21,31 @@ IMAGE_TOKEN = "<image>"
 # The most parameters a config may ask for (8 GB in float32; the paper's EDJE has about 60M):
 # sizes are checked before anything is allocated, so a typo is an error, not minutes of swap.
 MAX_PARAMETERS = 2_000_000_000
+
+
+# Typographic quotes become ASCII ones before punctuation is dropped, as open_clip's ftfy pass
+# does ("uncurl quotes"); the rest of ftfy repairs broken Unicode, which well-formed text lacks.
+_CURLY_QUOTES = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"'})
+_NO_PUNCTUATION = str.maketrans("", "", string.punctuation)
+
+
+def clean_caption(caption: str) -> str:
+    """The paper's authors' caption cleaning (their `pre_caption`, open_clip's `basic_clean`
+    then `canonicalize_text`): HTML entities decoded, `_` read as a space, ASCII punctuation
+    removed, lowercased, runs of whitespace made one space, ends stripped.
+
+    Example:
+
+    ```python
+    >>> clean_caption("A Dog's  toy_box, &amp; two BALLS .")
+    'a dogs toy box two balls'
+
+    ```
+    """
+    text = unicodedata.normalize("NFC", caption).translate(_CURLY_QUOTES)
+    text = html.unescape(html.unescape(text)).strip()
+    text = text.replace("_", " ").translate(_NO_PUNCTUATION).lower()
+    return " ".join(text.split())
 
 
 class EDJEConfig(PretrainedConfig):
@@ -85,6 +114,10 @@ class EDJEConfig(PretrainedConfig):
             Set in saved configs whose weights are compact (see `edje.compact_checkpoint`).
         max_caption_length (`int`, defaults to 64):
             Caption tokens kept, `[CLS]` and `[SEP]` included; longer captions are truncated.
+        normalize_captions (`bool`, defaults to `False`):
+            Pass every caption through [`clean_caption`] (the authors' cleaning: lowercase,
+            punctuation removed, whitespace collapsed) before the first stage and EDJE read it.
+            On for converted authors' checkpoints, which were trained and evaluated that way.
         fusion_edje_weight (`float`, defaults to 1.0), fusion_first_stage_weight (`float`):
             Score fusion (`edje.fusion`): candidates with first-stage similarities are ranked by
             `fusion_edje_weight * logit + fusion_first_stage_weight * similarity`; chosen on
@@ -131,6 +164,7 @@ class EDJEConfig(PretrainedConfig):
         sep_token_id: int = 102,
         mask_token_id: int = 103,
         max_caption_length: int = 64,
+        normalize_captions: bool = False,
         base_text_encoder: str | None = None,
         compact_checkpoint: bool = False,
         fusion_edje_weight: float = 1.0,
@@ -165,12 +199,18 @@ class EDJEConfig(PretrainedConfig):
         self.sep_token_id = sep_token_id
         self.mask_token_id = mask_token_id
         self.max_caption_length = max_caption_length
+        self.normalize_captions = normalize_captions
         self.base_text_encoder = base_text_encoder
         self.compact_checkpoint = compact_checkpoint
         self.fusion_edje_weight = fusion_edje_weight
         self.fusion_first_stage_weight = fusion_first_stage_weight
         super().__init__(**kwargs)
         self._validate()
+
+    def prepare_captions(self, captions: Sequence[str]) -> list[str]:
+        """Captions as this model reads them (`normalize_captions`), for the first stage and
+        any other reader of the same text."""
+        return [clean_caption(c) for c in captions] if self.normalize_captions else list(captions)
 
     @property
     def tokens_per_image(self) -> int:
@@ -198,6 +238,10 @@ class EDJEConfig(PretrainedConfig):
                 f"got {self.adapter_mode!r}."
             )
         self._validate_adapter_type()
+        if not isinstance(self.normalize_captions, bool):
+            raise ValueError(
+                f"EDJEConfig: normalize_captions must be a bool, got {self.normalize_captions!r}."
+            )
         positive = {
             "vision_hidden_size": self.vision_hidden_size,
             "vision_num_tokens": self.vision_num_tokens,

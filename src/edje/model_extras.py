@@ -36,11 +36,12 @@ def vision_encoder_by_name(config: EDJEConfig) -> torch.nn.Module:
     return model
 
 
-def record_vision_sha256(model) -> str:
-    """The vision encoder's weight hash, from the config when recorded there, else computed
-    (loading the encoder once; a ViT-L takes seconds) and recorded."""
+def record_vision_sha256(model) -> str | None:
+    """The vision encoder's weight hash as the config records it, else of the encoder already
+    attached (recorded then); None when neither: a vision encoder (1.2 GB for SigLIP2-L) is
+    never loaded only to be hashed."""
     config = model.config
-    if config.vision_encoder_sha256 is None:
+    if config.vision_encoder_sha256 is None and model.has_vision_encoder:
         config.vision_encoder_sha256 = state_dict_sha256(model.vision_encoder)
     return config.vision_encoder_sha256
 

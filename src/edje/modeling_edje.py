@@ -301,6 +301,11 @@ class EDJEModel(EDJEPreTrainedModel):
             self._attach(self._load_vision_encoder())  # the encoder the config describes
         return self._vision_encoder[0]
 
+    @property
+    def has_vision_encoder(self) -> bool:
+        """Whether a vision encoder is attached or loaded (`vision_encoder` loads one)."""
+        return bool(self._vision_encoder)
+
     def set_vision_encoder(self, vision_encoder: nn.Module) -> None:
         """Attach a vision encoder; it is frozen (eval mode, no gradients). A weight hash the
         config recorded is dropped: it described another encoder."""
@@ -357,7 +362,9 @@ class EDJEModel(EDJEPreTrainedModel):
         """What makes this model's stored tokens: the vision encoder (name, weight hash), the
         image preprocessing and the adapter's weight hash (or, with `raw=True`, raw tokens).
 
-        A token store records the same; `check_store` compares them.
+        A token store records the same; `check_store` compares them. The weight hash is the
+        one the config records, or of the encoder already attached; without either it is left
+        out and the encoder's name is compared instead: nothing is loaded to check a store.
         """
         return _needs_edje("store_fingerprint").store_fingerprint_of(self, raw)
 
@@ -524,8 +531,8 @@ class EDJEModel(EDJEPreTrainedModel):
                 "only where edje is installed. Call push_to_hub(repo_id) (full weights, loads "
                 "anywhere with trust_remote_code=True), or upload the compact folder yourself."
             )
-        if model_extras is not None and self._vision_encoder:  # loaded: hash it, never load
-            model_extras.record_vision_sha256(self)  # store checks then need no encoder
+        if model_extras is not None:  # store checks then need no encoder
+            model_extras.record_vision_sha256(self)  # hashed if loaded, never loaded for it
         if compact:
             extras = _needs_edje("save_pretrained(compact=True)")
             from transformers.dynamic_module_utils import custom_object_save

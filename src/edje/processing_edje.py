@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from transformers import BatchFeature, ProcessorMixin
 
-from .configuration_edje import IMAGE_TOKEN
+from .configuration_edje import IMAGE_TOKEN, clean_caption
 
 try:  # edje's loaders know the offline backbone names (absent when loaded as remote code)
     from edje.backbones import load_image_processor, resolve_backbone
@@ -34,6 +34,8 @@ class EDJEProcessor(ProcessorMixin):
         tokenizer: the joint encoder's tokenizer; `<image>` is added if it lacks it.
         num_image_tokens: image slots per pair (`m`; `n` for a local-mode model).
         max_caption_length: caption tokens kept, `[CLS]` and `[SEP]` included.
+        normalize_captions: clean every caption first (`clean_caption`, the authors' rule), as
+            the model's config says (`EDJEConfig.normalize_captions`); saved with the processor.
 
     Example:
 
@@ -56,12 +58,14 @@ class EDJEProcessor(ProcessorMixin):
         tokenizer=None,
         num_image_tokens: int = 64,
         max_caption_length: int = 64,
+        normalize_captions: bool = False,
         **kwargs: Any,
     ):
         if IMAGE_TOKEN not in tokenizer.get_vocab():
             tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
         self.num_image_tokens = num_image_tokens
         self.max_caption_length = max_caption_length
+        self.normalize_captions = normalize_captions
         super().__init__(image_processor, tokenizer, **kwargs)
 
     @property
@@ -132,13 +136,17 @@ class EDJEProcessor(ProcessorMixin):
         """`[CLS] caption [SEP]` ids and attention mask, right-padded (to `max_caption_length`
         when asked, so batches from several processes share one shape)."""
         encoded = self.tokenizer(
-            captions,
+            self.prepare_captions(captions),
             truncation=True,
             max_length=self.max_caption_length,
             padding="max_length" if pad_to_max_length else "longest",
             return_tensors="pt",
         )
         return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+
+    def prepare_captions(self, captions: Sequence[str]) -> list[str]:
+        """Captions as the model reads them: cleaned when `normalize_captions` is on."""
+        return [clean_caption(c) for c in captions] if self.normalize_captions else list(captions)
 
     def tokenize_pairs(
         self, captions: list[str], rows: int | None = None

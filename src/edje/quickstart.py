@@ -92,6 +92,7 @@ def run_quickstart(
                 data,
                 store=str(out / "raw.store"),
                 first_stage=str(out / "first_stage" / name),
+                fit_first_stage=True,
                 vision=OFFLINE_VISION,
                 vision_image_size=IMAGE_SIZE,
                 text=OFFLINE_TEXT,

@@ -9,28 +9,27 @@ from edje.commands import count, folder_or_id, output_folder
 EXAMPLE = """example:
   edje convert shahafw/edje-vl-image-retrieval-reranker --out edje-authors
   edje convert checkpoint_16.pth --out edje-authors --tokenizer ./MiniLM-L12-H384-uncased \\
-      --image-processor ./siglip2-large-patch16-384   # no Hub needed
+      --vision ./siglip2-large-patch16-384   # no Hub needed
+  # a checkpoint the authors' code trained on SigLIP2-B/16 at 224 px
+  edje convert checkpoint_b16.pth --out edje-b16 --vision google/siglip2-base-patch16-224
   edje rerank --model edje-authors ...                 # then use it as any edje model
 """
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from edje.authors_facts import (
-        AUTHORS_TEXT,
-        AUTHORS_VISION,
-        MINILM_L12_HEADS,
-        SIGLIP2_LARGE_HEADS,
-    )
+    from edje.authors_facts import AUTHORS_TEXT, MINILM_L12_HEADS
 
     parser = subparsers.add_parser(
         "convert",
         help="convert the paper authors' checkpoint into an edje folder",
         description=(
-            "Map the authors' reranker weights (SigLIP2-L/16-384 adapter, MiniLM-L12 joint "
-            "encoder, ITM head) onto an EDJEModel with the paper's adapter and write config, "
+            "Map the authors' reranker weights (SigLIP2 adapter, MiniLM-L12 joint encoder, ITM "
+            "head) onto an EDJEModel with the paper's adapter and write config, "
             "model.safetensors, processor and model card. Reads safetensors, or .pth/.bin with "
             "torch.load(weights_only=True) only; the frozen SigLIP2 copies, MLM head and "
-            "text-recovery projection are left out."
+            "text-recovery projection are left out. The vision encoder and its image size come "
+            "from the file where it tells them, else from --vision / --image-size and the "
+            "vision encoder's config.json; any disagreement is refused."
         ),
         epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -42,25 +41,33 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--file", default=None, help="weights file inside a folder or Hub repo")
     parser.add_argument("--revision", default=None, help="Hub revision (branch, tag, commit)")
     parser.add_argument(
+        "--vision",
+        default=None,
+        metavar="ID_OR_DIR",
+        help="the vision encoder it was trained on (default: the SigLIP2 tower of the file's "
+        "width and size, google/siglip2-large-patch16-384 for the authors' release)",
+    )
+    parser.add_argument(
+        "--image-size", type=count, default=None, help="the vision encoder's input side"
+    )
+    parser.add_argument(
         "--tokenizer", default=AUTHORS_TEXT, help=f"tokenizer folder or id ({AUTHORS_TEXT})"
     )
     parser.add_argument(
-        "--image-processor",
-        default=AUTHORS_VISION,
-        help=f"image processor folder or id ({AUTHORS_VISION})",
+        "--image-processor", default=None, help="image processor folder or id (the --vision's)"
     )
     parser.add_argument(
         "--text-heads",
         type=count,
-        default=MINILM_L12_HEADS,
-        help=f"joint encoder attention heads (default: {MINILM_L12_HEADS}, MiniLM-L12-H384)",
+        default=None,
+        help="joint encoder attention heads (default: the text encoder's config's, else "
+        f"{MINILM_L12_HEADS}, MiniLM-L12-H384)",
     )
     parser.add_argument(
         "--vision-heads",
         type=count,
-        default=SIGLIP2_LARGE_HEADS,
-        help=f"adapter attention heads, the vision encoder's (default: {SIGLIP2_LARGE_HEADS}, "
-        "SigLIP2-L)",
+        default=None,
+        help="the vision encoder's attention heads (default: from its config or width)",
     )
     parser.set_defaults(func=run)
 
@@ -76,6 +83,8 @@ def run(args: argparse.Namespace) -> int:
             image_processor=args.image_processor,
             filename=args.file,
             revision=args.revision,
+            vision_encoder=args.vision,
+            image_size=args.image_size,
             vision_num_heads=args.vision_heads,
             text_num_heads=args.text_heads,
         )

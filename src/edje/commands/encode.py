@@ -8,13 +8,15 @@ import sys
 from edje.commands import count, existing_folder, folder_or_id, output_folder, whole_number
 
 EXAMPLE = """examples:
-  # raw DINOv2 tokens of every image under photos/ (ids: paths relative to photos/)
+  # raw DINOv2 tokens of every image under photos/ (ids: paths under photos/ without suffix)
   edje encode --vision facebook/dinov2-small --images photos/ --out photos.raw
   # the 64 compressed tokens a trained EDJE keeps, fp16, on 4 GPUs
   edje encode --model my-edje --images photos/ --out photos.store --devices 4
   # a data set as edje fit and edje eval read it (a name, or a folder with metadata.jsonl or
   # train/ validation/ test/ folders): every split, ids as they use them ("test/0000")
   edje encode --model my-edje --data photos/ --out photos.store
+  # Flickr30k's 1k test images from a local copy of its parquet files (no other split read)
+  edje encode --model my-edje --data flickr30k flickr30k/ --split test --out flickr.store
   # a Hugging Face dataset (Hub id, saved folder or script), ids from its "filename" column
   edje encode --model my-edje --dataset nlphuji/flickr_1k_test_image_text_retrieval \\
       --split test --id-column filename --out flickr.store --dtype int8
@@ -46,8 +48,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     source.add_argument(
         "--data",
-        metavar="NAME_OR_DIR",
-        help="a data set named as in edje fit / eval (builtin, emoji, ...) or a data folder",
+        nargs="+",
+        metavar=("NAME", "DATA_DIR"),
+        help="a data set named as in edje fit / eval (builtin, emoji, FOLDER, flickr30k "
+        "[DATA_DIR], coco [DATA_DIR])",
     )
     source.add_argument("--dataset", metavar="NAME_OR_DIR", help="a Hugging Face dataset")
     source.add_argument(
@@ -119,11 +123,17 @@ def _load_source(args: argparse.Namespace):
     if args.data:
         from edje.data import load_data
 
-        splits = load_data(args.data, caption_column=args.caption_column)
-        names = [args.split] if args.split else list(splits)
-        if unknown := [name for name in names if name not in splits]:
-            raise SystemExit(f"edje encode: {args.data} has splits {list(splits)}, not {unknown}")
-        return datasets.concatenate_datasets([splits[name] for name in names])
+        name, data_dir = args.data[0], (args.data[1:] or [None])[0]
+        if len(args.data) > 2:
+            raise SystemExit(f"edje encode: --data expects NAME [DATA_DIR], got {args.data}")
+        wanted = [args.split] if args.split else None  # only that split's files are read
+        splits = load_data(
+            name, data_dir=data_dir, splits=wanted, caption_column=args.caption_column
+        )
+        if args.split and args.split not in splits:
+            every = list(load_data(name, data_dir=data_dir, caption_column=args.caption_column))
+            raise SystemExit(f"edje encode: {name} has splits {every}, not {[args.split]}")
+        return datasets.concatenate_datasets(list(splits.values()))
     path = args.dataset
     try:
         loaded = datasets.load_from_disk(path)  # a folder written by save_to_disk

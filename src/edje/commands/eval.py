@@ -128,13 +128,16 @@ def load_split(spec: list[str], split: str, caption_column: str | None = None):
         )
         return dataset
     try:
-        splits = load_data(name, data_dir=rest[0] if rest else None, caption_column=caption_column)
+        splits = load_data(
+            name, data_dir=rest[0] if rest else None, splits=[split], caption_column=caption_column
+        )
     except ValueError as error:
         raise SystemExit(f"edje eval: {error}") from None
     if split not in splits:
         raise SystemExit(
-            f"edje eval: {name} has no {split!r} split (it has {', '.join(splits)}); pass "
-            "--split, or lay the folder out as train/ validation/ test/."
+            f"edje eval: {name} has no {split!r} split (it has "
+            f"{', '.join(load_data(name, data_dir=rest[0] if rest else None))}); pass --split, "
+            "or lay the folder out as train/ validation/ test/."
         )
     return splits[split]
 

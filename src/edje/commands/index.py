@@ -9,7 +9,7 @@ from typing import Any
 from edje.commands import count, existing_folder, folder_or_id, output_folder
 
 EXAMPLE = """examples:
-  # every image under photos/, ids: paths relative to photos/ (as `edje encode --images`)
+  # every image under photos/, ids: paths under photos/ without suffix (as `edje encode --images`)
   edje index --first-stage my-probe --images photos/ --out photos.index
   # a store of raw vision tokens (edje encode --vision ...): no pixels decoded again
   edje index --first-stage my-probe --store photos.raw --out photos.index

@@ -150,9 +150,10 @@ def search_images(args: argparse.Namespace, first_stage) -> list[dict]:
         if args.index
         else VectorIndex.from_store(store, first_stage)
     )
-    scores, positions = index.search(first_stage.encode_texts([args.query]), k=args.k)
     reranker = EDJEReranker(args.model, store=store, device=args.device, force_store=args.force,
                             **scoring_options(args))  # fmt: skip
+    query = reranker.model.config.prepare_captions([args.query])
+    scores, positions = index.search(first_stage.encode_texts(query), k=args.k)
     hits = reranker.rank_many([args.query], positions, scores, top_k=args.top, ids=index.ids)[0]
     return [{"rank": r, **hit} for r, hit in enumerate(hits, 1)]
 
@@ -169,10 +170,11 @@ def search_captions(args: argparse.Namespace, first_stage) -> list[dict]:
 
     captions = read_captions(args.captions)
     image = load_rgb(args.query)
-    similarity = first_stage.encode_texts(captions) @ first_stage.encode_images([image])[0]
-    first_scores, lines = similarity.topk(min(args.k, len(captions)))
     reranker = EDJEReranker(args.model, store=args.store, device=args.device,
                             force_store=args.force, **scoring_options(args))  # fmt: skip
+    texts = reranker.model.config.prepare_captions(captions)
+    similarity = first_stage.encode_texts(texts) @ first_stage.encode_images([image])[0]
+    first_scores, lines = similarity.topk(min(args.k, len(captions)))
     candidates = [captions[i] for i in lines.tolist()]
     hits = reranker.rank(image, candidates, top_k=args.top, first_stage_scores=first_scores)
     return [

@@ -5,7 +5,8 @@ with ``load_dataset("imagefolder", ...)``.
 Metadata columns: ``file_name`` (relative to the folder) and the captions: ``caption`` (one
 string) and/or ``captions`` (a list; in CSV a JSON list such as ``["a dog", "a brown dog"]``),
 else ``text`` (the usual column of Hub image-text sets), or the column ``caption_column``
-names; optionally ``image_id`` (default: the file name's stem). Several rows may name the same
+names; optionally ``image_id`` (default: ``file_name`` without its suffix,
+`edje._utils.image_id`, as ``edje encode --images`` names it). Several rows may name the same
 file: their captions are merged. Other columns are ignored.
 
 Images in the folder that no metadata row names are an error by default (so that a typo in
@@ -35,6 +36,7 @@ from pathlib import Path
 import datasets
 
 from edje._utils import IMAGE_SUFFIXES
+from edje._utils import image_id as file_image_id
 from edje.data.columns import caption_list
 from edje.data.schema import make_dataset
 
@@ -179,7 +181,7 @@ def _merge_rows(
         if not captions:
             raise ValueError(f"{where} ({file_name}): empty caption; expected a non-empty string")
         image_id = row.get("image_id")
-        if image_id in (None, ""):  # a CSV row may leave it empty: the file name's stem
+        if image_id in (None, ""):  # a CSV row may leave it empty: from the file name
             image_id = None
         elif not isinstance(image_id, str) or not image_id.strip():
             raise ValueError(
@@ -219,7 +221,7 @@ def _check_unique_ids(
 ) -> list[str]:
     ids, owner = [], {}
     for file_name, (image_id, _) in by_file.items():
-        image_id = image_id or Path(file_name).stem
+        image_id = image_id or file_image_id(file_name)
         if image_id in owner:
             raise ValueError(
                 f"{metadata}: image_id {image_id!r} is used by both {owner[image_id]!r} and "

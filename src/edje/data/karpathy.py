@@ -29,6 +29,7 @@ from pathlib import Path
 
 import datasets
 
+from edje._utils import image_id
 from edje.data.columns import assemble
 
 __all__ = [
@@ -54,8 +55,8 @@ class HubSource:
         splits: our split (train / validation / test) -> the repository's split name(s),
             concatenated in order.
         caption_column: a list of captions per row.
-        id_column: the image id; file names lose their extension (``"1000092795.jpg"`` ->
-            ``"1000092795"``).
+        id_column: the image id; file names lose their suffix (``"1000092795.jpg"`` ->
+            ``"1000092795"``, `edje._utils.image_id`), as `edje encode` stores them.
         image_column: the column holding images; None when the repository has none.
         url_column: where images can be fetched from when there is no image column.
         file_column / folder_column: where an image lies under ``images_dir``
@@ -174,7 +175,7 @@ def load_karpathy_source(
             f"{source.repo_id}: column(s) {missing} not found, so this is not the schema the "
             f"mapping expects; available columns: {raw.column_names}"
         )
-    ids = [_clean_id(v) for v in raw[source.id_column]]
+    ids = [image_id(v) for v in raw[source.id_column]]
     captions = raw[source.caption_column]
     if source.image_column is not None:
         return assemble(
@@ -243,11 +244,6 @@ def _image_paths(raw: datasets.Dataset, source: HubSource, images_dir) -> list[s
             f"e.g. {absent[:3]}"
         )
     return paths
-
-
-def _clean_id(value) -> str:
-    text = str(value)
-    return Path(text).stem if Path(text).suffix.lower() in {".jpg", ".jpeg", ".png"} else text
 
 
 def _source(sources: dict[str, HubSource], repo_id: str, caller: str) -> HubSource:

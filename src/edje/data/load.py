@@ -40,6 +40,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 from datasets import DatasetDict, concatenate_datasets
@@ -73,11 +74,24 @@ def load_data(
     seed: int = 0,
     builtin: dict[str, int] | None = None,
     caption_column: str | None = None,
+    splits: Sequence[str] | None = None,
 ) -> DatasetDict:
     """The splits of a named data set or a folder (see the module docstring); a `DatasetDict`
     in edje's schema is returned as it is. `data_dir` is where Flickr30k / COCO files or the
     icon corpus are; `builtin` sizes the built-in set (`make_builtin_dataset`'s `n_*` arguments);
-    `caption_column` names a folder's caption column (`edje.data.folder`)."""
+    `caption_column` names a folder's caption column (`edje.data.folder`). `splits` keeps only
+    those splits: Flickr30k and COCO then read (or download) no other split's files.
+    """
+    options = dict(data_dir=data_dir, seed=seed, builtin=builtin, caption_column=caption_column)
+    if splits is None:
+        return _load_all(name, **options)
+    if name in ("flickr30k", "coco"):
+        return _karpathy(name, data_dir, splits)
+    loaded = _load_all(name, **options)
+    return DatasetDict({s: loaded[s] for s in splits if s in loaded})
+
+
+def _load_all(name, *, data_dir, seed, builtin, caption_column) -> DatasetDict:
     from edje import data as edje_data
 
     if isinstance(name, DatasetDict):
@@ -97,8 +111,7 @@ def load_data(
     if name in ICON_SETS:  # built by `edje data build icons` (edje.data.icon_shards)
         return _folder_splits(_icon_set_folder(name, data_dir), None)
     if name in ("flickr30k", "coco"):
-        load = edje_data.load_flickr30k if name == "flickr30k" else edje_data.load_coco_karpathy
-        return DatasetDict({split: load(split, data_dir=data_dir) for split in SPLITS})
+        return _karpathy(name, data_dir, SPLITS)
     if not folder.is_dir():
         raise ValueError(
             f"load_data: expected one of {DATA_NAMES} or a folder of images with metadata, "
@@ -126,6 +139,13 @@ def _icon_set_folder(name: str, data_dir: str | None) -> Path:
             f" --out {corpus}` (or pass the corpus folder as data_dir)"
         )
     return corpus / name
+
+
+def _karpathy(name: str, data_dir: str | None, splits: Sequence[str]) -> DatasetDict:
+    from edje import data as edje_data
+
+    load = edje_data.load_flickr30k if name == "flickr30k" else edje_data.load_coco_karpathy
+    return DatasetDict({split: load(split, data_dir=data_dir) for split in splits})
 
 
 def _combined(names: list[str], **options) -> DatasetDict:

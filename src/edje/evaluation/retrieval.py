@@ -132,6 +132,10 @@ def evaluate(
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     timer, start = _Timer({}), time.perf_counter()
     texts, text_to_image, image_ids = _captions_and_ids(dataset)
+    if model is not None and store is not None:  # before any image is embedded
+        _check_store_ids(store, image_ids)
+    if model is not None:  # both stages read the captions as the model was trained on them
+        texts = model.config.prepare_captions(texts)
     curve_ks = list(range(1, max([*depths, *ks]) + 1))
 
     t = time.perf_counter()
@@ -275,6 +279,17 @@ def _fill_past_gallery(metrics: dict[str, float], curve_ks: list[int]) -> dict[s
 
 
 # ---- reranking ----
+
+
+def _check_store_ids(store, image_ids: Sequence[str]) -> None:
+    missing = [i for i in image_ids if i not in store]
+    if missing:
+        raise ValueError(
+            f"evaluate: {len(missing)} of the data's {len(image_ids)} image ids have no tokens "
+            f"in the store {store.path}: the data has {missing[:3]}, the store ids such as "
+            f"{list(store.ids[:3])}. Encode the data itself (`edje encode --data ...`; an "
+            "image's id is its file path without the suffix), or pass the store it was made for."
+        )
 
 
 def image_token_source(

@@ -56,6 +56,7 @@ def make_scorer(
 
     from edje.scoring.base import TorchScorer
 
+    _check_caption_rule(model, processor)
     if backend == "torch":
         return TorchScorer(model, processor, dtype=dtype, device=device, **options)
     if backend == "fast":
@@ -67,3 +68,16 @@ def make_scorer(
     from edje.scoring.onnx import OnnxScorer
 
     return OnnxScorer.from_model(model, processor, **options)
+
+
+def _check_caption_rule(model: Any, processor: Any) -> None:
+    """The model's config records how its captions are cleaned; a processor that cleans them
+    otherwise would score other text than the first stage reads."""
+    wanted = getattr(getattr(model, "config", None), "normalize_captions", None)
+    given = getattr(processor, "normalize_captions", None)
+    if wanted is not None and given is not None and wanted != given:
+        raise ValueError(
+            f"make_scorer: the model's config has normalize_captions={wanted} but its processor "
+            f"normalize_captions={given}; load both from the same folder, or set the processor's "
+            "to the model's."
+        )

@@ -301,8 +301,12 @@ class FastScorer(Scorer):
             if not caption.strip():
                 raise ValueError(f"FastScorer: caption {caption!r} is empty; expected text.")
         tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        prepare = getattr(self.processor, "prepare_captions", list)
         encoded = tokenizer(
-            captions, truncation=True, max_length=self.max_caption_length, add_special_tokens=True
+            prepare(captions),
+            truncation=True,
+            max_length=self.max_caption_length,
+            add_special_tokens=True,
         )["input_ids"]
         for caption, ids in zip(captions, encoded, strict=True):
             self._ids_cache[caption] = tuple(ids)

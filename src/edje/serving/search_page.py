@@ -75,6 +75,7 @@ class Collection:
     def search(self, query: str, k: int, fusion: bool) -> dict[str, Any]:
         """Runs on the device thread."""
         started = time.perf_counter()
+        query = self.reranker.model.config.prepare_captions([query])[0]
         scores, positions = self.index.search(self.first_stage.encode_texts([query]), k=k)
         first_ms = 1000 * (time.perf_counter() - started)
         ids = self.index.ids
@@ -109,7 +110,8 @@ class Collection:
         """Image -> captions (device thread): the first stage's top k captions, reranked."""
         started = time.perf_counter()
         if self._caption_embeddings is None:
-            self._caption_embeddings = self.first_stage.encode_texts(self.captions)
+            texts = self.reranker.model.config.prepare_captions(self.captions)
+            self._caption_embeddings = self.first_stage.encode_texts(texts)
         image = torch.from_numpy(self.index.vector(self.positions[image_id]))
         first_scores, lines = (self._caption_embeddings @ image).topk(min(k, len(self.captions)))
         first_ms = 1000 * (time.perf_counter() - started)

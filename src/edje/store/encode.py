@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from edje._utils import IMAGE_SUFFIXES, load_rgb, require
+from edje._utils import IMAGE_SUFFIXES, image_id, load_rgb, require
 from edje.image_tokens import pixel_inputs
 from edje.store.fingerprint import (
     RAW_ADAPTER,
@@ -93,7 +93,9 @@ class EncodeResult:
 
 # -- images -----------------------------------------------------------------------------------
 def find_images(folder: str | Path) -> list[tuple[str, str]]:
-    """``(id, path)`` of the image files under ``folder`` (recursive, sorted); id: rel. path."""
+    """``(id, path)`` of the image files under ``folder`` (recursive, sorted); id: the path
+    relative to ``folder`` without its suffix (`edje._utils.image_id`), as data folders name
+    their images, so a store of the folder serves `edje eval --data` of it."""
     root = Path(folder)
     if not root.is_dir():
         raise NotADirectoryError(f"encode_images: {root} is not a folder")
@@ -102,7 +104,7 @@ def find_images(folder: str | Path) -> list[tuple[str, str]]:
         for p in root.rglob("*")
         if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
     )
-    return [(p.relative_to(root).as_posix(), str(p)) for p in files]
+    return [(image_id(p.relative_to(root).as_posix()), str(p)) for p in files]
 
 
 # -- the work, as batches ---------------------------------------------------------------------
@@ -159,7 +161,7 @@ def _collect(source: Any, ids: Sequence[str] | None, id_column: str, image_colum
                 raise KeyError(
                     f"encode_images: no column {col!r} in the dataset {source.column_names}"
                 )
-        out_ids = [str(i) for i in source[id_column]]
+        out_ids = [image_id(i) for i in source[id_column]]  # "1000092795.jpg" -> "1000092795"
         refs = _DatasetRefs(source, image_column)
     elif isinstance(source, Sequence) and not isinstance(source, str | bytes):
         refs = list(source)

@@ -63,7 +63,7 @@ def image_processor_dict(image_processor: object) -> dict:
 
 def store_fingerprint(
     vision_name: str,
-    vision_weights_sha256: str,
+    vision_weights_sha256: str | None,
     image_processor: object,
     adapter_sha256: str = RAW_ADAPTER,
     **extra: object,
@@ -73,7 +73,9 @@ def store_fingerprint(
     ``adapter_sha256`` is `state_dict_sha256` of the token-compression adapter, or ``"raw"``
     for a store of raw vision tokens. ``extra`` fields (e.g. ``image_size``) are kept as given
     (JSON-able). ``edje_version`` and ``vision_name`` are informational: `TokenStore.check_
-    fingerprint` does not compare them (the same weights may be named by Hub id or folder).
+    fingerprint` does not compare them (the same weights may be named by Hub id or folder),
+    except that ``vision_name`` is compared when ``vision_weights_sha256`` is None (left out:
+    a model folder that records no weight hash, checked without loading its vision encoder).
 
     Example:
         >>> fp = store_fingerprint("facebook/dinov2-small", "ab12", {"size": 224})
@@ -85,11 +87,12 @@ def store_fingerprint(
     fingerprint = {
         "edje_version": __version__,
         "vision_name": str(vision_name),
-        "vision_weights_sha256": str(vision_weights_sha256),
         "image_processor": image_processor_dict(image_processor),
         "adapter_sha256": str(adapter_sha256),
         **extra,
     }
+    if vision_weights_sha256 is not None:
+        fingerprint["vision_weights_sha256"] = str(vision_weights_sha256)
     return json.loads(json.dumps(fingerprint, sort_keys=True, default=str))
 
 
@@ -102,10 +105,14 @@ def fingerprint_diff(store: Mapping, expected: Mapping) -> dict[str, tuple[objec
     hold with the same value: ``{field: (store value or None, expected value)}``.
 
     Fields only the store has are not compared (the expecting side did not ask about them);
-    nor are `INFORMATIONAL_FIELDS`.
+    nor are `INFORMATIONAL_FIELDS`, except ``vision_name`` when ``expected`` has no weight
+    hash: the name is then all that says which vision encoder it means.
     """
     a, b = _flatten(store), _flatten(json.loads(json.dumps(dict(expected), default=str)))
-    keys = sorted(b.keys() - set(INFORMATIONAL_FIELDS))
+    ignored = set(INFORMATIONAL_FIELDS)
+    if "vision_weights_sha256" not in b:
+        ignored.discard("vision_name")
+    keys = sorted(b.keys() - ignored)
     missing = object()
     diff = {
         k: (a.get(k, missing), b.get(k, missing))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
 from edje.backbones import OFFLINE_TEXT, OFFLINE_VISION, load_vision_encoder, resolve_backbone
+from edje.configuration_edje import clean_caption
 from edje.data import flatten_captions, load_data
 from edje.training.sampling import NeighbourhoodSampler
 
@@ -35,21 +37,26 @@ class EDJEDataModule(LightningDataModule):
     Args:
         data: a data set name or folder, or a `DatasetDict`: what `edje.data.load_data` takes.
         store: folder of the raw token store.
-        first_stage: an `EmbeddingModel` or the folder/Hub id of one; it must embed raw vision
-            tokens (`encode_vision_tokens`), as the offline linear probe does. A folder that
-            does not exist yet gets a `LinearProbeEmbedding` fitted on the train split (seconds,
-            on cached features). `None`: no mining signal (random negatives only) and no
-            text-embedding targets.
+        first_stage: an `EmbeddingModel` or the folder/Hub id of one (a saved linear probe, a
+            CLIP or SigLIP model of the network's vision encoder); it must embed raw vision
+            tokens (`encode_vision_tokens`). `None`: no mining signal (random negatives only)
+            and no text-embedding targets.
+        fit_first_stage: fit a `LinearProbeEmbedding` on the train split (seconds, on cached
+            features) into the folder `first_stage` names, when it does not exist yet. Only
+            for vision encoders with a [CLS] token (DINOv2, CLIP); a folder name that is a
+            model on the Hub (or in its cache) is refused, so a probe never shadows it.
         vision, vision_image_size: the vision encoder the store is built with (the network's).
         text: the tokenizer's backbone (the network's text encoder).
-        backbones: the network's `vision`, `vision_image_size`, `text` and
-            `max_caption_length` (`EDJETrainingModule.backbones`; `edje fit` links it), so a
-            recipe names them once and training tokenizes as the saved model will. A value
-            given here as well must agree with it.
+        backbones: the network's `vision`, `vision_image_size`, `text`, `max_caption_length`
+            and `normalize_captions` (`EDJETrainingModule.backbones`; `edje fit` links it), so
+            a recipe names them once and training reads captions as the saved model will. A
+            value given here as well must agree with it.
         builtin: sizes of the built-in set when `data` is "builtin" (e.g. a reduced one for
             tests: `{"n_train_triplets": 20, "n_test_triplets": 4}`).
         max_caption_length: caption tokens kept, `[CLS]` and `[SEP]` included (default: the
             network's, else 64).
+        normalize_captions: clean captions with the authors' rule before the first stage and
+            the tokenizer read them (`edje.clean_caption`; default: the network's, else off).
         neighbourhood_size: train batches are built of groups of this many captions, a random
             one and captions of the images the first stage ranks closest to it
             (`NeighbourhoodSampler`), so mined negatives include the first stage's confusions;
@@ -62,12 +69,14 @@ class EDJEDataModule(LightningDataModule):
         data: str | DatasetDict = "builtin",
         store: str = "outputs/raw.store",
         first_stage=None,
+        fit_first_stage: bool = False,
         vision: str | None = None,
         vision_image_size: int | None = None,
         text: str | None = None,
         batch_size: int = 64,
         eval_batch_size: int | None = None,
         max_caption_length: int | None = None,
+        normalize_captions: bool | None = None,
         num_workers: int = 0,
         encode_batch_size: int = 64,
         seed: int = 0,
@@ -82,19 +91,26 @@ class EDJEDataModule(LightningDataModule):
                 "EDJEDataModule: neighbourhood_size > 1 groups captions by the first stage's "
                 "similarities; give a first_stage."
             )
+        if fit_first_stage and not isinstance(first_stage, str | Path):
+            raise ValueError(
+                "EDJEDataModule: fit_first_stage=True fits a probe into the folder first_stage "
+                f"names; got first_stage={first_stage!r}."
+            )
         self.data, self.store_path = data, Path(store)
-        self.first_stage = first_stage
+        self.first_stage, self.fit_first_stage = first_stage, fit_first_stage
         linked = agreeing(
             backbones or {},
             vision=vision,
             vision_image_size=vision_image_size,
             text=text,
             max_caption_length=max_caption_length,
+            normalize_captions=normalize_captions,
         )
         self.vision = linked.get("vision") or OFFLINE_VISION
         self.vision_image_size = linked.get("vision_image_size")
         self.text = linked.get("text") or OFFLINE_TEXT
         self.max_caption_length = linked.get("max_caption_length") or 64
+        self.normalize_captions = bool(linked.get("normalize_captions"))
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
@@ -127,7 +143,7 @@ class EDJEDataModule(LightningDataModule):
             devices=1,
         )
         logger.info(result.summary())
-        if isinstance(self.first_stage, str | Path) and not Path(self.first_stage).exists():
+        if self.fit_first_stage and not Path(self.first_stage).exists():
             self._fit_first_stage(splits["train"])
 
     def _fit_first_stage(self, train: Dataset) -> None:
@@ -135,8 +151,9 @@ class EDJEDataModule(LightningDataModule):
         from edje.first_stage import LinearProbeEmbedding
         from edje.store import TokenStore
 
+        refuse_probe_folder(str(self.first_stage), self.vision)
         store = TokenStore.open(self.store_path)
-        texts, text_to_image = flatten_captions(train)
+        texts, text_to_image = self.captions_of(train)
         ids = list(train["image_id"])
         keep = torch.tensor([ids[i] not in store.failures for i in text_to_image.tolist()])
         usable = [i for i in ids if i not in store.failures]
@@ -169,7 +186,18 @@ class EDJEDataModule(LightningDataModule):
             self.first_stage = load_embedding_model(self.first_stage)
         self.tokenizer = AutoTokenizer.from_pretrained(resolve_backbone(self.text))
         for name, split in self.splits.items():
-            self.pairs[name] = PairTable.build(split, self.store, self.first_stage, name)
+            texts, text_to_image = self.captions_of(split)
+            self.pairs[name] = PairTable.build(
+                split, texts, text_to_image, self.store, self.first_stage, name
+            )
+
+    def captions_of(self, split: Dataset) -> tuple[list[str], torch.Tensor]:
+        """A split's captions as the network reads them (cleaned when `normalize_captions`),
+        with the image row of each."""
+        texts, text_to_image = flatten_captions(split)
+        if self.normalize_captions:
+            texts = [clean_caption(t) for t in texts]
+        return texts, text_to_image
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True, batch_size=self.batch_size)
@@ -248,6 +276,38 @@ class EDJEDataModule(LightningDataModule):
         }
 
 
+def refuse_probe_folder(folder: str, vision: str) -> None:
+    """A probe reads the vision encoder's [CLS] token and must not shadow a Hub model."""
+    from transformers import AutoConfig
+
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", folder) and _names_a_hub_model(folder):
+        raise ValueError(
+            f"EDJEDataModule: first_stage {folder!r} is a model on the Hub; set fit_first_stage "
+            "to false to use it as the first stage, or name another folder for the probe."
+        )
+    model_type = AutoConfig.from_pretrained(resolve_backbone(vision)).model_type
+    if model_type.startswith("siglip"):
+        raise ValueError(
+            f"EDJEDataModule: the linear probe reads the vision encoder's [CLS] token, and "
+            f"{vision} ({model_type}) has none; give a CLIP / SigLIP id or folder as "
+            "first_stage (e.g. the vision encoder's own model) with fit_first_stage false."
+        )
+
+
+def _names_a_hub_model(repo_id: str) -> bool:
+    """Whether `repo_id` is a model in the Hub cache, or (online) on the Hub."""
+    from huggingface_hub import constants, repo_exists, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+        return True
+    if constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        return repo_exists(repo_id)
+    except OSError:  # unreachable: nothing to shadow that this run could load
+        return False
+
+
 def agreeing(linked: dict[str, Any], **given: Any) -> dict[str, Any]:
     """The given values over the network's, refusing a given value that contradicts it."""
     out = {}
@@ -280,8 +340,9 @@ class PairTable:
         return self.split[self.image_rows[key]]["image"]
 
     @classmethod
-    def build(cls, split: Dataset, store, first_stage, name: str) -> PairTable:
-        texts, text_to_image = flatten_captions(split)
+    def build(
+        cls, split: Dataset, texts: list[str], text_to_image, store, first_stage, name: str
+    ) -> PairTable:
         ids = split["image_id"]
         failed = [i for i in ids if i in store.failures]
         if failed:

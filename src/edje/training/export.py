@@ -178,6 +178,7 @@ def processor_for(edje, datamodule):
         tokenizer=copy.deepcopy(datamodule.tokenizer),
         num_image_tokens=edje.config.tokens_per_image,
         max_caption_length=edje.config.max_caption_length,
+        normalize_captions=edje.config.normalize_captions,
     )
     if processor.image_token_id != edje.config.image_token_id:
         raise ValueError(

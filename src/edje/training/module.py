@@ -90,14 +90,24 @@ class EDJETrainingModule(LightningModule):
     @property
     def backbones(self) -> dict[str, Any]:
         """What the data must match: the network's vision encoder (name, image size), text
-        encoder (the tokenizer) and caption length; `edje fit` links it to the data module."""
+        encoder (the tokenizer), caption length and caption cleaning; `edje fit` links it to
+        the data module."""
         config = self.network.edje.config
         return {
             "vision": config.vision_encoder_name,
             "vision_image_size": config.vision_image_size,
             "text": config.base_text_encoder,
             "max_caption_length": config.max_caption_length,
+            "normalize_captions": config.normalize_captions,
         }
+
+    def on_fit_start(self) -> None:
+        # `from_pretrained` returns a model in eval mode and Lightning keeps each module's mode:
+        # without this a fine-tune from a saved model would run with dropout off. Teachers
+        # stay frozen in eval mode.
+        self.network.train()
+        if self.teacher is not None:
+            self.teacher.eval()
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self._trainer, "datamodule", None)

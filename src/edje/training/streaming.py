@@ -25,6 +25,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 
 from edje.backbones import OFFLINE_TEXT, OFFLINE_VISION, resolve_backbone
+from edje.configuration_edje import clean_caption
 from edje.data.shards import ShardImages, expand_shards, stream_dataset, stream_shards
 from edje.training.datamodule import agreeing, stable_key
 
@@ -41,9 +42,9 @@ class ShardDataModule(LightningDataModule):
         dataset: instead of shards, a Hub data set streamed (or a builder over local files,
             e.g. "parquet" with `data_files`), its `split`'s `image_column` and
             `caption_column` (`id_column` for keys, else the image bytes' hash).
-        vision, vision_image_size, text, max_caption_length: the network's backbones (the image
-            processor and tokenizer come from them); `backbones` links them from the module as
-            in `EDJEDataModule`.
+        vision, vision_image_size, text, max_caption_length, normalize_captions: the network's
+            backbones and caption rule (the image processor and tokenizer come from them);
+            `backbones` links them from the module as in `EDJEDataModule`.
         samples_per_epoch: samples in the shards (counted from local shards' headers when not
             given; needed for URLs). The remainder below `world_size * batch_size` is dropped.
         first_stage: an `EmbeddingModel` (or its folder) that embeds texts and raw vision tokens
@@ -66,6 +67,7 @@ class ShardDataModule(LightningDataModule):
         vision_image_size: int | None = None,
         text: str | None = None,
         max_caption_length: int | None = None,
+        normalize_captions: bool | None = None,
         backbones: dict[str, Any] | None = None,
         batch_size: int = 64,
         samples_per_epoch: int | None = None,
@@ -77,7 +79,7 @@ class ShardDataModule(LightningDataModule):
         super().__init__()
         linked = agreeing(
             backbones or {}, vision=vision, vision_image_size=vision_image_size, text=text,
-            max_caption_length=max_caption_length,
+            max_caption_length=max_caption_length, normalize_captions=normalize_captions,
         )  # fmt: skip
         if (shards is None) == (dataset is None):
             raise ValueError("ShardDataModule: give either shards or dataset, not both.")
@@ -90,6 +92,7 @@ class ShardDataModule(LightningDataModule):
         self.vision_image_size = linked.get("vision_image_size")
         self.text = linked.get("text") or OFFLINE_TEXT
         self.max_caption_length = linked.get("max_caption_length") or 64
+        self.normalize_captions = bool(linked.get("normalize_captions"))
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.samples_per_epoch, self.shuffle_buffer = samples_per_epoch, shuffle_buffer
         self.first_stage = first_stage
@@ -179,6 +182,8 @@ class ShardDataModule(LightningDataModule):
             )
         rows = [row for row, _ in decoded]
         captions = [row["caption"] for row in rows]
+        if self.normalize_captions:  # as the network reads them (the authors' cleaning)
+            captions = [clean_caption(c) for c in captions]
         encoded = self.tokenizer(
             captions,
             truncation=True,
