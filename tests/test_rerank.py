@@ -121,6 +121,18 @@ def test_every_document_kind_ranks_alike(reranker, store, photos, tmp_path, monk
     assert scores == sorted(scores, reverse=True)
 
 
+def test_the_default_dtype_is_float32(model, tiny_processor):
+    """The model's own answer (and the authors' evaluation dtype) unless bfloat16 is asked
+    for: bfloat16 moves logits by about 1e-2 and can swap close candidates."""
+    assert EDJEReranker(model, processor=tiny_processor, device="cpu").dtype == torch.float32
+
+
+@pytest.mark.gpu
+def test_the_default_dtype_on_cuda_is_float32_too(model, tiny_processor):
+    """It used to be bfloat16 on CUDA."""
+    assert EDJEReranker(model, processor=tiny_processor, device="cuda").dtype == torch.float32
+
+
 def test_rank_top_k_return_documents_and_stable_ties(reranker, store):
     top = reranker.rank("dogs", IDS, top_k=2, return_documents=True)
     assert len(top) == 2 and top == [

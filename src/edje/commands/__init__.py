@@ -107,7 +107,8 @@ def add_scoring_options(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument(
         "--dtype", choices=DTYPES, default=None,
-        help="scoring dtype (default: float32 on the CPU, bfloat16 on CUDA)",
+        help="scoring dtype (default: float32, the model's own answer; bfloat16 is faster and "
+        "may swap close candidates)",
     )  # fmt: skip
 
 
