@@ -166,7 +166,12 @@ def load_vision_encoder(
     processor = load_image_processor(path, image_size=image_size)  # checks the model type too
     cls = getattr(transformers, _VISION_CLASSES[_vision_config(path)[0]])
     kwargs = {"dtype": dtype} if dtype is not None else {}
-    return cls.from_pretrained(path, **kwargs).eval().requires_grad_(False), processor
+    model = cls.from_pretrained(path, **kwargs).eval().requires_grad_(False)
+    if os.fspath(name_or_path).startswith("edje:"):
+        # An offline name ("edje:dinov2-small") names the weights on every machine; the cache
+        # folder it resolved to differs per machine. Stores record this name.
+        model.config._name_or_path = str(name_or_path)
+    return model, processor
 
 
 def load_image_processor(name_or_path: str, *, image_size: int | None = None) -> Any:
