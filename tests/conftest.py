@@ -68,6 +68,15 @@ def tiny_vision_encoder():
 
 
 @pytest.fixture(scope="session")
+def vision_folder(tiny_vision_encoder, tiny_image_processor, tmp_path_factory):
+    """The tiny DINOv2 and its processor as a folder: what a recipe or `--vision` names."""
+    folder = tmp_path_factory.mktemp("vision")
+    tiny_vision_encoder.save_pretrained(folder)
+    tiny_image_processor.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def tiny_processor(minilm_tokenizer, tiny_image_processor):
     import copy
 

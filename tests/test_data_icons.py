@@ -136,14 +136,6 @@ def test_the_check_finds_a_held_out_sample_slipped_into_a_training_shard(corpus,
     assert "sha256 differs" in str(caught.value)
 
 
-@pytest.fixture(scope="module")
-def vision_folder(tiny_vision_encoder, tiny_image_processor, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("vision")
-    tiny_vision_encoder.save_pretrained(folder)
-    tiny_image_processor.save_pretrained(folder)
-    return folder
-
-
 def test_shards_are_what_shard_images_stream_shards_and_encode_read(
     corpus, vision_folder, tmp_path
 ):

@@ -70,15 +70,6 @@ def shards(tmp_path_factory):
     return write_shards(tmp_path_factory.mktemp("shards"))
 
 
-@pytest.fixture(scope="module")
-def vision_folder(tiny_vision_encoder, tiny_image_processor, tmp_path_factory):
-    """The tiny DINOv2 and its processor as a folder: what a recipe names as `vision`."""
-    folder = tmp_path_factory.mktemp("vision")
-    tiny_vision_encoder.save_pretrained(folder)
-    tiny_image_processor.save_pretrained(folder)
-    return folder
-
-
 ALL_KEYS = sorted(f"{s:05d}{i:04d}" for s in range(SHARDS) for i in range(PER_SHARD))
 
 

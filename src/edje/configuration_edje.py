@@ -251,9 +251,7 @@ class EDJEConfig(PretrainedConfig):
             "adapter_mlp_size": self.adapter_mlp_size,
             "max_caption_length": self.max_caption_length,
         }
-        for name, value in positive.items():
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"EDJEConfig: {name} must be a positive int, got {value!r}.")
+        _check_positive_ints(positive)
         if self.vision_hidden_size % self.adapter_num_heads:
             raise ValueError(
                 f"EDJEConfig: vision_hidden_size ({self.vision_hidden_size}) must be divisible by "
@@ -302,9 +300,7 @@ class EDJEConfig(PretrainedConfig):
             "text_config.vocab_size": text.vocab_size,
             "text_config.max_position_embeddings": text.max_position_embeddings,
         }
-        for name, value in sizes.items():
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"EDJEConfig: {name} must be a positive int, got {value!r}.")
+        _check_positive_ints(sizes)
         parts = self.parameter_estimate()
         total = sum(parts.values())
         if total > MAX_PARAMETERS:
@@ -339,3 +335,9 @@ class EDJEConfig(PretrainedConfig):
                 f"EDJEConfig: {', '.join(light_only)} exist only in the light adapter; expected "
                 f"adapter_type='light' with them, got adapter_type={self.adapter_type!r}."
             )
+
+
+def _check_positive_ints(values: dict) -> None:
+    for name, value in values.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"EDJEConfig: {name} must be a positive int, got {value!r}.")

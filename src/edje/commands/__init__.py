@@ -10,23 +10,21 @@ import argparse
 def count(text: str) -> int:
     """An argparse type for sizes and counts: a whole number >= 1, refused by name otherwise
     (a batch size of 0 or -1 must not run and report success)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
-    return value
+    return _at_least(text, 1)
 
 
 def whole_number(text: str) -> int:
     """An argparse type for a number of workers or pictures: a whole number >= 0."""
+    return _at_least(text, 0)
+
+
+def _at_least(text: str, low: int) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {value}")
+        raise argparse.ArgumentTypeError(f"expected a whole number >= {low}, got {text}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= {low}, got {value}")
     return value
 
 
