@@ -114,7 +114,11 @@ def test_a_built_corpus_passes_its_hold_out_check_and_lists_sets_and_licences(co
     assert attribution["twemoji"]["license"]["spdx"] == "CC-BY-4.0"
     assert "Twitter" in (out / "ATTRIBUTION.md").read_text()
     record = json.loads(_member(out / manifest["shards"][0]["path"], ".json"))
-    assert {"set", "licence", "captions", "concept", "codepoints"} <= set(record)
+    assert {"set", "licence", "attribution", "captions", "concept", "codepoints"} <= set(record)
+    twemoji = next(icon for icon in icons.values() if icon.set == "twemoji")
+    assert twemoji.attribution.startswith("Twitter Emoji by Twitter (") and "CC BY 4.0" in (
+        twemoji.attribution
+    )
 
 
 def test_the_check_finds_a_held_out_sample_slipped_into_a_training_shard(corpus, tmp_path):

@@ -217,8 +217,8 @@ def _write_eval_set(folder: Path, icons: list[Icon], size: int, pool) -> dict:
                 failed[key] = png
                 continue
             (temp / "test" / f"{key}.png").write_bytes(png)
-            rows.append({"file_name": f"{key}.png", "caption": icon.caption,
-                         "set": icon.set, "licence": icon.licence})  # fmt: skip
+            rows.append({"file_name": f"{key}.png", "caption": icon.caption, "set": icon.set,
+                         "licence": icon.licence, "attribution": icon.attribution})  # fmt: skip
         lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
         (temp / "test" / "metadata.jsonl").write_text(lines)
     return failed

@@ -19,7 +19,7 @@ emoji reads alike. Extra captions, kept beside it: the icon's aliases that draw 
 (aliases that flip or rotate it are left out), MDI aliases, Phosphor tags, emojibase's label and
 keywords.
 
-Licences. Each set keeps its licence and author in every sample and in the corpus's
+Licences. Every sample keeps its set's licence and attribution (author, link), as does the corpus's
 `ATTRIBUTION.md`. Training uses only licences that allow redistributing a model trained on the
 images with attribution (`TRAIN_LICENCES`: MIT, Apache-2.0, ISC, BSD, Unlicense, CC0, CC-BY).
 Share-alike and copyleft sets (CC-BY-SA, GPL, OFL, MPL) stay out of training so the shipped
@@ -147,14 +147,12 @@ class Icon:
     licence: str
     split: str  # "train", "validation", an `EVAL_SETS` split, or "excluded"
     reason: str = ""  # why an icon is excluded
+    attribution: str = ""  # "<set> by <author> (<url>), <licence>"
 
     def record(self) -> dict:
         """What a shard keeps beside the image (`<key>.json`)."""
         fields = ("key", "set", "name", "caption", "captions", "concept", "codepoints")
-        return {f: getattr(self, f) for f in fields} | {
-            "licence": self.licence,
-            "split": self.split,
-        }
+        return {f: getattr(self, f) for f in (*fields, "licence", "attribution", "split")}
 
 
 @dataclass
@@ -202,9 +200,20 @@ def catalogue(source: IconSource, sets: list[str] | None = None) -> Iterator[Ico
             continue
         icon_set = source.icon_set(prefix)
         chars = emoji_names if prefix in EMOJI_STYLES else {}
+        attribution = _attribution(prefix, info)
         for icon in _icons_of(prefix, icon_set, licence, emojibase, chars, extra.get(prefix, {})):
             icon.split, icon.reason = _split(icon, source, labels)
+            icon.attribution = attribution
             yield icon
+
+
+def _attribution(prefix: str, info: dict) -> str:
+    author, licence = info.get("author", {}), info.get("license", {})
+    where = f" ({author['url']})" if author.get("url") else ""
+    return (
+        f"{info.get('name', prefix)} by {author.get('name', 'unknown')}{where}, "
+        f"{licence.get('title', licence.get('spdx', 'unknown licence'))}"
+    )
 
 
 def held_out_labels(held_concepts: dict[str, str], emojibase: dict[str, dict]) -> dict[str, str]:
