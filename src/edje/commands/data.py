@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from edje.commands import count, existing_folder, output_folder
 
@@ -62,6 +63,11 @@ def run_build(args: argparse.Namespace) -> int:
     from edje.data.icon_shards import build_icon_corpus
 
     out = args.out or default_folder()
+    print(
+        "edje data build: fetching the pinned npm packages (137 MB the first time) and reading "
+        "the icon sets; then rendering (minutes on 2 cores)",
+        file=sys.stderr,
+    )
     manifest = build_icon_corpus(
         out,
         sets=args.sets.split(",") if args.sets else None,
