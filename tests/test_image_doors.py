@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import make_tiny_model, spread_weights_
+from conftest import TINY_IMAGE_SIZE, make_tiny_model, spread_weights_
 from edje._utils import load_rgb
 from edje.data.schema import make_dataset
 from edje.evaluation import evaluate
@@ -177,3 +177,35 @@ def test_every_backend_ranks_the_shipped_models_candidates_alike():
     torch.testing.assert_close(logits["fast"], logits["torch"], atol=1e-4, rtol=0)
     torch.testing.assert_close(logits["onnx"], logits["torch"], atol=1e-4, rtol=0)
     assert logits["torch"].std() > 0.05  # the candidates are told apart: the test has teeth
+
+
+def test_a_large_picture_scores_as_the_processor_makes_it_through_every_door(
+    model, tiny_processor, tmp_path
+):
+    """A 1,536 px picture of 8 px stripes reaches the image processor whole through every door
+    (it was box-reduced to 56 px first): the stored tokens are the processor's, and so is every
+    door's logit."""
+    from edje.image_tokens import reduced
+    from edje.store import TokenStore
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    stripe = (np.arange(1536) // 8 % 2 * 255).astype(np.uint8)[None, :].repeat(1536, 0)
+    picture = Image.fromarray(np.stack([stripe, stripe // 2, 255 - stripe], axis=-1))
+    picture.save(folder / "big.png")
+    image_processor = tiny_processor.image_processor
+
+    def tokens_of(image: Image.Image) -> torch.Tensor:
+        pixels = image_processor(images=[image], return_tensors="pt")["pixel_values"]
+        with torch.no_grad():
+            return model.compress(model.encode_images(pixels))
+
+    reference = logit_of(model, tiny_processor, picture)
+    box_reduced = reduced(picture, TINY_IMAGE_SIZE)  # the processor resizes to that side
+    # What the doors made of it before: other tokens, another logit. The test has teeth.
+    assert (tokens_of(box_reduced) - tokens_of(picture)).abs().max() > 0.02
+    assert abs(logit_of(model, tiny_processor, box_reduced) - reference) > 1e-3  # 10 x 1e-4
+    assert_every_door_gives(logits_through_every_door(model, tiny_processor, folder / "big.png",
+                                                      tmp_path), reference)  # fmt: skip
+    stored = TokenStore.open(tmp_path / "doors.store").gather(["big"])
+    torch.testing.assert_close(stored.float(), tokens_of(picture).half().float(), atol=0, rtol=0)
