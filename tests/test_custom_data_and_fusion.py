@@ -107,9 +107,12 @@ def test_encode_data_stores_the_ids_fit_and_eval_read(
     assert main([*common, "--split", "test", "--out", str(tmp_path / "test")]) == 0
     test_ids = load_split([str(root)], "test")["image_id"]
     assert sorted(TokenStore.open(tmp_path / "test").ids) == sorted(test_ids)
-    with pytest.raises(SystemExit, match=r"has splits .*not \['dev'\]"):
-        main([*common, "--split", "dev", "--out", str(tmp_path / "dev")])
-    assert not (tmp_path / "dev").exists()
+    assert main([*common, "--split", "dev", "--out", str(tmp_path / "dev")]) == 0  # an alias
+    validation_ids = load_split([str(root)], "validation")["image_id"]
+    assert sorted(TokenStore.open(tmp_path / "dev").ids) == sorted(validation_ids)
+    with pytest.raises(SystemExit, match=r"has splits .*not \['holdout'\]"):
+        main([*common, "--split", "holdout", "--out", str(tmp_path / "holdout")])
+    assert not (tmp_path / "holdout").exists()
 
 
 # ---- fusion ---------------------------------------------------------------------------------

@@ -185,7 +185,7 @@ def test_two_folders_of_one_split_are_refused_not_merged(tmp_path):
         write_jsonl(folder, [{"file_name": "a.png", "caption": split}])
     with pytest.raises(ValueError, match=r"2 validation folders \(validation/, val/\); keep one"):
         load_data(str(tmp_path))
-    with pytest.raises(ValueError, match="caption_column names a column of a folder"):
+    with pytest.raises(ValueError, match="caption_column: column options are for a Hub data"):
         load_data("builtin", caption_column="text")
 
 

@@ -115,3 +115,34 @@ def scoring_options(args: argparse.Namespace) -> dict:
     import torch
 
     return {"backend": args.backend, "dtype": args.dtype and getattr(torch, args.dtype)}
+
+
+def add_column_options(parser, dataset_defaults: str = "") -> None:
+    """`--caption-column`, `--image-column`, `--id-column`: which columns of a `--data` folder
+    or Hub data set hold what (`edje.data.load_data`); `dataset_defaults` adds how another
+    source of the command reads them."""
+    parser.add_argument(
+        "--caption-column",
+        metavar="NAME",
+        help="--data folder's or Hub data set's caption column (default: caption/captions, "
+        "else text, sentences or sentence)",
+    )
+    parser.add_argument(
+        "--image-column",
+        metavar="NAME",
+        help="--data Hub data set's image column (default: image, img, jpg or png)"
+        + dataset_defaults.format(default="image"),
+    )
+    parser.add_argument(
+        "--id-column",
+        metavar="NAME",
+        help="--data Hub data set's image id column, rows with one id being one image (default:"
+        " image_id, filename, file_name or img_id, else split/row)"
+        + dataset_defaults.format(default="id"),
+    )
+
+
+def column_options(args) -> dict[str, str | None]:
+    """What `add_column_options` parsed, as `load_data`'s keyword arguments."""
+    names = ("caption_column", "image_column", "id_column")
+    return {name: getattr(args, name) for name in names}

@@ -5,7 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from edje.commands import count, existing_folder, folder_or_id, output_folder, whole_number
+from edje.commands import (
+    add_column_options,
+    column_options,
+    count,
+    existing_folder,
+    folder_or_id,
+    output_folder,
+    whole_number,
+)
 
 EXAMPLE = """examples:
   # raw DINOv2 tokens of every image under photos/ (ids: paths under photos/ without suffix)
@@ -17,6 +25,9 @@ EXAMPLE = """examples:
   edje encode --model my-edje --data photos/ --out photos.store
   # Flickr30k's 1k test images from a local copy of its parquet files (no other split read)
   edje encode --model my-edje --data flickr30k flickr30k/ --split test --out flickr.store
+  # a Hub data set of images and captions, as edje fit and eval read it (columns found by name)
+  edje encode --model my-edje --data nlphuji/flickr_1k_test_image_text_retrieval \
+      --split test --out flickr1k.store
   # a Hugging Face dataset (Hub id, saved folder or script), ids from its "filename" column
   edje encode --model my-edje --dataset nlphuji/flickr_1k_test_image_text_retrieval \\
       --split test --id-column filename --out flickr.store --dtype int8
@@ -51,7 +62,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         nargs="+",
         metavar=("NAME", "DATA_DIR"),
         help="a data set named as in edje fit / eval (builtin, emoji, FOLDER, flickr30k "
-        "[DATA_DIR], coco [DATA_DIR])",
+        "[DATA_DIR], coco [DATA_DIR], or a Hub data set id OWNER/NAME)",
     )
     source.add_argument("--dataset", metavar="NAME_OR_DIR", help="a Hugging Face dataset")
     source.add_argument(
@@ -63,15 +74,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     what.add_argument(
         "--split", help="the split to encode (default: train for --dataset, every split for --data)"
     )
-    what.add_argument("--id-column", default="id", help="dataset column of image ids (default: id)")
-    what.add_argument(
-        "--caption-column",
-        metavar="NAME",
-        help="--data folder's caption column (default: caption/captions, else text)",
-    )
-    what.add_argument(
-        "--image-column", default="image", help="dataset image column (default: image)"
-    )
+    add_column_options(what, dataset_defaults="; --dataset: {default}")
     how = parser.add_argument_group("encoder and store")
     how.add_argument(
         "--vision",
@@ -122,16 +125,17 @@ def _load_source(args: argparse.Namespace):
 
     if args.data:
         from edje.data import load_data
+        from edje.data.load import canonical_split
 
         name, data_dir = args.data[0], (args.data[1:] or [None])[0]
         if len(args.data) > 2:
             raise SystemExit(f"edje encode: --data expects NAME [DATA_DIR], got {args.data}")
-        wanted = [args.split] if args.split else None  # only that split's files are read
-        splits = load_data(
-            name, data_dir=data_dir, splits=wanted, caption_column=args.caption_column
-        )
-        if args.split and args.split not in splits:
-            every = list(load_data(name, data_dir=data_dir, caption_column=args.caption_column))
+        split = args.split and canonical_split(args.split)  # --split val / dev ...
+        wanted = [split] if split else None  # only that split's files are read
+        columns = column_options(args)
+        splits = load_data(name, data_dir=data_dir, splits=wanted, **columns)
+        if split and split not in splits:
+            every = list(load_data(name, data_dir=data_dir, **columns))
             raise SystemExit(f"edje encode: {name} has splits {every}, not {[args.split]}")
         return datasets.concatenate_datasets(list(splits.values()))
     path = args.dataset
@@ -190,8 +194,8 @@ def run(args: argparse.Namespace) -> int:
         image_processor=processor,
         compressor=compressor,
         # --data: ids and images in the columns edje fit and eval read them from
-        id_column="image_id" if args.data else args.id_column,
-        image_column="image" if args.data else args.image_column,
+        id_column="image_id" if args.data else args.id_column or "id",
+        image_column="image" if args.data else args.image_column or "image",
         batch_size=args.batch_size,
         dtype=args.dtype,
         shard_size=args.shard_size,

@@ -6,7 +6,9 @@ import argparse
 import sys
 
 from edje.commands import (
+    add_column_options,
     add_scoring_options,
+    column_options,
     count,
     existing_folder,
     folder_or_id,
@@ -24,6 +26,9 @@ EXAMPLE = """examples:
   # your own folder (metadata.jsonl, or train/ validation/ test/ with one each) with tokens
   # already in a store (edje encode --model my-edje --data photos/ --out photos.store)
   edje eval --model my-edje --first-stage my-probe --data photos/ --store photos.store
+  # a Hub data set of images and captions (columns found by name, or --caption-column ...)
+  edje eval --model my-edje --first-stage google/siglip2-large-patch16-384 \
+      --data nlphuji/flickr_1k_test_image_text_retrieval --out eval-flickr1k
 
 Writes report.json, report.md and recall_at_k.png (and contact_sheet.png) into --out and
 prints the markdown table.
@@ -57,18 +62,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         nargs="+",
         required=True,
         metavar=("NAME", "DATA_DIR"),
-        help="builtin | emoji | FOLDER | flickr30k [DATA_DIR] | coco [DATA_DIR] (see "
-        "edje.data.load_data; 'folder FOLDER' also works)",
+        help="builtin | emoji | FOLDER | flickr30k [DATA_DIR] | coco [DATA_DIR] | a Hub data "
+        "set id OWNER/NAME (see edje.data.load_data; 'folder FOLDER' also works)",
     )
     add_scoring_options(parser)
     parser.add_argument(
         "--split", default="test", help="split to evaluate (default: test; val, dev... too)"
     )
-    parser.add_argument(
-        "--caption-column",
-        metavar="NAME",
-        help="a data folder's caption column (default: caption/captions, else text)",
-    )
+    add_column_options(parser)
     parser.add_argument(
         "--store",
         type=existing_folder,
@@ -103,16 +104,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def load_split(spec: list[str], split: str, caption_column: str | None = None):
+def load_split(spec: list[str], split: str, caption_column: str | None = None, **columns):
     """The `split` of `--data NAME [DATA_DIR]` (a folder: `FOLDER` or `folder FOLDER`); a
-    folder without split folders is evaluated whole."""
+    folder without split folders is evaluated whole. `columns`: `image_column`, `id_column`
+    of a Hub data set (`load_data`)."""
     from pathlib import Path
 
     from edje.data import load_data, load_image_folder
-    from edje.data.load import SPLIT_FOLDERS, split_folders
+    from edje.data.load import canonical_split, split_folders
 
-    # --split val / dev / testing ...: the split imagefolder reads from such a folder
-    split = next((s for s, names in SPLIT_FOLDERS.items() if split in names), split)
+    split = canonical_split(split)  # --split val / dev / testing ...
     name, rest = (
         (spec[1], spec[2:]) if spec[0] == "folder" and len(spec) > 1 else (spec[0], spec[1:])
     )
@@ -120,6 +121,9 @@ def load_split(spec: list[str], split: str, caption_column: str | None = None):
         raise SystemExit(f"edje eval: --data expects NAME [DATA_DIR], got {' '.join(spec)!r}")
     folder = Path(name)
     if folder.is_dir() and not split_folders(folder):
+        if any(columns.values()):
+            given = ", ".join(f"--{k.replace('_', '-')}" for k, v in columns.items() if v)
+            raise SystemExit(f"edje eval: {given}: columns of a Hub data set; {name} is a folder")
         dataset = load_image_folder(folder, split=split, caption_column=caption_column)
         print(
             f"edje eval: {folder} has no train/ validation/ test/ folders; evaluating all "
@@ -127,16 +131,15 @@ def load_split(spec: list[str], split: str, caption_column: str | None = None):
             file=sys.stderr,
         )
         return dataset
+    options = dict(data_dir=rest[0] if rest else None, caption_column=caption_column, **columns)
     try:
-        splits = load_data(
-            name, data_dir=rest[0] if rest else None, splits=[split], caption_column=caption_column
-        )
+        splits = load_data(name, splits=[split], **options)
     except ValueError as error:
         raise SystemExit(f"edje eval: {error}") from None
     if split not in splits:
         raise SystemExit(
             f"edje eval: {name} has no {split!r} split (it has "
-            f"{', '.join(load_data(name, data_dir=rest[0] if rest else None))}); pass --split, "
+            f"{', '.join(load_data(name, **options))}); pass --split, "
             "or lay the folder out as train/ validation/ test/."
         )
     return splits[split]
@@ -158,7 +161,7 @@ def load_first_stage(name: str):
 def run(args: argparse.Namespace) -> int:
     from edje.evaluation import evaluate
 
-    dataset = load_split(args.data, args.split, args.caption_column)
+    dataset = load_split(args.data, args.split, **column_options(args))
     if args.limit:
         dataset = dataset.select(range(min(args.limit, len(dataset))))
     first_stage = load_first_stage(args.first_stage)

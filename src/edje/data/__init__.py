@@ -1,4 +1,5 @@
-"""Data sets: Flickr30k, COCO, your own images, the built-in offline set and emoji.
+"""Data sets: Flickr30k, COCO, your own images, any Hub data set of images and captions by its
+id (``load_hub_dataset``), the built-in offline set and emoji.
 
 ``load_emoji()`` gives real drawings with human-written names offline: Noto Color Emoji
 (``apt-get install fonts-noto-color-emoji``) captioned from their CLDR names, split so that test
@@ -36,6 +37,7 @@ from edje.data.builtin import make_builtin_dataset, make_builtin_scenes, save_bu
 from edje.data.columns import from_dataset
 from edje.data.emoji import emoji_slices, load_emoji
 from edje.data.folder import load_image_folder, read_captions
+from edje.data.hub import load_hub_dataset
 from edje.data.karpathy import HubSource, load_coco_karpathy, load_flickr30k
 from edje.data.load import DATA_NAMES, load_data
 from edje.data.schema import SCHEMA, flatten_captions
@@ -51,6 +53,7 @@ __all__ = [
     "load_data",
     "load_emoji",
     "load_flickr30k",
+    "load_hub_dataset",
     "load_image_folder",
     "make_builtin_dataset",
     "make_builtin_scenes",

@@ -3,7 +3,9 @@ and the quickstart.
 
 A name is `"builtin"`, `"emoji"`, `"flickr30k"`, `"coco"`, one of the icon corpus's evaluation
 sets (`"icons-heldout-style"`, ...: `ICON_SETS`, built by `edje data build icons`; `data_dir`
-is the corpus folder, by default `<edje cache>/icons`), or a folder of your own images;
+is the corpus folder, by default `<edje cache>/icons`), a folder of your own images, or the id
+of a Hub data set of images and captions (`"owner/name"`, `edje.data.hub`: any repository
+`datasets.load_dataset` reads, from its cache when offline; a local folder of that name wins);
 names joined by `+` (`"builtin+emoji"`, the quickstart's) give each split of all of them
 together (their image ids must not collide):
 
@@ -45,7 +47,7 @@ from pathlib import Path
 
 from datasets import DatasetDict, concatenate_datasets
 
-__all__ = ["DATA_NAMES", "SPLITS", "hub_datasets", "load_data"]
+__all__ = ["DATA_NAMES", "SPLITS", "check_unique_ids", "hub_datasets", "load_data"]
 
 logger = logging.getLogger(__name__)
 SPLITS = ("train", "validation", "test")
@@ -74,36 +76,42 @@ def load_data(
     seed: int = 0,
     builtin: dict[str, int] | None = None,
     caption_column: str | None = None,
+    image_column: str | None = None,
+    id_column: str | None = None,
     splits: Sequence[str] | None = None,
 ) -> DatasetDict:
-    """The splits of a named data set or a folder (see the module docstring); a `DatasetDict`
-    in edje's schema is returned as it is. `data_dir` is where Flickr30k / COCO files or the
-    icon corpus are; `builtin` sizes the built-in set (`make_builtin_dataset`'s `n_*` arguments);
-    `caption_column` names a folder's caption column (`edje.data.folder`). `splits` keeps only
-    those splits: Flickr30k and COCO then read (or download) no other split's files.
+    """The splits of a named data set, a folder or a Hub id (see the module docstring); a
+    `DatasetDict` in edje's schema is returned as it is. `data_dir` is where Flickr30k / COCO
+    files or the icon corpus are; `builtin` sizes the built-in set (`make_builtin_dataset`'s
+    `n_*` arguments); `caption_column` names a folder's or a Hub data set's caption column
+    (`edje.data.folder`), `image_column` and `id_column` a Hub data set's (`edje.data.hub`;
+    default: found by their usual names). `splits` keeps only those splits: Flickr30k and COCO
+    then read (or download) no other split's files.
     """
-    options = dict(data_dir=data_dir, seed=seed, builtin=builtin, caption_column=caption_column)
+    columns = dict(caption_column=caption_column, image_column=image_column, id_column=id_column)
+    options = dict(data_dir=data_dir, seed=seed, builtin=builtin, columns=columns)
     if splits is None:
         return _load_all(name, **options)
     if name in ("flickr30k", "coco"):
+        _refuse_columns(name, columns, is_folder=False, is_hub=False)
         return _karpathy(name, data_dir, splits)
     loaded = _load_all(name, **options)
     return DatasetDict({s: loaded[s] for s in splits if s in loaded})
 
 
-def _load_all(name, *, data_dir, seed, builtin, caption_column) -> DatasetDict:
+def _load_all(name, *, data_dir, seed, builtin, columns) -> DatasetDict:
     from edje import data as edje_data
+    from edje.data.hub import is_hub_id, load_hub_dataset
 
     if isinstance(name, DatasetDict):
         return name
     folder = Path(name)
-    if caption_column is not None and not folder.is_dir():
-        raise ValueError(
-            f"load_data: caption_column names a column of a folder's metadata; {str(name)!r} "
-            "is not a folder"
-        )
     if isinstance(name, str) and "+" in name and not folder.is_dir():  # "c++/photos" is one
-        return _combined(name.split("+"), data_dir=data_dir, seed=seed, builtin=builtin)
+        return _combined(name.split("+"), data_dir=data_dir, seed=seed, builtin=builtin, **columns)
+    hub = is_hub_id(name) and not folder.is_dir()
+    _refuse_columns(name, columns, folder.is_dir(), hub)
+    if hub:
+        return _with_validation(load_hub_dataset(name, **columns))
     if name == "builtin":
         return edje_data.make_builtin_dataset(seed=seed, **(builtin or {}))
     if name == "emoji":
@@ -114,19 +122,35 @@ def _load_all(name, *, data_dir, seed, builtin, caption_column) -> DatasetDict:
         return _karpathy(name, data_dir, SPLITS)
     if not folder.is_dir():
         raise ValueError(
-            f"load_data: expected one of {DATA_NAMES} or a folder of images with metadata, "
-            f"got {str(name)!r}"
+            f"load_data: expected one of {DATA_NAMES}, a folder of images with metadata or a "
+            f"Hub data set id (owner/name), got {str(name)!r}"
         )
-    return _with_validation(_folder_splits(folder, caption_column))
+    return _with_validation(_folder_splits(folder, columns["caption_column"]))
+
+
+def _refuse_columns(name, columns: dict, is_folder: bool, is_hub: bool) -> None:
+    """Column options name columns of a folder's metadata (the caption) or of a Hub data set
+    (all three): refused by name for anything else, rather than ignored."""
+    given = [option for option, value in columns.items() if value is not None]
+    allowed = ["caption_column"] if is_folder else list(columns) if is_hub else []
+    refused = [option for option in given if option not in allowed]
+    if refused:
+        kind = "a folder" if is_folder else "neither"
+        raise ValueError(
+            f"load_data: {', '.join(refused)}: column options are for a Hub data set (and "
+            f"caption_column for a folder's metadata); {str(name)!r} is {kind}"
+        )
 
 
 def hub_datasets(name: str) -> list[str]:
     """The Hub ids of the sets `name` loads from the Hub (a model card's `datasets`): the
-    default sources of flickr30k and coco; built-in, emoji and folders have none."""
+    default sources of flickr30k and coco, and Hub ids; built-in, emoji and folders have none."""
+    from edje.data.hub import is_hub_id
     from edje.data.karpathy import DEFAULT_COCO, DEFAULT_FLICKR30K
 
-    hub = {"flickr30k": DEFAULT_FLICKR30K, "coco": DEFAULT_COCO}
-    return [hub[part] for part in str(name).split("+") if part in hub]
+    known = {"flickr30k": DEFAULT_FLICKR30K, "coco": DEFAULT_COCO}
+    parts = str(name).split("+")
+    return [known.get(p, p) for p in parts if p in known or (is_hub_id(p) and not Path(p).is_dir())]
 
 
 def _icon_set_folder(name: str, data_dir: str | None) -> Path:
@@ -154,10 +178,28 @@ def _combined(names: list[str], **options) -> DatasetDict:
     combined = DatasetDict(
         {s: concatenate_datasets([part[s] for part in parts if s in part]) for s in splits}
     )
-    ids = [i for split in combined.values() for i in split["image_id"]]
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"load_data: the image ids of {'+'.join(names)} collide")
-    return combined
+    return check_unique_ids(combined, "+".join(names))
+
+
+def check_unique_ids(splits: DatasetDict, name: str) -> DatasetDict:
+    """`splits` when no image id is in two rows of them (a token store keeps one image per id);
+    raises ValueError naming one that is."""
+    seen: set[str] = set()
+    for split, dataset in splits.items():
+        for image_id in dataset["image_id"]:
+            if image_id in seen:
+                raise ValueError(
+                    f"load_data: the image ids of {name} collide ({image_id!r} is in two rows; "
+                    f"the second in {split}); expected each image once"
+                )
+            seen.add(image_id)
+    return splits
+
+
+def canonical_split(name: str) -> str:
+    """`"validation"` for `"val"`, `"dev"`, ...: the split imagefolder reads from a folder of
+    that name; other names stay as they are."""
+    return next((s for s, names in SPLIT_FOLDERS.items() if name in names), name)
 
 
 def split_folders(folder: Path) -> dict[str, Path]:

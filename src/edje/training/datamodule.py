@@ -53,6 +53,9 @@ class EDJEDataModule(LightningDataModule):
             value given here as well must agree with it.
         builtin: sizes of the built-in set when `data` is "builtin" (e.g. a reduced one for
             tests: `{"n_train_triplets": 20, "n_test_triplets": 4}`).
+        caption_column, image_column, id_column: which columns of a folder's metadata
+            (caption only) or of a Hub data set (`data: owner/name`) hold what; default: found
+            by their usual names (`edje.data.load_data`).
         max_caption_length: caption tokens kept, `[CLS]` and `[SEP]` included (default: the
             network's, else 64).
         normalize_captions: clean captions with the authors' rule before the first stage and
@@ -81,6 +84,9 @@ class EDJEDataModule(LightningDataModule):
         encode_batch_size: int = 64,
         seed: int = 0,
         builtin: dict[str, int] | None = None,
+        caption_column: str | None = None,
+        image_column: str | None = None,
+        id_column: str | None = None,
         neighbourhood_size: int = 1,
         neighbourhood_pool: int = 8,
         backbones: dict[str, Any] | None = None,
@@ -117,6 +123,9 @@ class EDJEDataModule(LightningDataModule):
         self.encode_batch_size = encode_batch_size
         self.seed = seed
         self.builtin = builtin
+        self.columns = dict(
+            caption_column=caption_column, image_column=image_column, id_column=id_column
+        )
         self.neighbourhood_size, self.neighbourhood_pool = neighbourhood_size, neighbourhood_pool
         self.splits: DatasetDict | None = None
         self.pairs: dict[str, PairTable] = {}
@@ -127,7 +136,7 @@ class EDJEDataModule(LightningDataModule):
         """Build (or finish) the raw token store; runs on one process per machine."""
         from edje.store.encode import encode_images
 
-        splits = load_data(self.data, seed=self.seed, builtin=self.builtin)
+        splits = self._load()
         vision_model, image_processor = load_vision_encoder(
             self.vision, image_size=self.vision_image_size
         )
@@ -145,6 +154,9 @@ class EDJEDataModule(LightningDataModule):
         logger.info(result.summary())
         if self.fit_first_stage and not Path(self.first_stage).exists():
             self._fit_first_stage(splits["train"])
+
+    def _load(self) -> DatasetDict:
+        return load_data(self.data, seed=self.seed, builtin=self.builtin, **self.columns)
 
     def _fit_first_stage(self, train: Dataset) -> None:
         """Fit the offline linear probe on the train split's cached raw tokens and captions."""
@@ -180,7 +192,7 @@ class EDJEDataModule(LightningDataModule):
         from edje.first_stage import load_embedding_model
         from edje.store import TokenStore
 
-        self.splits = load_data(self.data, seed=self.seed, builtin=self.builtin)
+        self.splits = self._load()
         self.store = TokenStore.open(self.store_path)
         if isinstance(self.first_stage, str | Path):
             self.first_stage = load_embedding_model(self.first_stage)
