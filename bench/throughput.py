@@ -46,7 +46,7 @@ SIZES = {
                          intermediate_size=256, image_size=64, patch_size=16),
         blip_text=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                        intermediate_size=256, encoder_hidden_size=64),
-        batch_sizes=[8, 32], seconds=0.2, images=256, parity_queries=16,
+        batch_sizes=[8, 32], seconds=0.2, images=256, parity_queries=16, exact_queries=4,
     ),
     "paper": dict(  # MiniLM-L12-H384 + 64 tokens; BLIP ITM base: ViT-B/16 at 384 px + BERT-base
         joint=dict(num_hidden_layers=12, hidden_size=384, num_attention_heads=12,
@@ -55,6 +55,7 @@ SIZES = {
         blip_vision=dict(image_size=384, patch_size=16),
         blip_text=dict(),
         batch_sizes=[256, 1024, 4096], seconds=1.0, images=4096, parity_queries=200,
+        exact_queries=10,
     ),
 }  # fmt: skip
 _WORD_TEXT = (
@@ -65,6 +66,7 @@ _WORD_TEXT = (
     "another behind front smiling jumping climbing rock wall tree stage city"
 )
 WORDS = _WORD_TEXT.split()
+TOP_N = 10  # the exact-mode table's top_n
 
 
 def sync(device: torch.device) -> None:
@@ -118,7 +120,8 @@ def build_edje(size: dict, processor):
     return model
 
 
-def token_source(args, m: int, d: int, count: int, device: torch.device, workdir: Path):
+def token_source(args, m: int, d: int, count: int, device: torch.device, workdir: Path,
+                 fingerprint: dict | None = None):  # fmt: skip
     """(host store or None, device-resident store or tensor, description)."""
     try:
         from edje.store import TokenStore
@@ -133,7 +136,8 @@ def token_source(args, m: int, d: int, count: int, device: torch.device, workdir
     if path is None:
         path = workdir / "store"
         g = torch.Generator().manual_seed(0)
-        with TokenStore.create(path, token_shape=(m, d), fingerprint={"bench": "random"}) as w:
+        fingerprint = fingerprint or {"bench": "random"}
+        with TokenStore.create(path, token_shape=(m, d), fingerprint=fingerprint) as w:
             for start in range(0, count, 1024):
                 n = min(1024, count - start)
                 w.add([f"img{start + i}" for i in range(n)], torch.randn(n, m, d, generator=g))
@@ -425,6 +429,159 @@ def measure_edje(args, size, entry, fn, device, rng, captions, host, resident, f
             entry["by_batch_size"].setdefault(str(q * k), {})[where] = r
 
 
+# -- exact mode: Q queries x K candidates, top_n 10 -----------------------------------------------
+
+
+def run_exact(args, size, device, workdir, processor) -> dict:
+    """The exact-mode table on the random paper/small-size EDJE over a temporary random store,
+    and (with `--parity-quickstart`) on the trained quickstart model over its own store."""
+    model = build_edje(size, processor)
+    m, d = model.config.image_token_shape
+    host, _, _ = token_source(
+        args, m, d, size["images"], device, workdir / "exact", model.store_fingerprint()
+    )
+    queries = args.exact_queries or size["exact_queries"]
+    captions = make_captions(processor.tokenizer, queries + args.calibration_pairs, seed=3)
+    rng = np.random.default_rng(4)
+    rows = {k: rng.random((queries, len(host))).argsort(1)[:, :k] for k in args.exact_candidates}
+    tables = {
+        "random": exact_table(
+            model,
+            processor,
+            host,
+            captions[:queries],
+            captions[queries:],
+            {k: [[host.ids[i] for i in row] for row in r] for k, r in rows.items()},
+            device,
+        )
+    }
+    if args.parity_quickstart:
+        tables["quickstart"] = exact_on_quickstart(args, device, queries)
+    return tables
+
+
+def exact_on_quickstart(args, device, queries: int) -> dict:
+    """The table on an `edje quickstart` folder: its model, built-in captions (the first
+    `queries` timed, the next ones calibrate when the model holds no bound) and each
+    caption's first-stage top K over every image of its store."""
+    from edje import EDJEModel, EDJEProcessor
+    from edje.data import read_captions
+    from edje.first_stage import VectorIndex, load_embedding_model
+    from edje.store import TokenStore
+
+    root = Path(args.parity_quickstart)
+    model = EDJEModel.from_pretrained(root / "model").eval()
+    processor = EDJEProcessor.from_pretrained(root / "model")
+    store = TokenStore.open(root / "raw.store")
+    captions = model.config.prepare_captions(
+        read_captions(root / "images" / "builtin" / "captions.jsonl")
+    )
+    first_stage = load_embedding_model(root / "first_stage" / "builtin")
+    index = VectorIndex.from_store(store, first_stage)
+    timed = captions[:queries]
+    _, positions = index.search(first_stage.encode_texts(timed), k=max(args.exact_candidates))
+    candidates = {
+        k: [[index.ids[p] for p in row[:k]] for row in positions.tolist()]
+        for k in args.exact_candidates
+    }
+    spare = captions[queries : queries + args.calibration_pairs]
+    return exact_table(model, processor, store, timed, spare, candidates, device)
+
+
+def exact_table(model, processor, store, captions, spare, candidates, device) -> dict:
+    """Per K: pairs/s of the transformers fp32 baseline, FastScorer fp32, bf16 and exact mode
+    (`EDJEReranker.rank_many(..., precision=...)`, top_n 10), and the share of queries whose
+    top n (set and order) equals the baseline's fp32 top n."""
+    import warnings
+
+    from edje.image_tokens import from_store
+    from edje.rerank import EDJEReranker
+    from edje.scoring.exact import calibrate, error_bound
+
+    bound = error_bound(model.config)
+    calibration = {"bound": bound, "source": "the model's config"}
+    if bound is None:  # measured here, on captions the timed queries do not use
+        rng = np.random.default_rng(5)
+        rows = torch.as_tensor(rng.integers(0, len(store), len(spare)))
+        with torch.inference_mode():
+            tokens = from_store(model, store, rows)
+        calibration = calibrate(model, processor, spare, tokens, device=device)
+        calibration["source"] = f"measured in this run on {len(spare)} pairs"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a raw store is compressed on the fly: fine here
+        reranker = EDJEReranker(model, store=store, processor=processor, device=device,
+                                error_bound=calibration["bound"])  # fmt: skip
+    out = {"top_n": TOP_N, "queries": len(captions), "calibration": calibration, "by_k": {}}
+    for ids in candidates.values():
+        k = len(ids[0])
+
+        def reranked(c, i, precision: str, k=k) -> list[list[str]]:
+            hits = reranker.rank_many(c, i, top_k=TOP_N, precision=precision, batch_size=k)
+            return [[h["image_id"] for h in row] for row in hits]
+
+        rows = {"transformers_fp32": timed_top_n(
+            lambda c, i: baseline_top_n(model, processor, store, c, i), captions, ids, device
+        )}  # fmt: skip
+        for precision in ("float32", "bfloat16", "exact"):
+            before = reranker.exact_counts or {}
+            rows[f"fast_{precision}"] = timed_top_n(
+                lambda c, i, p=precision: reranked(c, i, p), captions, ids, device
+            )
+            if precision == "exact":
+                rows["fast_exact"].update(rescored(before, reranker.exact_counts))
+        out["by_k"][str(k)] = agreement(rows, "transformers_fp32")
+    return out
+
+
+def timed_top_n(fn, captions, ids, device) -> dict:
+    """`fn(captions, ids)` -> each query's top n, timed over all queries after a warm-up on
+    the first query's first 32 candidates (caches, first allocations)."""
+    fn(captions[:1], [ids[0][:32]])
+    sync(device)
+    start = time.perf_counter()
+    top = fn(captions, ids)
+    sync(device)
+    seconds = time.perf_counter() - start
+    return {"pairs_per_s": len(captions) * len(ids[0]) / seconds, "seconds": seconds, "top": top}
+
+
+def rescored(before: dict, after: dict) -> dict:
+    """Exact mode's share of candidates re-scored in fp32 and its fallbacks between counts."""
+    delta = {key: after[key] - before.get(key, 0) for key in after}
+    return {"rescored_share": delta["rescored"] / delta["candidates"],
+            "fallbacks": delta["fallbacks"]}  # fmt: skip
+
+
+def agreement(rows: dict, reference: str) -> dict:
+    """Per case: identical top n and top 1 (shares of queries) and speed against `reference`."""
+    want = rows[reference]["top"]
+    for row in rows.values():
+        got = row.pop("top")
+        pairs = list(zip(got, want, strict=True))
+        row["identical_top_n"] = float(np.mean([a == b for a, b in pairs]))
+        row["identical_top_1"] = float(np.mean([a[0] == b[0] for a, b in pairs]))
+        row["vs_baseline"] = row["pairs_per_s"] / rows[reference]["pairs_per_s"]
+    return rows
+
+
+@torch.inference_mode()
+def baseline_top_n(model, processor, store, captions, ids, chunk: int = 256) -> list[list[str]]:
+    """Each query's top n by `EDJEModel.forward` in fp32 via the processor (padded batches of
+    `chunk` pairs); ties keep the candidate order, as the reranker's stable sort."""
+    from edje.image_tokens import from_store
+
+    out = []
+    for caption, row in zip(captions, ids, strict=True):
+        tokens = from_store(model, store, row)
+        logits = torch.cat([
+            model(**processor(text=[caption] * len(t), image_tokens=t).to(model.device)).logits
+            for t in tokens.split(chunk)
+        ])  # fmt: skip
+        best = torch.sort(logits.float().cpu(), descending=True, stable=True).indices[:TOP_N]
+        out.append([row[i] for i in best.tolist()])
+    return out
+
+
 def run_blip(args, size, device, dtype, tokenizer) -> dict:
     """BLIP ITM (random weights): full pixels path and cached ViT features."""
     from transformers import BlipConfig, BlipForImageTextRetrieval
@@ -511,13 +668,21 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile cases")
     parser.add_argument("--no-onnx", action="store_true", help="skip the ONNX cases (CPU)")
     parser.add_argument("--no-blip", action="store_true")
+    parser.add_argument("--exact-candidates", type=int, nargs="+", default=[100, 1000],
+                        help="exact-mode table: candidates K per query (top_n 10)")  # fmt: skip
+    parser.add_argument("--exact-queries", type=int, help="exact-mode table: queries per K")
+    parser.add_argument("--calibration-pairs", type=int, default=512,
+                        help="pairs calibrating a model that holds no bound")  # fmt: skip
+    parser.add_argument("--no-exact", action="store_true", help="skip the exact-mode table")
+    parser.add_argument("--only-exact", action="store_true",
+                        help="only the exact-mode table (no other case, no BLIP)")  # fmt: skip
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--out", type=Path, help="write the JSON here (else stdout)")
     parser.add_argument("--table", type=Path, help="print the markdown table of a JSON; no run")
     args = parser.parse_args(argv)
     if args.table:
         report = json.loads(args.table.read_text())
-        print(markdown_table(report))
+        print("\n\n".join(t(report) for t in (markdown_table, exact_markdown) if t(report)))
         return report
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -532,9 +697,16 @@ def main(argv: list[str] | None = None) -> dict:
     peak = matmul_peak(device, joint["hidden_size"], joint["intermediate_size"])
     processor = make_processor(size)
     with tempfile.TemporaryDirectory() as tmp:
-        edje, info = run_edje(args, size, device, dtype, Path(tmp), processor)
+        edje, info = (
+            ({}, {})
+            if args.only_exact
+            else run_edje(args, size, device, dtype, Path(tmp), processor)
+        )
+        (Path(tmp) / "exact").mkdir()
+        exact = {} if args.no_exact else run_exact(args, size, device, Path(tmp), processor)
     try:
-        blip = {} if args.no_blip else run_blip(args, size, device, dtype, processor.tokenizer)
+        skip_blip = args.no_blip or args.only_exact
+        blip = {} if skip_blip else run_blip(args, size, device, dtype, processor.tokenizer)
     except Exception as e:  # keep the EDJE figures of a GPU run whatever BLIP does
         blip = {"blip_error": {"error": f"{type(e).__name__}: {e}"[:2000], "by_batch_size": {}}}
     # The peak again at the end: on a shared CPU the first one may have been slowed; keep the best.
@@ -565,6 +737,7 @@ def main(argv: list[str] | None = None) -> dict:
         "end of the run)",
         **info,
         "cases": {**edje, **blip},
+        "exact": exact,
         "wall_seconds": time.time() - started,
     }
     text = json.dumps(report, indent=2)
@@ -580,6 +753,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 def markdown_table(report: dict) -> str:
     """The README table of a report: pairs/s (MFU) per case, batch size and token source."""
+    if not report["cases"]:
+        return ""
     sizes = sorted({int(b) for c in report["cases"].values() for b in c["by_batch_size"]})
     head = "| case | source | " + " | ".join(f"B={b}" for b in sizes) + " | parity |"
     lines = [head, "|" + "---|" * (len(sizes) + 3)]
@@ -606,6 +781,29 @@ def markdown_table(report: dict) -> str:
                 r = case["by_batch_size"].get(str(b), {}).get(source)
                 cells.append(f"{r['pairs_per_s']:,.0f} ({r['mfu']:.0%})" if r else "")
             lines.append(f"| {name} | {source} | " + " | ".join(cells) + f" | {note} |")
+    return "\n".join(lines)
+
+
+def exact_markdown(report: dict) -> str:
+    """The exact-mode table of a report: per model and K, pairs/s, x the baseline, identical
+    top n."""
+    if not report.get("exact"):
+        return ""
+    lines = [
+        "| model | K | case | pairs/s | vs baseline | identical top-10 | identical top-1 | notes |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for model, table in report.get("exact", {}).items():
+        for k, rows in table["by_k"].items():
+            for name, r in rows.items():
+                note = ""
+                if "rescored_share" in r:
+                    note = f"re-scored {r['rescored_share']:.1%}, fallbacks {r['fallbacks']}"
+                lines.append(
+                    f"| {model} | {k} | {name} | {r['pairs_per_s']:,.0f} | "
+                    f"{r['vs_baseline']:.2f}x | {r['identical_top_n']:.0%} | "
+                    f"{r['identical_top_1']:.0%} | {note} |"
+                )
     return "\n".join(lines)
 
 

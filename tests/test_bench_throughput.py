@@ -20,8 +20,11 @@ def report(tmp_path_factory):
     spec.loader.exec_module(module)
     out = tmp_path_factory.mktemp("bench") / "cpu-small.json"
     argv = ["--device", "cpu", "--sizes", "small", "--batch-sizes", "8", "16", "--seconds", "0"]
-    module.main([*argv, "--candidates", "4", "--parity-queries", "8", "--out", str(out)])
-    return json.loads(out.read_text())
+    exact = ["--exact-candidates", "16", "64", "--exact-queries", "3", "--calibration-pairs", "64"]
+    module.main([*argv, "--candidates", "4", "--parity-queries", "8", *exact, "--out", str(out)])
+    report = json.loads(out.read_text())
+    report["exact_markdown"] = module.exact_markdown(report)
+    return report
 
 
 def test_header_names_device_versions_and_peak(report):
@@ -65,3 +68,19 @@ def test_parity_fields_within_tolerance(report):
     int8 = cases["onnx_int8"]["parity"]
     assert int8["max_abs_diff"] < 0.5 and int8["top1_agreement"] >= 0.5
     assert cases["blip_cached"]["parity_vs_full_max_abs_prob_diff"] < 1e-5
+
+
+def test_exact_table_keeps_fp32s_top_n_with_its_bound_and_counts(report):
+    table = report["exact"]["random"]
+    assert table["top_n"] == 10 and table["queries"] == 3
+    calibration = table["calibration"]
+    assert calibration["bound"] == calibration["safety_margin"] * calibration["max_abs_diff"] > 0
+    assert set(table["by_k"]) == {"16", "64"}
+    for k, rows in table["by_k"].items():
+        assert set(rows) == {"transformers_fp32", "fast_float32", "fast_bfloat16", "fast_exact"}
+        assert all(r["pairs_per_s"] > 0 for r in rows.values()), k
+        exact = rows["fast_exact"]
+        assert exact["identical_top_n"] == rows["fast_float32"]["identical_top_n"] == 1.0, k
+        assert exact["fallbacks"] == 0 and 0 < exact["rescored_share"] <= 1, k
+    assert table["by_k"]["64"]["fast_exact"]["rescored_share"] < 1  # not everything re-scored
+    assert "| random | 64 | fast_exact |" in report["exact_markdown"]

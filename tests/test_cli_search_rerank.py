@@ -277,6 +277,32 @@ def test_search_and_rerank_take_dtype_and_backend(files, tmp_path, capsys):
     assert refused.value.code == 2 and "invalid choice: 'int4'" in capsys.readouterr().err
 
 
+def test_calibrate_stores_the_bound_and_search_in_exact_mode_gives_fp32s_hits(
+    files, tmp_path, capsys
+):
+    import shutil
+
+    root, _, _ = files
+    model = tmp_path / "edje"
+    shutil.copytree(root / "edje", model)  # calibrate writes its config.json
+    captions = tmp_path / "captions.txt"
+    captions.write_text("a cat\na red circle\ntwo dogs on grass\n")
+    search = ["search", "--model", str(model), "--first-stage", str(root / "probe"), "--store",
+              str(root / "raw"), "--device", "cpu", "--json", "--top", "2", "a cat"]  # fmt: skip
+    with pytest.raises(ValueError, match="edje calibrate"):  # no bound yet
+        main([*search, "--precision", "exact"])
+    calibrate = ["calibrate", "--model", str(model), "--store", str(root / "raw"),
+                 "--captions", str(captions), "--pairs", "32", "--device", "cpu"]  # fmt: skip
+    assert main(calibrate) == 0
+    record = json.loads((model / "config.json").read_text())["score_error_bounds"]["bfloat16"]
+    assert record["pairs"] == 32 and record["bound"] == 2 * record["max_abs_diff"] > 0
+    capsys.readouterr()
+    exact = run_json(capsys, [*search, "--precision", "exact"])
+    default = run_json(capsys, search)
+    assert [h["image_id"] for h in exact] == [h["image_id"] for h in default]
+    assert [h["score"] for h in exact] == pytest.approx([h["score"] for h in default], abs=1e-6)
+
+
 def test_a_folder_of_first_stages_is_refused_in_one_line_naming_them(files, tmp_path):
     import shutil
     import subprocess

@@ -248,7 +248,8 @@ def test_packed_bert_rejects_models_it_cannot_run():
 
 
 @pytest.mark.parametrize(
-    "name", ["edje.scoring.fast", "edje.scoring.packed_bert", "edje.scoring.fp8"]
+    "name",
+    ["edje.scoring.fast", "edje.scoring.packed_bert", "edje.scoring.fp8", "edje.scoring.exact"],
 )
 def test_docstring_examples_run(name):
     result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)

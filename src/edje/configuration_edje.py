@@ -122,6 +122,11 @@ class EDJEConfig(PretrainedConfig):
             Score fusion (`edje.fusion`): candidates with first-stage similarities are ranked by
             `fusion_edje_weight * logit + fusion_first_stage_weight * similarity`; chosen on
             validation data at export. `None`: EDJE's logit alone.
+        score_error_bounds (`dict`, *optional*):
+            Per fast dtype (`"bfloat16"`), the calibration record of exact mode
+            (`edje.scoring.exact`): `bound` (the largest |fast logit - fp32 logit| measured on
+            `pairs` pairs, times `safety_margin`), `max_abs_diff`, `pairs`, `device`.
+            Written by `edje calibrate`; `None`: not measured (exact mode then needs a bound).
 
     Example:
 
@@ -169,6 +174,7 @@ class EDJEConfig(PretrainedConfig):
         compact_checkpoint: bool = False,
         fusion_edje_weight: float = 1.0,
         fusion_first_stage_weight: float | None = None,
+        score_error_bounds: dict[str, dict[str, Any]] | None = None,
         **kwargs: Any,
     ):
         if text_config is None:
@@ -204,6 +210,7 @@ class EDJEConfig(PretrainedConfig):
         self.compact_checkpoint = compact_checkpoint
         self.fusion_edje_weight = fusion_edje_weight
         self.fusion_first_stage_weight = fusion_first_stage_weight
+        self.score_error_bounds = score_error_bounds
         super().__init__(**kwargs)
         self._validate()
 

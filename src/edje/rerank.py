@@ -16,6 +16,11 @@ Scoring goes through one of `edje.scoring`'s backends: `"fast"` (default; paddin
 to `EDJEModel.forward` up to float rounding), `"torch"` (`EDJEModel.forward` itself, the
 reference) or `"onnx"` (onnxruntime on the CPU).
 
+`precision="exact"` ranks with fp32's answer at about bf16's speed: every candidate is scored in
+bf16, the few whose score could still cross the top-k cut or swap with a neighbour are scored
+again in fp32, and the top k come back in fp32's order with fp32's scores (`edje.scoring.exact`
+states the guarantee and the bound it rests on, measured by `edje calibrate`).
+
 With first-stage scores (`rank(..., first_stage_scores=...)`, `rank_many`), candidates are ordered
 by the fused score of `edje.fusion` when the model's config holds fusion weights.
 
@@ -58,6 +63,7 @@ import torch
 from edje import image_tokens
 from edje._utils import load_rgb, progress
 from edje.fusion import fuse, fusion_weights
+from edje.scoring.exact import FAST_DTYPE, ExactTopN, error_bound, scoring_dtype
 
 __all__ = ["EDJEReranker"]
 
@@ -75,10 +81,18 @@ class EDJEReranker:
         device: where to score (default: CUDA if available, else CPU). The model is moved there.
         dtype: scoring dtype (default: float32, the model's own answer and the dtype the paper's
             authors evaluate in; `torch.bfloat16` is faster on GPUs and AMX CPUs but moves
-            logits by about 1e-2, enough to swap close candidates).
+            logits by about 1e-2, enough to swap close candidates). `precision` names it too.
         processor: the `EDJEProcessor` (required when `model` is a model object).
         force_store: use a store whose fingerprint differs from the model's.
         backend: `"fast"` (default), `"torch"` or `"onnx"` (see `edje.scoring`).
+        precision: `"float32"` (default), `"bfloat16"`, `"float16"` or `"exact"`: `rank` and
+            `rank_many` with a `top_k` score in bf16 and re-score in fp32 the candidates that
+            could change the top k, whose order and scores are then fp32's (`predict` and
+            `top_k=None` score in fp32). Exact mode needs the `"fast"` backend and an error
+            bound: the model config's `score_error_bounds` (`edje calibrate`) or `error_bound`.
+            `rank` / `rank_many` take `precision=` per call too (other than the default: the
+            `"fast"` backend only).
+        error_bound: exact mode's bound on |bf16 logit - fp32 logit|, instead of the config's.
     """
 
     def __init__(
@@ -91,6 +105,8 @@ class EDJEReranker:
         force_store: bool = False,
         *,
         backend: str = "fast",
+        precision: str | None = None,
+        error_bound: float | None = None,
     ):
         from edje import EDJEModel, EDJEProcessor
         from edje.scoring import make_scorer
@@ -106,7 +122,8 @@ class EDJEReranker:
                 "EDJEReranker(model, processor=EDJEProcessor...), or pass a model folder."
             )
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.dtype = dtype or torch.float32
+        self.precision = _precision(dtype, precision)
+        self.dtype = scoring_dtype(self.precision)
         self.model = model.to(self.device).eval()
         self.processor = processor
         self.token_shape = tuple(model.config.image_token_shape)  # (m, d)
@@ -116,6 +133,10 @@ class EDJEReranker:
             model.check_store(store, force=force_store)
         self.store = store
         self.scorer = make_scorer(model, processor, backend, dtype=self.dtype, device=self.device)
+        self.backend, self._scorers = backend, {self.dtype: self.scorer}
+        self._error_bound, self._exact = error_bound, None
+        if self.precision == "exact":
+            self._exact_mode()  # no bound or another backend: an error now, not at the first rank
 
     # -- CrossEncoder API ----------------------------------------------------------------------
 
@@ -176,6 +197,7 @@ class EDJEReranker:
         show_progress_bar: bool | None = None,
         activation_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
         first_stage_scores: Sequence[float] | torch.Tensor | None = None,
+        precision: str | None = None,
         **ignored: Any,
     ) -> list[dict[str, Any]]:
         """Rank documents for one query, best first, as sentence-transformers 6
@@ -193,17 +215,18 @@ class EDJEReranker:
         the model's config, `score` is of the fused score (`edje.fusion`) and entries add
         `"edje_score"` and `"first_stage_score"`. `apply_softmax`, `convert_to_numpy` and
         `convert_to_tensor` are accepted and ignored with a warning, as sentence-transformers 6
-        does.
+        does. `precision` overrides the reranker's for this call (`"exact"`: see the class).
         """
         _check_batch_size(batch_size, "rank")
         _warn_ignored(ignored)
+        precision = self._precision_of(precision)
         if isinstance(query, str):
             caption = _check_caption(query, "query")
             resolved = _Documents(self, documents)
             count, image_ids = len(resolved), resolved.image_ids
 
-            def logits_of(rows: range) -> torch.Tensor:
-                return self.scorer.score(caption, resolved.tokens(rows))
+            def logits_of(rows: Sequence[int], scorer) -> torch.Tensor:
+                return scorer.score(caption, resolved.tokens(rows))
         else:
             captions = [
                 _check_caption(c, f"document {i}") for i, c in enumerate(_as_list(documents))
@@ -211,9 +234,9 @@ class EDJEReranker:
             image = _Documents(self, [query], names=["query"]).tokens([0])  # [1, m, d]
             count, image_ids = len(captions), [None] * len(captions)
 
-            def logits_of(rows: range) -> torch.Tensor:
+            def logits_of(rows: Sequence[int], scorer) -> torch.Tensor:
                 batch = [captions[r] for r in rows]
-                return self.scorer.score_pairs(batch, image.expand(len(batch), -1, -1))
+                return scorer.score_pairs(batch, image.expand(len(batch), -1, -1))
 
         first = None
         if first_stage_scores is not None:  # checked before any document is scored
@@ -223,12 +246,18 @@ class EDJEReranker:
                     f"EDJEReranker.rank: expected one first_stage_score per document "
                     f"({count}), got {len(first)}."
                 )
-        logits = torch.zeros(count, device=self.device)
+        exact = _exact_wanted(precision, top_k, count)
         with progress(count, show_progress_bar, "EDJE rank", "document") as bar:
-            for start in range(0, count, batch_size):
-                rows = range(start, min(start + batch_size, count))
-                logits[start : rows.stop] = logits_of(rows).to(self.device)
-                bar.update(len(rows))
+            dtype = FAST_DTYPE if exact else scoring_dtype(precision)
+            logits = self._batched(range(count), logits_of, dtype, batch_size, bar)
+        if exact:
+            fp32 = self._scorer_for(torch.float32)
+
+            def rescore(rows: list[torch.Tensor]) -> list[torch.Tensor]:
+                return [self._batched(rows[0].tolist(), logits_of, fp32, batch_size)]
+
+            logits = self._exact_logits([logits], None if first is None else [first], rescore,
+                                        top_k)[0]  # fmt: skip
         hits = []
         for i, hit in self._hits(logits, first, top_k, activation_fn or torch.sigmoid):
             hits.append({"corpus_id": i, **hit})
@@ -247,6 +276,7 @@ class EDJEReranker:
         ids: Sequence[str] | None = None,
         batch_size: int = 32,
         show_progress_bar: bool | None = None,
+        precision: str | None = None,
     ) -> list[list[dict[str, Any]]]:
         """Rerank a first stage's candidates for many captions at once: the second stage in one
         call.
@@ -262,6 +292,7 @@ class EDJEReranker:
                 fusion weights (`edje.fusion`).
             top_k: keep the best `top_k` per query.
             ids: the image id of each position.
+            precision: overrides the reranker's for this call (`"exact"`: see the class).
 
         Returns, per query, entries best first: `{"corpus_id", "image_id", "score",
         "first_stage_rank", "first_stage_score"?, "edje_score"?}`. `corpus_id` is the position
@@ -269,6 +300,7 @@ class EDJEReranker:
         `first_stage_rank` is the 0-based column. Ties keep the first stage's order.
         """
         _check_batch_size(batch_size, "rank_many")
+        precision = self._precision_of(precision)
         if self.store is None:
             raise ValueError("EDJEReranker.rank_many: candidates are image ids, but no store.")
         queries = [_check_caption(q, f"query {i}") for i, q in enumerate(_as_list(queries))]
@@ -278,10 +310,14 @@ class EDJEReranker:
         results: list[list[dict[str, Any]]] = []
         with progress(len(queries), show_progress_bar, "EDJE rank_many", "query") as bar:
             for chunk in _chunks_of_equal_length([k[1] for k in kept], batch_size):
-                logits = self._score_many([queries[q] for q in chunk], [kept[q][1] for q in chunk])
-                for q, row_logits in zip(chunk, logits, strict=True):
+                firsts = None if fs is None else [[fs[q][c] for c in kept[q][0]] for q in chunk]
+                logits = self._score_many(
+                    [queries[q] for q in chunk], [kept[q][1] for q in chunk], precision, top_k,
+                    firsts,
+                )  # fmt: skip
+                for n, (q, row_logits) in enumerate(zip(chunk, logits, strict=True)):
                     columns, image_ids, corpus_ids = kept[q]
-                    first = None if fs is None else [fs[q][c] for c in columns]
+                    first = None if firsts is None else firsts[n]
                     results.append(
                         [
                             {
@@ -295,6 +331,12 @@ class EDJEReranker:
                     )
                 bar.update(len(chunk))
         return results
+
+    @property
+    def exact_counts(self) -> dict[str, int] | None:
+        """Exact mode's running counts (queries, candidates, rescored, fallbacks; see
+        `edje.scoring.exact.ExactTopN`), None before exact mode's first use."""
+        return None if self._exact is None else dict(self._exact.counts)
 
     # -- internals -----------------------------------------------------------------------------
 
@@ -336,14 +378,95 @@ class EDJEReranker:
         return keep, image_ids, [int(row[c]) if positions else c for c in keep]
 
     @torch.inference_mode()
-    def _score_many(self, queries: list[str], image_ids: list[list[str]]) -> list[torch.Tensor]:
-        """Logits per query for its candidates (equal-length rows: one `score_queries` call)."""
+    def _score_many(
+        self, queries: list[str], image_ids: list[list[str]], precision: str,
+        top_k: int | None, firsts: list[list[float]] | None,
+    ) -> list[torch.Tensor]:  # fmt: skip
+        """Logits per query for its candidates (equal-length rows: one `score_queries` call;
+        exact mode: then one fp32 `score_pairs` call for the candidates it re-scores)."""
         k = len(image_ids[0])
         if k == 0:
             return [torch.zeros(0, device=self.device) for _ in queries]
         tokens = self._from_store([i for row in image_ids for i in row])
         tokens = tokens.view(len(queries), k, *self.token_shape)
-        return list(self.scorer.score_queries(queries, tokens).to(self.device))
+        exact = _exact_wanted(precision, top_k, k)
+        scorer = self._scorer_for(FAST_DTYPE if exact else scoring_dtype(precision))
+        logits = list(scorer.score_queries(queries, tokens).to(self.device))
+        if not exact:
+            return logits
+        fp32 = self._scorer_for(torch.float32)
+
+        def rescore(rows: list[torch.Tensor]) -> list[torch.Tensor]:
+            lengths = [r.numel() for r in rows]
+            captions = [queries[q] for q, n in enumerate(lengths) for _ in range(n)]
+            if not captions:
+                return [torch.zeros(0, device=self.device) for _ in rows]
+            picked = torch.cat([tokens[q, r.to(tokens.device)] for q, r in enumerate(rows)])
+            return list(fp32.score_pairs(captions, picked).to(self.device).split(lengths))
+
+        return self._exact_logits(logits, firsts, rescore, top_k)
+
+    def _batched(self, rows: Sequence[int], logits_of, scorer, batch_size: int, bar=None):
+        """`logits_of(rows, scorer)` over `rows` in batches of `batch_size` (a dtype names
+        the scorer of that dtype): logits `[len(rows)]` on the reranker's device."""
+        if isinstance(scorer, torch.dtype):
+            scorer = self._scorer_for(scorer)
+        logits = torch.zeros(len(rows), device=self.device)
+        for start in range(0, len(rows), batch_size):
+            part = rows[start : start + batch_size]
+            logits[start : start + len(part)] = logits_of(part, scorer).to(self.device)
+            if bar is not None:
+                bar.update(len(part))
+        return logits
+
+    def _exact_logits(self, fast, firsts, rescore, top_k: int) -> list[torch.Tensor]:
+        """`ExactTopN.logits` over fast logits, ranked by the fused score when the model's
+        config holds fusion weights and first-stage scores are given."""
+        weights = None if firsts is None else fusion_weights(self.model.config)
+        if weights is None:
+            return self._exact_mode().logits(fast, rescore, top_k)
+        fused = [fuse(f, torch.tensor(x), weights) for f, x in zip(fast, firsts, strict=True)]
+        return self._exact_mode().logits(fast, rescore, top_k, fused, weights[0])
+
+    def _scorer_for(self, dtype: torch.dtype):
+        """The reranker's scorer in `dtype`, built at first use."""
+        from edje.scoring import make_scorer
+
+        if dtype not in self._scorers:
+            if self.backend != "fast":
+                raise ValueError(
+                    f"EDJEReranker: scoring in {dtype} besides {self.dtype} needs "
+                    f"backend='fast', got backend={self.backend!r}."
+                )
+            self._scorers[dtype] = make_scorer(
+                self.model, self.processor, self.backend, dtype=dtype, device=self.device
+            )
+        return self._scorers[dtype]
+
+    def _exact_mode(self) -> ExactTopN:
+        """Exact mode's state (its bound, counts and warn-once flag), built at first use."""
+        if self._exact is None:
+            if self.backend != "fast":
+                raise ValueError(
+                    f"EDJEReranker(precision='exact') needs backend='fast', got {self.backend!r}."
+                )
+            bound = self._error_bound or error_bound(self.model.config)
+            if bound is None:
+                raise ValueError(
+                    "EDJEReranker(precision='exact'): the model's config holds no bfloat16 error "
+                    "bound (score_error_bounds); measure one with `edje calibrate --model DIR "
+                    "--store STORE --captions FILE`, or pass error_bound=."
+                )
+            self._exact = ExactTopN(bound, FAST_DTYPE)
+        return self._exact
+
+    def _precision_of(self, precision: str | None) -> str:
+        if precision is None:
+            return self.precision
+        scoring_dtype(precision)  # checks the name
+        if precision == "exact":
+            self._exact_mode()
+        return precision
 
     def _from_store(self, image_ids: list[str]) -> torch.Tensor:
         return image_tokens.from_store(self.model, self.store, image_ids)
@@ -445,6 +568,25 @@ def _chunks_of_equal_length(rows: list[list], batch_size: int) -> list[list[int]
 def _best_first(logits: torch.Tensor) -> list[int]:
     """Indices by descending logit; a stable sort, so ties keep the input order."""
     return torch.sort(logits.float().cpu(), descending=True, stable=True).indices.tolist()
+
+
+def _precision(dtype: torch.dtype | None, precision: str | None) -> str:
+    """The reranker's precision from its `dtype` and `precision` arguments (one, the other or
+    both agreeing; default float32)."""
+    named = None if dtype is None else str(dtype).replace("torch.", "")
+    if precision is None:
+        precision = named or "float32"
+    scoring_dtype(precision)  # checks the name
+    if named is not None and named != precision:
+        raise ValueError(
+            f"EDJEReranker: dtype={dtype} and precision={precision!r} disagree; pass one."
+        )
+    return precision
+
+
+def _exact_wanted(precision: str, top_k: int | None, count: int) -> bool:
+    """Exact mode pays only when fewer than all candidates are kept; else fp32 throughout."""
+    return precision == "exact" and top_k is not None and top_k < count
 
 
 def _check_batch_size(batch_size: Any, method: str) -> None:

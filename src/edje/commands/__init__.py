@@ -92,11 +92,11 @@ def output_folder(text: str) -> str:
     return str(path)
 
 
-DTYPES = ("float32", "bfloat16", "float16")
+PRECISIONS = ("float32", "bfloat16", "float16", "exact")  # edje.scoring.exact.PRECISIONS
 
 
 def add_scoring_options(parser: argparse.ArgumentParser) -> None:
-    """`--backend` and `--dtype`: how a command that reranks scores (`edje.scoring`)."""
+    """`--backend` and `--precision` (alias `--dtype`): how a command that reranks scores."""
     from edje.scoring import BACKENDS
 
     parser.add_argument(
@@ -104,17 +104,17 @@ def add_scoring_options(parser: argparse.ArgumentParser) -> None:
         help="scoring backend (edje.scoring; default: %(default)s)",
     )  # fmt: skip
     parser.add_argument(
-        "--dtype", choices=DTYPES, default=None,
-        help="scoring dtype (default: float32, the model's own answer; bfloat16 is faster and "
-        "may swap close candidates)",
+        "--precision", "--dtype", dest="precision", choices=PRECISIONS, default=None,
+        help="scoring precision (default: float32, the model's own answer; bfloat16 is faster "
+        "and may swap close candidates; exact: bf16, then fp32 for the candidates that could "
+        "change the top k, fp32's answer where only the top k is kept (edje search); where "
+        "every score is wanted (edje rerank, eval, serve) exact scores in fp32)",
     )  # fmt: skip
 
 
 def scoring_options(args: argparse.Namespace) -> dict:
-    """`EDJEReranker`'s `backend` and `dtype` from `add_scoring_options`' flags."""
-    import torch
-
-    return {"backend": args.backend, "dtype": args.dtype and getattr(torch, args.dtype)}
+    """`EDJEReranker`'s `backend` and `precision` from `add_scoring_options`' flags."""
+    return {"backend": args.backend, "precision": args.precision}
 
 
 def add_column_options(parser, dataset_defaults: str = "") -> None:

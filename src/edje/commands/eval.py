@@ -13,7 +13,6 @@ from edje.commands import (
     existing_folder,
     folder_or_id,
     output_folder,
-    scoring_options,
     whole_number,
 )
 
@@ -160,6 +159,7 @@ def load_first_stage(name: str):
 
 def run(args: argparse.Namespace) -> int:
     from edje.evaluation import evaluate
+    from edje.scoring.exact import scoring_dtype
 
     dataset = load_split(args.data, args.split, **column_options(args))
     if args.limit:
@@ -187,7 +187,9 @@ def run(args: argparse.Namespace) -> int:
         extra_k=args.extra_k,
         batch_size=args.batch_size,
         device=args.device,
-        **scoring_options(args),
+        # recall@1..k reads every candidate's order, so "exact" scores them all in fp32
+        backend=args.backend,
+        dtype=args.precision and scoring_dtype(args.precision),
         dataset_name=args.data[1] if args.data[0] == "folder" else args.data[0],
         show_progress_bar=True,
         force_store=args.force,

@@ -1,0 +1,72 @@
+"""`edje calibrate`: measure a model's bf16-vs-fp32 logit error and store it as exact mode's
+bound (`score_error_bounds` in the model folder's config.json)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from edje.commands import count, existing_folder
+
+EXAMPLE = """examples:
+  # an `edje quickstart` folder: its model, its store and its captions
+  edje calibrate --model qs/model --store qs/raw.store --captions qs/images/builtin/captions.jsonl
+
+Scores --pairs random (caption, stored image) pairs in bfloat16 and in float32 (FastScorer, on
+--device), and writes the largest |difference| x --margin into --model's config.json, which
+`EDJEReranker(..., precision="exact")` and `--precision exact` read. The bound holds for the
+device type it was measured on; at run time exact mode checks it on every candidate it
+re-scores and falls back to fp32 (with a warning) where it fails.
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "calibrate",
+        help="measure the bf16 error bound exact mode needs and store it with the model",
+        description=__doc__.split("\n\n")[0],
+        epilog=EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--model", type=existing_folder, required=True, metavar="EDJE_DIR",
+                        help="a saved EDJE folder (its config.json is updated)")  # fmt: skip
+    parser.add_argument("--store", type=existing_folder, required=True, metavar="STORE",
+                        help="image tokens made by this model's vision encoder")  # fmt: skip
+    parser.add_argument("--captions", required=True, metavar="FILE",
+                        help="captions, one per line or JSONL with a caption field")  # fmt: skip
+    parser.add_argument("--pairs", type=count, default=4096, help="pairs scored both ways")
+    parser.add_argument("--margin", type=float, default=None,
+                        help="the largest difference x this is the bound (default 2)")  # fmt: skip
+    parser.add_argument("--seed", type=int, default=0, help="pair sampling seed")
+    parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: auto)")
+    parser.add_argument("--dry-run", action="store_true", help="print the record, write nothing")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from edje import EDJEModel, EDJEProcessor
+    from edje.data import read_captions
+    from edje.image_tokens import from_store
+    from edje.scoring.exact import SAFETY_MARGIN, calibrate, write_bound
+    from edje.store import TokenStore
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = EDJEModel.from_pretrained(args.model).to(device).eval()
+    processor = EDJEProcessor.from_pretrained(args.model)
+    store = TokenStore.open(args.store)
+    model.check_store(store)
+    captions = model.config.prepare_captions(read_captions(args.captions))
+    g = torch.Generator().manual_seed(args.seed)
+    caption_rows = torch.randint(len(captions), (args.pairs,), generator=g).tolist()
+    image_rows = torch.randint(len(store), (args.pairs,), generator=g)
+    with torch.inference_mode():
+        tokens = from_store(model, store, image_rows)
+    margin = SAFETY_MARGIN if args.margin is None else args.margin
+    record = calibrate(model, processor, [captions[i] for i in caption_rows], tokens,
+                       device=device, margin=margin)  # fmt: skip
+    print(json.dumps({"bfloat16": record}, indent=2))
+    if not args.dry_run:
+        print(f"wrote the bound into {write_bound(args.model, record)}")
+    return 0
