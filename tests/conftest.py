@@ -123,6 +123,20 @@ def make_tiny_model(processor, vision_encoder, seed: int = 0):
     return EDJEModel(config, vision_encoder=vision_encoder).eval()
 
 
+def crowded_tokens(fp32_reranker, caption: str, seed: int, near: int = 12, far: int = 36):
+    """Candidate tokens `[near + far, 4, 32]` for a tiny model (exact mode's tests), shuffled:
+    `near` small perturbations of the best of 200 random images for `caption` (their logits a
+    few 1e-3 apart, under bf16's rounding, so bf16 swaps them) among `far` random ones."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    pool = torch.randn(200, 4, 32, generator=g)
+    logits = fp32_reranker.predict([(caption, t) for t in pool], convert_to_tensor=True)
+    base = pool[int(logits.argmax())]
+    tokens = torch.cat([base + 0.02 * torch.randn(near, 4, 32, generator=g), pool[:far]])
+    return tokens[torch.randperm(len(tokens), generator=g)]
+
+
 def spread_weights_(model):
     """Random, non-trivial joint-encoder weights, biases and LayerNorms so every term matters and
     scores spread (std about 0.2-1; the default init, std 0.02, gives nearly equal logits)."""

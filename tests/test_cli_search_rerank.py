@@ -404,3 +404,60 @@ def test_index_decodes_a_few_images_at_a_time_each_reduced_at_once(tmp_path):
     assert ids == [i for i, _ in found] and embeddings.shape == (len(found), 4) and not failures
     assert [len(g) for g in first_stage.groups] == [DECODED_AT_ONCE, 4]  # not all 64 at once
     assert {size for g in first_stage.groups for size in g} == {(1050, 1050)}  # 2100 / 2
+
+
+def test_eval_in_exact_mode_gives_exactly_the_fp32_report(files, tmp_path):
+    """Recall@1..k reads every candidate's order: `edje eval --precision exact` scores them
+    all in fp32, and its report holds the very numbers of `--precision float32`'s."""
+    import shutil
+
+    root, ids, _ = files
+    data = tmp_path / "data"
+    shutil.copytree(root / "photos", data)
+    lines = [{"file_name": f"{i}.png", "caption": c} for i, c in zip(ids, CAPTIONS, strict=False)]
+    (data / "metadata.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    argv = ["eval", "--model", str(root / "edje"), "--first-stage", str(root / "probe"),
+            "--data", str(data), "--store", str(root / "raw"), "--k", "3",
+            "--device", "cpu"]  # fmt: skip
+    reports = {}
+    for precision in ("float32", "exact"):
+        assert main([*argv, "--precision", precision, "--out", str(tmp_path / precision)]) == 0
+        report = json.loads((tmp_path / precision / "report.json").read_text())
+        reports[precision] = {k: v for k, v in report.items()
+                              if k not in ("seconds", "pairs_per_second")}  # fmt: skip
+    assert reports["float32"]["pairs_scored"] > 0
+    assert reports["exact"] == reports["float32"]
+
+
+def test_the_search_page_in_exact_mode_shows_fp32s_top_n(files):
+    """`/v1/search` and `/v1/describe` with `top_n` < k over real HTTP: the exact-mode service
+    shows the fp32 service's top n (ids, captions, scores) after its bf16 + fp32 phases."""
+    from conftest import http_json
+    from edje.first_stage import VectorIndex, load_embedding_model
+    from edje.serving.app import RerankerBackend, create_app, serve_in_background
+    from edje.serving.search_page import Collection, add_search_page
+
+    root, ids, _ = files
+    probe = load_embedding_model(root / "probe")
+    answers, counts = {}, {}
+    for precision in ("float32", "exact"):
+        reranker = EDJEReranker(str(root / "edje"), store=root / "raw", device="cpu",
+                                precision=precision, error_bound=0.01)  # fmt: skip
+        index = VectorIndex.from_store(reranker.store, probe)
+        app = create_app(RerankerBackend(reranker))
+        add_search_page(app, Collection(reranker, probe, index, captions=CAPTIONS))
+        with serve_in_background(app) as url:
+            search = http_json(f"{url}/v1/search", {"query": "a cat", "k": 5, "top_n": 2})
+            describe = http_json(f"{url}/v1/describe", {"image_id": ids[0], "k": 6, "top_n": 3})
+        answers[precision] = [search[1]["reranked"], describe[1]["reranked"]]
+        assert search[0] == describe[0] == 200, (search, describe)
+        counts[precision] = reranker.exact_counts
+    assert [len(hits) for hits in answers["exact"]] == [2, 3]
+    for got, want in zip(answers["exact"], answers["float32"], strict=True):
+        assert [h["rank"] for h in got] == [h["rank"] for h in want]
+        assert [h.get("image_id", h.get("caption")) for h in got] == [
+            h.get("image_id", h.get("caption")) for h in want
+        ]
+        assert [h["score"] for h in got] == pytest.approx([h["score"] for h in want], abs=1e-6)
+    assert counts["float32"] is None
+    assert counts["exact"]["queries"] == 2 and counts["exact"]["candidates"] == 5 + 6

@@ -152,6 +152,7 @@ class EDJEReranker:
         *,
         inputs: Sequence[tuple[str, Any]] | None = None,
         sentences: Sequence[tuple[str, Any]] | None = None,
+        precision: str | None = None,
     ) -> np.ndarray | torch.Tensor | list[float]:
         """Score `(caption, document)` pairs: sigmoid of EDJE's logits, in the order given.
 
@@ -162,9 +163,11 @@ class EDJEReranker:
         order is restored. A single pair `(caption, document)` gives a single score. Returns a
         float32 numpy array (default), a tensor (`convert_to_tensor=True`, on the reranker's
         device) or a list of floats (both False). `inputs=` and `sentences=` (older releases'
-        name) are the same as `pairs`.
+        name) are the same as `pairs`. `precision` overrides the reranker's for this call
+        (`"exact"` scores every pair in fp32: all scores are wanted).
         """
         _check_batch_size(batch_size, "predict")
+        scorer = self._scorer_for(scoring_dtype(self._precision_of(precision)))
         pairs = _one_of(pairs, inputs, sentences)
         single = len(pairs) == 2 and isinstance(pairs[0], str)
         pairs = [pairs] if single else list(pairs)
@@ -181,7 +184,7 @@ class EDJEReranker:
                 rows = order[start : start + batch_size]
                 tokens = documents.tokens(rows)
                 captions_of_rows = [captions[r] for r in rows]
-                logits[rows] = self.scorer.score_pairs(captions_of_rows, tokens).to(self.device)
+                logits[rows] = scorer.score_pairs(captions_of_rows, tokens).to(self.device)
                 bar.update(len(rows))
         scores = _converted((activation_fn or torch.sigmoid)(logits), convert_to_numpy,
                             convert_to_tensor)  # fmt: skip
@@ -333,6 +336,12 @@ class EDJEReranker:
         return results
 
     @property
+    def exact_top_n(self) -> ExactTopN | None:
+        """Exact mode's `ExactTopN` (its bound, counts and warn-once flag: one per reranker,
+        shared by every door that ranks with it) when the reranker's precision is exact."""
+        return self._exact_mode() if self.precision == "exact" else None
+
+    @property
     def exact_counts(self) -> dict[str, int] | None:
         """Exact mode's running counts (queries, candidates, rescored, fallbacks; see
         `edje.scoring.exact.ExactTopN`), None before exact mode's first use."""
@@ -423,10 +432,7 @@ class EDJEReranker:
         """`ExactTopN.logits` over fast logits, ranked by the fused score when the model's
         config holds fusion weights and first-stage scores are given."""
         weights = None if firsts is None else fusion_weights(self.model.config)
-        if weights is None:
-            return self._exact_mode().logits(fast, rescore, top_k)
-        fused = [fuse(f, torch.tensor(x), weights) for f, x in zip(fast, firsts, strict=True)]
-        return self._exact_mode().logits(fast, rescore, top_k, fused, weights[0])
+        return self._exact_mode().logits(fast, rescore, top_k, firsts, weights)
 
     def _scorer_for(self, dtype: torch.dtype):
         """The reranker's scorer in `dtype`, built at first use."""
@@ -586,7 +592,7 @@ def _precision(dtype: torch.dtype | None, precision: str | None) -> str:
 
 def _exact_wanted(precision: str, top_k: int | None, count: int) -> bool:
     """Exact mode pays only when fewer than all candidates are kept; else fp32 throughout."""
-    return precision == "exact" and top_k is not None and top_k < count
+    return precision == "exact" and top_k is not None and 1 <= top_k < count
 
 
 def _check_batch_size(batch_size: Any, method: str) -> None:

@@ -107,8 +107,9 @@ def add_scoring_options(parser: argparse.ArgumentParser) -> None:
         "--precision", "--dtype", dest="precision", choices=PRECISIONS, default=None,
         help="scoring precision (default: float32, the model's own answer; bfloat16 is faster "
         "and may swap close candidates; exact: bf16, then fp32 for the candidates that could "
-        "change the top k, fp32's answer where only the top k is kept (edje search); where "
-        "every score is wanted (edje rerank, eval, serve) exact scores in fp32)",
+        "change the top k, fp32's answer where only the top k is kept (edje search; edje serve "
+        "for requests with top_n and the page's 'show'); where every score is wanted (edje "
+        "rerank, eval) exact scores in fp32)",
     )  # fmt: skip
 
 

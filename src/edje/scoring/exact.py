@@ -1,14 +1,20 @@
 """Exact top-n at a fast dtype's speed: score every candidate in bf16, re-score in fp32 only
 those that could still change fp32's top n, return fp32's order and fp32's scores.
 
-The guarantee. Let `s_i` be candidate i's logit in the fast dtype, `f_i` its fp32 logit, and
-suppose `|s_i - f_i| <= eps` for every candidate (eps: the model's calibrated bound). Let `c` be
-the n-th largest fast logit. A candidate with `s_j < c - 2 eps` has `f_j <= s_j + eps < c - eps`,
-while the n candidates with `s >= c` have `f >= c - eps`: j is not in fp32's top n. So
-re-scoring in fp32 every candidate with `s_i >= c - 2 eps` and ranking those by their fp32
-logits gives fp32's top n, in fp32's order (ties: input order, as fp32's stable sort) with
-fp32's scores. Ranked by a fused score `a * logit + b * first_stage` (`edje.fusion`), the same
-holds on the fused scores with `|a| eps`.
+The rule (`top_rows`, then `rows_to_rescore`). Let `s_i` be candidate i's logit in the fast
+dtype, `f_i` its fp32 logit, and suppose `|s_i - f_i| <= eps` for every candidate (eps: the
+model's calibrated bound). First the fast top n (any n candidates would do; these are the
+likeliest winners) are re-scored in fp32; let `L` be the smallest of their fp32 logits. Then
+every other candidate with `s_j >= L - eps` is re-scored too, and the re-scored candidates
+ranked by their fp32 logits give fp32's top n, in fp32's order (ties: input order, as fp32's
+stable sort) with fp32's scores. Proof: n candidates have `f >= L`, so a candidate with
+`f_j < L` is not in fp32's top n (not even by a tie); a skipped candidate has
+`s_j < L - eps`, so `f_j <= s_j + eps < L`; and each skipped one keeps `s_j < L` in the
+merged logits, below the n re-scored candidates with `f >= L`. The line is never looser than
+the one-step rule `s_j >= c - 2 eps` (c: the n-th best fast logit): `L >= c - eps`, as each of
+the fast top n has `f >= s - eps >= c - eps`. Ranked by a fused score
+`a * logit + b * first_stage` (`edje.fusion`), the same holds on the fused scores with
+`|a| eps`.
 
 When it holds: when the bound does. It is measured per model (`calibrate`: the largest
 `|s - f|` over N pairs, times a safety margin, stored in the model's config as
@@ -16,6 +22,11 @@ When it holds: when the bound does. It is measured per model (`calibrate`: the l
 their `|s - f|`; if one exceeds eps, that query is scored in fp32 throughout and a warning is
 logged (once per `ExactTopN`). Candidates that are not re-scored are not checked; for them the
 guarantee rests on the calibration.
+
+`ExactTopN.plan` is the rule's one home: a generator that asks for fp32 logits of some rows per
+query (the fast top n, then the others above the line, then a failed check's every row) and
+returns the merged logits; `ExactTopN.logits` drives it with a function, the HTTP service
+(`edje.serving.app`) with its batching scheduler, one job per step.
 
 Example (a bound given by hand; `calibrate` measures one):
 
@@ -37,7 +48,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +62,7 @@ __all__ = [
     "calibrate",
     "error_bound",
     "rows_to_rescore",
+    "top_rows",
     "write_bound",
 ]
 
@@ -61,17 +73,32 @@ BOUNDS_KEY = "score_error_bounds"  # EDJEConfig field: {dtype name: calibration 
 
 logger = logging.getLogger(__name__)
 
+# Per query: the rows to score in fp32 (asked), their fp32 logits (sent back).
+Plan = Generator[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]
 
-def rows_to_rescore(fast_scores: torch.Tensor, top_n: int, bound: float) -> torch.Tensor:
-    """Indices (ascending) of the candidates whose exact score could place them in the top
-    `top_n`: fast score >= the n-th best fast score - 2 `bound` (every one when `top_n` >= K).
-    """
-    count = fast_scores.numel()
-    if top_n >= count:
-        return torch.arange(count, device=fast_scores.device)
+
+def top_rows(fast_scores: torch.Tensor, top_n: int) -> torch.Tensor:
+    """The rule's first step: the `top_n` best fast scores' indices, best first (ties: input
+    order; all of them when `top_n` >= K)."""
+    order = torch.sort(fast_scores.double(), descending=True, stable=True).indices
+    return order[:top_n]
+
+
+def rows_to_rescore(
+    fast_scores: torch.Tensor, top_n: int, bound: float, exact_top: torch.Tensor
+) -> torch.Tensor:
+    """The rule's second step: indices (ascending) of the candidates outside
+    `top_rows(fast_scores, top_n)` whose exact score could place them in the top `top_n`:
+    fast score >= L - `bound`, L the smallest of `exact_top` (the exact scores of those top
+    rows, in `top_rows`' order). Empty when `top_n` >= K."""
     scores = fast_scores.double()  # the comparison itself adds no rounding
-    cut = scores.topk(top_n).values[-1]
-    return (scores >= cut - 2 * bound).nonzero().flatten()
+    top = top_rows(scores, top_n)
+    if top.numel() >= scores.numel():
+        return top[:0]
+    line = float(exact_top.double().min()) - bound
+    above = scores >= line
+    above[top] = False
+    return above.nonzero().flatten()
 
 
 class ExactTopN:
@@ -92,6 +119,7 @@ class ExactTopN:
         if not math.isfinite(bound):
             raise ValueError(f"ExactTopN: bound must be finite, got {bound!r}.")
         self.bound, self.dtype = float(bound), dtype
+        self.precision = _name(dtype)  # the dtype's name, as `PRECISIONS` spells it
         self.counts = {"queries": 0, "candidates": 0, "rescored": 0, "fallbacks": 0}
         self._warned = False
 
@@ -100,60 +128,117 @@ class ExactTopN:
         fast: Sequence[torch.Tensor],
         rescore: Callable[[list[torch.Tensor]], Sequence[torch.Tensor]],
         top_n: int,
-        ranked_by: Sequence[torch.Tensor] | None = None,
-        scale: float = 1.0,
+        firsts: Sequence[Any] | None = None,
+        weights: Sequence[float] | None = None,
     ) -> list[torch.Tensor]:
         """Per query, logits `[K]` whose top `top_n` are fp32's (same candidates, order and
         values); the others keep their fast logits.
 
         Args:
             fast: per query, the fast-dtype logits of its K candidates.
-            rescore: candidate indices per query -> their fp32 logits per query (one call
-                for all queries; an empty index tensor for a query asks nothing).
+            rescore: candidate indices per query -> their fp32 logits per query (called once
+                per step of `plan`; an empty index tensor for a query asks nothing).
             top_n: how many of each query's best are wanted exactly.
-            ranked_by: per query, the fast scores candidates are ranked by, when not the
-                logits themselves (fused scores); `scale`: how much a logit's error moves them
-                (the fusion's EDJE weight).
+            firsts, weights: per query, first-stage scores, and the fusion weights: candidates
+                are then ranked by `edje.fusion.fuse` of the logits and those scores.
         """
-        bound = self.bound * abs(scale)
-        rows = [rows_to_rescore(s, top_n, bound) for s in (ranked_by or fast)]
-        exact = rescore(rows)
-        out, again = [], []
-        for q, (f, r, e) in enumerate(zip(fast, rows, exact, strict=True)):
-            merged = f.float().clone()
-            merged[r] = e.to(merged)
-            out.append(merged)
-            if r.numel() and float((e.to(merged) - f.float()[r]).abs().max()) > self.bound:
-                again.append(q)
+        plan = self.plan(fast, top_n, firsts, weights)
+        try:
+            rows = next(plan)
+            while True:
+                rows = plan.send(list(rescore(rows)))
+        except StopIteration as done:
+            return done.value
+
+    def plan(
+        self,
+        fast: Sequence[torch.Tensor],
+        top_n: int,
+        firsts: Sequence[Any] | None = None,
+        weights: Sequence[float] | None = None,
+    ) -> Plan:
+        """`logits`' steps as a generator: it yields the rows to score in fp32 per query, is
+        sent their fp32 logits per query, and returns the merged logits (StopIteration's
+        value). A step that would ask nothing is skipped."""
+        rank = _Ranking(fast, firsts, weights)
+        merged = [f.float().clone() for f in fast]
+        top = [top_rows(rank.fast[q], top_n) for q in range(len(fast))]
+        again = self._merged(merged, fast, top, (yield top))
+        bound = self.bound * abs(rank.scale)
+        more = [
+            top[q][:0] if q in again
+            else rows_to_rescore(rank.fast[q], top_n, bound, rank.of(q, merged[q][top[q]], top[q]))
+            for q in range(len(fast))
+        ]  # fmt: skip
+        if any(r.numel() for r in more):
+            again += self._merged(merged, fast, more, (yield more))
         if again:
-            self._warn(again, fast, rows, exact)
+            self._warn(again, fast, top, more, merged)
             every = [torch.arange(f.numel() if q in again else 0, device=f.device)
                      for q, f in enumerate(fast)]  # fmt: skip
-            full = rescore(every)
+            full = yield every
             for q in again:
-                out[q] = full[q].float()
-        self._count(fast, rows, again)
-        return out
+                merged[q] = full[q].float()
+        self._count(fast, top, more, again)
+        return merged
 
-    def _count(self, fast, rows, again) -> None:
+    def _merged(self, merged, fast, rows, exact) -> list[int]:
+        """`exact` (fp32 logits of `rows`) written into `merged`; the queries whose check
+        failed (a re-scored logit more than the bound from its fast one)."""
+        failed = []
+        for q, (f, r, e) in enumerate(zip(fast, rows, exact, strict=True)):
+            if not r.numel():
+                continue
+            merged[q][r] = e.to(merged[q])
+            if float((merged[q][r] - f.float()[r]).abs().max()) > self.bound:
+                failed.append(q)
+        return failed
+
+    def _count(self, fast, top, more, again) -> None:
         self.counts["queries"] += len(fast)
         self.counts["candidates"] += sum(f.numel() for f in fast)
-        self.counts["rescored"] += sum(r.numel() for r in rows)
+        self.counts["rescored"] += sum(
+            t.numel() + m.numel() for t, m in zip(top, more, strict=True)
+        )
         self.counts["rescored"] += sum(fast[q].numel() for q in again)
         self.counts["fallbacks"] += len(again)
 
-    def _warn(self, again, fast, rows, exact) -> None:
+    def _warn(self, again, fast, top, more, merged) -> None:
         if self._warned:
             return
         self._warned = True
         q = again[0]
-        worst = float((exact[q].float() - fast[q].float()[rows[q]]).abs().max())
+        rows = torch.cat([top[q], more[q]])
+        worst = float((merged[q][rows] - fast[q].float()[rows]).abs().max())
         logger.warning(
             "exact mode: the %s error bound %.3g was violated (|%s - float32| = %.3g on a "
             "re-scored candidate): falling back to fp32 for %d of %d queries in this call; "
             "recalibrate the model (edje.scoring.exact.calibrate). Logged once.",
             _name(self.dtype), self.bound, _name(self.dtype), worst, len(again), len(fast),
         )  # fmt: skip
+
+
+class _Ranking:
+    """What candidates are ranked by: their logits, or the fused score with first-stage scores
+    (`edje.fusion.fuse`, elementwise, so fusing a subset gives the subset of the fused)."""
+
+    def __init__(self, fast, firsts, weights) -> None:
+        self.weights = weights if firsts is not None else None
+        self.scale = 1.0 if self.weights is None else self.weights[0]  # a logit error's weight
+        self.firsts = None
+        if self.weights is not None:
+            self.firsts = [torch.as_tensor(x, dtype=torch.float32, device=f.device)
+                           for f, x in zip(fast, firsts, strict=True)]  # fmt: skip
+        self.fast = [self.of(q, f.float(), None) for q, f in enumerate(fast)]
+
+    def of(self, q: int, logits: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        """Query q's ranking scores of `logits` (of candidates `rows`, or all)."""
+        if self.weights is None:
+            return logits
+        from edje.fusion import fuse
+
+        first = self.firsts[q] if rows is None else self.firsts[q][rows]
+        return fuse(logits, first, self.weights)
 
 
 def error_bound(config: Any, dtype: torch.dtype = FAST_DTYPE) -> float | None:

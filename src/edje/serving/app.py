@@ -26,6 +26,14 @@ What one request may ask for, and the connection timeouts, are `ServeLimits`; ba
 are decoded within one server-wide pixel budget (`edje.serving.budget`), and a connection slow
 to send its request head is closed (`edje.serving.connections`).
 
+Exact mode (`edje serve --precision exact`): a request with `top_n` below its documents' count
+is scored in bf16, then the candidates that could change its top n again in fp32
+(`edje.scoring.exact.ExactTopN.plan`: the bf16 top n, then the others above the line), each
+step one job of the batching scheduler; the `top_n` results returned are fp32's (order and
+scores), and the documents beyond them, not returned, keep bf16 logits. Without `top_n` (or
+with one that keeps every document) every document is scored in fp32. `GET /health` adds the
+counts (`exact`: queries, candidates, rescored, fallbacks).
+
 Concurrent requests are scored together (`edje.serving.batching.MicroBatcher`). The scoring
 backend is anything with the three methods of `ScoringBackend`; `edje serve` runs
 `RerankerBackend` over an `edje.rerank.EDJEReranker` (store lookups, raw stores compressed on
@@ -96,9 +104,11 @@ class ScoringBackend(Protocol):
         """Store ids and decoded images -> what `score_pairs` takes (e.g. tokens `[K, m, d]`)."""
 
     def score_pairs(self, queries: Sequence[str], documents: Sequence[Any]) -> torch.Tensor:
-        """Logits `[N]`: `queries[i]` against prepared `documents[i]`."""
+        """Logits `[N]`: `queries[i]` against prepared `documents[i]`. With `exact` set it
+        also takes `precision=` ("bfloat16", "float32"), exact mode's two phases."""
 
     fusion: tuple[float, float] | None  # weights for requests with first_stage_scores
+    exact: Any  # optional: an edje.scoring.exact.ExactTopN when serving in exact mode
 
     def check(self) -> str | None:
         """Optional: what would make reranking fail now, or None (`GET /health` asks)."""
@@ -111,6 +121,7 @@ class RerankerBackend:
     def __init__(self, reranker) -> None:
         self.reranker = reranker
         self.fusion = fusion_weights(reranker.model.config)
+        self.exact = reranker.exact_top_n  # the reranker's own: one bound, one warning
 
     def unknown_ids(self, image_ids: Sequence[str]) -> list[str]:
         store = self.reranker.store
@@ -135,13 +146,16 @@ class RerankerBackend:
             return non_finite_message([0], [probe])
         return None
 
-    def score_pairs(self, queries: Sequence[str], documents: Sequence[Any]) -> torch.Tensor:
+    def score_pairs(
+        self, queries: Sequence[str], documents: Sequence[Any], precision: str | None = None
+    ) -> torch.Tensor:
         return self.reranker.predict(
             list(zip(queries, documents, strict=True)),
             batch_size=max(len(queries), 1),
             activation_fn=torch.nn.Identity(),  # logits: the service applies the sigmoid
             convert_to_tensor=True,
             show_progress_bar=False,
+            precision=precision,
         )
 
 
@@ -208,6 +222,8 @@ def create_app(
             "store_images": store_size,
             "batching": batcher.stats.as_dict(),
         }
+        if getattr(backend, "exact", None) is not None:
+            body["exact"] = dict(backend.exact.counts)
         if problem is None:
             return body
         return JSONResponse({**body, "message": problem}, status_code=503)
@@ -216,10 +232,16 @@ def create_app(
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model"}]}
 
-    async def _score(app, query: str, documents: list[Document]) -> torch.Tensor:
+    async def _score(app, query: str, documents: list[Document], job) -> torch.Tensor:
         loop = asyncio.get_running_loop()
         prepared = await loop.run_in_executor(app.state.device_thread, backend.prepare, documents)
-        return await batcher.score(query, prepared)
+        exact = getattr(backend, "exact", None)
+        if exact is None or job.top_n is None or job.top_n >= len(prepared):
+            return await batcher.score(query, prepared)
+        fusion = getattr(backend, "fusion", None)
+        weights = fusion if job.first_stage_scores is not None else None
+        return await exact_logits(batcher, exact, query, prepared, job.top_n,
+                                  job.first_stage_scores, weights)  # fmt: skip
 
     async def rerank(request: Request):
         # A body, its JSON and its images are held until answered: all requests together hold
@@ -240,7 +262,7 @@ def create_app(
             async with pixels_in_flight.reserve(pixel_count(opened)):
                 documents = await run_in_threadpool(decode_opened, opened)
                 del opened  # the undecoded files' pixels: only the RGB ones are needed now
-                logits = await _score(request.app, job.query, documents)
+                logits = await _score(request.app, job.query, documents, job)
                 documents = [d if isinstance(d, str) else None for d in documents]  # ids kept
         except RequestError:
             raise
@@ -292,6 +314,33 @@ def create_app(
         )
     _document_request_schema(app)
     return app
+
+
+async def exact_logits(
+    batcher: MicroBatcher, exact, query: str, documents: Sequence[Any], top_n: int,
+    first_stage_scores: list[float] | None, weights: tuple[float, float] | None,
+) -> torch.Tensor:  # fmt: skip
+    """One request's logits in exact mode: `exact.plan`'s steps (edje.scoring.exact) run as
+    jobs of the batching scheduler, bf16 first, then fp32 for the rows each step asks, so
+    other requests' forwards go between them. The top `top_n` are fp32's."""
+    fast = await batcher.score(query, documents, precision=exact.precision)
+    firsts = None if weights is None else [first_stage_scores]
+    plan = exact.plan([fast], top_n, firsts, weights)
+    sent = None
+    while True:
+        try:  # the plan's own work is fusing the client's first-stage scores: its errors are 400s
+            rows = plan.send(sent)[0]
+        except StopIteration as done:
+            return done.value[0]
+        except ValueError as error:
+            raise RequestError(400, str(error)) from None
+        sent = [await batcher.score(query, _rows_of(documents, rows), precision="float32")]
+
+
+def _rows_of(documents: Sequence[Any], rows: torch.Tensor) -> Sequence[Any]:
+    if isinstance(documents, torch.Tensor):
+        return documents[rows.to(documents.device)]
+    return [documents[i] for i in rows.tolist()]
 
 
 RERANK_ROUTES = ("/rerank", "/v1/rerank", "/v2/rerank")

@@ -8,6 +8,12 @@ take about `max_forward_s` (never more than `max_pairs` pairs), and runs it as a
 forward at a time). A request that arrives while a 1,000-document one is being scored joins
 the next forward: it waits about one forward, not the whole large request. After the first
 job arrives the worker waits `max_wait_s` for others to join a forward that is not full.
+
+A job may name a precision (`score(..., precision="bfloat16")`, exact mode's phases): one
+forward holds jobs of one precision, and when jobs of another wait, the next forward is
+theirs, so neither kind waits more than a forward for the other. Its forward calls
+`score_pairs(queries, documents, precision=...)`; jobs that name none call it with two
+arguments, as before.
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ class _Job:
     query: str
     documents: Sequence[Any]  # a tensor [k, m, d] or a list, k <= max_pairs
     future: asyncio.Future = field(repr=False)
+    precision: str | None = None  # None: score_pairs' own
 
 
 class MicroBatcher:
@@ -77,7 +84,8 @@ class MicroBatcher:
         self._executor: Executor | None = None  # given by start()
         self._waiting: deque[deque[_Job]] = deque()  # per request, its chunks not yet taken
         self._arrived: asyncio.Event | None = None
-        self._seconds_per_pair: float | None = None  # measured over the last forwards
+        # Per precision (bf16 runs several times fp32's speed), over the last forwards.
+        self._seconds_per_pair: dict[str | None, float] = {}
         self._task: asyncio.Task | None = None
 
     def start(self, executor: Executor) -> None:
@@ -95,8 +103,11 @@ class MicroBatcher:
                 _fail(job, RuntimeError("the server is shutting down"))
         self._waiting.clear()
 
-    async def score(self, query: str, documents: Sequence[Any]) -> torch.Tensor:
-        """Logits `[K]` (float32, CPU) of `query` against its K documents."""
+    async def score(
+        self, query: str, documents: Sequence[Any], precision: str | None = None
+    ) -> torch.Tensor:
+        """Logits `[K]` (float32, CPU) of `query` against its K documents, scored in
+        `precision` (None: `score_pairs`' own)."""
         if self._arrived is None:
             raise RuntimeError("MicroBatcher.score called before start().")
         if not len(documents):
@@ -105,18 +116,19 @@ class MicroBatcher:
         chunks: deque[_Job] = deque()
         for start in range(0, len(documents), self.chunk_pairs):
             chunk = documents[start : start + self.chunk_pairs]
-            chunks.append(_Job(query, chunk, loop.create_future()))
+            chunks.append(_Job(query, chunk, loop.create_future(), precision))
         futures = [job.future for job in chunks]
         self._waiting.append(chunks)
         self._arrived.set()
         return torch.cat(await asyncio.gather(*futures))
 
-    def forward_pairs(self) -> int:
+    def forward_pairs(self, precision: str | None = None) -> int:
         """Pairs in the next forward: what takes about `max_forward_s` at the measured speed
-        (one chunk until it is measured), within `chunk_pairs`..`max_pairs`."""
-        if self._seconds_per_pair is None:
+        of `precision` (one chunk until it is measured), within `chunk_pairs`..`max_pairs`."""
+        seconds = self._seconds_per_pair.get(precision)
+        if seconds is None:
             return self.chunk_pairs
-        fits = int(self.max_forward_s / self._seconds_per_pair)
+        fits = int(self.max_forward_s / seconds)
         return max(self.chunk_pairs, min(self.max_pairs, fits))
 
     async def _work(self) -> None:
@@ -134,13 +146,18 @@ class MicroBatcher:
         while not self._waiting:
             self._arrived.clear()
             await self._arrived.wait()
-        limit = self.forward_pairs()
+        precision = self._waiting[0][0].precision
+        limit = self.forward_pairs(precision)
         waiting_pairs = sum(len(job.documents) for chunks in self._waiting for job in chunks)
         if waiting_pairs < limit and self.max_wait_s > 0:
             await asyncio.sleep(self.max_wait_s)  # let concurrent requests join this forward
         jobs, pairs = [], 0
+        others: deque[deque[_Job]] = deque()  # requests waiting for another precision
         while self._waiting:  # round robin: a chunk from each waiting request in turn
             chunks = self._waiting[0]
+            if chunks[0].precision != precision:
+                others.append(self._waiting.popleft())
+                continue
             if jobs and pairs + len(chunks[0].documents) > limit:
                 break
             job = chunks.popleft()
@@ -150,6 +167,7 @@ class MicroBatcher:
                 self._waiting.rotate(-1)  # its next chunk after the other requests' ones
             else:
                 self._waiting.popleft()
+        self._waiting.extendleft(reversed(others))  # first in line: the next forward is theirs
         return jobs
 
     async def _run(self, jobs: list[_Job]) -> None:
@@ -175,16 +193,20 @@ class MicroBatcher:
         """On the executor's thread: one score_pairs call over every job's pairs."""
         queries = [job.query for job in jobs for _ in range(len(job.documents))]
         documents = jobs[0].documents if len(jobs) == 1 else _concat([j.documents for j in jobs])
+        precision = jobs[0].precision  # one forward, one precision (`_next_batch`)
         self.stats.forward_calls += 1
         started = time.perf_counter()
         try:
-            logits = self._score_pairs(queries, documents)
+            if precision is None:
+                logits = self._score_pairs(queries, documents)
+            else:
+                logits = self._score_pairs(queries, documents, precision=precision)
         except Exception:
             self.stats.failed_forwards += 1
             raise
         per_pair = (time.perf_counter() - started) / len(queries)
-        last = self._seconds_per_pair
-        self._seconds_per_pair = per_pair if last is None else 0.5 * (last + per_pair)
+        last = self._seconds_per_pair.get(precision)
+        self._seconds_per_pair[precision] = per_pair if last is None else 0.5 * (last + per_pair)
         self.stats.jobs += len(jobs)
         self.stats.pairs += len(queries)
         self.stats.largest_forward_pairs = max(self.stats.largest_forward_pairs, len(queries))

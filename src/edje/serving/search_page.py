@@ -4,11 +4,14 @@ reranking of them, with the pictures; click a picture for its captions, both way
 Routes added to the service's app by `add_search_page`:
 
 - `GET /`: the page (one static file, no external assets: it works offline).
-- `POST /v1/search` `{"query", "k"?, "fusion"?}` -> `{"first_stage": [...], "reranked": [...],
-  "timings_ms": {"first_stage", "rerank"}, "fusion_available"}`; each hit `{"rank", "image_id",
-  "score"}`, reranked hits also `"first_stage_rank"` (1-based).
-- `POST /v1/describe` `{"image_id", "k"?}` -> the same two columns of captions, when the
-  collection has captions.
+- `POST /v1/search` `{"query", "k"?, "top_n"?, "fusion"?}` -> `{"first_stage": [...],
+  "reranked": [...], "timings_ms": {"first_stage", "rerank"}, "fusion_available"}`; each hit
+  `{"rank", "image_id", "score"}`, reranked hits also `"first_stage_rank"` (1-based). The first
+  stage's top k are reranked and the best `top_n` of them (default: all k) shown; with the
+  reranker in exact mode and `top_n` < k, those are fp32's top n (order and scores) at about
+  bf16's cost (`edje.scoring.exact`), as `EDJEReranker.rank_many(top_k=...)` gives them.
+- `POST /v1/describe` `{"image_id", "k"?, "top_n"?}` -> the same two columns of captions, when
+  the collection has captions.
 - `GET /images/{image_id}`: a thumbnail of a file inside the image folder (nothing outside it),
   kept in memory and cached by the browser.
 """
@@ -24,6 +27,7 @@ from typing import Any
 
 import torch
 
+from edje import image_tokens
 from edje._utils import IMAGE_SUFFIXES
 from edje.fusion import fusion_weights
 from edje.serving.requests import RequestError, check_fields, check_query, parse_json, read_body
@@ -72,7 +76,7 @@ class Collection:
         if len(self.index):
             self.index.vector(0)  # raises now, not at the first describe
 
-    def search(self, query: str, k: int, fusion: bool) -> dict[str, Any]:
+    def search(self, query: str, k: int, fusion: bool, top_n: int | None = None) -> dict[str, Any]:
         """Runs on the device thread."""
         started = time.perf_counter()
         query = self.reranker.model.config.prepare_captions([query])[0]
@@ -88,8 +92,9 @@ class Collection:
         ]
         started = time.perf_counter()
         hits = self.reranker.rank_many(
-            [query], positions, scores if fusion else None, ids=ids, show_progress_bar=False
-        )[0]
+            [query], positions, scores if fusion else None, top_k=top_n, ids=ids,
+            show_progress_bar=False,
+        )[0]  # fmt: skip
         rerank_ms = 1000 * (time.perf_counter() - started)
         reranked = [
             {
@@ -106,8 +111,9 @@ class Collection:
             "timings_ms": {"first_stage": round(first_ms, 1), "rerank": round(rerank_ms, 1)},
         }
 
-    def describe(self, image_id: str, k: int) -> dict[str, Any]:
-        """Image -> captions (device thread): the first stage's top k captions, reranked."""
+    def describe(self, image_id: str, k: int, top_n: int | None = None) -> dict[str, Any]:
+        """Image -> captions (device thread): the first stage's top k captions, reranked
+        (`EDJEReranker.rank` with the image as the query; its best `top_n` kept)."""
         started = time.perf_counter()
         if self._caption_embeddings is None:
             texts = self.reranker.model.config.prepare_captions(self.captions)
@@ -116,18 +122,21 @@ class Collection:
         first_scores, lines = (self._caption_embeddings @ image).topk(min(k, len(self.captions)))
         first_ms = 1000 * (time.perf_counter() - started)
         started = time.perf_counter()
-        pairs = [(self.captions[i], image_id) for i in lines.tolist()]
-        scores = self.reranker.predict(pairs, convert_to_tensor=True, show_progress_bar=False)
-        order = torch.sort(scores.float().cpu(), descending=True, stable=True).indices.tolist()
+        tokens = image_tokens.from_store(self.reranker.model, self.reranker.store, [image_id])
+        hits = self.reranker.rank(
+            tokens[0], [self.captions[i] for i in lines.tolist()], top_k=top_n,
+            show_progress_bar=False,
+        )  # fmt: skip
         rerank_ms = 1000 * (time.perf_counter() - started)
         first = [
             {"rank": r, "caption": self.captions[i], "score": float(s)}
             for r, (i, s) in enumerate(zip(lines.tolist(), first_scores.tolist(), strict=True), 1)
         ]
         reranked = [
-            {**first[i], "rank": r, "score": float(scores[i]), "first_stage_rank": i + 1}
-            for r, i in enumerate(order, 1)
-        ]
+            {**first[hit["corpus_id"]], "rank": r, "score": hit["score"],
+             "first_stage_rank": hit["corpus_id"] + 1}
+            for r, hit in enumerate(hits, 1)
+        ]  # fmt: skip
         return {
             "first_stage": first,
             "reranked": reranked,
@@ -187,24 +196,25 @@ def add_search_page(app, collection: Collection) -> None:
     @app.post("/v1/search")
     async def search(request: Request):
         body = await read_body(request, app.state.limits)
-        payload = check_fields(parse_json(body), {"query", "k", "fusion"})
+        payload = check_fields(parse_json(body), {"query", "k", "top_n", "fusion"})
         query = check_query(payload.get("query"), app.state.limits)
         k, fusion = _k(payload), payload.get("fusion", fusion_available)
         if not isinstance(fusion, bool):
             raise RequestError(400, f"'fusion' must be true or false, got {fusion!r}.")
-        answer = await run_on_device(collection.search, query, k, fusion and fusion_available)
+        fusion = fusion and fusion_available
+        answer = await run_on_device(collection.search, query, k, fusion, _top_n(payload))
         return {**answer, "fusion_available": fusion_available}
 
     @app.post("/v1/describe")
     async def describe(request: Request):
         body = await read_body(request, app.state.limits)
-        payload = check_fields(parse_json(body), {"image_id", "k"})
+        payload = check_fields(parse_json(body), {"image_id", "k", "top_n"})
         image_id = payload.get("image_id")
         if not isinstance(image_id, str) or image_id not in collection.positions:
             raise RequestError(404, f"no image {image_id!r} in the collection.")
         if not collection.captions:
             raise RequestError(404, "this collection has no captions (start with --captions).")
-        return await run_on_device(collection.describe, image_id, _k(payload))
+        return await run_on_device(collection.describe, image_id, _k(payload), _top_n(payload))
 
     @app.get("/images/{image_id:path}")
     async def image(image_id: str):
@@ -244,7 +254,18 @@ def _thumbnail(path: Path) -> bytes:
 
 
 def _k(payload: dict) -> int:
-    k = payload.get("k", 10)
-    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= MAX_K:
-        raise RequestError(400, f"'k' must be an integer from 1 to {MAX_K}, got {k!r}.")
-    return k
+    return _depth(payload, "k", 10)
+
+
+def _top_n(payload: dict) -> int | None:
+    """How many reranked hits to show: null or absent, all k."""
+    return _depth(payload, "top_n", None)
+
+
+def _depth(payload: dict, name: str, default: int | None) -> int | None:
+    value = payload.get(name, default)
+    if value is None and default is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_K:
+        raise RequestError(400, f"'{name}' must be an integer from 1 to {MAX_K}, got {value!r}.")
+    return value
