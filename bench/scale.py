@@ -4,8 +4,8 @@ Not a test. The raw-store mode reads each image's raw vision tokens from disk; t
 online-vision mode (`edje.training.streaming`) runs the frozen vision encoder on the batch's
 pixels in the step. Both run the same joint-encoder objectives after that. Measured here:
 the vision forward per image and one training step (forward, backward, optimizer) of each mode
-on the offline backbones (DINOv2-S, MiniLM-L6); the README's scaling section extrapolates
-from these with the arithmetic it shows.
+on the offline backbones (DINOv2-S, MiniLM-L6); docs/scaling.md extrapolates from these with
+the arithmetic it shows.
 
     python bench/scale.py --image-size 224 --batch-size 16 --out scale.json
 """

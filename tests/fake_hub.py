@@ -1,5 +1,5 @@
 """A Hugging Face cache of tiny random models in the real classes under the real repo ids, so the
-README's commands for the authors' checkpoint run unchanged with `HF_HUB_OFFLINE=1`:
+commands of docs/authors_checkpoint.md run unchanged with `HF_HUB_OFFLINE=1`:
 
 - `google/siglip2-large-patch16-384`: a `SiglipModel` at 384 px / patch 16 (width 32), its
   `preprocessor_config.json`, and a case-keeping word-level tokenizer (SigLIP2's Gemma

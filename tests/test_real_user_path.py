@@ -1,10 +1,11 @@
-"""The real user's path with the authors' checkpoint, offline: the README's commands run against a
-fake Hugging Face cache (`tests/fake_hub.py`: tiny random models in the real classes under the
-real repo ids), and edje's first stage, logits and eval table are compared with the authors'
-protocol re-implemented here from the facts of their public code (shahafwa/EDJE): every caption
-cleaned (`pre_caption`: HTML entities decoded, `_` a space, punctuation removed, lowercased,
-whitespace collapsed), SigLIP embeddings (text padded to 64 tokens) ranked by dot product, and
-the reranker's forward over SigLIP's `last_hidden_state` (`reference_logits`)."""
+"""The real user's path with the authors' checkpoint, offline: the commands of
+docs/authors_checkpoint.md run against a fake Hugging Face cache (`tests/fake_hub.py`: tiny
+random models in the real classes under the real repo ids), and edje's first stage, logits and
+eval table are compared with the authors' protocol re-implemented here from the facts of their
+public code (shahafwa/EDJE): every caption cleaned (`pre_caption`: HTML entities decoded, `_` a
+space, punctuation removed, lowercased, whitespace collapsed), SigLIP embeddings (text padded to
+64 tokens) ranked by dot product, and the reranker's forward over SigLIP's `last_hidden_state`
+(`reference_logits`)."""
 
 from __future__ import annotations
 

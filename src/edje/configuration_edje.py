@@ -12,9 +12,8 @@ from transformers import BertConfig, PretrainedConfig
 from transformers.activations import ACT2FN
 
 ADAPTER_MODES = ("compressed", "local")
-# "paper": the adapter of the paper and its authors' code; "light": edje's earlier, smaller one
-# (no attention in/out projections, exact GELU, LayerNorm eps 1e-5, optional qk norm and value
-# positions), which the shipped quickstart checkpoint uses.
+# "paper": the adapter of the paper and its authors' code; "light": a smaller one (no attention
+# in/out projections, exact GELU, LayerNorm eps 1e-5, optional qk norm and value positions).
 ADAPTER_TYPES = ("paper", "light")
 # The token whose input embeddings the image tokens replace in the joint encoder.
 IMAGE_TOKEN = "<image>"
