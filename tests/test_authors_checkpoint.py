@@ -40,6 +40,7 @@ from edje.authors_checkpoint import (
     model_from_checkpoint,
 )
 from edje.cli import main as edje_main
+from edje.commands import UsageError
 
 CAPTIONS = [
     "a dog",
@@ -460,7 +461,7 @@ def test_cli_converts_and_reports_refusals(tiny_layout, image_processor_dir, tmp
     out = tmp_path / "edje"
     assert edje_main(["convert", str(source), "--out", str(out), *common]) == 0
     assert (out / "model.safetensors").is_file() and "wrote" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="already exists"):
+    with pytest.raises(UsageError, match=r"edje convert: .*already exists"):
         edje_main(["convert", str(source), "--out", str(out), *common])
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:

@@ -12,6 +12,7 @@ from PIL import Image
 from conftest import make_tiny_config
 from edje import EDJEModel
 from edje.cli import main
+from edje.commands import UsageError
 from edje.rerank import EDJEReranker
 from edje.store import TokenStore
 
@@ -163,7 +164,7 @@ def test_search_beside_a_quickstart_model_needs_no_first_stage_and_hints_when_no
     assert f"--first-stage {tmp_path / 'first_stage'} (beside the model)" in err
     assert f"--store {tmp_path / 'raw.store'} (beside the model)" in err
     assert "every score is below 0.01" in err and "'a small red circle'; 'a big blue square'" in err
-    with pytest.raises(SystemExit, match="give --first-stage"):
+    with pytest.raises(UsageError, match="give --first-stage"):
         main(["search", "--model", str(root / "edje"), "--store", str(root / "raw"), "a cat"])
     # One first stage per data set, as the quickstart leaves them: one is taken, two are named.
     shutil.move(tmp_path / "first_stage", tmp_path / "builtin")
@@ -173,7 +174,7 @@ def test_search_beside_a_quickstart_model_needs_no_first_stage_and_hints_when_no
     taken = tmp_path / "first_stage" / "builtin"
     assert f"--first-stage {taken} (beside the model)" in capsys.readouterr().err
     shutil.copytree(tmp_path / "first_stage" / "builtin", tmp_path / "first_stage" / "emoji")
-    with pytest.raises(SystemExit, match=r"give --first-stage: one of .*builtin, .*emoji"):
+    with pytest.raises(UsageError, match=r"give --first-stage: one of .*builtin, .*emoji"):
         main(["search", "--model", str(tmp_path / "model"), "--k", "3", "a cat"])
 
 
@@ -244,7 +245,7 @@ def test_rerank_stops_at_a_malformed_line_and_leaves_no_output(files, tmp_path, 
     source, target = tmp_path / "pairs.jsonl", tmp_path / "scores.jsonl"
     good = json.dumps({"query": "a cat", "document": "p0"})
     source.write_text(f"{good}\n{good}\n{bad_line}\n{good}\n")
-    with pytest.raises(SystemExit, match=f"pairs.jsonl:3: .*{message}"):
+    with pytest.raises(UsageError, match=f"pairs.jsonl:3: .*{message}"):
         main(rerank_argv(root, source, target, batch_size=1))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pairs.jsonl"]  # nothing partial
 
@@ -376,7 +377,7 @@ def test_a_lone_surrogate_in_a_rerank_line_is_named_and_nothing_is_written(files
         str(tmp_path / "out.jsonl"),
     ]
     with pytest.raises(
-        SystemExit, match=r"pairs\.jsonl:1: the query .* lone surrogate \(U\+D800\)"
+        UsageError, match=r"pairs\.jsonl:1: the query .* lone surrogate \(U\+D800\)"
     ):
         main(argv)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pairs.jsonl"]

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from conftest import http_json, make_tiny_model, spread_weights_
+from edje.commands import UsageError
 from edje.data import load_data
 from edje.evaluation import choose_fusion_weights, evaluate
 from edje.evaluation.metrics import reranked_recall_at_k
@@ -110,7 +111,7 @@ def test_encode_data_stores_the_ids_fit_and_eval_read(
     assert main([*common, "--split", "dev", "--out", str(tmp_path / "dev")]) == 0  # an alias
     validation_ids = load_split([str(root)], "validation")["image_id"]
     assert sorted(TokenStore.open(tmp_path / "dev").ids) == sorted(validation_ids)
-    with pytest.raises(SystemExit, match=r"has splits .*not \['holdout'\]"):
+    with pytest.raises(UsageError, match=r"has splits .*not \['holdout'\]"):
         main([*common, "--split", "holdout", "--out", str(tmp_path / "holdout")])
     assert not (tmp_path / "holdout").exists()
 

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from edje.cli import main
+from edje.commands import UsageError
 from edje.store import TokenStore
 
 
@@ -83,7 +84,7 @@ def test_encode_compressed_store_with_model(tmp_path, folder, tiny_model, tiny_p
 
 
 def test_encode_needs_vision_or_model(tmp_path, folder):
-    with pytest.raises(SystemExit, match="--vision"):
+    with pytest.raises(UsageError, match="--vision"):
         main(_args("--images", folder, "--out", tmp_path / "s"))
 
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 from datasets import concatenate_datasets
 
+from edje.commands import UsageError
 from edje.evaluation import evaluate
 from edje.evaluation.metrics import recall_at_k, reranked_recall_at_k
 from edje.evaluation.report import EvaluationReport
@@ -386,9 +387,9 @@ def test_eval_help_has_an_example(capsys):
 def test_eval_command_names_the_data_it_expects():
     from edje.commands.eval import load_split
 
-    with pytest.raises(SystemExit, match=re.escape("expected one of ('builtin', 'emoji'")):
+    with pytest.raises(UsageError, match=re.escape("expected one of ('builtin', 'emoji'")):
         load_split(["folder"], "test")
-    with pytest.raises(SystemExit, match="got 'imagenet'"):
+    with pytest.raises(UsageError, match="got 'imagenet'"):
         load_split(["imagenet"], "test")
 
 

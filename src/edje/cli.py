@@ -2,8 +2,9 @@
 
 Quiet by default: transformers' and Lightning's informational lines and weight-loading bars are
 off (edje's own progress bars and warnings stay); `-v/--verbose`, anywhere on the line, brings
-them back. A user mistake (a bad path, a refused value) is one line on stderr and exit code 2;
-`--verbose` or `EDJE_DEBUG=1` shows the traceback instead.
+them back. A user mistake (a bad path, a refused value: argparse's errors, a command's
+`edje.commands.UsageError`) is one line on stderr and exit code 2; `--verbose` or
+`EDJE_DEBUG=1` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -100,10 +101,10 @@ def run() -> None:
     except KeyboardInterrupt:
         print("edje: interrupted", file=sys.stderr)
         sys.exit(130)
-    except SystemExit as stop:  # `raise SystemExit("edje x: ...")`: a user mistake, exit 2
-        if not isinstance(stop.code, str):
+    except commands.UsageError as error:  # its message names the command: "edje x: ..."
+        if debug:
             raise
-        print(one_line(stop), file=sys.stderr)
+        print(one_line(error), file=sys.stderr)
         sys.exit(2)
     except USER_ERRORS as error:
         if debug:

@@ -1,10 +1,18 @@
 """Sub-commands of the `edje` command line, one module each.
 
 Each module exposes ``register(subparsers)``, which adds its parser and sets
-``func`` (called with the parsed namespace, returning the exit code).
+``func`` (called with the parsed namespace, returning the exit code). A user mistake found
+after parsing is raised as `UsageError`; the options several commands take are declared once
+here (`add_model_option`, `add_store_option`, ...), so a flag means the same everywhere.
 """
 
 import argparse
+
+
+class UsageError(Exception):
+    """A user mistake (a refused value, a missing input) found past argument parsing. Its
+    message names the command (`edje encode: ...`); `edje.cli.run` prints it as one line and
+    exits with code 2, or shows the traceback with `--verbose` / `EDJE_DEBUG=1`."""
 
 
 def count(text: str) -> int:
@@ -90,6 +98,58 @@ def output_folder(text: str) -> str:
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise argparse.ArgumentTypeError(f"cannot write {text}: no write permission in {ancestor}")
     return str(path)
+
+
+def add_model_option(parser, required: bool = False) -> None:
+    """`--model`: the EDJE model a command scores, encodes or calibrates with."""
+    parser.add_argument(
+        "--model", type=folder_or_id, required=required, metavar="EDJE_DIR",
+        help="EDJE model: a folder (edje fit, convert, quickstart) or Hub id",
+    )  # fmt: skip
+
+
+def add_store_option(parser, required: bool = False) -> None:
+    """`--store`: a token store `edje encode` wrote."""
+    parser.add_argument(
+        "--store", type=existing_folder, required=required, metavar="STORE",
+        help="token store folder of the images' tokens (edje encode)",
+    )  # fmt: skip
+
+
+def add_first_stage_option(parser, required: bool = False) -> None:
+    """`--first-stage`: the embedding model that retrieves the candidates EDJE reranks."""
+    parser.add_argument(
+        "--first-stage", type=folder_or_id, required=required, metavar="DIR_OR_ID",
+        help="first-stage embedding model: a saved LinearProbeEmbedding folder, or a "
+        "CLIP/SigLIP Hub id or folder",
+    )  # fmt: skip
+
+
+def add_device_option(parser) -> None:
+    """`--device`: the torch device a command runs its model on."""
+    parser.add_argument(
+        "--device", default=None, help="torch device: cuda, cuda:1, cpu, ... (default: cuda "
+        "if there is one)"
+    )  # fmt: skip
+
+
+def add_data_option(parser, required: bool = False) -> None:
+    """`--data NAME [DATA_DIR]`: a data set as `edje.data.load_data` names it (`data_spec`
+    reads it)."""
+    parser.add_argument(
+        "--data", nargs="+", required=required, metavar=("NAME", "DATA_DIR"),
+        help="a data set: builtin | emoji | FOLDER | flickr30k [DATA_DIR] | coco [DATA_DIR] | "
+        "a Hub data set id OWNER/NAME (see edje.data.load_data; 'folder FOLDER' also works)",
+    )  # fmt: skip
+
+
+def data_spec(spec: list[str], command: str) -> tuple[str, str | None]:
+    """`--data`'s values as (name, data_dir): `NAME [DATA_DIR]`, or `folder FOLDER`."""
+    named_folder = spec[0] == "folder" and len(spec) > 1
+    name, rest = (spec[1], spec[2:]) if named_folder else (spec[0], spec[1:])
+    if len(rest) > 1:
+        raise UsageError(f"edje {command}: --data expects NAME [DATA_DIR], got {' '.join(spec)!r}")
+    return name, (rest[0] if rest else None)
 
 
 PRECISIONS = ("float32", "bfloat16", "float16", "exact")  # edje.scoring.exact.PRECISIONS

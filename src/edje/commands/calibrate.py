@@ -5,8 +5,15 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
-from edje.commands import count, existing_folder
+from edje.commands import (
+    UsageError,
+    add_device_option,
+    add_model_option,
+    add_store_option,
+    count,
+)
 
 EXAMPLE = """examples:
   # an `edje quickstart` folder: its model, its store and its captions
@@ -28,22 +35,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--model", type=existing_folder, required=True, metavar="EDJE_DIR",
-                        help="a saved EDJE folder (its config.json is updated)")  # fmt: skip
-    parser.add_argument("--store", type=existing_folder, required=True, metavar="STORE",
-                        help="image tokens made by this model's vision encoder")  # fmt: skip
+    add_model_option(parser, required=True)
+    add_store_option(parser, required=True)
     parser.add_argument("--captions", required=True, metavar="FILE",
                         help="captions, one per line or JSONL with a caption field")  # fmt: skip
     parser.add_argument("--pairs", type=count, default=4096, help="pairs scored both ways")
     parser.add_argument("--margin", type=float, default=None,
                         help="the largest difference x this is the bound (default 2)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="pair sampling seed")
-    parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: auto)")
+    add_device_option(parser)
     parser.add_argument("--dry-run", action="store_true", help="print the record, write nothing")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if not Path(args.model).is_dir():  # its config.json is written: a folder, not a Hub id
+        raise UsageError(f"edje calibrate: --model must be a saved EDJE folder, got {args.model}")
+
     import torch
 
     from edje import EDJEModel, EDJEProcessor

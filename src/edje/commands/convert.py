@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from edje.commands import count, folder_or_id, output_folder
+from edje.commands import UsageError, count, folder_or_id, output_folder
 
 EXAMPLE = """example:
   edje convert shahafw/edje-vl-image-retrieval-reranker --out edje-authors
@@ -89,6 +89,6 @@ def run(args: argparse.Namespace) -> int:
             text_num_heads=args.text_heads,
         )
     except AuthorsCheckpointError as error:
-        raise SystemExit(str(error)) from None
+        raise UsageError(str(error)) from None  # its messages name `edje convert`
     print(f"wrote {out} (EDJEModel.from_pretrained({str(out)!r}))")
     return 0

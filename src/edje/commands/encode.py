@@ -6,9 +6,13 @@ import argparse
 import sys
 
 from edje.commands import (
+    UsageError,
     add_column_options,
+    add_data_option,
+    add_model_option,
     column_options,
     count,
+    data_spec,
     existing_folder,
     folder_or_id,
     output_folder,
@@ -26,11 +30,11 @@ EXAMPLE = """examples:
   # Flickr30k's 1k test images from a local copy of its parquet files (no other split read)
   edje encode --model my-edje --data flickr30k flickr30k/ --split test --out flickr.store
   # a Hub data set of images and captions, as edje fit and eval read it (columns found by name)
-  edje encode --model my-edje --data nlphuji/flickr_1k_test_image_text_retrieval \
+  edje encode --model my-edje --data nlphuji/flickr_1k_test_image_text_retrieval \\
       --split test --out flickr1k.store
   # a Hugging Face dataset (Hub id, saved folder or script), ids from its "filename" column
   edje encode --model my-edje --dataset nlphuji/flickr_1k_test_image_text_retrieval \\
-      --split test --id-column filename --out flickr.store --dtype int8
+      --split test --id-column filename --out flickr.store --store-dtype int8
   # WebDataset / img2dataset tar shards (ids: the samples' keys), on 2 nodes of 8 GPUs each
   edje encode --model my-edje --shards "cc3m/{00000..00331}.tar" --out cc3m.store \\
       --devices 8 --num-nodes 2
@@ -38,6 +42,8 @@ EXAMPLE = """examples:
 Run the same command again after an interruption: images already stored are skipped.
 The exit code is 1 when some images could not be decoded (they are listed in the manifest).
 """
+
+STORE_DTYPES = ("float16", "bfloat16", "int8")  # edje.store.encode's dtype
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -52,18 +58,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    what = parser.add_argument_group("what to encode")
+    _add_source_options(parser.add_argument_group("what to encode"))
+    _add_store_options(parser.add_argument_group("encoder and store"))
+    _add_running_options(parser.add_argument_group("running"))
+    parser.set_defaults(func=run)
+
+
+def _add_source_options(what) -> None:
     source = what.add_mutually_exclusive_group(required=True)
     source.add_argument(
         "--images", type=existing_folder, metavar="FOLDER", help="folder of image files (recursive)"
     )
-    source.add_argument(
-        "--data",
-        nargs="+",
-        metavar=("NAME", "DATA_DIR"),
-        help="a data set named as in edje fit / eval (builtin, emoji, FOLDER, flickr30k "
-        "[DATA_DIR], coco [DATA_DIR], or a Hub data set id OWNER/NAME)",
-    )
+    add_data_option(source)
     source.add_argument("--dataset", metavar="NAME_OR_DIR", help="a Hugging Face dataset")
     source.add_argument(
         "--shards",
@@ -75,29 +81,36 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--split", help="the split to encode (default: train for --dataset, every split for --data)"
     )
     add_column_options(what, dataset_defaults="; --dataset: {default}")
-    how = parser.add_argument_group("encoder and store")
+
+
+def _add_store_options(how) -> None:
     how.add_argument(
         "--vision",
         type=folder_or_id,
         metavar="NAME_OR_PATH",
         help="vision encoder (Hub id or folder)",
     )
-    how.add_argument(
-        "--model",
-        type=folder_or_id,
-        metavar="EDJE_DIR",
-        help="a trained EDJE: store its compressed tokens",
-    )
+    add_model_option(how)  # its compressed tokens are stored (raw tokens without it)
     how.add_argument("--image-size", type=count, default=None, help="input side in pixels")
     how.add_argument(
         "--out", type=output_folder, required=True, metavar="STORE", help="store folder to write"
     )
-    how.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "int8"])
+    how.add_argument(
+        "--store-dtype", dest="dtype", default="float16", choices=STORE_DTYPES,
+        help="how the store keeps the tokens (default: %(default)s)",
+    )  # fmt: skip
+    # --dtype was the flag's name; elsewhere it is the scoring precision, so it is kept unlisted
+    how.add_argument(
+        "--dtype", dest="dtype", choices=STORE_DTYPES, default=argparse.SUPPRESS,
+        help=argparse.SUPPRESS,
+    )  # fmt: skip
     how.add_argument(
         "--shard-size", type=count, default=1024, help="images per shard (default: 1024)"
     )
     how.add_argument("--overwrite", action="store_true", help="replace an existing store")
-    run_group = parser.add_argument_group("running")
+
+
+def _add_running_options(run_group) -> None:
     run_group.add_argument("--batch-size", type=count, default=32)
     run_group.add_argument(
         "--num-workers", type=whole_number, default=2, help="decoding processes per device"
@@ -106,9 +119,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run_group.add_argument("--num-nodes", type=count, default=1)
     run_group.add_argument("--accelerator", default="auto", help="auto, gpu, cpu, ...")
     run_group.add_argument("--strategy", default="auto", help="Lightning strategy, e.g. ddp")
-    run_group.add_argument("--precision", default=None, help="Lightning precision, e.g. bf16-mixed")
+    run_group.add_argument(
+        "--trainer-precision", dest="precision", default=None,
+        help="Lightning precision of the forward passes, e.g. bf16-mixed",
+    )  # fmt: skip
+    # --precision was the flag's name; elsewhere it is the scoring precision: kept unlisted
+    run_group.add_argument(
+        "--precision", dest="precision", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+    )
     run_group.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.set_defaults(func=run)
 
 
 def _load_source(args: argparse.Namespace):
@@ -120,23 +139,21 @@ def _load_source(args: argparse.Namespace):
         try:
             return ShardImages(args.shards)
         except ValueError as error:
-            raise SystemExit(f"edje encode: {error}") from None
+            raise UsageError(f"edje encode: {error}") from None
     import datasets
 
     if args.data:
         from edje.data import load_data
         from edje.data.load import canonical_split
 
-        name, data_dir = args.data[0], (args.data[1:] or [None])[0]
-        if len(args.data) > 2:
-            raise SystemExit(f"edje encode: --data expects NAME [DATA_DIR], got {args.data}")
+        name, data_dir = data_spec(args.data, "encode")
         split = args.split and canonical_split(args.split)  # --split val / dev ...
         wanted = [split] if split else None  # only that split's files are read
         columns = column_options(args)
         splits = load_data(name, data_dir=data_dir, splits=wanted, **columns)
         if split and split not in splits:
             every = list(load_data(name, data_dir=data_dir, **columns))
-            raise SystemExit(f"edje encode: {name} has splits {every}, not {[args.split]}")
+            raise UsageError(f"edje encode: {name} has splits {every}, not {[args.split]}")
         return datasets.concatenate_datasets(list(splits.values()))
     path = args.dataset
     try:
@@ -152,7 +169,7 @@ def _load_encoders(args: argparse.Namespace):
 
     if not args.model:
         if not args.vision:
-            raise SystemExit(
+            raise UsageError(
                 "edje encode: give --vision NAME_OR_PATH (raw tokens) or --model EDJE_DIR"
             )
         vision, processor = load_vision_encoder(args.vision, image_size=args.image_size)

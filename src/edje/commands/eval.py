@@ -6,12 +6,17 @@ import argparse
 import sys
 
 from edje.commands import (
+    UsageError,
     add_column_options,
+    add_data_option,
+    add_device_option,
+    add_first_stage_option,
+    add_model_option,
     add_scoring_options,
+    add_store_option,
     column_options,
     count,
-    existing_folder,
-    folder_or_id,
+    data_spec,
     output_folder,
     whole_number,
 )
@@ -26,7 +31,7 @@ EXAMPLE = """examples:
   # already in a store (edje encode --model my-edje --data photos/ --out photos.store)
   edje eval --model my-edje --first-stage my-probe --data photos/ --store photos.store
   # a Hub data set of images and captions (columns found by name, or --caption-column ...)
-  edje eval --model my-edje --first-stage google/siglip2-large-patch16-384 \
+  edje eval --model my-edje --first-stage google/siglip2-large-patch16-384 \\
       --data nlphuji/flickr_1k_test_image_text_retrieval --out eval-flickr1k
 
 Writes report.json, report.md and recall_at_k.png (and contact_sheet.png) into --out and
@@ -41,45 +46,39 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Retrieve top-k candidates with a first-stage embedding model both ways (caption -> "
             "images, image -> captions), rerank them with EDJE, and report first-stage and "
-            "reranked recall@k side by side (clip_benchmark names, ties against the query)."
+            "reranked recall@k side by side (clip_benchmark names, ties against the query). "
+            "--first-stage train-builtin fits the offline linear probe on the built-in train "
+            "split first."
         ),
         epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "--model", type=folder_or_id, metavar="EDJE_DIR", help="EDJE model folder or Hub id"
-    )
-    parser.add_argument(
-        "--first-stage",
-        required=True,
-        metavar="DIR_OR_ID",
-        help="a saved LinearProbeEmbedding folder, a CLIP/SigLIP Hub id or folder, or "
-        "'train-builtin' (fit the offline linear probe on the built-in train split first)",
-    )
-    parser.add_argument(
-        "--data",
-        nargs="+",
-        required=True,
-        metavar=("NAME", "DATA_DIR"),
-        help="builtin | emoji | FOLDER | flickr30k [DATA_DIR] | coco [DATA_DIR] | a Hub data "
-        "set id OWNER/NAME (see edje.data.load_data; 'folder FOLDER' also works)",
-    )
+    add_model_option(parser)
+    add_first_stage_option(parser, required=True)
+    add_data_option(parser, required=True)
     add_scoring_options(parser)
     parser.add_argument(
         "--split", default="test", help="split to evaluate (default: test; val, dev... too)"
     )
     add_column_options(parser)
-    parser.add_argument(
-        "--store",
-        type=existing_folder,
-        metavar="STORE",
-        help="token store with every image's tokens",
-    )
+    add_store_option(parser)
     parser.add_argument(
         "--force",
         action="store_true",
         help="use --store even if its fingerprint differs from the model's (warns instead)",
     )
+    _add_report_options(parser)
+    parser.add_argument("--batch-size", type=count, default=256, help="pairs per forward pass")
+    add_device_option(parser)
+    parser.add_argument("--limit", type=count, default=None, help="evaluate the first N images")
+    parser.add_argument(
+        "--save-first-stage", metavar="DIR", help="keep the first stage (e.g. train-builtin's)"
+    )
+    parser.set_defaults(func=run)
+
+
+def _add_report_options(parser) -> None:
+    """The rerank depths and what is written."""
     parser.add_argument("--k", type=count, default=10, help="rerank depth (default: 10)")
     parser.add_argument(
         "--extra-k", type=count, nargs="*", default=[], metavar="K", help="more rerank depths"
@@ -94,13 +93,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="N",
         help="picture N queries' top 5",
     )
-    parser.add_argument("--batch-size", type=count, default=256, help="pairs per forward pass")
-    parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: auto)")
-    parser.add_argument("--limit", type=count, default=None, help="evaluate the first N images")
-    parser.add_argument(
-        "--save-first-stage", metavar="DIR", help="keep the first stage (e.g. train-builtin's)"
-    )
-    parser.set_defaults(func=run)
 
 
 def load_split(spec: list[str], split: str, caption_column: str | None = None, **columns):
@@ -113,16 +105,12 @@ def load_split(spec: list[str], split: str, caption_column: str | None = None, *
     from edje.data.load import canonical_split, split_folders
 
     split = canonical_split(split)  # --split val / dev / testing ...
-    name, rest = (
-        (spec[1], spec[2:]) if spec[0] == "folder" and len(spec) > 1 else (spec[0], spec[1:])
-    )
-    if len(rest) > 1:
-        raise SystemExit(f"edje eval: --data expects NAME [DATA_DIR], got {' '.join(spec)!r}")
+    name, data_dir = data_spec(spec, "eval")
     folder = Path(name)
     if folder.is_dir() and not split_folders(folder):
         if any(columns.values()):
             given = ", ".join(f"--{k.replace('_', '-')}" for k, v in columns.items() if v)
-            raise SystemExit(f"edje eval: {given}: columns of a Hub data set; {name} is a folder")
+            raise UsageError(f"edje eval: {given}: columns of a Hub data set; {name} is a folder")
         dataset = load_image_folder(folder, split=split, caption_column=caption_column)
         print(
             f"edje eval: {folder} has no train/ validation/ test/ folders; evaluating all "
@@ -130,13 +118,13 @@ def load_split(spec: list[str], split: str, caption_column: str | None = None, *
             file=sys.stderr,
         )
         return dataset
-    options = dict(data_dir=rest[0] if rest else None, caption_column=caption_column, **columns)
+    options = dict(data_dir=data_dir, caption_column=caption_column, **columns)
     try:
         splits = load_data(name, splits=[split], **options)
     except ValueError as error:
-        raise SystemExit(f"edje eval: {error}") from None
+        raise UsageError(f"edje eval: {error}") from None
     if split not in splits:
-        raise SystemExit(
+        raise UsageError(
             f"edje eval: {name} has no {split!r} split (it has "
             f"{', '.join(load_data(name, **options))}); pass --split, "
             "or lay the folder out as train/ validation/ test/."
@@ -190,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
         # recall@1..k reads every candidate's order, so "exact" scores them all in fp32
         backend=args.backend,
         dtype=args.precision and scoring_dtype(args.precision),
-        dataset_name=args.data[1] if args.data[0] == "folder" else args.data[0],
+        dataset_name=data_spec(args.data, "eval")[0],
         show_progress_bar=True,
         force_store=args.force,
     )

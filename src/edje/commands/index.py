@@ -6,7 +6,14 @@ import argparse
 import sys
 from typing import Any
 
-from edje.commands import count, existing_folder, folder_or_id, output_folder
+from edje.commands import (
+    UsageError,
+    add_first_stage_option,
+    add_store_option,
+    count,
+    existing_folder,
+    output_folder,
+)
 
 EXAMPLE = """examples:
   # every image under photos/, ids: paths under photos/ without suffix (as `edje encode --images`)
@@ -30,20 +37,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "--first-stage",
-        type=folder_or_id,
-        required=True,
-        metavar="DIR_OR_ID",
-        help="embedding model",
-    )
+    add_first_stage_option(parser, required=True)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument(
         "--images", type=existing_folder, metavar="FOLDER", help="folder of image files (recursive)"
     )
-    source.add_argument(
-        "--store", type=existing_folder, metavar="STORE", help="a token store of raw vision tokens"
-    )
+    add_store_option(source)  # of raw vision tokens: the first stage embeds them
     parser.add_argument(
         "--out", type=output_folder, required=True, metavar="DIR", help="index folder to write"
     )
@@ -53,9 +52,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-
     from edje.first_stage import VectorIndex, load_embedding_model
 
+    found = _find_images(args.images) if args.images else None  # a bad folder fails at once
     first_stage = load_embedding_model(args.first_stage)
     width = first_stage.encode_texts(["factory check"]).shape[-1]
     VectorIndex(width, args.factory)  # a bad --factory fails now, not after embedding it all
@@ -68,27 +67,37 @@ def run(args: argparse.Namespace) -> int:
         )
         failures = {}
     else:
-        from edje.store.encode import find_images
-
-        found = find_images(args.images)
-        if not found:
-            raise SystemExit(f"edje index: no image files under {args.images}")
         ids, embeddings, failures = _embed_images(first_stage, found, args.batch_size)
         if not ids:
-            raise SystemExit(f"edje index: none of the {len(found)} images could be decoded")
+            raise UsageError(f"edje index: none of the {len(found)} images could be decoded")
         index = VectorIndex(embeddings.shape[1], args.factory)
         if not index.index.is_trained:
             index.train(embeddings)
         index.add(embeddings, ids=ids)
     index.save(args.out)
     print(f"wrote {index!r} to {args.out}")
-    if failures:  # as `edje encode` lists them: the others are indexed, the exit code says so
-        print(f"{len(failures)} images could not be decoded (not indexed):", file=sys.stderr)
-        for image_id, reason in list(failures.items())[:20]:
-            print(f"  {image_id}: {reason}", file=sys.stderr)
-        if len(failures) > 20:
-            print(f"  ... and {len(failures) - 20} more", file=sys.stderr)
+    _report_failures(failures)
     return 1 if failures else 0
+
+
+def _find_images(folder: str) -> list:
+    from edje.store.encode import find_images
+
+    found = find_images(folder)
+    if not found:
+        raise UsageError(f"edje index: no image files under {folder}")
+    return found
+
+
+def _report_failures(failures: dict[str, str]) -> None:
+    """As `edje encode` lists them: the others are indexed, the exit code says so."""
+    if not failures:
+        return
+    print(f"{len(failures)} images could not be decoded (not indexed):", file=sys.stderr)
+    for image_id, reason in list(failures.items())[:20]:
+        print(f"  {image_id}: {reason}", file=sys.stderr)
+    if len(failures) > 20:
+        print(f"  ... and {len(failures) - 20} more", file=sys.stderr)
 
 
 # Decoded images are box-reduced at once to keep this many pixels on their short side (at

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from edje.commands import count, folder_or_id, output_folder
+from edje.commands import add_model_option, count, output_folder
 
 EXAMPLE = """example:
   edje quickstart                        # everything in ./edje-quickstart
@@ -30,9 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--out", type=output_folder, default="edje-quickstart", help="output folder"
     )
-    parser.add_argument(
-        "--model", type=folder_or_id, default=None, help="EDJE folder to rerank with"
-    )
+    add_model_option(parser)  # to rerank with (default: the shipped checkpoint)
     parser.add_argument(
         "--train",
         action="store_true",

@@ -7,10 +7,12 @@ import json
 from pathlib import Path
 
 from edje.commands import (
+    UsageError,
+    add_device_option,
+    add_model_option,
     add_scoring_options,
+    add_store_option,
     count,
-    existing_folder,
-    folder_or_id,
     scoring_options,
     unicode_problem,
 )
@@ -18,7 +20,7 @@ from edje.commands import (
 EXAMPLE = """examples:
   edje rerank --model my-edje --store photos.store --input pairs.jsonl --output scores.jsonl
 
-Input, one JSON object per line (documents: store ids, else image file paths):
+Input, one JSON object per line (documents: --store ids, else image file paths):
   {"query": "a dog catching a frisbee", "document": "dogs/001.jpg"}
   {"query": "a red bus", "documents": ["bus/01.jpg", "bus/02.jpg", "cars/07.jpg"]}
 Output, the same objects in the same order with "score" (or "scores", one per document) added:
@@ -41,17 +43,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "--model", type=folder_or_id, required=True, metavar="EDJE_DIR", help="EDJE folder or id"
-    )
-    parser.add_argument(
-        "--store", type=existing_folder, metavar="STORE", help="token store the document ids are in"
-    )
+    add_model_option(parser, required=True)
+    add_store_option(parser)
     parser.add_argument("--input", required=True, metavar="JSONL", help="pairs to score")
     parser.add_argument("--output", required=True, metavar="JSONL", help="where scores go")
     parser.add_argument("--batch-size", type=count, default=32, help="pairs per forward pass")
     parser.add_argument("--logits", action="store_true", help="write logits, not sigmoid scores")
-    parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: auto)")
+    add_device_option(parser)
     add_scoring_options(parser)
     parser.add_argument("--force", action="store_true", help="use a store of another fingerprint")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -64,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
 
     source = Path(args.input)
     if not source.is_file():
-        raise SystemExit(f"edje rerank: no input file {source}")
+        raise UsageError(f"edje rerank: no input file {source}")
     reranker = EDJEReranker(args.model, store=args.store, device=args.device,
                             force_store=args.force, **scoring_options(args))  # fmt: skip
     with source.open(encoding="utf-8") as file:
@@ -105,25 +103,25 @@ def _parse(line: str, reranker, where: str) -> dict:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as e:
-        raise SystemExit(f"edje rerank: {where}: not JSON ({e.msg})") from None
+        raise UsageError(f"edje rerank: {where}: not JSON ({e.msg})") from None
     if not isinstance(record, dict):
-        raise SystemExit(f"edje rerank: {where}: expected a JSON object, got {line.strip()[:80]}")
+        raise UsageError(f"edje rerank: {where}: expected a JSON object, got {line.strip()[:80]}")
     query = record.get("query")
     if not isinstance(query, str) or not query.strip():
-        raise SystemExit(f'edje rerank: {where}: "query" must be a non-empty string')
+        raise UsageError(f'edje rerank: {where}: "query" must be a non-empty string')
     if ("document" in record) == ("documents" in record):
-        raise SystemExit(f'edje rerank: {where}: expected exactly one of "document", "documents"')
+        raise UsageError(f'edje rerank: {where}: expected exactly one of "document", "documents"')
     documents = record.get("documents", [record.get("document")])
     if not isinstance(documents, list) or not all(isinstance(d, str) for d in documents):
-        raise SystemExit(f"edje rerank: {where}: documents must be strings (ids or image paths)")
+        raise UsageError(f"edje rerank: {where}: documents must be strings (ids or image paths)")
     for field, value in (("query", query), *(("document", d) for d in documents)):
         if problem := unicode_problem(value):
-            raise SystemExit(f"edje rerank: {where}: the {field} is not valid Unicode: {problem}")
+            raise UsageError(f"edje rerank: {where}: the {field} is not valid Unicode: {problem}")
     store = reranker.store
     for document in documents:
         if not (store is not None and document in store) and not Path(document).is_file():
             where_from = f"in the store {store.path}" if store is not None else "(no --store)"
-            raise SystemExit(
+            raise UsageError(
                 f"edje rerank: {where}: document {document!r} is neither an image id "
                 f"{where_from} nor an image file"
             )

@@ -8,11 +8,14 @@ import sys
 from pathlib import Path
 
 from edje.commands import (
+    UsageError,
+    add_device_option,
+    add_first_stage_option,
+    add_model_option,
     add_scoring_options,
+    add_store_option,
     caption_text,
     count,
-    existing_folder,
-    folder_or_id,
     scoring_options,
 )
 
@@ -25,7 +28,9 @@ EXAMPLE = """examples:
   # image -> captions: the query is an image file, candidates one caption per line
   edje search --images --model my-edje --first-stage my-probe --captions captions.txt dog.jpg
 
---first-stage embeds the query (and, with --images, the captions). --captions reads one caption
+--first-stage embeds the query (and, with --images, the captions); it and --store default to
+first_stage/ and raw.store/ beside the model folder, as `edje quickstart` leaves them. --store
+holds the images' tokens (caption -> images needs it). --captions reads one caption
 per line, or JSONL lines with a "caption" (or "text") field. The table lists rank, image id (or
 caption line), EDJE's reranked score and the first stage's score; --json prints the same list.
 """
@@ -45,28 +50,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "query", type=caption_text, metavar="QUERY", help="a caption (an image path with --images)"
     )
-    parser.add_argument(
-        "--model", type=folder_or_id, required=True, metavar="EDJE_DIR", help="EDJE folder or id"
-    )
-    parser.add_argument(
-        "--first-stage",
-        type=folder_or_id,
-        metavar="DIR_OR_ID",
-        help="embedding model (default: first_stage/ beside the model, as quickstart leaves it)",
-    )
-    parser.add_argument(
-        "--store",
-        type=existing_folder,
-        metavar="STORE",
-        help="token store of the images (default: raw.store/ beside the model)",
-    )
+    add_model_option(parser, required=True)
+    add_first_stage_option(parser)
+    add_store_option(parser)
     parser.add_argument("--index", metavar="DIR", help="a saved VectorIndex over the store's ids")
     parser.add_argument("--images", action="store_true", help="image -> captions (--captions)")
     parser.add_argument("--captions", metavar="FILE", help="candidate captions for --images")
     parser.add_argument("--k", type=count, default=10, help="first-stage candidates (default: 10)")
     parser.add_argument("--top", type=count, default=None, metavar="N", help="print the best N")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: auto)")
+    add_device_option(parser)
     add_scoring_options(parser)
     parser.add_argument("--force", action="store_true", help="use a store of another fingerprint")
     parser.set_defaults(func=run)
@@ -110,7 +103,7 @@ def beside_the_model(args: argparse.Namespace) -> None:
     if args.first_stage is None:
         several = _first_stages(folder / "first_stage") if Path(args.model).is_dir() else []
         choices = f": one of {', '.join(map(str, several))}" if len(several) > 1 else ""
-        raise SystemExit(
+        raise UsageError(
             f"edje search: give --first-stage{choices} (no single first stage beside the "
             f"model in {folder})"
         )
@@ -143,7 +136,7 @@ def search_images(args: argparse.Namespace, first_stage) -> list[dict]:
     from edje.store import TokenStore
 
     if not args.store:
-        raise SystemExit("edje search: caption -> image search needs --store (the image tokens)")
+        raise UsageError("edje search: caption -> image search needs --store (the image tokens)")
     store = TokenStore.open(args.store)
     index = (
         VectorIndex.load(args.index, require_ids=True)
@@ -165,7 +158,7 @@ def search_captions(args: argparse.Namespace, first_stage) -> list[dict]:
     from edje.rerank import EDJEReranker
 
     if not args.captions:
-        raise SystemExit("edje search --images: give the candidate captions with --captions FILE")
+        raise UsageError("edje search --images: give the candidate captions with --captions FILE")
     from edje.data import read_captions
 
     captions = read_captions(args.captions)

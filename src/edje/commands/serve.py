@@ -5,10 +5,14 @@ from __future__ import annotations
 import argparse
 
 from edje.commands import (
+    UsageError,
+    add_device_option,
+    add_first_stage_option,
+    add_model_option,
     add_scoring_options,
+    add_store_option,
     count,
     existing_folder,
-    folder_or_id,
     port,
     scoring_options,
 )
@@ -50,9 +54,6 @@ LIMIT_OPTIONS = [
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from edje.serving.requests import ServeLimits
-
-    defaults = ServeLimits()
     parser = subparsers.add_parser(
         "serve",
         help="serve POST /v1/rerank (Cohere/Jina shape) over HTTP",
@@ -64,11 +65,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--model", type=folder_or_id, help="model folder (with its processor)")
+    add_model_option(parser)
+    add_store_option(parser)
+    _add_page_options(parser.add_argument_group("search page (GET /)"))
+    _add_network_options(parser)
+    _add_limit_options(parser.add_argument_group("limits (ServeLimits)"))
+    add_device_option(parser)
+    add_scoring_options(parser)
     parser.add_argument(
-        "--store", type=existing_folder, help="token store folder made for this model"
+        "--force", action="store_true", help="use a store made by another encoder (warns)"
     )
-    page = parser.add_argument_group("search page (GET /)")
+    parser.set_defaults(func=run)
+
+
+def _add_page_options(page) -> None:
     page.add_argument(
         "--quickstart",
         type=existing_folder,
@@ -80,13 +90,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="builtin",
         help="which of the quickstart's data sets the page searches (default: %(default)s)",
     )
-    page.add_argument("--first-stage", type=folder_or_id, help="first-stage embedding model")
+    add_first_stage_option(page)
     page.add_argument(
         "--index", type=existing_folder, help="saved first-stage index (edje index); "
         "default: built from a raw store"
     )  # fmt: skip
     page.add_argument("--images", type=existing_folder, help="folder of the store's image files")
     page.add_argument("--captions", help="captions for image -> text (one a line, or JSONL)")
+
+
+def _add_network_options(parser) -> None:
     parser.add_argument(
         "--host",
         default="127.0.0.1",
@@ -113,20 +126,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="model name in requests and responses (default: the model folder's name, or the "
         "Hub id; never a local path)",
     )
-    limits = parser.add_argument_group("limits (ServeLimits)")
+
+
+def _add_limit_options(limits) -> None:
+    from edje.serving.requests import ServeLimits
+
+    defaults = ServeLimits()
     for flag, field, kind, what in LIMIT_OPTIONS:
         limits.add_argument(
             flag, dest=field, type=kind, default=getattr(defaults, field), metavar="N",
             help=f"{what} (default: %(default)s)",
         )  # fmt: skip
-    parser.add_argument(
-        "--device", default=None, help="torch device (default: cuda if there is one)"
-    )
-    add_scoring_options(parser)
-    parser.add_argument(
-        "--force", action="store_true", help="use a store made by another encoder (warns)"
-    )
-    parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -134,17 +144,17 @@ def run(args: argparse.Namespace) -> int:
         import fastapi  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError as error:
-        raise SystemExit(f"edje serve needs {error.name}: pip install 'edje[serving]'") from None
+        raise UsageError(f"edje serve: needs {error.name}: pip install 'edje[serving]'") from None
     from edje.rerank import EDJEReranker
     from edje.serving.app import RerankerBackend, ServeLimits, create_app, run_server
 
     try:
         limits = ServeLimits(**{field: getattr(args, field) for _, field, _, _ in LIMIT_OPTIONS})
     except ValueError as error:
-        raise SystemExit(f"edje serve: {error}") from None
+        raise UsageError(f"edje serve: {error}") from None
     _fill_from_quickstart(args)
     if not (args.model and args.store):
-        raise SystemExit("edje serve: give --model and --store, or --quickstart DIR")
+        raise UsageError("edje serve: give --model and --store, or --quickstart DIR")
     print(f"loading {args.model} and {args.store}", flush=True)
     reranker = EDJEReranker(args.model, store=args.store, device=args.device,
                             force_store=args.force, **scoring_options(args))  # fmt: skip
@@ -174,7 +184,7 @@ def _fill_from_quickstart(args: argparse.Namespace) -> None:
     root = Path(args.quickstart)
     images = root / "images" / args.set
     if not (root / "raw.store").is_dir() or not images.is_dir():
-        raise SystemExit(
+        raise UsageError(
             f"edje serve: {root} is not an `edje quickstart` folder with a {args.set!r} set "
             "(no raw.store or images/ in it); run `edje quickstart --out DIR` first"
         )
