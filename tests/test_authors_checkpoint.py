@@ -444,7 +444,7 @@ def test_wrong_head_count_for_the_width_is_refused():
     layout = AuthorsLayout(40, m=2, d_vis=24, heads=2, bert=TINY_BERT, mlp=8)
     checkpoint = map_authors_state_dict(layout.state_dict())
     with pytest.raises(ValueError, match=r"vision_hidden_size \(24\) must be divisible"):
-        model_from_checkpoint(checkpoint, vision_num_heads=16, text_num_heads=2)
+        model_from_checkpoint(checkpoint, EDJEModel, vision_num_heads=16, text_num_heads=2)
 
 
 def test_an_existing_output_folder_is_refused(converted, image_processor_dir, tmp_path):

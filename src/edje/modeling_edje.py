@@ -21,25 +21,8 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.utils import ModelOutput
 
+from .compact_checkpoint import VISION_SUBFOLDER, EDJESavingMixin, model_extras, needs_edje
 from .configuration_edje import EDJEConfig
-
-# edje's own features (named backbones, fingerprints, compact weights, cards, the authors'
-# checkpoint). Saved folders carry this file as remote code, which must load where edje is not
-# installed; transformers does not require imports inside a try block.
-try:
-    from edje import model_extras
-except ImportError:
-    model_extras = None
-
-
-def _needs_edje(feature: str):
-    if model_extras is None:
-        raise ImportError(f"EDJEModel.{feature} needs the edje package: pip install edje")
-    return model_extras
-
-
-# Where `save_pretrained(..., save_vision_encoder=True)` puts the frozen vision tower.
-VISION_SUBFOLDER = "vision_encoder"
 
 
 def sincos_grid_positions(num_tokens: int, dim: int) -> torch.Tensor:
@@ -254,7 +237,7 @@ class EDJEPreTrainedModel(PreTrainedModel):
                 init.copy_(positions, sincos_grid_positions(*positions.shape[1:])[None])
 
 
-class EDJEModel(EDJEPreTrainedModel):
+class EDJEModel(EDJESavingMixin, EDJEPreTrainedModel):
     """EDJE: scores (caption, image) pairs from stored image tokens.
 
     `forward` takes the processor's `input_ids`, `attention_mask` and `token_type_ids` with exactly
@@ -366,7 +349,7 @@ class EDJEModel(EDJEPreTrainedModel):
         one the config records, or of the encoder already attached; without either it is left
         out and the encoder's name is compared instead: nothing is loaded to check a store.
         """
-        return _needs_edje("store_fingerprint").store_fingerprint_of(self, raw)
+        return needs_edje("store_fingerprint").store_fingerprint_of(self, raw)
 
     def check_store(self, store: Any, *, force: bool = False) -> None:
         """Refuse a token store made by another vision encoder, preprocessing or adapter.
@@ -472,7 +455,7 @@ class EDJEModel(EDJEPreTrainedModel):
         the adapter and head are freshly initialised. `config_kwargs` go to [`EDJEConfig`].
         `vision` and `text` are Hub ids, local folders or the offline names in `edje.backbones`.
         """
-        return _needs_edje("from_backbones").build_from_backbones(
+        return needs_edje("from_backbones").build_from_backbones(
             cls, vision, text, vision_image_size=vision_image_size, **config_kwargs
         )
 
@@ -487,113 +470,8 @@ class EDJEModel(EDJEPreTrainedModel):
         `edje.authors_checkpoint.load_authors_checkpoint`. `edje convert` writes the same model
         with its processor and card as a folder.
         """
-        extras = _needs_edje("from_authors_checkpoint")
+        extras = needs_edje("from_authors_checkpoint")
         return extras.load_authors_checkpoint(source, model_class=cls, **kwargs)
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        folder = Path(str(pretrained_model_name_or_path), kwargs.get("subfolder") or "")
-        if folder.is_dir() and not (folder / "config.json").is_file():
-            raise OSError(
-                f"{folder} holds no saved EDJE model: no config.json in it (a saved model is the "
-                "folder save_pretrained writes: config.json and model.safetensors)."
-            )
-        model = _load_compact(cls, pretrained_model_name_or_path, kwargs)
-        if model is None:
-            model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        model._vision_source = pretrained_model_name_or_path
-        # Weights memory-mapped from safetensors can sit at unaligned addresses, where CPU kernels
-        # take other code paths; aligned copies make a loaded model score bitwise as it was saved.
-        for tensor in (*model.parameters(), *model.buffers()):
-            if tensor.device.type == "cpu" and tensor.data_ptr() % 64:
-                tensor.data = tensor.data.clone()
-        return model
-
-    def save_pretrained(
-        self,
-        save_directory,
-        *args,
-        save_vision_encoder: bool = False,
-        compact: bool = False,
-        **kwargs,
-    ):
-        """Save config, safetensors weights and a model card; the vision encoder only if asked.
-
-        With `save_vision_encoder=True` the frozen encoder goes to `vision_encoder/` beside the
-        weights and the saved config names it there, so the folder encodes pixels on its own.
-        With `compact=True` only the weights that differ from the base text encoder are kept,
-        in fp16 (`edje.compact_checkpoint`); loading then needs edje and that encoder.
-        """
-        kwargs.pop("safe_serialization", None)  # safetensors only
-        if compact and kwargs.get("push_to_hub"):
-            raise ValueError(
-                "EDJEModel.save_pretrained(compact=True) does not push: a compact folder loads "
-                "only where edje is installed. Call push_to_hub(repo_id) (full weights, loads "
-                "anywhere with trust_remote_code=True), or upload the compact folder yourself."
-            )
-        if model_extras is not None:  # store checks then need no encoder
-            model_extras.record_vision_sha256(self)  # hashed if loaded, never loaded for it
-        if compact:
-            extras = _needs_edje("save_pretrained(compact=True)")
-            from transformers.dynamic_module_utils import custom_object_save
-
-            # The code beside the weights, as a full folder has it (this file's relative
-            # imports come along, the compact loader among them).
-            Path(save_directory).mkdir(parents=True, exist_ok=True)
-            for obj in (self.config, self):  # the config's and the model's auto_map entries
-                custom_object_save(obj, save_directory, config=self.config)
-            extras.save_compact(self, save_directory)
-            extras.write_model_card(self, save_directory, compact=True)
-            return
-        if save_vision_encoder:
-            self.vision_encoder.save_pretrained(Path(save_directory) / VISION_SUBFOLDER)
-            original_name = self.config.vision_encoder_name
-            self.config.vision_encoder_name = VISION_SUBFOLDER
-        try:
-            super().save_pretrained(save_directory, *args, **kwargs)
-        finally:
-            if save_vision_encoder:
-                self.config.vision_encoder_name = original_name
-        if kwargs.get("is_main_process", True) and model_extras is not None:
-            model_extras.write_model_card(self, save_directory)
-
-    def push_to_hub(
-        self,
-        repo_id: str,
-        *,
-        commit_message: str | None = None,
-        commit_description: str | None = None,
-        private: bool | None = None,
-        token: str | bool | None = None,
-        revision: str | None = None,
-        create_pr: bool = False,
-        max_shard_size: int | str | None = "50GB",
-        tags: list[str] | None = None,
-        save_vision_encoder: bool = False,
-    ) -> Any:
-        """Upload exactly what `save_pretrained` writes (safetensors, config, code, model card),
-        with transformers' `push_to_hub` arguments; `tags` join the card's. Returns the commit
-        info. The full weights go up: a compact folder loads only where edje is installed."""
-        import tempfile
-
-        from huggingface_hub import HfApi
-
-        api = HfApi(token=token if isinstance(token, str) else None)
-        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-        with tempfile.TemporaryDirectory() as folder:
-            self.save_pretrained(
-                folder, save_vision_encoder=save_vision_encoder, max_shard_size=max_shard_size
-            )
-            if model_extras is not None:
-                model_extras.write_model_card(self, folder, repo_id=repo_id, tags=tags)
-            return api.upload_folder(
-                repo_id=repo_id,
-                folder_path=folder,
-                commit_message=commit_message or "Upload EDJE model",
-                commit_description=commit_description,
-                revision=revision,
-                create_pr=create_pr,
-            )
 
 
 def _build_adapter(config: EDJEConfig) -> nn.Module:
@@ -617,18 +495,6 @@ def _build_adapter(config: EDJEConfig) -> nn.Module:
     return TokenCompressionAdapter(
         **common, qk_norm=config.adapter_qk_norm, num_positions=positions
     )
-
-
-def _load_compact(cls, name_or_path, kwargs: dict) -> EDJEModel | None:
-    """The model of a compact checkpoint (see `save_pretrained(compact=True)`), else None."""
-    hub = {k: kwargs[k] for k in ("revision", "token", "cache_dir", "subfolder") if k in kwargs}
-    config = kwargs.get("config") or EDJEConfig.from_pretrained(name_or_path, **hub)
-    if not getattr(config, "compact_checkpoint", False):
-        return None
-    from .compact_checkpoint import load_compact_model
-
-    dtype = kwargs.get("dtype") or kwargs.get("torch_dtype")
-    return load_compact_model(cls, name_or_path, config, hub, dtype)
 
 
 def _check_shape(name: str, tensor: torch.Tensor, expected: tuple[int, int], layout: str) -> None:
