@@ -340,7 +340,7 @@ from transformers import AutoModel, AutoProcessor
 folder = {str(converted)!r}
 model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
 processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
-assert type(model.adapter).__name__ == "PaperTokenCompressionAdapter"
+assert type(model.adapter).__name__ == "EDJEPaperAdapter"
 raw = load_file({str(tmp_path / "raw.safetensors")!r})["raw"]
 with torch.no_grad():
     print(model(**processor.tokenize_pairs({CAPTIONS!r}), vision_tokens=raw).logits.tolist())

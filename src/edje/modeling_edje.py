@@ -58,8 +58,9 @@ def sincos_grid_positions(num_tokens: int, dim: int) -> torch.Tensor:
     return torch.cat([torch.zeros(1, dim), grid]) if has_cls else grid
 
 
-class PaperTokenCompressionAdapter(nn.Module):
-    """The paper's adapter: compress `n` raw vision tokens into `m` tokens of the joint width.
+class EDJEPaperAdapter(nn.Module):
+    """The paper's adapter (`adapter_type="paper"`): compress `n` raw vision tokens into `m`
+    tokens of the joint width.
 
     `m` learned queries and key/value projections (`Linear(d_vis, d_vis)` each) of the raw tokens
     go into `nn.MultiheadAttention(d_vis, num_heads, batch_first=True)`, which applies its own
@@ -71,7 +72,7 @@ class PaperTokenCompressionAdapter(nn.Module):
 
     ```python
     >>> import torch
-    >>> adapter = PaperTokenCompressionAdapter(vision_dim=32, out_dim=16, num_queries=4,
+    >>> adapter = EDJEPaperAdapter(vision_dim=32, out_dim=16, num_queries=4,
     ...     num_heads=2, mlp_dim=64, hidden_act="gelu", layer_norm_eps=1e-6)
     >>> adapter(torch.randn(3, 17, 32)).shape
     torch.Size([3, 4, 16])
@@ -109,7 +110,7 @@ class PaperTokenCompressionAdapter(nn.Module):
         return self.proj(h)  # (B, m, d)
 
 
-class TokenCompressionAdapter(nn.Module):
+class EDJELightAdapter(nn.Module):
     """The light adapter (`adapter_type="light"`): compress `n` raw vision tokens into `m`
     tokens of the joint encoder's width.
 
@@ -122,7 +123,7 @@ class TokenCompressionAdapter(nn.Module):
 
     ```python
     >>> import torch
-    >>> adapter = TokenCompressionAdapter(vision_dim=32, out_dim=16, num_queries=4,
+    >>> adapter = EDJELightAdapter(vision_dim=32, out_dim=16, num_queries=4,
     ...     num_heads=2, mlp_dim=64)
     >>> adapter(torch.randn(3, 17, 32)).shape
     torch.Size([3, 4, 16])
@@ -175,14 +176,15 @@ class TokenCompressionAdapter(nn.Module):
         return self.proj(h)  # (B, m, d)
 
 
-class LocalProjector(nn.Module):
-    """The uncompressed "local" variant: a per-token MLP keeping all `n` raw tokens.
+class EDJELocalAdapter(nn.Module):
+    """The uncompressed local adapter (`adapter_type="local"`): a per-token MLP keeping all `n`
+    raw tokens; slower and larger, the paper's distillation teacher.
 
     Example:
 
     ```python
     >>> import torch
-    >>> LocalProjector(vision_dim=32, out_dim=16, mlp_dim=64)(torch.randn(3, 17, 32)).shape
+    >>> EDJELocalAdapter(vision_dim=32, out_dim=16, mlp_dim=64)(torch.randn(3, 17, 32)).shape
     torch.Size([3, 17, 16])
 
     ```
@@ -196,6 +198,14 @@ class LocalProjector(nn.Module):
 
     def forward(self, vision_tokens: torch.Tensor) -> torch.Tensor:
         return self.mlp(vision_tokens)  # (B, n, d_vis) -> (B, n, d)
+
+
+# `adapter_type` -> the class it builds.
+ADAPTER_CLASSES = {"paper": EDJEPaperAdapter, "light": EDJELightAdapter, "local": EDJELocalAdapter}
+# The names these classes had before `adapter_type` alone picked among them.
+PaperTokenCompressionAdapter = EDJEPaperAdapter
+TokenCompressionAdapter = EDJELightAdapter
+LocalProjector = EDJELocalAdapter
 
 
 @dataclass
@@ -225,12 +235,12 @@ class EDJEPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
-        if isinstance(module, PaperTokenCompressionAdapter):
+        if isinstance(module, EDJEPaperAdapter):
             init.normal_(module.queries, std=1.0)  # torch.randn, as the authors start them
         elif isinstance(module, nn.MultiheadAttention):  # torch's own init of the in-projection
             init.xavier_uniform_(module.in_proj_weight)
             init.zeros_(module.in_proj_bias)
-        elif isinstance(module, TokenCompressionAdapter):
+        elif isinstance(module, EDJELightAdapter):
             init.normal_(module.queries, std=module.queries.shape[-1] ** -0.5)
             positions = module.value_position_embedding
             if positions is not None:
@@ -475,10 +485,10 @@ class EDJEModel(EDJESavingMixin, EDJEPreTrainedModel):
 
 
 def _build_adapter(config: EDJEConfig) -> nn.Module:
-    """The adapter `config` names: the paper's, the light one, or the local projector."""
+    """The adapter `config.adapter_type` names (`ADAPTER_CLASSES`), sized by `config`."""
     sizes = dict(vision_dim=config.vision_hidden_size, out_dim=config.text_config.hidden_size)
-    if config.adapter_mode == "local":
-        return LocalProjector(**sizes, mlp_dim=config.adapter_mlp_size)
+    if config.adapter_type == "local":
+        return EDJELocalAdapter(**sizes, mlp_dim=config.adapter_mlp_size)
     common = dict(
         **sizes,
         num_queries=config.num_image_tokens,
@@ -486,15 +496,13 @@ def _build_adapter(config: EDJEConfig) -> nn.Module:
         mlp_dim=config.adapter_mlp_size,
     )
     if config.adapter_type == "paper":
-        return PaperTokenCompressionAdapter(
+        return EDJEPaperAdapter(
             **common,
             hidden_act=config.adapter_hidden_act,
             layer_norm_eps=config.adapter_layer_norm_eps,
         )
     positions = config.vision_num_tokens if config.adapter_position_embedding else None
-    return TokenCompressionAdapter(
-        **common, qk_norm=config.adapter_qk_norm, num_positions=positions
-    )
+    return EDJELightAdapter(**common, qk_norm=config.adapter_qk_norm, num_positions=positions)
 
 
 def _check_shape(name: str, tensor: torch.Tensor, expected: tuple[int, int], layout: str) -> None:
@@ -506,8 +514,12 @@ def _check_shape(name: str, tensor: torch.Tensor, expected: tuple[int, int], lay
 
 
 __all__ = [
+    "ADAPTER_CLASSES",
+    "EDJELightAdapter",
+    "EDJELocalAdapter",
     "EDJEModel",
     "EDJEOutput",
+    "EDJEPaperAdapter",
     "EDJEPreTrainedModel",
     "LocalProjector",
     "PaperTokenCompressionAdapter",
