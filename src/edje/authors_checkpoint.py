@@ -24,14 +24,13 @@ PosixPath('edje-authors')
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from edje._utils import atomic_folder
 from edje.authors_facts import (
     AUTHORS_CODE,
     AUTHORS_MAX_CAPTION_LENGTH,
@@ -217,17 +216,7 @@ def authors_config(
             "authors' compressed-adapter checkpoint. Nothing was written."
         )
     words = s["joint_encoder.embeddings.word_embeddings.weight"]
-    layers = {int(k.split(".")[3]) for k in s if k.startswith("joint_encoder.encoder.layer.")}
-    text_config = dict(
-        vocab_size=words.shape[0],
-        hidden_size=words.shape[1],
-        num_hidden_layers=len(layers),
-        num_attention_heads=text_num_heads or _text_heads(words.shape[1]),
-        intermediate_size=s["joint_encoder.encoder.layer.0.intermediate.dense.weight"].shape[0],
-        max_position_embeddings=s["joint_encoder.embeddings.position_embeddings.weight"].shape[0],
-        type_vocab_size=s["joint_encoder.embeddings.token_type_embeddings.weight"].shape[0],
-        hidden_act="gelu",
-    )
+    text_config = _text_config(s, text_num_heads)
     try:
         vision = vision_facts(
             s["adapter.key.weight"].shape[1],
@@ -256,6 +245,22 @@ def authors_config(
         base_text_encoder=AUTHORS_TEXT,
     )
     return EDJEConfig(**{**values, **config_kwargs})
+
+
+def _text_config(s: dict[str, torch.Tensor], num_heads: int | None) -> dict[str, Any]:
+    """The joint encoder's `BertConfig` fields, read from the weights' shapes."""
+    words = s["joint_encoder.embeddings.word_embeddings.weight"]
+    layers = {int(k.split(".")[3]) for k in s if k.startswith("joint_encoder.encoder.layer.")}
+    return dict(
+        vocab_size=words.shape[0],
+        hidden_size=words.shape[1],
+        num_hidden_layers=len(layers),
+        num_attention_heads=num_heads or _text_heads(words.shape[1]),
+        intermediate_size=s["joint_encoder.encoder.layer.0.intermediate.dense.weight"].shape[0],
+        max_position_embeddings=s["joint_encoder.embeddings.position_embeddings.weight"].shape[0],
+        type_vocab_size=s["joint_encoder.embeddings.token_type_embeddings.weight"].shape[0],
+        hidden_act="gelu",
+    )
 
 
 def _text_heads(width: int) -> int:
@@ -347,18 +352,11 @@ def convert_authors_checkpoint(
         model.config, tokenizer, image_processor or model.config.vision_encoder_name
     )
     model.config.vision_image_processor = processor.image_processor.to_dict()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_folder(out) as staging:
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
         card = render_model_card(model, results=_paper_results()) + _source_section(checkpoint)
         (staging / "README.md").write_text(card, encoding="utf-8")
-        staging.chmod(0o755)  # mkdtemp makes it private; a model folder is not
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out
 
 
