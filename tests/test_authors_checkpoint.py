@@ -341,7 +341,7 @@ from transformers import AutoModel, AutoProcessor
 folder = {str(converted)!r}
 model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
 processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
-assert type(model.adapter).__name__ == "PaperTokenCompressionAdapter"
+assert type(model.adapter).__name__ == "EDJEPaperAdapter"
 raw = load_file({str(tmp_path / "raw.safetensors")!r})["raw"]
 with torch.no_grad():
     print(model(**processor.tokenize_pairs({CAPTIONS!r}), vision_tokens=raw).logits.tolist())
@@ -445,7 +445,7 @@ def test_wrong_head_count_for_the_width_is_refused():
     layout = AuthorsLayout(40, m=2, d_vis=24, heads=2, bert=TINY_BERT, mlp=8)
     checkpoint = map_authors_state_dict(layout.state_dict())
     with pytest.raises(ValueError, match=r"vision_hidden_size \(24\) must be divisible"):
-        model_from_checkpoint(checkpoint, vision_num_heads=16, text_num_heads=2)
+        model_from_checkpoint(checkpoint, EDJEModel, vision_num_heads=16, text_num_heads=2)
 
 
 def test_an_existing_output_folder_is_refused(converted, image_processor_dir, tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from transformers import AutoConfig, BertConfig
 
@@ -22,6 +24,26 @@ def test_defaults_follow_the_paper():
 
 def test_local_mode_keeps_every_raw_token():
     assert EDJEConfig(adapter_mode="local", vision_num_tokens=257).image_token_shape == (257, 384)
+    assert EDJEConfig(adapter_type="local", vision_num_tokens=257).image_token_shape == (257, 384)
+
+
+@pytest.mark.parametrize(
+    ("saved", "adapter_type"),
+    [
+        ({"adapter_mode": "local"}, "local"),
+        ({"adapter_mode": "local", "adapter_type": "paper"}, "local"),
+        ({"adapter_mode": "compressed", "adapter_type": "light"}, "light"),
+        ({"adapter_mode": "compressed"}, "paper"),
+    ],
+)
+def test_an_old_config_with_adapter_mode_loads_as_one_adapter_type(tmp_path, saved, adapter_type):
+    """Configs saved before `adapter_type` alone picked the adapter still load, and save
+    again with `adapter_type` only."""
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "edje", **saved}))
+    config = EDJEConfig.from_pretrained(tmp_path)
+    assert config.adapter_type == adapter_type
+    assert config.adapter_mode == ("local" if adapter_type == "local" else "compressed")
+    assert "adapter_mode" not in config.to_dict()
 
 
 @pytest.mark.parametrize(
@@ -42,7 +64,7 @@ def test_local_mode_keeps_every_raw_token():
         ({"image_token_id": 30522}, r"image_token_id must be in \[0, 30522\) .*, got 30522"),
         (
             {"adapter_type": "perceiver"},
-            r"adapter_type must be one of \('paper', 'light'\), got 'perceiver'",
+            r"adapter_type must be one of \('paper', 'light', 'local'\), got 'perceiver'",
         ),
         ({"adapter_hidden_act": "swishy"}, r"ACT2FN .*, got 'swishy'"),
         (

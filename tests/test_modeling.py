@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from conftest import make_tiny_config
-from edje import EDJEModel, LocalProjector, PaperTokenCompressionAdapter, TokenCompressionAdapter
-from edje.modeling_edje import sincos_grid_positions
+from edje import (
+    EDJELightAdapter,
+    EDJELocalAdapter,
+    EDJEModel,
+    EDJEPaperAdapter,
+    LocalProjector,
+    PaperTokenCompressionAdapter,
+    TokenCompressionAdapter,
+)
+from edje.modeling_edje import ADAPTER_CLASSES, sincos_grid_positions
 
 CAPTIONS = ["a small red circle left of a large blue square", "a green star"]
 
@@ -81,6 +91,52 @@ def test_light_adapter_keeps_its_options(tiny_processor):
 
 def test_local_projector_keeps_every_token():
     assert LocalProjector(32, 16, 64)(torch.randn(3, 17, 32)).shape == (3, 17, 16)
+
+
+def test_one_adapter_type_picks_one_class_and_the_old_names_still_work(tiny_processor):
+    assert {
+        "paper": EDJEPaperAdapter,
+        "light": EDJELightAdapter,
+        "local": EDJELocalAdapter,
+    } == ADAPTER_CLASSES
+    old = (PaperTokenCompressionAdapter, TokenCompressionAdapter, LocalProjector)
+    assert old == (EDJEPaperAdapter, EDJELightAdapter, EDJELocalAdapter)
+    for adapter_type, cls in ADAPTER_CLASSES.items():
+        config = make_tiny_config(
+            len(tiny_processor.tokenizer), tiny_processor.image_token_id, adapter_type=adapter_type
+        )
+        assert type(EDJEModel(config).adapter) is cls
+
+
+def test_the_shipped_checkpoint_whose_config_has_adapter_mode_scores_as_before(tmp_path):
+    """Its config.json predates `adapter_type` alone choosing (it holds `adapter_mode`): the
+    logits are those the model gave before (computed with edje at 61222b5), and a copy saved
+    with the new config scores bitwise the same."""
+    from edje import EDJEProcessor
+    from edje.quickstart import shipped_checkpoint
+
+    folder = shipped_checkpoint()
+    assert "adapter_mode" in json.loads((folder / "config.json").read_text())
+    model = EDJEModel.from_pretrained(folder).eval()
+    assert type(model.adapter) is EDJELightAdapter
+    processor = EDJEProcessor.from_pretrained(folder)
+    generator = torch.Generator().manual_seed(0)
+    config = model.config
+    vision = torch.randn(
+        2, config.vision_num_tokens, config.vision_hidden_size, generator=generator
+    )
+    captions = ["a small red circle left of a large blue square", "a cat"]
+    inputs = processor(text=captions, image_tokens=torch.zeros(2, *config.image_token_shape))
+    del inputs["image_tokens"]
+    with torch.no_grad():
+        logits = model(**inputs, vision_tokens=vision).logits
+    before = torch.tensor([-10.008508682250977, -7.306509494781494])
+    torch.testing.assert_close(logits, before, rtol=0, atol=1e-5)
+    model.save_pretrained(tmp_path)
+    assert "adapter_mode" not in json.loads((tmp_path / "config.json").read_text())
+    with torch.no_grad():
+        again = EDJEModel.from_pretrained(tmp_path).eval()(**inputs, vision_tokens=vision).logits
+    assert torch.equal(again, logits)
 
 
 def test_image_token_path_gives_one_logit_per_pair(tiny_model, tiny_processor):

@@ -15,6 +15,9 @@ __version__ = "0.1.0.dev0"
 
 _EXPORTS = {
     "EDJEConfig": "edje.configuration_edje",
+    "EDJELightAdapter": "edje.modeling_edje",
+    "EDJELocalAdapter": "edje.modeling_edje",
+    "EDJEPaperAdapter": "edje.modeling_edje",
     "EDJEModel": "edje.modeling_edje",
     "EDJEOutput": "edje.modeling_edje",
     "LocalProjector": "edje.modeling_edje",
@@ -26,8 +29,11 @@ _EXPORTS = {
 }
 __all__ = [
     "EDJEConfig",
+    "EDJELightAdapter",
+    "EDJELocalAdapter",
     "EDJEModel",
     "EDJEOutput",
+    "EDJEPaperAdapter",
     "EDJEProcessor",
     "EDJEReranker",
     "LocalProjector",
@@ -41,8 +47,11 @@ __all__ = [
 if TYPE_CHECKING:
     from edje.configuration_edje import EDJEConfig, clean_caption
     from edje.modeling_edje import (
+        EDJELightAdapter,
+        EDJELocalAdapter,
         EDJEModel,
         EDJEOutput,
+        EDJEPaperAdapter,
         LocalProjector,
         PaperTokenCompressionAdapter,
         TokenCompressionAdapter,

@@ -24,16 +24,13 @@ PosixPath('edje-authors')
 
 from __future__ import annotations
 
-import pickle
-import re
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from edje._utils import atomic_folder
 from edje.authors_facts import (
     AUTHORS_CODE,
     AUTHORS_MAX_CAPTION_LENGTH,
@@ -43,6 +40,7 @@ from edje.authors_facts import (
     SIGLIP_LAYER_NORM_EPS,
 )
 from edje.authors_vision import VisionMismatchError, config_of, vision_facts
+from edje.authors_weights import AuthorsCheckpointError, load_weights, locate_weights
 from edje.configuration_edje import EDJEConfig
 from edje.model_card import render_model_card
 
@@ -93,11 +91,6 @@ REQUIRED = (
     "joint_encoder.embeddings.token_type_embeddings.weight",
     "joint_encoder.encoder.layer.0.intermediate.dense.weight",
 )
-SAFETENSORS, PICKLED = (".safetensors",), (".pth", ".pt", ".bin")
-
-
-class AuthorsCheckpointError(ValueError):
-    """The source is not the authors' checkpoint layout, or cannot be read safely."""
 
 
 @dataclass
@@ -125,103 +118,8 @@ def read_authors_checkpoint(
     Raises `AuthorsCheckpointError` for an unreadable or unsafe file, and for keys that are
     neither mapped nor known to be dropped (listing them).
     """
-    path, origin = _resolve(source, filename, revision)
-    return map_authors_state_dict(_load_weights(path), origin=origin)
-
-
-def _resolve(source: str | Path, filename: str | None, revision: str | None) -> tuple[Path, str]:
-    """The local weights file for SOURCE, and a description of where it came from."""
-    local = Path(source)
-    if local.is_dir():
-        local = local / filename if filename else _weights_in(local)
-    if local.is_file():
-        return local, str(local)
-    if Path(source).exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)):
-        raise AuthorsCheckpointError(
-            f"edje convert: expected a weights file, a folder holding one, or a Hub repo id "
-            f"(owner/name) as SOURCE, got {str(source)!r}: "
-            + (f"it holds no {filename}." if Path(source).is_dir() else "no such file or folder.")
-        )
-    return _download(str(source), filename, revision)
-
-
-def _weights_in(folder: Path) -> Path:
-    """The single weights file of a folder (safetensors first)."""
-    for suffixes in (SAFETENSORS, PICKLED):
-        found = sorted(p for p in folder.iterdir() if p.suffix in suffixes)
-        if len(found) == 1:
-            return found[0]
-        if found:
-            raise AuthorsCheckpointError(
-                f"edje convert: {folder} holds several weights files "
-                f"{[p.name for p in found]}; expected one: pass the file itself as SOURCE."
-            )
-    raise AuthorsCheckpointError(
-        f"edje convert: {folder} holds no weights file; expected one ending in "
-        f"{SAFETENSORS + PICKLED}."
-    )
-
-
-def _download(repo_id: str, filename: str | None, revision: str | None) -> tuple[Path, str]:
-    from huggingface_hub import hf_hub_download, snapshot_download
-
-    try:
-        if filename is None:
-            patterns = [f"*{suffix}" for suffix in SAFETENSORS + PICKLED]
-            folder = snapshot_download(repo_id, revision=revision, allow_patterns=patterns)
-            path = _weights_in(Path(folder))
-        else:
-            path = Path(hf_hub_download(repo_id, filename, revision=revision))
-    except OSError as error:  # huggingface_hub's HTTP and offline errors are OSErrors
-        raise AuthorsCheckpointError(
-            f"edje convert: could not fetch {repo_id!r} from the Hub ({type(error).__name__}: "
-            f"{str(error).splitlines()[0]}); pass a local copy of the checkpoint as SOURCE."
-        ) from error
-    return path, f"{repo_id}/{path.name}" + (f"@{revision}" if revision else "")
-
-
-def _load_weights(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors from safetensors, or from a torch pickle with `weights_only=True`: never
-    arbitrary unpickling."""
-    if path.suffix in SAFETENSORS:
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except SafetensorError as error:  # a malformed header, a truncated file
-            raise AuthorsCheckpointError(
-                f"edje convert: {path} is not a readable safetensors file ({error})."
-            ) from None
-    if path.suffix not in PICKLED:
-        raise AuthorsCheckpointError(
-            f"edje convert: {path.name} is neither safetensors nor a torch checkpoint; expected "
-            f"a file ending in {SAFETENSORS + PICKLED}, got {path.suffix or 'no suffix'!r}."
-        )
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError) as error:  # refused, or not a torch file
-        raise AuthorsCheckpointError(
-            f"edje convert: refused {path}: torch.load(weights_only=True) would not read it "
-            f"({str(error).splitlines()[0]}). edje never unpickles arbitrary objects. If you "
-            "trust the file, load it yourself and save its state dict with "
-            "safetensors.torch.save_file, then convert that."
-        ) from None
-    return _state_dict_of(saved, path)
-
-
-def _state_dict_of(saved: Any, path: Path) -> dict[str, torch.Tensor]:
-    """The authors save `{"model": state_dict, "optimizer": ..., "config": ..., "epoch": ...}`."""
-    for key in ("model", "state_dict"):
-        if isinstance(saved, dict) and isinstance(saved.get(key), dict):
-            saved = saved[key]
-            break
-    if not isinstance(saved, dict) or not all(isinstance(v, torch.Tensor) for v in saved.values()):
-        raise AuthorsCheckpointError(
-            f"edje convert: {path} holds no state dict; expected a dict of tensors, or one under "
-            f"'model' or 'state_dict', got {type(saved).__name__}."
-        )
-    return saved
+    path, origin = locate_weights(source, filename, revision)
+    return map_authors_state_dict(load_weights(path), origin=origin)
 
 
 # -- mapping ---------------------------------------------------------------------------------
@@ -318,17 +216,7 @@ def authors_config(
             "authors' compressed-adapter checkpoint. Nothing was written."
         )
     words = s["joint_encoder.embeddings.word_embeddings.weight"]
-    layers = {int(k.split(".")[3]) for k in s if k.startswith("joint_encoder.encoder.layer.")}
-    text_config = dict(
-        vocab_size=words.shape[0],
-        hidden_size=words.shape[1],
-        num_hidden_layers=len(layers),
-        num_attention_heads=text_num_heads or _text_heads(words.shape[1]),
-        intermediate_size=s["joint_encoder.encoder.layer.0.intermediate.dense.weight"].shape[0],
-        max_position_embeddings=s["joint_encoder.embeddings.position_embeddings.weight"].shape[0],
-        type_vocab_size=s["joint_encoder.embeddings.token_type_embeddings.weight"].shape[0],
-        hidden_act="gelu",
-    )
+    text_config = _text_config(s, text_num_heads)
     try:
         vision = vision_facts(
             s["adapter.key.weight"].shape[1],
@@ -359,6 +247,22 @@ def authors_config(
     return EDJEConfig(**{**values, **config_kwargs})
 
 
+def _text_config(s: dict[str, torch.Tensor], num_heads: int | None) -> dict[str, Any]:
+    """The joint encoder's `BertConfig` fields, read from the weights' shapes."""
+    words = s["joint_encoder.embeddings.word_embeddings.weight"]
+    layers = {int(k.split(".")[3]) for k in s if k.startswith("joint_encoder.encoder.layer.")}
+    return dict(
+        vocab_size=words.shape[0],
+        hidden_size=words.shape[1],
+        num_hidden_layers=len(layers),
+        num_attention_heads=num_heads or _text_heads(words.shape[1]),
+        intermediate_size=s["joint_encoder.encoder.layer.0.intermediate.dense.weight"].shape[0],
+        max_position_embeddings=s["joint_encoder.embeddings.position_embeddings.weight"].shape[0],
+        type_vocab_size=s["joint_encoder.embeddings.token_type_embeddings.weight"].shape[0],
+        hidden_act="gelu",
+    )
+
+
 def _text_heads(width: int) -> int:
     config = config_of(AUTHORS_TEXT)
     if config is not None and getattr(config, "hidden_size", None) == width:
@@ -368,23 +272,26 @@ def _text_heads(width: int) -> int:
 
 def load_authors_checkpoint(
     source: str | Path,
+    model_class: type,
     *,
-    model_class: type | None = None,
     filename: str | None = None,
     revision: str | None = None,
     **config_kwargs: Any,
 ):
-    """An `EDJEModel` (fp32, eval mode) with the authors' weights; `config_kwargs` go to
-    [`authors_config`]. Missing or unexpected keys and wrong shapes raise, listing them."""
+    """A `model_class` (an `EDJEModel`; fp32, eval mode) with the authors' weights;
+    `config_kwargs` go to [`authors_config`]. Missing or unexpected keys and wrong shapes raise,
+    listing them."""
     checkpoint = read_authors_checkpoint(source, filename=filename, revision=revision)
-    return model_from_checkpoint(checkpoint, model_class=model_class, **config_kwargs)
+    return model_from_checkpoint(checkpoint, model_class, **config_kwargs)
 
 
-def model_from_checkpoint(checkpoint: AuthorsCheckpoint, *, model_class=None, **config_kwargs):
-    """The `EDJEModel` (or `model_class`) holding `checkpoint`, in eval mode."""
-    from edje.modeling_edje import EDJEModel
+def model_from_checkpoint(checkpoint: AuthorsCheckpoint, model_class: type, **config_kwargs):
+    """The `model_class` (an `EDJEModel`) holding `checkpoint`, in eval mode.
 
-    model = (model_class or EDJEModel)(authors_config(checkpoint, **config_kwargs))
+    The class comes in as an argument: `modeling_edje` reaches this module (through
+    `EDJEModel.from_authors_checkpoint`), so this module never imports it back.
+    """
+    model = model_class(authors_config(checkpoint, **config_kwargs))
     _check_keys(model.state_dict(), checkpoint)
     model.load_state_dict(checkpoint.state, strict=True)
     return model.eval()
@@ -407,7 +314,7 @@ def _check_keys(expected: dict[str, torch.Tensor], checkpoint: AuthorsCheckpoint
         )
 
 
-# -- the folder ------------------------------------------------------------------------------
+# -- the folder ----------------------------------------------------------------------------
 
 
 def convert_authors_checkpoint(
@@ -418,6 +325,7 @@ def convert_authors_checkpoint(
     image_processor: str | Path | None = None,
     filename: str | None = None,
     revision: str | None = None,
+    model_class: type | None = None,
     **config_kwargs: Any,
 ) -> Path:
     """Write the authors' checkpoint as an edje folder: config, `model.safetensors`, processor
@@ -426,7 +334,9 @@ def convert_authors_checkpoint(
     `tokenizer` and `image_processor` are Hub ids or local folders (defaults: the authors' text
     encoder, and the vision encoder's own processor); `config_kwargs` go to `authors_config`
     (`vision_encoder`, `image_size`, heads). An image processor of another size than the
-    vision encoder's is refused. Nothing appears at `out` unless every step succeeds.
+    vision encoder's is refused. `model_class` is the class written (default: the one
+    transformers' `AutoModel` maps "edje" to, `EDJEModel`). Nothing appears at `out` unless
+    every step succeeds.
     """
     out = Path(out)
     if out.exists():
@@ -435,24 +345,27 @@ def convert_authors_checkpoint(
             "another --out)."
         )
     checkpoint = read_authors_checkpoint(source, filename=filename, revision=revision)
-    model = model_from_checkpoint(checkpoint, **config_kwargs)
+    model = model_from_checkpoint(
+        checkpoint, model_class or _registered_model_class(), **config_kwargs
+    )
     processor = _processor(
         model.config, tokenizer, image_processor or model.config.vision_encoder_name
     )
     model.config.vision_image_processor = processor.image_processor.to_dict()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_folder(out) as staging:
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
         card = render_model_card(model, results=_paper_results()) + _source_section(checkpoint)
         (staging / "README.md").write_text(card, encoding="utf-8")
-        staging.chmod(0o755)  # mkdtemp makes it private; a model folder is not
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out
+
+
+def _registered_model_class() -> type:
+    """The class `AutoModel` builds for an `EDJEConfig` (`import edje` registers `EDJEModel`),
+    looked up rather than imported: `modeling_edje` reaches this module, never the reverse."""
+    from transformers import MODEL_MAPPING
+
+    return MODEL_MAPPING[EDJEConfig]
 
 
 def _processor(config: EDJEConfig, tokenizer: str | Path, image_processor: str | Path):
@@ -526,5 +439,6 @@ __all__ = [
     "convert_authors_checkpoint",
     "load_authors_checkpoint",
     "map_authors_state_dict",
+    "model_from_checkpoint",
     "read_authors_checkpoint",
 ]

@@ -1,14 +1,16 @@
-"""Compact checkpoints: only the weights that differ from the joint encoder's starting text
-encoder (an offline backbone or any named one), in fp16.
+"""Loading and saving an `EDJEModel` (`EDJESavingMixin`: safetensors folders, compact
+checkpoints, the Hub), and compact checkpoints themselves: only the weights that differ from
+the joint encoder's starting text encoder (an offline backbone or any named one), in fp16.
 
 A model trained from `EDJEModel.from_backbones` with frozen word embeddings keeps its 11.7M
 word-embedding weights equal to all-MiniLM-L6-v2's; a compact checkpoint leaves them (and any
 other unchanged tensor) out and takes them from the text encoder by name when loading. The
 `<image>` rows are left out too: their embeddings are always replaced by image tokens.
 
-Saved folders carry this file as remote code beside `modeling_edje.py`: where edje is not
-installed, a compact folder loads when its base text encoder is a Hub id or a folder (an
-offline backbone, `edje:...`, needs edje).
+Saved folders carry this file as remote code beside `modeling_edje.py`, so it must load where
+edje is not installed: edje's own extras (model cards, vision weight hashes) are reached through
+one guarded import, and a compact folder loads when its base text encoder is a Hub id or a
+folder (an offline backbone, `edje:...`, needs edje).
 """
 
 from __future__ import annotations
@@ -17,12 +19,147 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+# transformers does not require imports inside a try block to be installed.
+try:
+    from edje import model_extras
+except ImportError:
+    model_extras = None
+
 COMPACT_WEIGHTS = "edje_compact.safetensors"
 WORDS = "embeddings.word_embeddings.weight"
+# Where `save_pretrained(..., save_vision_encoder=True)` puts the frozen vision tower.
+VISION_SUBFOLDER = "vision_encoder"
+
+
+def needs_edje(feature: str):
+    """`edje.model_extras`, or an `ImportError` naming `feature` where edje is not installed."""
+    if model_extras is None:
+        raise ImportError(f"EDJEModel.{feature} needs the edje package: pip install edje")
+    return model_extras
+
+
+class EDJESavingMixin:
+    """`from_pretrained`, `save_pretrained` and `push_to_hub` for [`EDJEModel`]."""
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        folder = Path(str(pretrained_model_name_or_path), kwargs.get("subfolder") or "")
+        if folder.is_dir() and not (folder / "config.json").is_file():
+            raise OSError(
+                f"{folder} holds no saved EDJE model: no config.json in it (a saved model is the "
+                "folder save_pretrained writes: config.json and model.safetensors)."
+            )
+        model = _load_compact(cls, pretrained_model_name_or_path, kwargs)
+        if model is None:
+            model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        model._vision_source = pretrained_model_name_or_path
+        # Weights memory-mapped from safetensors can sit at unaligned addresses, where CPU kernels
+        # take other code paths; aligned copies make a loaded model score bitwise as it was saved.
+        for tensor in (*model.parameters(), *model.buffers()):
+            if tensor.device.type == "cpu" and tensor.data_ptr() % 64:
+                tensor.data = tensor.data.clone()
+        return model
+
+    def save_pretrained(
+        self,
+        save_directory,
+        *args,
+        save_vision_encoder: bool = False,
+        compact: bool = False,
+        **kwargs,
+    ):
+        """Save config, safetensors weights and a model card; the vision encoder only if asked.
+
+        With `save_vision_encoder=True` the frozen encoder goes to `vision_encoder/` beside the
+        weights and the saved config names it there, so the folder encodes pixels on its own.
+        With `compact=True` only the weights that differ from the base text encoder are kept,
+        in fp16 (`edje.compact_checkpoint`); loading then needs edje and that encoder.
+        """
+        kwargs.pop("safe_serialization", None)  # safetensors only
+        if compact and kwargs.get("push_to_hub"):
+            raise ValueError(
+                "EDJEModel.save_pretrained(compact=True) does not push: a compact folder loads "
+                "only where edje is installed. Call push_to_hub(repo_id) (full weights, loads "
+                "anywhere with trust_remote_code=True), or upload the compact folder yourself."
+            )
+        if model_extras is not None:  # store checks then need no encoder
+            model_extras.record_vision_sha256(self)  # hashed if loaded, never loaded for it
+        if compact:
+            return self._save_compact(save_directory)
+        if save_vision_encoder:
+            self.vision_encoder.save_pretrained(Path(save_directory) / VISION_SUBFOLDER)
+            original_name = self.config.vision_encoder_name
+            self.config.vision_encoder_name = VISION_SUBFOLDER
+        try:
+            super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            if save_vision_encoder:
+                self.config.vision_encoder_name = original_name
+        if kwargs.get("is_main_process", True) and model_extras is not None:
+            model_extras.write_model_card(self, save_directory)
+
+    def _save_compact(self, save_directory) -> None:
+        extras = needs_edje("save_pretrained(compact=True)")
+        from transformers.dynamic_module_utils import custom_object_save
+
+        # The code beside the weights, as a full folder has it (the modeling file's relative
+        # imports come along, this file among them).
+        Path(save_directory).mkdir(parents=True, exist_ok=True)
+        for obj in (self.config, self):  # the config's and the model's auto_map entries
+            custom_object_save(obj, save_directory, config=self.config)
+        save_compact(self, save_directory)
+        extras.write_model_card(self, save_directory, compact=True)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: str | None = None,
+        commit_description: str | None = None,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        max_shard_size: int | str | None = "50GB",
+        tags: list[str] | None = None,
+        save_vision_encoder: bool = False,
+    ) -> Any:
+        """Upload exactly what `save_pretrained` writes (safetensors, config, code, model card),
+        with transformers' `push_to_hub` arguments; `tags` join the card's. Returns the commit
+        info. The full weights go up: a compact folder loads only where edje is installed."""
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token if isinstance(token, str) else None)
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(
+                folder, save_vision_encoder=save_vision_encoder, max_shard_size=max_shard_size
+            )
+            if model_extras is not None:
+                model_extras.write_model_card(self, folder, repo_id=repo_id, tags=tags)
+            return api.upload_folder(
+                repo_id=repo_id,
+                folder_path=folder,
+                commit_message=commit_message or "Upload EDJE model",
+                commit_description=commit_description,
+                revision=revision,
+                create_pr=create_pr,
+            )
+
+
+def _load_compact(cls, name_or_path, kwargs: dict):
+    """The model of a compact checkpoint (see `save_pretrained(compact=True)`), else None."""
+    hub = {k: kwargs[k] for k in ("revision", "token", "cache_dir", "subfolder") if k in kwargs}
+    config = kwargs.get("config") or cls.config_class.from_pretrained(name_or_path, **hub)
+    if not getattr(config, "compact_checkpoint", False):
+        return None
+    dtype = kwargs.get("dtype") or kwargs.get("torch_dtype")
+    return load_compact_model(cls, name_or_path, config, hub, dtype)
 
 
 def save_compact(model, folder: str | Path, *, dtype: torch.dtype = torch.float16) -> Path:

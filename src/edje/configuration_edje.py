@@ -11,10 +11,12 @@ from typing import Any, ClassVar
 from transformers import BertConfig, PretrainedConfig
 from transformers.activations import ACT2FN
 
+# "paper": the adapter of the paper and its authors' code; "light": edje's smaller one (no
+# attention in/out projections, exact GELU, LayerNorm eps 1e-5, optional qk norm and value
+# positions), which the shipped quickstart checkpoint uses; "local": no compression.
+ADAPTER_TYPES = ("paper", "light", "local")
+# What configs saved before `adapter_type` alone chose the adapter carry as `adapter_mode`.
 ADAPTER_MODES = ("compressed", "local")
-# "paper": the adapter of the paper and its authors' code; "light": a smaller one (no attention
-# in/out projections, exact GELU, LayerNorm eps 1e-5, optional qk norm and value positions).
-ADAPTER_TYPES = ("paper", "light")
 # The token whose input embeddings the image tokens replace in the joint encoder.
 IMAGE_TOKEN = "<image>"
 # The most parameters a config may ask for (8 GB in float32; the paper's EDJE has about 60M):
@@ -74,16 +76,16 @@ class EDJEConfig(PretrainedConfig):
         vision_encoder_sha256 (`str`, *optional*):
             The hash of the vision encoder's weights (`edje.store.state_dict_sha256`), recorded
             at save so checking a token store against the model needs no vision encoder.
-        adapter_mode (`str`, defaults to `"compressed"`):
-            `"compressed"`: `num_image_tokens` learned queries attend over the raw tokens.
-            `"local"`: a per-token MLP over all `n` raw tokens (the uncompressed teacher).
         adapter_type (`str`, defaults to `"paper"`):
-            Which `"compressed"` adapter: `"paper"` ([`PaperTokenCompressionAdapter`]: key and
-            value projections, then `nn.MultiheadAttention` with its own in/out projections, as
-            in the paper) or `"light"` ([`TokenCompressionAdapter`], edje's smaller variant).
+            The adapter, one class each: `"paper"` ([`EDJEPaperAdapter`]: `num_image_tokens`
+            learned queries, key and value projections, then `nn.MultiheadAttention` with its own
+            in/out projections, as in the paper), `"light"` ([`EDJELightAdapter`], edje's
+            smaller compressing variant) or `"local"` ([`EDJELocalAdapter`]: a per-token MLP over
+            all `n` raw tokens, the uncompressed teacher). Configs saved before this setting
+            alone chose carry `adapter_mode` (`"compressed"` or `"local"`); they load the same.
         num_image_tokens (`int`, defaults to 64):
-            Tokens `m` stored per image in `"compressed"` mode. Ignored in `"local"` mode, where
-            every raw token is kept.
+            Tokens `m` stored per image by a compressing adapter. Ignored by `"local"`, which
+            keeps every raw token.
         adapter_num_heads (`int`, *optional*):
             Heads of the adapter's cross-attention; defaults to `vision_num_heads`.
         adapter_mlp_size (`int`, defaults to 8192):
@@ -155,7 +157,6 @@ class EDJEConfig(PretrainedConfig):
         vision_image_processor: dict[str, Any] | None = None,
         vision_encoder_sha256: str | None = None,
         example_captions: list[str] | None = None,
-        adapter_mode: str = "compressed",
         adapter_type: str = "paper",
         num_image_tokens: int = 64,
         adapter_num_heads: int | None = None,
@@ -176,13 +177,7 @@ class EDJEConfig(PretrainedConfig):
         score_error_bounds: dict[str, dict[str, Any]] | None = None,
         **kwargs: Any,
     ):
-        if text_config is None:
-            text_config = BertConfig(
-                hidden_size=384, num_attention_heads=12, intermediate_size=1536
-            )
-        elif isinstance(text_config, dict):
-            text_config = BertConfig(**{k: v for k, v in text_config.items() if k != "model_type"})
-        self.text_config = text_config
+        self.text_config = _bert_config(text_config)
         self.vision_encoder_name = vision_encoder_name
         self.vision_hidden_size = vision_hidden_size
         self.vision_num_tokens = vision_num_tokens
@@ -191,8 +186,7 @@ class EDJEConfig(PretrainedConfig):
         self.vision_image_processor = vision_image_processor
         self.vision_encoder_sha256 = vision_encoder_sha256
         self.example_captions = example_captions
-        self.adapter_mode = adapter_mode
-        self.adapter_type = adapter_type
+        self.adapter_type = _legacy_adapter_type(adapter_type, kwargs.pop("adapter_mode", None))
         self.num_image_tokens = num_image_tokens
         self.adapter_num_heads = adapter_num_heads or vision_num_heads
         self.adapter_mlp_size = adapter_mlp_size
@@ -219,11 +213,21 @@ class EDJEConfig(PretrainedConfig):
         return [clean_caption(c) for c in captions] if self.normalize_captions else list(captions)
 
     @property
+    def adapter_mode(self) -> str:
+        """`"local"` for the local adapter, else `"compressed"` (read-only: `adapter_type`
+        alone picks the adapter; setting it maps onto `adapter_type`, as old configs load)."""
+        return "local" if self.adapter_type == "local" else "compressed"
+
+    @adapter_mode.setter
+    def adapter_mode(self, value: str) -> None:
+        compressing = "paper" if self.adapter_type == "local" else self.adapter_type
+        self.adapter_type = _legacy_adapter_type(compressing, value)
+
+    @property
     def tokens_per_image(self) -> int:
-        """Tokens each image contributes to the joint encoder (`m`, or `n` in local mode)."""
-        return (
-            self.num_image_tokens if self.adapter_mode == "compressed" else self.vision_num_tokens
-        )
+        """Tokens each image contributes to the joint encoder (`m`, or `n` for the local
+        adapter)."""
+        return self.vision_num_tokens if self.adapter_type == "local" else self.num_image_tokens
 
     @property
     def image_token_shape(self) -> tuple[int, int]:
@@ -238,11 +242,6 @@ class EDJEConfig(PretrainedConfig):
         return out
 
     def _validate(self) -> None:
-        if self.adapter_mode not in ADAPTER_MODES:
-            raise ValueError(
-                f"EDJEConfig: adapter_mode must be one of {ADAPTER_MODES}, "
-                f"got {self.adapter_mode!r}."
-            )
         self._validate_adapter_type()
         if not isinstance(self.normalize_captions, bool):
             raise ValueError(
@@ -341,6 +340,27 @@ class EDJEConfig(PretrainedConfig):
                 f"EDJEConfig: {', '.join(light_only)} exist only in the light adapter; expected "
                 f"adapter_type='light' with them, got adapter_type={self.adapter_type!r}."
             )
+
+
+def _bert_config(text_config: dict[str, Any] | BertConfig | None) -> BertConfig:
+    """The joint encoder's config: MiniLM-H384-shaped by default."""
+    if text_config is None:
+        return BertConfig(hidden_size=384, num_attention_heads=12, intermediate_size=1536)
+    if isinstance(text_config, dict):
+        return BertConfig(**{k: v for k, v in text_config.items() if k != "model_type"})
+    return text_config
+
+
+def _legacy_adapter_type(adapter_type: str, adapter_mode: str | None) -> str:
+    """`adapter_type`, or `"local"` for a config saved with `adapter_mode="local"` (older
+    configs chose local with `adapter_mode` and a compressing adapter with `adapter_type`)."""
+    if adapter_mode is None:
+        return adapter_type
+    if adapter_mode not in ADAPTER_MODES:
+        raise ValueError(
+            f"EDJEConfig: adapter_mode must be one of {ADAPTER_MODES}, got {adapter_mode!r}."
+        )
+    return "local" if adapter_mode == "local" else adapter_type
 
 
 def _check_positive_ints(values: dict) -> None:

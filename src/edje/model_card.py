@@ -36,7 +36,7 @@ def render_model_card(
     config = model.config
     text = config.text_config
     m, d = config.image_token_shape
-    if config.adapter_mode == "compressed":
+    if config.adapter_type != "local":
         adapter = f"{m} learned queries, cross-attention with {config.adapter_num_heads} heads"
     else:
         adapter = "local: per-token MLP, no compression"

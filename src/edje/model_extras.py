@@ -1,6 +1,5 @@
 """What `EDJEModel` can do only where edje is installed: build from named backbones, load
-vision encoders by edje's names, fingerprint stores, compact weights, model cards and the
-authors' checkpoint.
+vision encoders by edje's names, fingerprint stores, model cards and the authors' checkpoint.
 
 `modeling_edje.py` ships beside saved weights as remote code that must load without edje, so
 it reaches all of this through this one module, imported in one guarded place.
@@ -14,7 +13,6 @@ import torch
 
 from edje.authors_checkpoint import load_authors_checkpoint
 from edje.backbones import load_text_encoder, load_vision_encoder, vision_encoder_spec
-from edje.compact_checkpoint import save_compact
 from edje.configuration_edje import IMAGE_TOKEN, EDJEConfig
 from edje.model_card import write_model_card
 from edje.store.fingerprint import RAW_ADAPTER, state_dict_sha256, store_fingerprint
@@ -23,7 +21,6 @@ __all__ = [
     "build_from_backbones",
     "load_authors_checkpoint",
     "record_vision_sha256",
-    "save_compact",
     "store_fingerprint_of",
     "vision_encoder_by_name",
     "write_model_card",

@@ -21,25 +21,8 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.utils import ModelOutput
 
+from .compact_checkpoint import VISION_SUBFOLDER, EDJESavingMixin, model_extras, needs_edje
 from .configuration_edje import EDJEConfig
-
-# edje's own features (named backbones, fingerprints, compact weights, cards, the authors'
-# checkpoint). Saved folders carry this file as remote code, which must load where edje is not
-# installed; transformers does not require imports inside a try block.
-try:
-    from edje import model_extras
-except ImportError:
-    model_extras = None
-
-
-def _needs_edje(feature: str):
-    if model_extras is None:
-        raise ImportError(f"EDJEModel.{feature} needs the edje package: pip install edje")
-    return model_extras
-
-
-# Where `save_pretrained(..., save_vision_encoder=True)` puts the frozen vision tower.
-VISION_SUBFOLDER = "vision_encoder"
 
 
 def sincos_grid_positions(num_tokens: int, dim: int) -> torch.Tensor:
@@ -75,8 +58,9 @@ def sincos_grid_positions(num_tokens: int, dim: int) -> torch.Tensor:
     return torch.cat([torch.zeros(1, dim), grid]) if has_cls else grid
 
 
-class PaperTokenCompressionAdapter(nn.Module):
-    """The paper's adapter: compress `n` raw vision tokens into `m` tokens of the joint width.
+class EDJEPaperAdapter(nn.Module):
+    """The paper's adapter (`adapter_type="paper"`): compress `n` raw vision tokens into `m`
+    tokens of the joint width.
 
     `m` learned queries and key/value projections (`Linear(d_vis, d_vis)` each) of the raw tokens
     go into `nn.MultiheadAttention(d_vis, num_heads, batch_first=True)`, which applies its own
@@ -88,7 +72,7 @@ class PaperTokenCompressionAdapter(nn.Module):
 
     ```python
     >>> import torch
-    >>> adapter = PaperTokenCompressionAdapter(vision_dim=32, out_dim=16, num_queries=4,
+    >>> adapter = EDJEPaperAdapter(vision_dim=32, out_dim=16, num_queries=4,
     ...     num_heads=2, mlp_dim=64, hidden_act="gelu", layer_norm_eps=1e-6)
     >>> adapter(torch.randn(3, 17, 32)).shape
     torch.Size([3, 4, 16])
@@ -126,7 +110,7 @@ class PaperTokenCompressionAdapter(nn.Module):
         return self.proj(h)  # (B, m, d)
 
 
-class TokenCompressionAdapter(nn.Module):
+class EDJELightAdapter(nn.Module):
     """The light adapter (`adapter_type="light"`): compress `n` raw vision tokens into `m`
     tokens of the joint encoder's width.
 
@@ -139,7 +123,7 @@ class TokenCompressionAdapter(nn.Module):
 
     ```python
     >>> import torch
-    >>> adapter = TokenCompressionAdapter(vision_dim=32, out_dim=16, num_queries=4,
+    >>> adapter = EDJELightAdapter(vision_dim=32, out_dim=16, num_queries=4,
     ...     num_heads=2, mlp_dim=64)
     >>> adapter(torch.randn(3, 17, 32)).shape
     torch.Size([3, 4, 16])
@@ -192,14 +176,15 @@ class TokenCompressionAdapter(nn.Module):
         return self.proj(h)  # (B, m, d)
 
 
-class LocalProjector(nn.Module):
-    """The uncompressed "local" variant: a per-token MLP keeping all `n` raw tokens.
+class EDJELocalAdapter(nn.Module):
+    """The uncompressed local adapter (`adapter_type="local"`): a per-token MLP keeping all `n`
+    raw tokens; slower and larger, the paper's distillation teacher.
 
     Example:
 
     ```python
     >>> import torch
-    >>> LocalProjector(vision_dim=32, out_dim=16, mlp_dim=64)(torch.randn(3, 17, 32)).shape
+    >>> EDJELocalAdapter(vision_dim=32, out_dim=16, mlp_dim=64)(torch.randn(3, 17, 32)).shape
     torch.Size([3, 17, 16])
 
     ```
@@ -213,6 +198,14 @@ class LocalProjector(nn.Module):
 
     def forward(self, vision_tokens: torch.Tensor) -> torch.Tensor:
         return self.mlp(vision_tokens)  # (B, n, d_vis) -> (B, n, d)
+
+
+# `adapter_type` -> the class it builds.
+ADAPTER_CLASSES = {"paper": EDJEPaperAdapter, "light": EDJELightAdapter, "local": EDJELocalAdapter}
+# The names these classes had before `adapter_type` alone picked among them.
+PaperTokenCompressionAdapter = EDJEPaperAdapter
+TokenCompressionAdapter = EDJELightAdapter
+LocalProjector = EDJELocalAdapter
 
 
 @dataclass
@@ -242,19 +235,19 @@ class EDJEPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
-        if isinstance(module, PaperTokenCompressionAdapter):
+        if isinstance(module, EDJEPaperAdapter):
             init.normal_(module.queries, std=1.0)  # torch.randn, as the authors start them
         elif isinstance(module, nn.MultiheadAttention):  # torch's own init of the in-projection
             init.xavier_uniform_(module.in_proj_weight)
             init.zeros_(module.in_proj_bias)
-        elif isinstance(module, TokenCompressionAdapter):
+        elif isinstance(module, EDJELightAdapter):
             init.normal_(module.queries, std=module.queries.shape[-1] ** -0.5)
             positions = module.value_position_embedding
             if positions is not None:
                 init.copy_(positions, sincos_grid_positions(*positions.shape[1:])[None])
 
 
-class EDJEModel(EDJEPreTrainedModel):
+class EDJEModel(EDJESavingMixin, EDJEPreTrainedModel):
     """EDJE: scores (caption, image) pairs from stored image tokens.
 
     `forward` takes the processor's `input_ids`, `attention_mask` and `token_type_ids` with exactly
@@ -366,7 +359,7 @@ class EDJEModel(EDJEPreTrainedModel):
         one the config records, or of the encoder already attached; without either it is left
         out and the encoder's name is compared instead: nothing is loaded to check a store.
         """
-        return _needs_edje("store_fingerprint").store_fingerprint_of(self, raw)
+        return needs_edje("store_fingerprint").store_fingerprint_of(self, raw)
 
     def check_store(self, store: Any, *, force: bool = False) -> None:
         """Refuse a token store made by another vision encoder, preprocessing or adapter.
@@ -472,7 +465,7 @@ class EDJEModel(EDJEPreTrainedModel):
         the adapter and head are freshly initialised. `config_kwargs` go to [`EDJEConfig`].
         `vision` and `text` are Hub ids, local folders or the offline names in `edje.backbones`.
         """
-        return _needs_edje("from_backbones").build_from_backbones(
+        return needs_edje("from_backbones").build_from_backbones(
             cls, vision, text, vision_image_size=vision_image_size, **config_kwargs
         )
 
@@ -487,120 +480,15 @@ class EDJEModel(EDJEPreTrainedModel):
         `edje.authors_checkpoint.load_authors_checkpoint`. `edje convert` writes the same model
         with its processor and card as a folder.
         """
-        extras = _needs_edje("from_authors_checkpoint")
+        extras = needs_edje("from_authors_checkpoint")
         return extras.load_authors_checkpoint(source, model_class=cls, **kwargs)
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        folder = Path(str(pretrained_model_name_or_path), kwargs.get("subfolder") or "")
-        if folder.is_dir() and not (folder / "config.json").is_file():
-            raise OSError(
-                f"{folder} holds no saved EDJE model: no config.json in it (a saved model is the "
-                "folder save_pretrained writes: config.json and model.safetensors)."
-            )
-        model = _load_compact(cls, pretrained_model_name_or_path, kwargs)
-        if model is None:
-            model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        model._vision_source = pretrained_model_name_or_path
-        # Weights memory-mapped from safetensors can sit at unaligned addresses, where CPU kernels
-        # take other code paths; aligned copies make a loaded model score bitwise as it was saved.
-        for tensor in (*model.parameters(), *model.buffers()):
-            if tensor.device.type == "cpu" and tensor.data_ptr() % 64:
-                tensor.data = tensor.data.clone()
-        return model
-
-    def save_pretrained(
-        self,
-        save_directory,
-        *args,
-        save_vision_encoder: bool = False,
-        compact: bool = False,
-        **kwargs,
-    ):
-        """Save config, safetensors weights and a model card; the vision encoder only if asked.
-
-        With `save_vision_encoder=True` the frozen encoder goes to `vision_encoder/` beside the
-        weights and the saved config names it there, so the folder encodes pixels on its own.
-        With `compact=True` only the weights that differ from the base text encoder are kept,
-        in fp16 (`edje.compact_checkpoint`); loading then needs edje and that encoder.
-        """
-        kwargs.pop("safe_serialization", None)  # safetensors only
-        if compact and kwargs.get("push_to_hub"):
-            raise ValueError(
-                "EDJEModel.save_pretrained(compact=True) does not push: a compact folder loads "
-                "only where edje is installed. Call push_to_hub(repo_id) (full weights, loads "
-                "anywhere with trust_remote_code=True), or upload the compact folder yourself."
-            )
-        if model_extras is not None:  # store checks then need no encoder
-            model_extras.record_vision_sha256(self)  # hashed if loaded, never loaded for it
-        if compact:
-            extras = _needs_edje("save_pretrained(compact=True)")
-            from transformers.dynamic_module_utils import custom_object_save
-
-            # The code beside the weights, as a full folder has it (this file's relative
-            # imports come along, the compact loader among them).
-            Path(save_directory).mkdir(parents=True, exist_ok=True)
-            for obj in (self.config, self):  # the config's and the model's auto_map entries
-                custom_object_save(obj, save_directory, config=self.config)
-            extras.save_compact(self, save_directory)
-            extras.write_model_card(self, save_directory, compact=True)
-            return
-        if save_vision_encoder:
-            self.vision_encoder.save_pretrained(Path(save_directory) / VISION_SUBFOLDER)
-            original_name = self.config.vision_encoder_name
-            self.config.vision_encoder_name = VISION_SUBFOLDER
-        try:
-            super().save_pretrained(save_directory, *args, **kwargs)
-        finally:
-            if save_vision_encoder:
-                self.config.vision_encoder_name = original_name
-        if kwargs.get("is_main_process", True) and model_extras is not None:
-            model_extras.write_model_card(self, save_directory)
-
-    def push_to_hub(
-        self,
-        repo_id: str,
-        *,
-        commit_message: str | None = None,
-        commit_description: str | None = None,
-        private: bool | None = None,
-        token: str | bool | None = None,
-        revision: str | None = None,
-        create_pr: bool = False,
-        max_shard_size: int | str | None = "50GB",
-        tags: list[str] | None = None,
-        save_vision_encoder: bool = False,
-    ) -> Any:
-        """Upload exactly what `save_pretrained` writes (safetensors, config, code, model card),
-        with transformers' `push_to_hub` arguments; `tags` join the card's. Returns the commit
-        info. The full weights go up: a compact folder loads only where edje is installed."""
-        import tempfile
-
-        from huggingface_hub import HfApi
-
-        api = HfApi(token=token if isinstance(token, str) else None)
-        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-        with tempfile.TemporaryDirectory() as folder:
-            self.save_pretrained(
-                folder, save_vision_encoder=save_vision_encoder, max_shard_size=max_shard_size
-            )
-            if model_extras is not None:
-                model_extras.write_model_card(self, folder, repo_id=repo_id, tags=tags)
-            return api.upload_folder(
-                repo_id=repo_id,
-                folder_path=folder,
-                commit_message=commit_message or "Upload EDJE model",
-                commit_description=commit_description,
-                revision=revision,
-                create_pr=create_pr,
-            )
 
 
 def _build_adapter(config: EDJEConfig) -> nn.Module:
-    """The adapter `config` names: the paper's, the light one, or the local projector."""
+    """The adapter `config.adapter_type` names (`ADAPTER_CLASSES`), sized by `config`."""
     sizes = dict(vision_dim=config.vision_hidden_size, out_dim=config.text_config.hidden_size)
-    if config.adapter_mode == "local":
-        return LocalProjector(**sizes, mlp_dim=config.adapter_mlp_size)
+    if config.adapter_type == "local":
+        return EDJELocalAdapter(**sizes, mlp_dim=config.adapter_mlp_size)
     common = dict(
         **sizes,
         num_queries=config.num_image_tokens,
@@ -608,27 +496,13 @@ def _build_adapter(config: EDJEConfig) -> nn.Module:
         mlp_dim=config.adapter_mlp_size,
     )
     if config.adapter_type == "paper":
-        return PaperTokenCompressionAdapter(
+        return EDJEPaperAdapter(
             **common,
             hidden_act=config.adapter_hidden_act,
             layer_norm_eps=config.adapter_layer_norm_eps,
         )
     positions = config.vision_num_tokens if config.adapter_position_embedding else None
-    return TokenCompressionAdapter(
-        **common, qk_norm=config.adapter_qk_norm, num_positions=positions
-    )
-
-
-def _load_compact(cls, name_or_path, kwargs: dict) -> EDJEModel | None:
-    """The model of a compact checkpoint (see `save_pretrained(compact=True)`), else None."""
-    hub = {k: kwargs[k] for k in ("revision", "token", "cache_dir", "subfolder") if k in kwargs}
-    config = kwargs.get("config") or EDJEConfig.from_pretrained(name_or_path, **hub)
-    if not getattr(config, "compact_checkpoint", False):
-        return None
-    from .compact_checkpoint import load_compact_model
-
-    dtype = kwargs.get("dtype") or kwargs.get("torch_dtype")
-    return load_compact_model(cls, name_or_path, config, hub, dtype)
+    return EDJELightAdapter(**common, qk_norm=config.adapter_qk_norm, num_positions=positions)
 
 
 def _check_shape(name: str, tensor: torch.Tensor, expected: tuple[int, int], layout: str) -> None:
@@ -640,8 +514,12 @@ def _check_shape(name: str, tensor: torch.Tensor, expected: tuple[int, int], lay
 
 
 __all__ = [
+    "ADAPTER_CLASSES",
+    "EDJELightAdapter",
+    "EDJELocalAdapter",
     "EDJEModel",
     "EDJEOutput",
+    "EDJEPaperAdapter",
     "EDJEPreTrainedModel",
     "LocalProjector",
     "PaperTokenCompressionAdapter",
