@@ -67,6 +67,7 @@ _WORD_TEXT = (
 )
 WORDS = _WORD_TEXT.split()
 TOP_N = 10  # the exact-mode table's top_n
+CALIBRATION_POOL = 1000  # stored images each calibration caption ranks (edje calibrate's default)
 
 
 def sync(device: torch.device) -> None:
@@ -441,7 +442,7 @@ def run_exact(args, size, device, workdir, processor) -> dict:
         args, m, d, size["images"], device, workdir / "exact", model.store_fingerprint()
     )
     queries = args.exact_queries or size["exact_queries"]
-    captions = make_captions(processor.tokenizer, queries + args.calibration_pairs, seed=3)
+    captions = make_captions(processor.tokenizer, queries + calibration_captions(args), seed=3)
     rng = np.random.default_rng(4)
     rows = {k: rng.random((queries, len(host))).argsort(1)[:, :k] for k in args.exact_candidates}
     tables = {
@@ -484,8 +485,16 @@ def exact_on_quickstart(args, device, queries: int) -> dict:
         k: [[index.ids[p] for p in row[:k]] for row in positions.tolist()]
         for k in args.exact_candidates
     }
-    spare = captions[queries : queries + args.calibration_pairs]
+    spare = captions[queries : queries + calibration_captions(args)]
     return exact_table(model, processor, store, timed, spare, candidates, device)
+
+
+def calibration_captions(args) -> int:
+    """Captions calibrating a model that holds no bound: --calibration-pairs / CALIBRATION_TOP
+    (each scored in fp32 against its top CALIBRATION_TOP candidates, as `edje calibrate`)."""
+    from edje.scoring.exact import CALIBRATION_TOP
+
+    return -(-args.calibration_pairs // CALIBRATION_TOP)
 
 
 def exact_table(model, processor, store, captions, spare, candidates, device) -> dict:
@@ -500,13 +509,14 @@ def exact_table(model, processor, store, captions, spare, candidates, device) ->
 
     bound = error_bound(model.config)
     calibration = {"bound": bound, "source": "the model's config"}
-    if bound is None:  # measured here, on captions the timed queries do not use
+    if bound is None:  # measured here, on captions the timed queries do not use, each against
+        # its own top candidates among CALIBRATION_POOL stored images (as `edje calibrate`)
         rng = np.random.default_rng(5)
-        rows = torch.as_tensor(rng.integers(0, len(store), len(spare)))
+        rows = torch.as_tensor(rng.permutation(len(store))[:CALIBRATION_POOL])
         with torch.inference_mode():
             tokens = from_store(model, store, rows)
         calibration = calibrate(model, processor, spare, tokens, device=device)
-        calibration["source"] = f"measured in this run on {len(spare)} pairs"
+        calibration["source"] = f"measured in this run: {calibration['method']}"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a raw store is compressed on the fly: fine here
         reranker = EDJEReranker(model, store=store, processor=processor, device=device,
@@ -672,7 +682,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="exact-mode table: candidates K per query (top_n 10)")  # fmt: skip
     parser.add_argument("--exact-queries", type=int, help="exact-mode table: queries per K")
     parser.add_argument("--calibration-pairs", type=int, default=512,
-                        help="pairs calibrating a model that holds no bound")  # fmt: skip
+                        help="pairs calibrating a model that holds no bound: captions x each "
+                             "one's top 64 of 1,000 stored images")  # fmt: skip
     parser.add_argument("--no-exact", action="store_true", help="skip the exact-mode table")
     parser.add_argument("--only-exact", action="store_true",
                         help="only the exact-mode table (no other case, no BLIP)")  # fmt: skip

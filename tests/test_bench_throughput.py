@@ -75,6 +75,8 @@ def test_exact_table_keeps_fp32s_top_n_with_its_bound_and_counts(report):
     assert table["top_n"] == 10 and table["queries"] == 3
     calibration = table["calibration"]
     assert calibration["bound"] == calibration["safety_margin"] * calibration["max_abs_diff"] > 0
+    assert calibration["pairs"] == 64 and calibration["captions"] == 1  # --calibration-pairs 64
+    assert calibration["source"].startswith("measured in this run: each caption's top 64 of")
     assert set(table["by_k"]) == {"16", "64"}
     for k, rows in table["by_k"].items():
         assert set(rows) == {"transformers_fp32", "fast_float32", "fast_bfloat16", "fast_exact"}

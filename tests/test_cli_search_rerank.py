@@ -293,10 +293,12 @@ def test_calibrate_stores_the_bound_and_search_in_exact_mode_gives_fp32s_hits(
     with pytest.raises(ValueError, match="edje calibrate"):  # no bound yet
         main([*search, "--precision", "exact"])
     calibrate = ["calibrate", "--model", str(model), "--store", str(root / "raw"),
-                 "--captions", str(captions), "--pairs", "32", "--device", "cpu"]  # fmt: skip
+                 "--captions", str(captions), "--pairs", "6", "--per-caption", "2",
+                 "--device", "cpu"]  # fmt: skip
     assert main(calibrate) == 0
     record = json.loads((model / "config.json").read_text())["score_error_bounds"]["bfloat16"]
-    assert record["pairs"] == 32 and record["bound"] == 2 * record["max_abs_diff"] > 0
+    assert record["pairs"] == 6 and record["bound"] == 2 * record["max_abs_diff"] > 0
+    assert (record["captions"], record["top"]) == (3, 2) and "top 2 of" in record["method"]
     capsys.readouterr()
     exact = run_json(capsys, [*search, "--precision", "exact"])
     default = run_json(capsys, search)

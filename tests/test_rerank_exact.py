@@ -50,7 +50,7 @@ def ranked(hits) -> list[tuple[int, float]]:
 def bound(model, tiny_processor, fp32) -> float:
     """The model's bf16 bound, calibrated on crowded candidates of other seeds."""
     tokens = torch.cat([crowded(fp32, seed) for seed in (10, 11, 12)])
-    return calibrate(model, tiny_processor, [CAPTION] * len(tokens), tokens)["bound"]
+    return calibrate(model, tiny_processor, [CAPTION], tokens)["bound"]
 
 
 def test_rows_to_rescore_keep_fp32s_top_n_whenever_the_bound_holds():
@@ -153,8 +153,9 @@ def test_the_bound_is_stored_with_the_saved_model_and_read_back(
     with pytest.raises(ValueError, match=r"holds no bfloat16 error bound.*edje calibrate"):
         EDJEReranker(str(tmp_path), device="cpu", precision="exact")
     tokens = crowded(fp32, 30)
-    record = calibrate(model, tiny_processor, [CAPTION] * len(tokens), tokens, margin=3.0)
+    record = calibrate(model, tiny_processor, [CAPTION], tokens, margin=3.0)
     assert record["bound"] == pytest.approx(3 * record["max_abs_diff"]) and record["pairs"] == 48
+    assert record["method"].startswith("each caption's top 64 of 48 candidates by its bfloat16")
     write_bound(tmp_path, record)
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["score_error_bounds"]["bfloat16"] == record
@@ -163,6 +164,45 @@ def test_the_bound_is_stored_with_the_saved_model_and_read_back(
     assert error_bound(loaded.model.config) == record["bound"] == loaded._exact.bound
     want = ranked(fp32.rank(CAPTION, tokens, top_k=TOP_N))
     assert [i for i, _ in ranked(loaded.rank(CAPTION, tokens, top_k=TOP_N))] == [i for i, _ in want]
+
+
+def test_calibration_measures_each_captions_top_candidates_the_pairs_exact_mode_rescores(
+    model, tiny_processor, fp32
+):
+    """`calibrate` scores in fp32 each caption's top `top` candidates by bf16 score (not random
+    pairs): its record is the largest |bf16 - fp32| over exactly those pairs, says so, and
+    covers every candidate exact mode re-scores when ranking those captions' candidates."""
+    from edje.scoring.fast import FastScorer
+
+    tokens = torch.cat([crowded(fp32, seed) for seed in (40, 41)])  # 96 candidates
+    captions = [CAPTION, "a blue square", CAPTION]  # a repeated caption is ranked once
+    record = calibrate(model, tiny_processor, captions, tokens, top=16, margin=1.0)
+    bf16 = FastScorer(model, tiny_processor, dtype=torch.bfloat16)
+    f32 = FastScorer(model, tiny_processor, dtype=torch.float32)
+    worst = 0.0
+    for caption in (CAPTION, "a blue square"):
+        fast = bf16.score(caption, tokens)
+        best = top_rows(fast, 16)
+        worst = max(worst, float((fast[best] - f32.score(caption, tokens[best])).abs().max()))
+    assert record["max_abs_diff"] == worst == record["bound"]
+    assert (record["pairs"], record["captions"], record["candidates"], record["top"]) == (
+        32, 2, 96, 16)  # fmt: skip
+    assert record["method"] == (
+        "each caption's top 16 of 96 candidates by its bfloat16 score (the pairs exact mode "
+        "re-scores)"
+    )
+    exact = EDJEReranker(model, processor=tiny_processor, device="cpu", precision="exact",
+                         error_bound=record["bound"])  # fmt: skip
+    for caption in (CAPTION, "a blue square"):
+        want = ranked(fp32.rank(caption, tokens, top_k=TOP_N))
+        got = ranked(exact.rank(caption, tokens, top_k=TOP_N))
+        assert [i for i, _ in got] == [i for i, _ in want]
+    counts = exact.exact_counts
+    assert counts["fallbacks"] == 0 and 0 < counts["rescored"] <= 2 * 16
+    pairs = calibrate(model, tiny_processor, [CAPTION] * 8, tokens[:8], top=None)
+    assert pairs["pairs"] == 8 and pairs["method"] == "8 given (caption, candidate) pairs"
+    with pytest.raises(ValueError, match="one caption per candidate row"):
+        calibrate(model, tiny_processor, [CAPTION], tokens, top=None)
 
 
 def test_exact_mode_misuse_gets_clear_errors(model, tiny_processor):

@@ -54,7 +54,7 @@ def bound(model, tiny_processor) -> float:
     """The model's bf16 bound, calibrated on crowded candidates of other seeds."""
     fp32 = EDJEReranker(model, processor=tiny_processor, device="cpu")
     tokens = torch.cat([crowded_tokens(fp32, CAPTION, seed) for seed in (10, 11, 12)])
-    return calibrate(model, tiny_processor, [CAPTION] * len(tokens), tokens)["bound"]
+    return calibrate(model, tiny_processor, [CAPTION], tokens)["bound"]
 
 
 def serve(model, processor, store, **precision):

@@ -58,7 +58,10 @@ class FastScorer(Scorer):
         processor: an `EDJEProcessor` (or anything with its `tokenizer` and
             `max_caption_length`), needed to score caption strings; without one, captions are
             lists of token ids `[CLS] ... [SEP]`.
-        dtype: compute dtype (default: the model's). `torch.bfloat16` / `torch.float16` on CUDA.
+        dtype: compute dtype of the Linear layers and attention (default: the model's);
+            `torch.bfloat16` (AMX CPUs, GPUs) or `torch.float16` (GPUs). Embeddings, the residual
+            stream, LayerNorm and the head stay in fp32 (`edje.scoring.packed_bert`: a quarter
+            of all-bf16's worst logit error on the quickstart model at the same speed).
         device: where to run (default: the model's device).
         compile: `torch.compile` the per-bucket forward (`mode=compile_mode`, dynamic shapes so
             new caption lengths do not recompile; rows are padded to one of 8 sizes per power of
@@ -227,7 +230,7 @@ class FastScorer(Scorer):
         if caption_pad != caption_ids.shape[0]:
             extra = caption_ids[:1].expand(caption_pad - caption_ids.shape[0], -1)
             caption_ids = torch.cat([caption_ids, extra])
-        out = self._compiled(caption_ids, caption_of_row, tokens.to(self.dtype))
+        out = self._compiled(caption_ids, caption_of_row, tokens)
         return out[:rows].clone()  # clone: CUDA-graph outputs are overwritten on the next replay
 
     def _compile(self, mode: str | None):
@@ -315,12 +318,13 @@ class FastScorer(Scorer):
             self._ids_cache.popitem(last=False)
 
     def _to_device(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Host -> device through pinned memory (non-blocking), then the compute dtype."""
+        """Host -> device through pinned memory (non-blocking), then the embeddings' dtype (fp32
+        under bf16/fp16 compute: stored float16 tokens are not rounded to bf16's 8 bits)."""
         if tokens.device != self.device:
             if self.device.type == "cuda" and tokens.device.type == "cpu":
                 tokens = tokens.pin_memory()
             tokens = tokens.to(self.device, non_blocking=True)
-        return tokens.to(self.dtype)
+        return tokens.to(self.encoder.stream_dtype)
 
 
 def _round_rows(rows: int) -> int:

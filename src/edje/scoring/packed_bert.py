@@ -12,6 +12,27 @@ runs once over all `T` real tokens; only attention looks at the layout:
 The last layer computes only what the pooler reads: keys and values for every token but the
 query, the output projection and the MLP for each sequence's `[CLS]` row alone.
 
+Reduced precision (`dtype` bfloat16 or float16) is mixed, as `torch.autocast` does it: the Linear
+layers and attention run in `dtype` (their inputs rounded to it, fp32 accumulation inside the
+kernels), while the embeddings, the residual stream, every LayerNorm, the pooler and the head stay
+in float32. Measured on CPU (2 Xeon cores, AMX) against fp32 (`|bf16 - fp32|` logit):
+
+| bf16 path | quickstart, 8,952 pairs: max / p99 | paper size, random: max | speed |
+|---|---|---|---|
+| all bf16 (weights, activations, residual, LayerNorm, head) | 0.43 / 0.033 | 0.028 | 1x |
+| + pooler and head in fp32 | 0.42 / 0.011 | | 1x |
+| + embeddings, residual stream, LayerNorm in fp32 (this one) | 0.074 / 0.006 | 0.011 | 0.9x |
+| + GELU in fp32 | 0.074 / 0.006 | | 0.6x |
+| + attention in fp32 | 0.13 / 0.006 | | 0.75x |
+| fp32 weights rounded to bf16, fp32 compute (diagnostic) | 0.064 / 0.005 | 0.019 | |
+
+All-bf16 rounds the logit itself to 8 bits (0.03 apart at |logit| 4-8, the top of a ranking) and
+each residual add and LayerNorm output to bf16; keeping those in fp32 leaves the error of the
+matmuls' bf16 inputs and weights (the rounded weights alone account for most of what is left),
+for one more elementwise pass over `(T, d)` per sublayer (the cast to bf16) and fp32 adds and
+LayerNorms: about 10% of all-bf16's speed at paper size on 2 busy cores; the same elementwise
+work fused into the GEMMs' epilogues (`torch.compile`) would win it back.
+
 Example (a tiny random BertModel; `[CLS]`-pooled logits of two buckets, lengths 3 and 5):
 
 ```python
@@ -98,7 +119,9 @@ class PackedBert:
         if bert.pooler is None:
             raise ValueError("PackedBert needs a BertModel built with add_pooling_layer=True.")
         ref = bert.embeddings.word_embeddings.weight
-        self.dtype = dtype or ref.dtype
+        self.dtype = dtype or ref.dtype  # the Linear layers' and attention's dtype
+        # embeddings, residual stream, LayerNorm, pooler, head: fp32 at least (module docstring)
+        self.stream_dtype = torch.promote_types(self.dtype, torch.float32)
         self.device = torch.device(device) if device is not None else ref.device
         self.hidden_size = config.hidden_size
         self.num_heads = config.num_attention_heads
@@ -108,18 +131,21 @@ class PackedBert:
         def t(p: torch.Tensor | None) -> torch.Tensor | None:
             return None if p is None else p.detach().to(self.device, self.dtype)
 
+        def s(p: torch.Tensor | None) -> torch.Tensor | None:  # kept in the stream's dtype
+            return None if p is None else p.detach().to(self.device, self.stream_dtype)
+
         def lin(weight: torch.Tensor, bias: torch.Tensor | None) -> _Linear | Fp8Linear:
             if fp8:
                 return Fp8Linear(t(weight), t(bias), out_dtype=self.dtype)
             return _Linear(t(weight), t(bias))
 
         def norm(module: nn.LayerNorm) -> tuple[torch.Tensor, torch.Tensor, float]:
-            return t(module.weight), t(module.bias), module.eps
+            return s(module.weight), s(module.bias), module.eps
 
         emb = bert.embeddings
-        self.word = t(emb.word_embeddings.weight)  # (V, d)
-        self.position = t(emb.position_embeddings.weight)  # (P, d)
-        self.segment = t(emb.token_type_embeddings.weight)  # (S, d)
+        self.word = s(emb.word_embeddings.weight)  # (V, d)
+        self.position = s(emb.position_embeddings.weight)  # (P, d)
+        self.segment = s(emb.token_type_embeddings.weight)  # (S, d)
         self.embed_norm = norm(emb.LayerNorm)
         self.max_positions = self.position.shape[0]
         self.layers: list[_Layer] = []
@@ -147,8 +173,8 @@ class PackedBert:
                     act=layer.intermediate.intermediate_act_fn,
                 )
             )
-        self.pooler = _Linear(t(bert.pooler.dense.weight), t(bert.pooler.dense.bias))
-        self.head = _Linear(t(head.weight), t(head.bias))
+        self.pooler = _Linear(s(bert.pooler.dense.weight), s(bert.pooler.dense.bias))
+        self.head = _Linear(s(head.weight), s(head.bias))
 
     # -- embeddings ----------------------------------------------------------------------------
 
@@ -177,7 +203,7 @@ class PackedBert:
         caption = F.layer_norm(caption, (d,), w, b, eps)
         # (B, n, d): one caption broadcast, or each row's caption gathered
         caption = caption.expand(rows, n, d) if caption_of_row is None else caption[caption_of_row]
-        image = image_tokens.to(self.dtype) + (pos[n : n + m] + seg[1])  # (B, m, d)
+        image = image_tokens.to(self.stream_dtype) + (pos[n : n + m] + seg[1])  # (B, m, d)
         image = F.layer_norm(image, (d,), w, b, eps)
         sep = F.layer_norm(self.word[sep_id] + pos[n + m] + seg[1], (d,), w, b, eps)  # (d,)
         x = torch.cat([caption, image, sep.expand(rows, 1, d)], dim=1)  # (B, L, d)
@@ -206,32 +232,37 @@ class PackedBert:
             cu_seqlens = torch.cat([starts, starts.new_tensor([x.shape[0]])]).to(torch.int32)
         max_len = max([length for _, length in buckets] or [0])
         last = len(self.layers) - 1
+        low = self.dtype  # x: the residual stream, in stream_dtype; x.to(low): a matmul's input
         for index, layer in enumerate(self.layers):
             if index < last:
-                qkv = layer.qkv(x)  # (T, 3d)
+                qkv = layer.qkv(x.to(low))  # (T, 3d)
                 if attention == "sdpa":
                     ctx = self._attend_buckets(qkv, buckets)  # (T, d)
                 else:
                     ctx = self._attend_varlen(qkv, cu_seqlens, max_len)
-                x = self._norm(x + layer.out(ctx), layer.norm1)
-                x = self._norm(x + layer.down(layer.act(layer.up(x))), layer.norm2)
+                x = self._norm(x + layer.out(ctx).to(x.dtype), layer.norm1)
+                x = self._norm(x + self._mlp(layer, x.to(low)).to(x.dtype), layer.norm2)
             else:  # only the [CLS] rows go on to the pooler
                 cls = x[starts]  # (N, d)
-                q, kv = layer.q(cls), layer.kv(x)  # (N, d), (T, 2d)
+                q, kv = layer.q(cls.to(low)), layer.kv(x.to(low))  # (N, d), (T, 2d)
                 if attention == "sdpa":
                     ctx = self._attend_cls_buckets(q, kv, buckets)  # (N, d)
                 else:
                     ctx = self._attend_cls_varlen(q, kv, cu_seqlens, max_len)
-                x = self._norm(cls + layer.out(ctx), layer.norm1)
-                x = self._norm(x + layer.down(layer.act(layer.up(x))), layer.norm2)
+                x = self._norm(cls + layer.out(ctx).to(cls.dtype), layer.norm1)
+                x = self._norm(x + self._mlp(layer, x.to(low)).to(x.dtype), layer.norm2)
         if not self.layers:
             x = x[starts]
-        pooled = torch.tanh(self.pooler(x.to(self.dtype)))  # (N, d)
+        pooled = torch.tanh(self.pooler(x.to(self.stream_dtype)))  # (N, d)
         return self.head(pooled).reshape(-1)  # (N,)
+
+    @staticmethod
+    def _mlp(layer: _Layer, x: torch.Tensor) -> torch.Tensor:
+        return layer.down(layer.act(layer.up(x)))
 
     def _norm(self, x: torch.Tensor, params: tuple[torch.Tensor, torch.Tensor, float]):
         weight, bias, eps = params
-        return F.layer_norm(x.to(self.dtype), (self.hidden_size,), weight, bias, eps)
+        return F.layer_norm(x.to(self.stream_dtype), (self.hidden_size,), weight, bias, eps)
 
     def _attend_buckets(self, qkv: torch.Tensor, buckets: Buckets) -> torch.Tensor:
         nh, hs, d = self.num_heads, self.head_size, self.hidden_size
