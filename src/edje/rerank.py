@@ -62,7 +62,8 @@ import torch
 
 from edje import image_tokens
 from edje._utils import load_rgb, progress
-from edje.fusion import fuse, fusion_weights
+from edje.fusion import fusion_weights
+from edje.ranking import rank_logits
 from edje.scoring.exact import FAST_DTYPE, ExactTopN, error_bound, scoring_dtype
 
 __all__ = ["EDJEReranker"]
@@ -360,13 +361,13 @@ class EDJEReranker:
         when both are known and the model's config holds fusion weights. Scores are Python
         floats of `activation` of the logits."""
         weights = fusion_weights(self.model.config) if first is not None else None
-        final = logits if weights is None else fuse(logits, torch.tensor(first), weights)
-        scores = _converted(activation(final), False, False)
-        edje = _converted(activation(logits), False, False) if weights else None
+        ranked = rank_logits(logits, first, weights, top_k)
+        scores = _converted(activation(ranked.scores), False, False)
+        edje = _converted(activation(logits), False, False) if ranked.fused else None
         hits = []
-        for i in _best_first(final)[:top_k]:
+        for i in ranked.order:
             hit: dict[str, Any] = {"score": scores[i]}
-            if weights is not None:
+            if edje is not None:
                 hit["edje_score"] = edje[i]
             if first is not None:
                 hit["first_stage_score"] = float(first[i])
@@ -569,11 +570,6 @@ def _chunks_of_equal_length(rows: list[list], batch_size: int) -> list[list[int]
         else:
             chunks.append([index])
     return chunks
-
-
-def _best_first(logits: torch.Tensor) -> list[int]:
-    """Indices by descending logit; a stable sort, so ties keep the input order."""
-    return torch.sort(logits.float().cpu(), descending=True, stable=True).indices.tolist()
 
 
 def _precision(dtype: torch.dtype | None, precision: str | None) -> str:
