@@ -28,6 +28,7 @@ DOCTESTED = [
     "edje.configuration_edje",
     "edje.modeling_edje",
     "edje.processing_edje",
+    "edje.ranking",
     "edje.rerank",
     "edje.training.losses",
     "edje.training.sampling",

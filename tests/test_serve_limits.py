@@ -279,10 +279,10 @@ def test_concurrent_large_bodies_are_held_within_the_servers_body_budget(
     read and held at once (all 6 were, each with its parsed copy, before the budget)."""
     import asyncio
 
-    import edje.serving.app as app_module
+    import edje.serving.routes as routes  # the rerank route's module
 
     held, most = [0], [0]
-    real_read_body = app_module.read_body
+    real_read_body = routes.read_body
 
     async def counting_read_body(request, limits):
         held[0] += 1
@@ -294,7 +294,7 @@ def test_concurrent_large_bodies_are_held_within_the_servers_body_budget(
         finally:
             held[0] -= 1
 
-    monkeypatch.setattr(app_module, "read_body", counting_read_body)
+    monkeypatch.setattr(routes, "read_body", counting_read_body)
     model_dir, store_dir = saved_model_and_store(tmp_path, tiny_processor, tiny_vision_encoder)
     reranker = EDJEReranker(str(model_dir), store=str(store_dir), device="cpu")
     limits = ServeLimits(max_body_bytes=1 << 20, max_body_bytes_in_flight=2 << 20)

@@ -52,17 +52,30 @@ Example (a tiny random model; `EDJEReranker("path/to/edje", store="photos.store"
 from __future__ import annotations
 
 import os
-import warnings
-from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Callable, Iterable, Sequence
+from functools import partial
 from typing import Any
 
 import numpy as np
 import torch
 
 from edje import image_tokens
-from edje._utils import load_rgb, progress
-from edje.fusion import fuse, fusion_weights
+from edje._utils import progress
+from edje.fusion import fusion_weights
+from edje.ranking import rank_logits
+from edje.rerank_batches import Batch, chunks_of_equal_length, in_batches
+from edje.rerank_inputs import (
+    Documents,
+    as_list,
+    as_rows,
+    check_batch_size,
+    check_caption,
+    first_stage_list,
+    kept_candidates,
+    one_of,
+    reranker_precision,
+    warn_ignored,
+)
 from edje.scoring.exact import FAST_DTYPE, ExactTopN, error_bound, scoring_dtype
 
 __all__ = ["EDJEReranker"]
@@ -122,7 +135,7 @@ class EDJEReranker:
                 "EDJEReranker(model, processor=EDJEProcessor...), or pass a model folder."
             )
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.precision = _precision(dtype, precision)
+        self.precision = reranker_precision(dtype, precision)
         self.dtype = scoring_dtype(self.precision)
         self.model = model.to(self.device).eval()
         self.processor = processor
@@ -166,26 +179,27 @@ class EDJEReranker:
         name) are the same as `pairs`. `precision` overrides the reranker's for this call
         (`"exact"` scores every pair in fp32: all scores are wanted).
         """
-        _check_batch_size(batch_size, "predict")
-        scorer = self._scorer_for(scoring_dtype(self._precision_of(precision)))
-        pairs = _one_of(pairs, inputs, sentences)
+        check_batch_size(batch_size, "predict")
+        dtype = scoring_dtype(self._precision_of(precision))
+        self._scorer_for(dtype)  # a dtype the backend cannot score in: an error before any work
+        pairs = one_of(pairs, inputs, sentences)
         single = len(pairs) == 2 and isinstance(pairs[0], str)
         pairs = [pairs] if single else list(pairs)
         captions = []
         for i, pair in enumerate(pairs):
             if not isinstance(pair, list | tuple) or len(pair) != 2:
                 raise ValueError(f"EDJEReranker.predict: pair {i} must be (caption, document).")
-            captions.append(_check_caption(pair[0], f"pair {i}"))
-        documents = _Documents(self, [pair[1] for pair in pairs])
+            captions.append(check_caption(pair[0], f"pair {i}"))
+        documents = self._documents([pair[1] for pair in pairs])
+
+        def logits_of(rows: list[int], scorer) -> torch.Tensor:
+            return scorer.score_pairs([captions[r] for r in rows], documents.tokens(rows))
+
+        # Same caption together, similar lengths together; `_logits` puts rows back in place.
         order = sorted(range(len(pairs)), key=lambda i: (len(captions[i]), captions[i]))
-        logits = torch.zeros(len(pairs), device=self.device)
+        batches = in_batches(order, batch_size, logits_of, dtype, in_place=True)
         with progress(len(pairs), show_progress_bar, "EDJE predict", "pair") as bar:
-            for start in range(0, len(order), batch_size):
-                rows = order[start : start + batch_size]
-                tokens = documents.tokens(rows)
-                captions_of_rows = [captions[r] for r in rows]
-                logits[rows] = scorer.score_pairs(captions_of_rows, tokens).to(self.device)
-                bar.update(len(rows))
+            logits = self._logits(batches, len(pairs), bar)
         scores = _converted((activation_fn or torch.sigmoid)(logits), convert_to_numpy,
                             convert_to_tensor)  # fmt: skip
         return scores[0] if single else scores
@@ -220,44 +234,22 @@ class EDJEReranker:
         `convert_to_tensor` are accepted and ignored with a warning, as sentence-transformers 6
         does. `precision` overrides the reranker's for this call (`"exact"`: see the class).
         """
-        _check_batch_size(batch_size, "rank")
-        _warn_ignored(ignored)
+        check_batch_size(batch_size, "rank")
+        warn_ignored(ignored)
         precision = self._precision_of(precision)
-        if isinstance(query, str):
-            caption = _check_caption(query, "query")
-            resolved = _Documents(self, documents)
-            count, image_ids = len(resolved), resolved.image_ids
-
-            def logits_of(rows: Sequence[int], scorer) -> torch.Tensor:
-                return scorer.score(caption, resolved.tokens(rows))
-        else:
-            captions = [
-                _check_caption(c, f"document {i}") for i, c in enumerate(_as_list(documents))
-            ]
-            image = _Documents(self, [query], names=["query"]).tokens([0])  # [1, m, d]
-            count, image_ids = len(captions), [None] * len(captions)
-
-            def logits_of(rows: Sequence[int], scorer) -> torch.Tensor:
-                batch = [captions[r] for r in rows]
-                return scorer.score_pairs(batch, image.expand(len(batch), -1, -1))
-
-        first = None
-        if first_stage_scores is not None:  # checked before any document is scored
-            first = torch.as_tensor(first_stage_scores, dtype=torch.float32).flatten().tolist()
-            if len(first) != count:
-                raise ValueError(
-                    f"EDJEReranker.rank: expected one first_stage_score per document "
-                    f"({count}), got {len(first)}."
-                )
+        count, image_ids, logits_of = self._rank_inputs(query, documents)
+        first = first_stage_list(first_stage_scores, count)  # checked before any scoring
         exact = _exact_wanted(precision, top_k, count)
+        dtype = FAST_DTYPE if exact else scoring_dtype(precision)
+        self._scorer_for(dtype)  # a dtype the backend cannot score in: an error, documents or not
         with progress(count, show_progress_bar, "EDJE rank", "document") as bar:
-            dtype = FAST_DTYPE if exact else scoring_dtype(precision)
-            logits = self._batched(range(count), logits_of, dtype, batch_size, bar)
+            logits = self._logits(in_batches(range(count), batch_size, logits_of, dtype), count,
+                                  bar)  # fmt: skip
         if exact:
-            fp32 = self._scorer_for(torch.float32)
 
             def rescore(rows: list[torch.Tensor]) -> list[torch.Tensor]:
-                return [self._batched(rows[0].tolist(), logits_of, fp32, batch_size)]
+                again = in_batches(rows[0].tolist(), batch_size, logits_of, torch.float32)
+                return [self._logits(again, rows[0].numel())]
 
             logits = self._exact_logits([logits], None if first is None else [first], rescore,
                                         top_k)[0]  # fmt: skip
@@ -302,37 +294,25 @@ class EDJEReranker:
         given (for str candidates, the column in the query's row, as `rank`'s index);
         `first_stage_rank` is the 0-based column. Ties keep the first stage's order.
         """
-        _check_batch_size(batch_size, "rank_many")
+        check_batch_size(batch_size, "rank_many")
         precision = self._precision_of(precision)
         if self.store is None:
             raise ValueError("EDJEReranker.rank_many: candidates are image ids, but no store.")
-        queries = [_check_caption(q, f"query {i}") for i, q in enumerate(_as_list(queries))]
-        rows = _as_rows(candidate_ids, len(queries), "candidate_ids")
-        fs = None if first_stage_scores is None else _as_rows(first_stage_scores, len(queries))
-        kept = [self._kept_candidates(row, ids) for row in rows]  # (columns, image_ids, corpus)
-        results: list[list[dict[str, Any]]] = []
+        queries = [check_caption(q, f"query {i}") for i, q in enumerate(as_list(queries))]
+        rows = as_rows(candidate_ids, len(queries), "candidate_ids")
+        fs = None if first_stage_scores is None else as_rows(first_stage_scores, len(queries))
+        id_of = ids if ids is not None else self.store.ids
+        kept = [kept_candidates(row, id_of) for row in rows]  # (columns, image_ids, corpus)
+        firsts = None if fs is None else [[fs[q][c] for c in k[0]] for q, k in enumerate(kept)]
+        lengths = [len(k[1]) for k in kept]
         with progress(len(queries), show_progress_bar, "EDJE rank_many", "query") as bar:
-            for chunk in _chunks_of_equal_length([k[1] for k in kept], batch_size):
-                firsts = None if fs is None else [[fs[q][c] for c in kept[q][0]] for q in chunk]
-                logits = self._score_many(
-                    [queries[q] for q in chunk], [kept[q][1] for q in chunk], precision, top_k,
-                    firsts,
-                )  # fmt: skip
-                for n, (q, row_logits) in enumerate(zip(chunk, logits, strict=True)):
-                    columns, image_ids, corpus_ids = kept[q]
-                    first = None if firsts is None else firsts[n]
-                    results.append(
-                        [
-                            {
-                                "corpus_id": corpus_ids[i],
-                                "image_id": image_ids[i],
-                                **hit,
-                                "first_stage_rank": columns[i],
-                            }
-                            for i, hit in self._hits(row_logits, first, top_k)
-                        ]
-                    )
-                bar.update(len(chunk))
+            batches = self._query_batches(queries, kept, firsts, precision, top_k, batch_size)
+            logits = self._logits(batches, sum(lengths), bar).split(lengths)
+        results: list[list[dict[str, Any]]] = []
+        for q, (columns, image_ids, corpus_ids) in enumerate(kept):
+            hits = self._hits(logits[q], None if firsts is None else firsts[q], top_k)
+            results.append([{"corpus_id": corpus_ids[i], "image_id": image_ids[i], **hit,
+                             "first_stage_rank": columns[i]} for i, hit in hits])  # fmt: skip
         return results
 
     @property
@@ -360,50 +340,81 @@ class EDJEReranker:
         when both are known and the model's config holds fusion weights. Scores are Python
         floats of `activation` of the logits."""
         weights = fusion_weights(self.model.config) if first is not None else None
-        final = logits if weights is None else fuse(logits, torch.tensor(first), weights)
-        scores = _converted(activation(final), False, False)
-        edje = _converted(activation(logits), False, False) if weights else None
+        ranked = rank_logits(logits, first, weights, top_k)
+        scores = _converted(activation(ranked.scores), False, False)
+        edje = _converted(activation(logits), False, False) if ranked.fused else None
         hits = []
-        for i in _best_first(final)[:top_k]:
+        for i in ranked.order:
             hit: dict[str, Any] = {"score": scores[i]}
-            if weights is not None:
+            if edje is not None:
                 hit["edje_score"] = edje[i]
             if first is not None:
                 hit["first_stage_score"] = float(first[i])
             hits.append((i, hit))
         return hits
 
-    def _kept_candidates(self, row: list, ids: Sequence[str] | None):
-        """A candidate row -> (kept columns, their image ids, their corpus ids)."""
-        id_of = ids if ids is not None else self.store.ids
-        positions = bool(row) and isinstance(row[0], int | np.integer)
-        keep = [c for c, cand in enumerate(row) if not (positions and cand < 0)]
-        if positions and row and max(row) >= len(id_of):
-            raise ValueError(
-                f"EDJEReranker.rank_many: candidate position {max(row)} is past the "
-                f"{len(id_of)} ids it indexes (pass ids=VectorIndex.ids)."
-            )
-        image_ids = [id_of[row[c]] if positions else str(row[c]) for c in keep]
-        return keep, image_ids, [int(row[c]) if positions else c for c in keep]
+    def _logits(self, batches: Iterable[Batch], count: int, bar=None) -> torch.Tensor:
+        """The one scoring loop under `predict`, `rank` and `rank_many`: each batch's
+        `score(scorer)`, with the scorer of its dtype, fills its `rows` of logits `[count]`
+        (on the reranker's device) and moves `bar` on by its `done`."""
+        logits = torch.zeros(count, device=self.device)
+        for batch in batches:
+            logits[batch.rows] = batch.score(self._scorer_for(batch.dtype)).to(self.device)
+            if bar is not None:
+                bar.update(batch.done)
+        return logits
+
+    def _rank_inputs(self, query: Any, documents: Any) -> tuple[int, list, Callable]:
+        """`rank`'s query and documents resolved: (count, image ids, `logits_of(rows,
+        scorer)`). A caption query scores one caption against the documents' tokens; an image
+        query, the documents (captions) against its tokens."""
+        if isinstance(query, str):
+            caption, resolved = check_caption(query, "query"), self._documents(documents)
+
+            def logits_of(rows: Sequence[int], scorer) -> torch.Tensor:
+                return scorer.score(caption, resolved.tokens(rows))
+
+            return len(resolved), resolved.image_ids, logits_of
+        captions = [check_caption(c, f"document {i}") for i, c in enumerate(as_list(documents))]
+        image = self._documents([query], names=["query"]).tokens([0])  # [1, m, d]
+
+        def pairs_of(rows: Sequence[int], scorer) -> torch.Tensor:
+            batch = [captions[r] for r in rows]
+            return scorer.score_pairs(batch, image.expand(len(batch), -1, -1))
+
+        return len(captions), [None] * len(captions), pairs_of
+
+    def _query_batches(self, queries, kept, firsts, precision, top_k, batch_size):
+        """`rank_many`'s batches: consecutive queries with as many candidates, about
+        `batch_size` candidates a batch, each one `_score_queries` call (progress by query)."""
+        start = 0
+        for chunk in chunks_of_equal_length([k[1] for k in kept], batch_size):
+            k = len(kept[chunk[0]][1])
+            exact = _exact_wanted(precision, top_k, k)
+            score = partial(
+                self._score_queries, [queries[q] for q in chunk], [kept[q][1] for q in chunk],
+                top_k if exact else None, None if firsts is None else [firsts[q] for q in chunk],
+            )  # fmt: skip
+            dtype = FAST_DTYPE if exact else scoring_dtype(precision)
+            yield Batch(slice(start, start + k * len(chunk)), score, dtype, len(chunk))
+            start += k * len(chunk)
 
     @torch.inference_mode()
-    def _score_many(
-        self, queries: list[str], image_ids: list[list[str]], precision: str,
-        top_k: int | None, firsts: list[list[float]] | None,
-    ) -> list[torch.Tensor]:  # fmt: skip
-        """Logits per query for its candidates (equal-length rows: one `score_queries` call;
-        exact mode: then one fp32 `score_pairs` call for the candidates it re-scores)."""
+    def _score_queries(
+        self, queries: list[str], image_ids: list[list[str]], exact_top_k: int | None,
+        firsts: list[list[float]] | None, scorer,
+    ) -> torch.Tensor:  # fmt: skip
+        """Flat logits `[Q * K]` of Q queries' K candidates each (one `score_queries` call;
+        with `exact_top_k`, exact mode: then one fp32 `score_pairs` call for the candidates
+        it re-scores)."""
         k = len(image_ids[0])
         if k == 0:
-            return [torch.zeros(0, device=self.device) for _ in queries]
+            return torch.zeros(0, device=self.device)
         tokens = self._from_store([i for row in image_ids for i in row])
         tokens = tokens.view(len(queries), k, *self.token_shape)
-        exact = _exact_wanted(precision, top_k, k)
-        scorer = self._scorer_for(FAST_DTYPE if exact else scoring_dtype(precision))
-        logits = list(scorer.score_queries(queries, tokens).to(self.device))
-        if not exact:
-            return logits
-        fp32 = self._scorer_for(torch.float32)
+        logits = scorer.score_queries(queries, tokens).to(self.device)
+        if exact_top_k is None:
+            return logits.flatten()
 
         def rescore(rows: list[torch.Tensor]) -> list[torch.Tensor]:
             lengths = [r.numel() for r in rows]
@@ -411,22 +422,11 @@ class EDJEReranker:
             if not captions:
                 return [torch.zeros(0, device=self.device) for _ in rows]
             picked = torch.cat([tokens[q, r.to(tokens.device)] for q, r in enumerate(rows)])
-            return list(fp32.score_pairs(captions, picked).to(self.device).split(lengths))
+            batch = Batch(slice(None), lambda fp32: fp32.score_pairs(captions, picked),
+                          torch.float32, 0)  # fmt: skip
+            return list(self._logits([batch], len(captions)).split(lengths))
 
-        return self._exact_logits(logits, firsts, rescore, top_k)
-
-    def _batched(self, rows: Sequence[int], logits_of, scorer, batch_size: int, bar=None):
-        """`logits_of(rows, scorer)` over `rows` in batches of `batch_size` (a dtype names
-        the scorer of that dtype): logits `[len(rows)]` on the reranker's device."""
-        if isinstance(scorer, torch.dtype):
-            scorer = self._scorer_for(scorer)
-        logits = torch.zeros(len(rows), device=self.device)
-        for start in range(0, len(rows), batch_size):
-            part = rows[start : start + batch_size]
-            logits[start : start + len(part)] = logits_of(part, scorer).to(self.device)
-            if bar is not None:
-                bar.update(len(part))
-        return logits
+        return torch.cat(self._exact_logits(list(logits), firsts, rescore, exact_top_k))
 
     def _exact_logits(self, fast, firsts, rescore, top_k: int) -> list[torch.Tensor]:
         """`ExactTopN.logits` over fast logits, ranked by the fused score when the model's
@@ -477,77 +477,8 @@ class EDJEReranker:
     def _from_store(self, image_ids: list[str]) -> torch.Tensor:
         return image_tokens.from_store(self.model, self.store, image_ids)
 
-
-class _Documents:
-    """Documents resolved to image tokens: pixels encoded once, store ids read per batch."""
-
-    def __init__(self, reranker: EDJEReranker, documents: Any, names: Sequence[str] = ()):
-        from PIL import Image
-
-        self.reranker = reranker
-        if isinstance(documents, torch.Tensor):
-            _check_tokens(documents, reranker.token_shape, "documents", "[K, m, d]", 3)
-            documents = list(documents)
-        documents = _as_list(documents)
-        store = reranker.store
-        self.kinds: list[tuple[str, Any]] = []  # ("id", str) | ("tensor", [m, d]) | ("pixels", j)
-        self.image_ids: list[str | None] = []
-        self._images: list[Any] = []  # PIL images / paths to encode, in first-seen order
-        to_encode: dict[Any, int] = {}  # one encoding per image object or path
-        for i, doc in enumerate(documents):
-            name = names[i] if i < len(names) else f"document {i}"
-            doc = _unwrapped(doc, name)
-            image_id = None
-            if isinstance(doc, str) and store is not None and doc in store:
-                kind, image_id = ("id", doc), doc
-            elif isinstance(doc, torch.Tensor):
-                _check_tokens(doc, reranker.token_shape, name, "[m, d]", 2)
-                kind = ("tensor", doc)
-            elif isinstance(doc, Image.Image) or _is_file(doc) or _is_encoded(doc):
-                key = str(Path(doc).resolve()) if isinstance(doc, str | Path) else id(doc)
-                kind = ("pixels", to_encode.setdefault(key, len(to_encode)))
-                if len(to_encode) > len(self._images):
-                    self._images.append(_decoded(doc, name) if _is_encoded(doc) else doc)
-            else:
-                raise _not_a_document(doc, name, store)
-            self.kinds.append(kind)
-            self.image_ids.append(image_id)
-        self.pixels = None
-        if self._images:
-            self.pixels = image_tokens.from_images(
-                reranker.model,
-                reranker.processor.image_processor,
-                self._images,
-                batch_size=PIXEL_BATCH,
-            )
-
-    def __len__(self) -> int:
-        return len(self.kinds)
-
-    def tokens(self, rows: Sequence[int]) -> torch.Tensor:
-        """Image tokens `[len(rows), m, d]` (float32, on the reranker's device)."""
-        device = self.reranker.device
-        out = torch.empty(len(rows), *self.reranker.token_shape, device=device)
-        id_rows = [n for n, r in enumerate(rows) if self.kinds[r][0] == "id"]
-        if id_rows:
-            image_ids = [self.kinds[rows[n]][1] for n in id_rows]
-            out[id_rows] = self.reranker._from_store(image_ids)
-        for n, r in enumerate(rows):
-            kind, value = self.kinds[r]
-            if kind == "tensor":
-                out[n] = value.to(device, torch.float32)
-            elif kind == "pixels":
-                out[n] = self.pixels[value]
-        return out
-
-
-def _one_of(*spellings):
-    given = [p for p in spellings if p is not None]
-    if len(given) != 1:
-        raise ValueError(
-            "EDJEReranker.predict: pass the pairs once (pairs, inputs= or sentences=)."
-        )
-    return given[0]
+    def _documents(self, documents: Any, names: Sequence[str] = ()) -> Documents:
+        return Documents(self, documents, names, pixel_batch=PIXEL_BATCH)
 
 
 def _converted(scores: torch.Tensor, to_numpy: bool, to_tensor: bool):
@@ -558,152 +489,6 @@ def _converted(scores: torch.Tensor, to_numpy: bool, to_tensor: bool):
     return scores.numpy() if to_numpy else scores.tolist()
 
 
-def _chunks_of_equal_length(rows: list[list], batch_size: int) -> list[list[int]]:
-    """Consecutive row indices grouped while their lengths are equal, about `batch_size`
-    candidates per group (at least one row)."""
-    chunks: list[list[int]] = []
-    for index, row in enumerate(rows):
-        last = chunks[-1] if chunks else None
-        if last and len(rows[last[0]]) == len(row) and (len(last) + 1) * len(row) <= batch_size:
-            last.append(index)
-        else:
-            chunks.append([index])
-    return chunks
-
-
-def _best_first(logits: torch.Tensor) -> list[int]:
-    """Indices by descending logit; a stable sort, so ties keep the input order."""
-    return torch.sort(logits.float().cpu(), descending=True, stable=True).indices.tolist()
-
-
-def _precision(dtype: torch.dtype | None, precision: str | None) -> str:
-    """The reranker's precision from its `dtype` and `precision` arguments (one, the other or
-    both agreeing; default float32)."""
-    named = None if dtype is None else str(dtype).replace("torch.", "")
-    if precision is None:
-        precision = named or "float32"
-    scoring_dtype(precision)  # checks the name
-    if named is not None and named != precision:
-        raise ValueError(
-            f"EDJEReranker: dtype={dtype} and precision={precision!r} disagree; pass one."
-        )
-    return precision
-
-
 def _exact_wanted(precision: str, top_k: int | None, count: int) -> bool:
     """Exact mode pays only when fewer than all candidates are kept; else fp32 throughout."""
     return precision == "exact" and top_k is not None and 1 <= top_k < count
-
-
-def _check_batch_size(batch_size: Any, method: str) -> None:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(
-            f"EDJEReranker.{method}: batch_size must be a positive integer, got {batch_size!r}."
-        )
-
-
-# `rank`'s arguments that sentence-transformers 6 still accepts and ignores.
-IGNORED_BY_RANK = ("apply_softmax", "convert_to_numpy", "convert_to_tensor")
-
-
-def _warn_ignored(given: dict[str, Any]) -> None:
-    unknown = sorted(set(given) - set(IGNORED_BY_RANK))
-    if unknown:
-        raise TypeError(f"EDJEReranker.rank got unexpected keyword arguments {unknown}.")
-    if given:
-        warnings.warn(
-            f"EDJEReranker.rank ignores {sorted(given)}: it returns Python floats, as "
-            "sentence-transformers 6's CrossEncoder.rank does.",
-            FutureWarning,
-            stacklevel=3,
-        )
-
-
-def _check_caption(caption: Any, where: str) -> str:
-    if not isinstance(caption, str) or not caption.strip():
-        raise ValueError(f"EDJEReranker: {where} must be a non-empty caption str, got {caption!r}.")
-    return caption
-
-
-def _check_tokens(tokens, shape: tuple, where: str, layout: str, dims: int) -> None:
-    if tokens.dim() != dims or tuple(tokens.shape[-2:]) != shape:
-        raise ValueError(
-            f"EDJEReranker: {where} as image tokens must have shape {layout} with "
-            f"[m, d] = {list(shape)}, got {list(tokens.shape)}."
-        )
-
-
-def _is_file(doc: Any) -> bool:
-    return isinstance(doc, str | Path) and Path(doc).is_file()
-
-
-def _is_encoded(doc: Any) -> bool:
-    """Pixels `load_rgb` decodes that are neither a PIL image nor a file: bytes, an array,
-    a `datasets` image `{"bytes", "path"}`."""
-    return isinstance(doc, bytes | bytearray | np.ndarray | Mapping)
-
-
-def _unwrapped(doc: Any, name: str) -> Any:
-    """sentence-transformers' multimodal `{"image": x}` -> `x`; other dicts are kept only
-    when they are a `datasets` image (`{"bytes", "path"}`)."""
-    if not isinstance(doc, Mapping):
-        return doc
-    if set(doc) == {"image"}:
-        return doc["image"]
-    if set(doc) and set(doc) <= {"bytes", "path"}:
-        return doc
-    raise ValueError(
-        f'EDJEReranker: {name} as a dict must be {{"image": ...}} or a datasets image '
-        f'{{"bytes", "path"}}; got the keys {sorted(map(str, doc))}.'
-    )
-
-
-def _decoded(doc: Any, name: str) -> Any:
-    try:
-        return load_rgb(doc)
-    except ValueError as error:
-        raise ValueError(f"EDJEReranker: {name} is not a decodable image: {error}") from None
-
-
-def _not_a_document(doc: Any, name: str, store: Any) -> Exception:
-    """The error for a document that is none of the kinds the reranker takes, naming it."""
-    if isinstance(doc, str) and doc.partition("://")[0] in ("http", "https", "ftp", "s3", "gs"):
-        return ValueError(
-            f"EDJEReranker: {name} is a URL ({doc!r}): edje downloads nothing; pass the "
-            "downloaded file, its bytes or a PIL image."
-        )
-    if isinstance(doc, Path):
-        return FileNotFoundError(f"EDJEReranker: {name}: no image file at {doc}.")
-    if isinstance(doc, str) and store is None:
-        return ValueError(
-            f"EDJEReranker: {name} is {doc!r}, neither an existing image file nor an image id "
-            "(no store was given: EDJEReranker(model, store=...))."
-        )
-    if isinstance(doc, str):
-        return KeyError(
-            f"EDJEReranker: {name}: {doc!r} is neither an image id in the store {store.path} "
-            "nor an existing image file."
-        )
-    return ValueError(
-        f"EDJEReranker: {name} must be a store id (str), an image file path, a PIL image, "
-        'encoded image bytes, a uint8 array, {"image": ...} or image tokens [m, d]; got '
-        f"{type(doc).__name__}."
-    )
-
-
-def _as_list(items: Any) -> list:
-    if isinstance(items, str):
-        raise ValueError(f"EDJEReranker: expected a list, got a single str {items!r}.")
-    return list(items)
-
-
-def _as_rows(table: Any, count: int, name: str = "first_stage_scores") -> list[list]:
-    """`[Q, K]` tensor / array / nested lists -> Q lists of Python values."""
-    if isinstance(table, torch.Tensor | np.ndarray):
-        table = table.tolist()
-    rows = [list(row) for row in _as_list(table)]
-    if len(rows) != count:
-        raise ValueError(
-            f"EDJEReranker.rank_many: {name} has {len(rows)} rows for {count} queries."
-        )
-    return rows

@@ -38,6 +38,7 @@ import torch
 
 from edje._utils import atomic_write, require
 from edje.evaluation.metrics import I2T_KEY, T2I_KEY
+from edje.ranking import best_first
 
 __all__ = ["Candidates", "EvaluationReport", "draw_contact_sheet", "plot_recall_curves"]
 
@@ -337,7 +338,7 @@ def draw_contact_sheet(report: EvaluationReport, dataset: Any, n_queries: int):
     queries = torch.linspace(0, len(texts) - 1, min(n_queries, len(texts))).round().long()
     rows = [("first stage", candidates.t2i)]
     if candidates.t2i_rerank is not None:
-        order = candidates.t2i_rerank.argsort(dim=1, descending=True, stable=True)
+        order = best_first(candidates.t2i_rerank).to(candidates.t2i.device)
         rows.append(("reranked", candidates.t2i.gather(1, order)))
     shown = min(SHOWN, candidates.t2i.shape[1])
     block = TEXT_HEIGHT + len(rows) * (THUMB + PAD) + PAD

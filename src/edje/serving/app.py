@@ -47,21 +47,17 @@ Example (the tiny model and store as in `tests/test_serve.py`):
         ...  # POST f"{url}/v1/rerank"
 """
 
-# No `from __future__ import annotations`: FastAPI reads the handlers' `Request` annotations,
-# imported inside `create_app` so that `import edje.serving.app` works without the serving extra.
-import asyncio
+# FastAPI is imported inside `create_app` (with `edje.serving.routes`, the handlers) so that
+# `import edje.serving.app` works without the serving extra.
 import contextlib
 import logging
-import math
 import time
-import uuid
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
 import torch
 
-from edje.fusion import fuse, fusion_weights
+from edje.fusion import fusion_weights
 from edje.serving.batching import MicroBatcher
 from edje.serving.budget import Budget
 from edje.serving.hosts import HostCheck
@@ -70,14 +66,6 @@ from edje.serving.requests import (
     Document,
     RequestError,
     ServeLimits,
-    body_size,
-    decode_opened,
-    open_documents,
-    parse_json,
-    parse_rerank_request,
-    pixel_count,
-    read_body,
-    unknown_ids_message,
 )
 
 logger = logging.getLogger(__name__)
@@ -169,12 +157,12 @@ def create_app(
 ):
     """The FastAPI app serving `backend`; run it with `run_server` or `serve_in_background`.
     A request's `Host` must be the address it came in on or one of `allowed_hosts`
-    (`edje.serving.hosts`)."""
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse
-    from starlette.concurrency import run_in_threadpool
+    (`edje.serving.hosts`). The routes are `edje.serving.routes`' handlers; what they share
+    is `app.state.service`."""
+    from fastapi import FastAPI
     from starlette.exceptions import HTTPException
 
+    from edje.serving import routes
     from edje.serving.schema import ErrorResponse, RerankResponse
 
     limits = limits or ServeLimits()
@@ -184,126 +172,27 @@ def create_app(
         max_wait_s=limits.max_wait_ms / 1000,
         max_forward_s=limits.max_forward_ms / 1000,
     )
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app):
-        # One device thread: forwards (and image encoding) never run concurrently on the device.
-        app.state.device_thread = ThreadPoolExecutor(1, thread_name_prefix="edje-device")
-        batcher.start(app.state.device_thread)
-        try:
-            yield
-        finally:
-            await batcher.stop()
-            app.state.device_thread.shutdown(wait=False, cancel_futures=True)
-
-    pixels_in_flight = Budget(limits.max_pixels_in_flight)
-    bodies_in_flight = Budget(limits.max_body_bytes_in_flight, "bytes", give_back_at=16 << 20)
-    app = FastAPI(title="edje rerank", lifespan=lifespan)
+    service = routes.Service(
+        backend=backend,
+        batcher=batcher,
+        limits=limits,
+        model_name=model_name,
+        store_size=store_size,
+        bodies_in_flight=Budget(limits.max_body_bytes_in_flight, "bytes", give_back_at=16 << 20),
+        pixels_in_flight=Budget(limits.max_pixels_in_flight),
+    )
+    app = FastAPI(title="edje rerank", lifespan=routes.lifespan)
     app.add_middleware(HostCheck, allowed=allowed_hosts)
-    app.state.batcher, app.state.limits = batcher, limits
-    app.state.pixels_in_flight = pixels_in_flight  # thumbnails decode within it too
-
-    @app.exception_handler(RequestError)
-    async def client_error(request: Request, error: RequestError):
-        return JSONResponse({"message": error.message}, status_code=error.status)
-
-    @app.exception_handler(HTTPException)  # unknown routes, wrong methods: the same JSON shape
-    async def http_error(request: Request, error: HTTPException):
-        return JSONResponse({"message": str(error.detail)}, status_code=error.status_code)
-
-    @app.get("/health")
-    async def health():
-        check = getattr(backend, "check", None)
-        loop = asyncio.get_running_loop()  # the device thread: never beside a forward
-        problem = await loop.run_in_executor(app.state.device_thread, check) if check else None
-        body = {
-            "status": "ok" if problem is None else "error",
-            "model": model_name,
-            "store_images": store_size,
-            "batching": batcher.stats.as_dict(),
-        }
-        if getattr(backend, "exact", None) is not None:
-            body["exact"] = dict(backend.exact.counts)
-        if problem is None:
-            return body
-        return JSONResponse({**body, "message": problem}, status_code=503)
-
-    @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model"}]}
-
-    async def _score(app, query: str, documents: list[Document], job) -> torch.Tensor:
-        loop = asyncio.get_running_loop()
-        prepared = await loop.run_in_executor(app.state.device_thread, backend.prepare, documents)
-        exact = getattr(backend, "exact", None)
-        if exact is None or job.top_n is None or job.top_n >= len(prepared):
-            return await batcher.score(query, prepared)
-        fusion = getattr(backend, "fusion", None)
-        weights = fusion if job.first_stage_scores is not None else None
-        return await exact_logits(batcher, exact, query, prepared, job.top_n,
-                                  job.first_stage_scores, weights)  # fmt: skip
-
-    async def rerank(request: Request):
-        # A body, its JSON and its images are held until answered: all requests together hold
-        # at most max_body_bytes_in_flight of bodies, so concurrent large uploads take turns.
-        async with bodies_in_flight.reserve(body_size(request, limits)):
-            return await _rerank(request)
-
-    async def _rerank(request):
-        started, request_id = time.perf_counter(), uuid.uuid4().hex
-        body = await read_body(request, limits)
-        job = parse_rerank_request(parse_json(body), limits, model_name)
-        opened = await run_in_threadpool(open_documents, job.documents, limits)
-        unknown = backend.unknown_ids([d for d in opened if isinstance(d, str)])
-        if unknown:
-            raise RequestError(400, unknown_ids_message(unknown))
-        try:
-            # Decoded pixels are held until scored: the whole server holds a budget of them.
-            async with pixels_in_flight.reserve(pixel_count(opened)):
-                documents = await run_in_threadpool(decode_opened, opened)
-                del opened  # the undecoded files' pixels: only the RGB ones are needed now
-                logits = await _score(request.app, job.query, documents, job)
-                documents = [d if isinstance(d, str) else None for d in documents]  # ids kept
-        except RequestError:
-            raise
-        except Exception as error:  # the server's fault, not the client's: 500, and go on
-            # The details (which may name server paths) go to the log, under the request's id.
-            logger.exception("edje serve: request %s failed", request_id)
-            message = (
-                f"scoring failed ({type(error).__name__}); the server's log has the details "
-                f"under request id {request_id}."
-            )
-            return JSONResponse({"message": message, "id": request_id}, status_code=500)
-        broken = [i for i, v in enumerate(logits.tolist()) if not math.isfinite(v)]
-        if broken:  # never a silently dropped document or an unserialisable body
-            return JSONResponse({"message": non_finite_message(broken, documents)}, status_code=500)
-        weights = getattr(backend, "fusion", None)
-        if weights is not None and job.first_stage_scores is not None:
-            try:  # scores past float32's range: the client's numbers, a 400
-                logits = fuse(logits, torch.tensor(job.first_stage_scores), weights)
-            except ValueError as error:
-                raise RequestError(400, str(error)) from None
-        # Ordered by logit (sigmoids of large logits tie at 1.0); a stable sort: ties by index.
-        values = logits.tolist()
-        order = sorted(range(len(values)), key=lambda i: -values[i])
-        scores = logits.sigmoid().tolist()
-        results = []
-        for index in order[: job.top_n]:
-            result: dict[str, Any] = {"index": index, "relevance_score": scores[index]}
-            if job.return_documents:  # Cohere's and Jina's shape: {"text": ...} for a string
-                sent = job.documents[index]
-                result["document"] = sent if isinstance(sent, dict) else {"text": sent}
-            results.append(result)
-        elapsed_ms = round(1000 * (time.perf_counter() - started), 3)
-        meta = {"documents": len(documents), "elapsed_ms": elapsed_ms}
-        if job.warnings:
-            meta["warnings"] = job.warnings
-        return {"id": request_id, "model": model_name, "results": results, "meta": meta}
-
+    app.state.service, app.state.batcher, app.state.limits = service, batcher, limits
+    app.state.pixels_in_flight = service.pixels_in_flight  # thumbnails decode within it too
+    app.add_exception_handler(RequestError, routes.client_error)
+    app.add_exception_handler(HTTPException, routes.http_error)
+    app.add_api_route("/health", routes.health, methods=["GET"])
+    app.add_api_route("/v1/models", routes.models, methods=["GET"])
     for path in RERANK_ROUTES:  # vLLM's, Cohere v1/Jina's and Cohere v2's paths: one handler
         app.add_api_route(
             path,
-            rerank,
+            routes.rerank,
             methods=["POST"],
             name=f"rerank ({path})",
             operation_id=f"rerank{path.replace('/', '_')}",
@@ -314,33 +203,6 @@ def create_app(
         )
     _document_request_schema(app)
     return app
-
-
-async def exact_logits(
-    batcher: MicroBatcher, exact, query: str, documents: Sequence[Any], top_n: int,
-    first_stage_scores: list[float] | None, weights: tuple[float, float] | None,
-) -> torch.Tensor:  # fmt: skip
-    """One request's logits in exact mode: `exact.plan`'s steps (edje.scoring.exact) run as
-    jobs of the batching scheduler, bf16 first, then fp32 for the rows each step asks, so
-    other requests' forwards go between them. The top `top_n` are fp32's."""
-    fast = await batcher.score(query, documents, precision=exact.precision)
-    firsts = None if weights is None else [first_stage_scores]
-    plan = exact.plan([fast], top_n, firsts, weights)
-    sent = None
-    while True:
-        try:  # the plan's own work is fusing the client's first-stage scores: its errors are 400s
-            rows = plan.send(sent)[0]
-        except StopIteration as done:
-            return done.value[0]
-        except ValueError as error:
-            raise RequestError(400, str(error)) from None
-        sent = [await batcher.score(query, _rows_of(documents, rows), precision="float32")]
-
-
-def _rows_of(documents: Sequence[Any], rows: torch.Tensor) -> Sequence[Any]:
-    if isinstance(documents, torch.Tensor):
-        return documents[rows.to(documents.device)]
-    return [documents[i] for i in rows.tolist()]
 
 
 RERANK_ROUTES = ("/rerank", "/v1/rerank", "/v2/rerank")
