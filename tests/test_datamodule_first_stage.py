@@ -21,7 +21,7 @@ def no_encoding(monkeypatch, tmp_path):
 
     monkeypatch.setattr(datamodule, "load_vision_encoder", lambda *a, **k: (None, None))
     monkeypatch.setattr(
-        edje.store.encode, "encode_images", lambda *a, **k: SimpleNamespace(summary=str)
+        edje.store.encode, "encode_store", lambda *a, **k: SimpleNamespace(summary=str)
     )
     monkeypatch.chdir(tmp_path)
     return tmp_path

@@ -301,6 +301,25 @@ def test_bound_compress_hashes_only_the_adapter_and_warns_on_disagreement(
         TokenStore.open(tmp_path / "b").check_fingerprint(liar.store_fingerprint())
 
 
+def test_model_form_makes_the_same_store_as_the_bound_compress_form(
+    photo_folder, tmp_path, tiny_vision_encoder, tiny_image_processor
+):
+    from edje.store.encode import encode_store
+
+    assert encode_images is encode_store  # the older name, kept
+    model = _ModelWithAdapter()
+    _encode(photo_folder, tmp_path / "old", tiny_vision_encoder, tiny_image_processor,
+            compressor=model.compress)  # fmt: skip
+    _encode(photo_folder, tmp_path / "new", tiny_vision_encoder, tiny_image_processor,
+            model=model)  # fmt: skip
+    old, new = TokenStore.open(tmp_path / "old"), TokenStore.open(tmp_path / "new")
+    assert new.fingerprint == old.fingerprint and new.ids == old.ids
+    assert torch.equal(new.gather(new.ids), old.gather(old.ids))
+    with pytest.raises(ValueError, match="not both"):
+        _encode(photo_folder, tmp_path / "both", tiny_vision_encoder, tiny_image_processor,
+                model=model, compressor=model.compress)  # fmt: skip
+
+
 def test_every_rank_gets_a_batch_even_when_there_is_no_work():
     from edje.store.encode import rank_batches
 

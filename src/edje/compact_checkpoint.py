@@ -19,7 +19,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -44,7 +44,8 @@ def needs_edje(feature: str):
 
 
 class EDJESavingMixin:
-    """`from_pretrained`, `save_pretrained` and `push_to_hub` for [`EDJEModel`]."""
+    """Where an [`EDJEModel`] comes from and goes to: `from_pretrained`, `from_backbones`,
+    `from_authors_checkpoint`, the vision encoder by name, `save_pretrained`, `push_to_hub`."""
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
@@ -102,6 +103,62 @@ class EDJESavingMixin:
                 self.config.vision_encoder_name = original_name
         if kwargs.get("is_main_process", True) and model_extras is not None:
             model_extras.write_model_card(self, save_directory)
+
+    @classmethod
+    def from_backbones(
+        cls, vision: str, text: str, *, vision_image_size: int | None = None, **config_kwargs: Any
+    ) -> Self:
+        """Build a new, untrained EDJE around a vision encoder and a BERT-family text encoder.
+
+        The joint encoder starts from the text encoder's weights, with one added `<image>` token;
+        the adapter and head are freshly initialised. `config_kwargs` go to [`EDJEConfig`].
+        `vision` and `text` are Hub ids, local folders or the offline names in `edje.backbones`.
+        """
+        return needs_edje("from_backbones").build_from_backbones(
+            cls, vision, text, vision_image_size=vision_image_size, **config_kwargs
+        )
+
+    @classmethod
+    def from_authors_checkpoint(cls, source: str | os.PathLike, **kwargs: Any) -> Self:
+        """The paper authors' released reranker (their state-dict layout, `.safetensors`, or
+        `.pth`/`.bin` read with `weights_only=True`) as an `EDJEModel` with the paper's adapter.
+
+        `source` is a weights file, a folder holding one, or a Hub repo id such as
+        `"shahafw/edje-vl-image-retrieval-reranker"`; `kwargs` (`filename`, `revision`,
+        `vision_num_heads`, `text_num_heads`, config fields) go to
+        `edje.authors_checkpoint.load_authors_checkpoint`. `edje convert` writes the same model
+        with its processor and card as a folder.
+        """
+        extras = needs_edje("from_authors_checkpoint")
+        return extras.load_authors_checkpoint(source, model_class=cls, **kwargs)
+
+    def _load_vision_encoder(self) -> torch.nn.Module:
+        """The vision encoder `config.vision_encoder_name` names: the one saved beside the
+        checkpoint (`VISION_SUBFOLDER`), else by name through edje, else through transformers."""
+        name = self.config.vision_encoder_name
+        if name is None:
+            raise ValueError(
+                "EDJEModel: pixel_values need a vision encoder, but config.vision_encoder_name is "
+                "None. Pass vision_tokens or image_tokens, or attach one with set_vision_encoder()."
+            )
+        from transformers import AutoModel
+
+        # A vision encoder saved beside the checkpoint: the vision tower itself, loaded as saved.
+        if name == VISION_SUBFOLDER and self._vision_source is not None:
+            source = Path(self._vision_source)
+            if source.is_dir():
+                return AutoModel.from_pretrained(source / VISION_SUBFOLDER)
+            return AutoModel.from_pretrained(str(self._vision_source), subfolder=VISION_SUBFOLDER)
+        if model_extras is None:
+            if name.startswith("edje:"):  # an offline backbone shipped as a Python package
+                raise ValueError(
+                    f"EDJEModel: the vision encoder {name!r} is one of edje's offline backbones, "
+                    "which only edje can load: pip install edje, or save the model with "
+                    "save_pretrained(..., save_vision_encoder=True) so the folder holds it. "
+                    "Stored tokens (vision_tokens / image_tokens) need no vision encoder."
+                )
+            return AutoModel.from_pretrained(name)
+        return model_extras.vision_encoder_by_name(self.config)
 
     def _save_compact(self, save_directory) -> None:
         extras = needs_edje("save_pretrained(compact=True)")

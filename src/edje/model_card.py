@@ -40,42 +40,8 @@ def render_model_card(
         adapter = f"{m} learned queries, cross-attention with {config.adapter_num_heads} heads"
     else:
         adapter = "local: per-token MLP, no compression"
-    reports = [] if report is None else report if isinstance(report, list) else [report]
-    card_data = ModelCardData(
-        library_name="edje",
-        license=license,
-        pipeline_tag=PIPELINE_TAG,
-        datasets=datasets or None,
-        tags=list(
-            dict.fromkeys(
-                ["edje", "reranker", "image-text-retrieval", "vision-language", *(tags or [])]
-            )
-        ),
-        base_model=[n for n in (config.vision_encoder_name, config.base_text_encoder) if _hub(n)]
-        or None,
-        metrics=["recall"] if reports else None,
-        model_name=repo_id or "EDJE reranker",
-        eval_results=[r for one in reports for r in eval_results(one)] or None,
-    )
-    if compact and str(config.base_text_encoder).startswith("edje:"):
-        loading_note = (
-            f"These weights are compact: only what differs from `{config.base_text_encoder}` "
-            "(the text encoder the joint encoder started from), in fp16. Loading them needs "
-            "`pip install edje`, which takes the rest from that encoder by name."
-        )
-    elif compact:
-        loading_note = (
-            f"These weights are compact: only what differs from `{config.base_text_encoder}` "
-            "(the text encoder the joint encoder started from), in fp16; loading takes the rest "
-            "from it. Without edje installed, `AutoModel.from_pretrained(folder, "
-            "trust_remote_code=True)` loads them from the code saved beside the weights."
-        )
-    else:
-        folder = repo_id or "path/to/this/folder"
-        loading_note = (
-            f'Without edje installed, `AutoModel.from_pretrained("{folder}", '
-            "trust_remote_code=True)` loads the same model from the code saved beside the weights."
-        )
+    card_data = _card_data(config, repo_id, report, tags, datasets, license)
+    loading_note = _loading_note(config, repo_id, compact)
     template = Template(resources.files("edje.model_cards").joinpath(CARD_TEMPLATE).read_text())
     return template.substitute(
         card_data=card_data.to_yaml(),
@@ -94,6 +60,50 @@ def render_model_card(
         loading_note=loading_note,
         results=results or "Not evaluated yet.",
         warning=f"> **Warning.** {warning}\n\n" if warning else "",
+    )
+
+
+def _card_data(config, repo_id, report, tags, datasets, license: str) -> ModelCardData:
+    """The card's YAML header: library, tags, base models, and the reports' recall."""
+    reports = [] if report is None else report if isinstance(report, list) else [report]
+    return ModelCardData(
+        library_name="edje",
+        license=license,
+        pipeline_tag=PIPELINE_TAG,
+        datasets=datasets or None,
+        tags=list(
+            dict.fromkeys(
+                ["edje", "reranker", "image-text-retrieval", "vision-language", *(tags or [])]
+            )
+        ),
+        base_model=[n for n in (config.vision_encoder_name, config.base_text_encoder) if _hub(n)]
+        or None,
+        metrics=["recall"] if reports else None,
+        model_name=repo_id or "EDJE reranker",
+        eval_results=[r for one in reports for r in eval_results(one)] or None,
+    )
+
+
+def _loading_note(config, repo_id: str | None, compact: bool) -> str:
+    """How the saved weights load: compact ones need their base text encoder (and edje, for an
+    offline one); full ones load without edje through the code saved beside them."""
+    if compact and str(config.base_text_encoder).startswith("edje:"):
+        return (
+            f"These weights are compact: only what differs from `{config.base_text_encoder}` "
+            "(the text encoder the joint encoder started from), in fp16. Loading them needs "
+            "`pip install edje`, which takes the rest from that encoder by name."
+        )
+    if compact:
+        return (
+            f"These weights are compact: only what differs from `{config.base_text_encoder}` "
+            "(the text encoder the joint encoder started from), in fp16; loading takes the rest "
+            "from it. Without edje installed, `AutoModel.from_pretrained(folder, "
+            "trust_remote_code=True)` loads them from the code saved beside the weights."
+        )
+    folder = repo_id or "path/to/this/folder"
+    return (
+        f'Without edje installed, `AutoModel.from_pretrained("{folder}", '
+        "trust_remote_code=True)` loads the same model from the code saved beside the weights."
     )
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,7 +20,7 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.utils import ModelOutput
 
-from .compact_checkpoint import VISION_SUBFOLDER, EDJESavingMixin, model_extras, needs_edje
+from .compact_checkpoint import EDJESavingMixin, needs_edje
 from .configuration_edje import EDJEConfig
 
 
@@ -56,6 +55,30 @@ def sincos_grid_positions(num_tokens: int, dim: int) -> torch.Tensor:
     grid = torch.cat([f(a) for a in angles for f in (torch.sin, torch.cos)], dim=-1)
     grid = F.pad(grid, (0, dim - grid.shape[-1]))
     return torch.cat([torch.zeros(1, dim), grid]) if has_cls else grid
+
+
+def forward_features(encoder: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+    """The one vision forward (timm's `forward_features`): image-processor outputs ->
+    the encoder's `last_hidden_state` `[B, n, d_vis]`.
+
+    Every door runs it (`EDJEModel.encode_images`, the store builder, the first stage's
+    features), so raw tokens are the same tensors whichever made them. Tensors move to the
+    encoder's device, floating ones to its dtype (a half-precision encoder takes half pixels).
+
+    Args:
+        encoder: a vision model whose output has `last_hidden_state` (DINOv2, SigLIP, ...).
+        inputs: what the image processor returns (`pixel_values` and any other tensors).
+    """
+    param = next(encoder.parameters(), None)
+    if param is not None:
+        inputs = {key: _to_param(value, param) for key, value in inputs.items()}
+    return encoder(**inputs).last_hidden_state
+
+
+def _to_param(value: Any, param: torch.Tensor) -> Any:
+    if not torch.is_tensor(value):
+        return value
+    return value.to(param.device, param.dtype if value.is_floating_point() else None)
 
 
 class EDJEPaperAdapter(nn.Module):
@@ -309,41 +332,13 @@ class EDJEModel(EDJESavingMixin, EDJEPreTrainedModel):
         vision_encoder.eval().requires_grad_(False)
         self._vision_encoder[:] = [vision_encoder]
 
-    def _load_vision_encoder(self) -> nn.Module:
-        name = self.config.vision_encoder_name
-        if name is None:
-            raise ValueError(
-                "EDJEModel: pixel_values need a vision encoder, but config.vision_encoder_name is "
-                "None. Pass vision_tokens or image_tokens, or attach one with set_vision_encoder()."
-            )
-        from transformers import AutoModel
-
-        # A vision encoder saved beside the checkpoint: the vision tower itself, loaded as saved.
-        if name == VISION_SUBFOLDER and self._vision_source is not None:
-            source = Path(self._vision_source)
-            if source.is_dir():
-                return AutoModel.from_pretrained(source / VISION_SUBFOLDER)
-            return AutoModel.from_pretrained(str(self._vision_source), subfolder=VISION_SUBFOLDER)
-        if model_extras is None:
-            if name.startswith("edje:"):  # an offline backbone shipped as a Python package
-                raise ValueError(
-                    f"EDJEModel: the vision encoder {name!r} is one of edje's offline backbones, "
-                    "which only edje can load: pip install edje, or save the model with "
-                    "save_pretrained(..., save_vision_encoder=True) so the folder holds it. "
-                    "Stored tokens (vision_tokens / image_tokens) need no vision encoder."
-                )
-            return AutoModel.from_pretrained(name)
-        return model_extras.vision_encoder_by_name(self.config)
-
     @torch.no_grad()
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Pixels `[B, 3, H, W]` -> raw vision tokens `[B, n, d_vis]` from the frozen encoder."""
         encoder = self.vision_encoder
-        param = next(encoder.parameters())
-        if param.device != pixel_values.device:
-            encoder.to(pixel_values.device)
-        tokens = encoder(pixel_values=pixel_values.to(param.dtype)).last_hidden_state
-        return tokens.to(self.dtype)
+        if next(encoder.parameters()).device != pixel_values.device:
+            encoder.to(pixel_values.device)  # the encoder follows the pixels, not the reverse
+        return forward_features(encoder, {"pixel_values": pixel_values}).to(self.dtype)
 
     def compress(self, vision_tokens: torch.Tensor) -> torch.Tensor:
         """Raw vision tokens `[B, n, d_vis]` -> image tokens `[B, m, d]`, as a token store keeps."""
@@ -452,36 +447,6 @@ class EDJEModel(EDJESavingMixin, EDJEPreTrainedModel):
             )
         embeds = self.joint_encoder.embeddings.word_embeddings(input_ids)  # (B, L, d)
         return embeds.masked_scatter(slots.unsqueeze(-1), image_tokens.to(embeds.dtype))
-
-    # -- construction and saving -------------------------------------------------------------
-
-    @classmethod
-    def from_backbones(
-        cls, vision: str, text: str, *, vision_image_size: int | None = None, **config_kwargs: Any
-    ) -> EDJEModel:
-        """Build a new, untrained EDJE around a vision encoder and a BERT-family text encoder.
-
-        The joint encoder starts from the text encoder's weights, with one added `<image>` token;
-        the adapter and head are freshly initialised. `config_kwargs` go to [`EDJEConfig`].
-        `vision` and `text` are Hub ids, local folders or the offline names in `edje.backbones`.
-        """
-        return needs_edje("from_backbones").build_from_backbones(
-            cls, vision, text, vision_image_size=vision_image_size, **config_kwargs
-        )
-
-    @classmethod
-    def from_authors_checkpoint(cls, source: str | os.PathLike, **kwargs: Any) -> EDJEModel:
-        """The paper authors' released reranker (their state-dict layout, `.safetensors`, or
-        `.pth`/`.bin` read with `weights_only=True`) as an `EDJEModel` with the paper's adapter.
-
-        `source` is a weights file, a folder holding one, or a Hub repo id such as
-        `"shahafw/edje-vl-image-retrieval-reranker"`; `kwargs` (`filename`, `revision`,
-        `vision_num_heads`, `text_num_heads`, config fields) go to
-        `edje.authors_checkpoint.load_authors_checkpoint`. `edje convert` writes the same model
-        with its processor and card as a folder.
-        """
-        extras = needs_edje("from_authors_checkpoint")
-        return extras.load_authors_checkpoint(source, model_class=cls, **kwargs)
 
 
 def _build_adapter(config: EDJEConfig) -> nn.Module:

@@ -71,12 +71,6 @@ def run_quickstart(
     """
     from datasets import DatasetDict
 
-    from edje import EDJEModel, EDJEProcessor
-    from edje.evaluation import evaluate
-    from edje.first_stage import load_embedding_model
-    from edje.store import TokenStore
-    from edje.training import EDJEDataModule
-
     out = Path(out).resolve()
     if model is None and not train and not (out / "model" / "config.json").is_file():
         refuse_foreign_folder(out / "model", "copy the shipped model into")  # before the work
@@ -85,6 +79,21 @@ def run_quickstart(
     step("drawing the built-in scenes and the emoji")
     splits = load_data(DATA, builtin=builtin)
     sets = {name: DatasetDict({s: _only(splits[s], name) for s in splits}) for name in DATA_SETS}
+    _encode_and_first_stages(out, train, splits, sets, step)
+    step(f"raw token store ready: {out / 'raw.store'}; first stages: {out / 'first_stage'}")
+    model_dir = _model_folder(out, model, train, builtin, step)
+    report_root = out / "report"
+    suggestion = _reports(out, model_dir, sets, report_root, k, step)
+    step(f"reports, plots and contact sheets in {report_root}")
+    _print_next(out, model_dir, suggestion)
+    return report_root
+
+
+def _encode_and_first_stages(out: Path, train: bool, splits, sets: dict, step) -> None:
+    """The raw store and one first stage per data set: all encoded and fitted here (`train`),
+    or only the test images encoded beside a copy of the shipped first stages."""
+    from edje.training import EDJEDataModule
+
     if train:
         step("encoding every split once with DINOv2-S (112 px), then fitting the first stages")
         for name, data in sets.items():  # each set's first stage fitted on its train split
@@ -108,12 +117,19 @@ def run_quickstart(
     for name in DATA_SETS:  # the test pictures and captions, for the search page
         if not (out / "images" / name).is_dir():
             _write_images(sets[name]["test"], out / "images" / name)
-    step(f"raw token store ready: {out / 'raw.store'}; first stages: {out / 'first_stage'}")
-    model_dir = _model_folder(out, model, train, builtin, step)
+
+
+def _reports(out: Path, model_dir: Path, sets: dict, report_root: Path, k: int, step):
+    """Rerank each data set's first-stage top `k` with the model, save and print the reports;
+    returns the query `edje search` is suggested with (from the built-in set), or None."""
+    from edje import EDJEModel, EDJEProcessor
+    from edje.evaluation import evaluate
+    from edje.first_stage import load_embedding_model
+    from edje.store import TokenStore
+
     edje = EDJEModel.from_pretrained(model_dir).eval()
     processor = EDJEProcessor.from_pretrained(model_dir)
     store = TokenStore.open(out / "raw.store")
-    report_root = out / "report"
     suggestion = None
     for name, title in DATA_SETS.items():
         step(f"{title}: reranking the test split's first-stage top {k} with EDJE from {model_dir}")
@@ -128,7 +144,10 @@ def run_quickstart(
         print(report.to_markdown())
         if report.regressions():
             print(f"\nwarning: {report.regressions()}")
-    step(f"reports, plots and contact sheets in {report_root}")
+    return suggestion
+
+
+def _print_next(out: Path, model_dir: Path, suggestion) -> None:
     print("\nTry next:")
     if suggestion:
         caption, image_id, rank = suggestion
@@ -141,7 +160,6 @@ def run_quickstart(
     print(
         f"  edje serve --quickstart {out}    # then open http://127.0.0.1:8000/ (the search page)"
     )
-    return report_root
 
 
 def suggested_query(report, dataset) -> tuple[str, str, int] | None:
@@ -189,10 +207,10 @@ def _write_images(split, folder: Path) -> None:
 
 def _encode(split, store: Path) -> None:
     from edje.backbones import load_vision_encoder
-    from edje.store.encode import encode_images
+    from edje.store.encode import encode_store
 
     vision, image_processor = load_vision_encoder(OFFLINE_VISION, image_size=IMAGE_SIZE)
-    encode_images(
+    encode_store(
         split, store, vision_encoder=vision, image_processor=image_processor,
         id_column="image_id", image_column="image", devices=1,
     )  # fmt: skip

@@ -126,15 +126,21 @@ def reranked_recall_at_k(
         i2t_candidates = _check_candidates(
             i2t_candidates, i2t_scores, None, len(text_to_image), ks, "i2t"
         )
-        n_images = len(i2t_candidates)
-        device = i2t_candidates.device
-        queries = torch.arange(n_images, device=device)[:, None]
-        positive = text_to_image.to(device)[i2t_candidates] == queries
-        standing = _candidate_standing(i2t_scores, positive)
-        # Images without captions are not queries (they can only be distractors).
-        has_caption = torch.bincount(text_to_image, minlength=n_images)[:n_images].to(device) > 0
-        out.update(_recall(standing.select(has_caption), ks, ties, I2T_KEY))
+        out.update(
+            _recall(_i2t_standing(text_to_image, i2t_candidates, i2t_scores), ks, ties, I2T_KEY)
+        )
     return out
+
+
+def _i2t_standing(text_to_image: torch.Tensor, candidates: torch.Tensor, scores: torch.Tensor):
+    """Each image query's standing among its reranked caption candidates; images without
+    captions are not queries (they can only be distractors)."""
+    n_images, device = len(candidates), candidates.device
+    queries = torch.arange(n_images, device=device)[:, None]
+    positive = text_to_image.to(device)[candidates] == queries
+    standing = _candidate_standing(scores, positive)
+    has_caption = torch.bincount(text_to_image, minlength=n_images)[:n_images].to(device) > 0
+    return standing.select(has_caption)
 
 
 def reranked_hits_at_1(

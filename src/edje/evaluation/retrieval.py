@@ -22,10 +22,10 @@ Example (first stage only: a toy embedding model that knows colours):
     >>> from edje.first_stage import EmbeddingModel
     >>> class Colours(EmbeddingModel):
     ...     embedding_dim = 3
-    ...     def encode_texts(self, texts, batch_size=256, show_progress_bar=None):
+    ...     def embed_texts(self, texts, batch_size=256, show_progress_bar=None):
     ...         rows = [[float(c in t) + 0.01 for c in ("red", "green", "blue")] for t in texts]
     ...         return torch.nn.functional.normalize(torch.tensor(rows), dim=-1)
-    ...     def encode_images(self, images, batch_size=64, show_progress_bar=None):
+    ...     def embed_images(self, images, batch_size=64, show_progress_bar=None):
     ...         rows = [[v / 255 + 0.01 for v in im.getpixel((0, 0))] for im in images]
     ...         return torch.nn.functional.normalize(torch.tensor(rows), dim=-1)
     >>> ds = make_dataset([Image.new("RGB", (4, 4), c) for c in ("red", "blue")], ["r", "b"],
@@ -225,10 +225,10 @@ def with_fusion(report: EvaluationReport, weights) -> EvaluationReport:
 def _embed(first_stage, dataset, texts, device, image_batch_size, show_progress_bar):
     first_stage.to(device)
     images = DatasetImages(dataset)
-    image_emb = first_stage.encode_images(
+    image_emb = first_stage.embed_images(
         images, batch_size=image_batch_size, show_progress_bar=show_progress_bar
     )
-    text_emb = first_stage.encode_texts(texts, show_progress_bar=show_progress_bar)
+    text_emb = first_stage.embed_texts(texts, show_progress_bar=show_progress_bar)
     return text_emb.cpu(), image_emb.cpu()
 
 

@@ -1,7 +1,7 @@
 """The first stage: embedding models for top-k retrieval, hard negatives and text targets.
 
-- :class:`EmbeddingModel`: the interface (``encode_texts``, ``encode_images``,
-  ``encode_vision_tokens``; L2-normalised float32 ``[N, D]``).
+- :class:`EmbeddingModel`: the interface (``embed_texts``, ``embed_images``,
+  ``embed_vision_tokens``; L2-normalised float32 ``[N, D]``).
 - :class:`LinearProbeEmbedding`: offline, two linear heads over the frozen offline backbones,
   trained contrastively on cached features in seconds.
 - :class:`TransformersEmbedding`: CLIP / SigLIP / SigLIP2 by Hub id or folder.

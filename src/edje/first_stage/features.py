@@ -1,8 +1,8 @@
 """Frozen backbone features the offline first stage trains its heads on.
 
-- images: the vision tower's first ``last_hidden_state`` token (DINOv2's CLS), ``[N, d_vis]``;
-- texts: the text encoder's ``last_hidden_state`` averaged over real tokens (sentence-
-  transformers' mean pooling), ``[N, d_text]``.
+- images: the vision tower's first `last_hidden_state` token (DINOv2's CLS), `[N, d_vis]`;
+- texts: the text encoder's `last_hidden_state` averaged over real tokens (sentence-
+  transformers' mean pooling), `[N, d_text]`.
 
 Both run without gradients in batches, with an optional tqdm bar.
 
@@ -26,12 +26,13 @@ from typing import Any
 import torch
 
 from edje._utils import batches, load_rgb, progress
+from edje.modeling_edje import forward_features
 
 __all__ = ["DatasetImages", "FrozenBackbones", "mean_pool"]
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Average ``hidden [B, L, d]`` over the positions where ``attention_mask [B, L]`` is 1."""
+    """Average `hidden [B, L, d]` over the positions where `attention_mask [B, L]` is 1."""
     mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
 
@@ -40,9 +41,9 @@ class FrozenBackbones:
     """A vision and a text encoder by name (offline name, Hub id or folder), loaded on first use.
 
     Args:
-        vision: vision encoder for ``edje.backbones.load_vision_encoder``.
-        text: text encoder for ``edje.backbones.load_text_encoder``.
-        image_size: the vision processor's output side (``None``: the model's own).
+        vision: vision encoder for `edje.backbones.load_vision_encoder`.
+        text: text encoder for `edje.backbones.load_text_encoder`.
+        image_size: the vision processor's output side (`None`: the model's own).
         max_length: caption tokens kept (truncated beyond).
         device: where the encoders run.
     """
@@ -74,7 +75,7 @@ class FrozenBackbones:
         return model.eval().requires_grad_(False).to(self.device), tokenizer
 
     def to(self, device: str | torch.device) -> FrozenBackbones:
-        """Move the encoders (loaded or not yet) to ``device``."""
+        """Move the encoders (loaded or not yet) to `device`."""
         self.device = torch.device(device)
         for name in ("vision", "text"):
             if name in self.__dict__:
@@ -83,17 +84,17 @@ class FrozenBackbones:
 
     @torch.inference_mode()
     def vision_tokens(self, images: Sequence[Any]) -> torch.Tensor:
-        """PIL images -> the vision tower's ``last_hidden_state`` ``[N, n, d_vis]``."""
+        """PIL images -> the vision tower's `last_hidden_state` `[N, n, d_vis]`."""
         model, processor = self.vision
         rgb = [load_rgb(image) for image in images]  # the one decoder: EXIF, transparency
         pixels = processor(images=rgb, return_tensors="pt")["pixel_values"]
-        return model(pixel_values=pixels.to(self.device)).last_hidden_state
+        return forward_features(model, {"pixel_values": pixels})
 
     @torch.inference_mode()
     def image_features(
         self, images: Sequence[Any], batch_size: int = 64, show_progress_bar: bool | None = None
     ) -> torch.Tensor:
-        """PIL images -> first (CLS) token ``[N, d_vis]`` float32 on the CPU."""
+        """PIL images -> first (CLS) token `[N, d_vis]` float32 on the CPU."""
         out = []
         with progress(len(images), show_progress_bar, "image features", "img") as bar:
             for chunk in batches(images, batch_size):
@@ -105,7 +106,7 @@ class FrozenBackbones:
     def text_features(
         self, texts: Sequence[str], batch_size: int = 256, show_progress_bar: bool | None = None
     ) -> torch.Tensor:
-        """Texts -> mean-pooled last hidden state ``[N, d_text]`` float32 on the CPU."""
+        """Texts -> mean-pooled last hidden state `[N, d_text]` float32 on the CPU."""
         model, tokenizer = self.text
         out = []
         with progress(len(texts), show_progress_bar, "text features", "text") as bar:
@@ -124,7 +125,7 @@ class FrozenBackbones:
 
 
 class DatasetImages(Sequence):
-    """The ``image`` column of a ``datasets.Dataset`` read lazily: a slice decodes only its rows,
+    """The `image` column of a `datasets.Dataset` read lazily: a slice decodes only its rows,
     so a 100k-image data set is never decoded into memory at once.
 
     Example:

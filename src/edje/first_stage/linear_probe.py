@@ -112,23 +112,23 @@ class LinearProbeEmbedding(EmbeddingModel):
         features = check_embeddings(features, self.text_dim, type(self).__name__, "features")
         return F.normalize(self.text_head(features.to(self.device)), dim=-1)
 
-    def encode_images(
+    def embed_images(
         self, images: Sequence[Any], batch_size: int = 64, show_progress_bar: bool | None = None
     ) -> torch.Tensor:
         features = self.backbones.image_features(images, batch_size, show_progress_bar)
         return self.embed_image_features(features)
 
-    def encode_texts(
+    def embed_texts(
         self, texts: Sequence[str], batch_size: int = 256, show_progress_bar: bool | None = None
     ) -> torch.Tensor:
         features = self.backbones.text_features(texts, batch_size, show_progress_bar)
         return self.embed_text_features(features)
 
-    def encode_vision_tokens(self, vision_tokens: torch.Tensor) -> torch.Tensor:
+    def embed_vision_tokens(self, vision_tokens: torch.Tensor) -> torch.Tensor:
         """Raw tokens ``[N, n, d_vis]`` of the same vision encoder: reads the CLS (index 0)."""
         if vision_tokens.ndim != 3 or vision_tokens.shape[-1] != self.vision_dim:
             raise ValueError(
-                f"{type(self).__name__}.encode_vision_tokens: expected [N, n, {self.vision_dim}], "
+                f"{type(self).__name__}.embed_vision_tokens: expected [N, n, {self.vision_dim}], "
                 f"got {tuple(vision_tokens.shape)}"
             )
         return self.embed_image_features(vision_tokens[:, 0].float())
@@ -160,17 +160,9 @@ class LinearProbeEmbedding(EmbeddingModel):
             text_features: ``[n_texts, text_dim]`` from ``backbones.text_features``.
             text_to_image: ``LongTensor[n_texts]``, each caption's image row.
         """
-        who = f"{type(self).__name__}.fit"
-        images = check_embeddings(image_features, self.vision_dim, who, "image_features")
-        texts = check_embeddings(text_features, self.text_dim, who, "text_features")
-        text_to_image = torch.as_tensor(text_to_image, dtype=torch.long)
-        if text_to_image.shape != (len(texts),) or not len(texts):
-            raise ValueError(
-                f"{who}: text_to_image must have shape ({len(texts)},), got "
-                f"{tuple(text_to_image.shape)}"
-            )
-        if text_to_image.min() < 0 or text_to_image.max() >= len(images):
-            raise ValueError(f"{who}: text_to_image values must lie in [0, {len(images)})")
+        images, texts, text_to_image = self._fit_inputs(
+            image_features, text_features, text_to_image
+        )
         device = self.device
         images, texts = images.to(device), texts.to(device)
         generator = torch.Generator().manual_seed(seed)
@@ -200,6 +192,22 @@ class LinearProbeEmbedding(EmbeddingModel):
         finally:
             self.requires_grad_(False)
         return losses
+
+    def _fit_inputs(self, image_features, text_features, text_to_image):
+        """`fit`'s inputs checked: float32 features of the heads' widths, and a caption-to-image
+        map with one image row per caption."""
+        who = f"{type(self).__name__}.fit"
+        images = check_embeddings(image_features, self.vision_dim, who, "image_features")
+        texts = check_embeddings(text_features, self.text_dim, who, "text_features")
+        text_to_image = torch.as_tensor(text_to_image, dtype=torch.long)
+        if text_to_image.shape != (len(texts),) or not len(texts):
+            raise ValueError(
+                f"{who}: text_to_image must have shape ({len(texts)},), got "
+                f"{tuple(text_to_image.shape)}"
+            )
+        if text_to_image.min() < 0 or text_to_image.max() >= len(images):
+            raise ValueError(f"{who}: text_to_image values must lie in [0, {len(images)})")
+        return images, texts, text_to_image
 
     def _epoch(self, images, texts, captions, batch_size, optimizer, generator) -> float:
         order, starts, counts = captions  # captions grouped by image: see _group_captions

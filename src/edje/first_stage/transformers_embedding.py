@@ -90,7 +90,7 @@ class TransformersEmbedding(EmbeddingModel):
         return self.name_or_path
 
     @torch.inference_mode()
-    def encode_texts(
+    def embed_texts(
         self, texts: Sequence[str], batch_size: int = 256, show_progress_bar: bool | None = None
     ) -> torch.Tensor:
         padding = "max_length" if self.model_type.startswith("siglip") else True
@@ -111,7 +111,7 @@ class TransformersEmbedding(EmbeddingModel):
         return self._finish(out)
 
     @torch.inference_mode()
-    def encode_images(
+    def embed_images(
         self, images: Sequence[Any], batch_size: int = 64, show_progress_bar: bool | None = None
     ) -> torch.Tensor:
         image_processor = getattr(self.processor, "image_processor", self.processor)
@@ -127,7 +127,7 @@ class TransformersEmbedding(EmbeddingModel):
         return self._finish(out)
 
     @torch.inference_mode()
-    def encode_vision_tokens(self, vision_tokens: torch.Tensor) -> torch.Tensor:
+    def embed_vision_tokens(self, vision_tokens: torch.Tensor) -> torch.Tensor:
         """Raw ``last_hidden_state`` of this model's own vision tower -> image embeddings.
 
         CLIP: post-LayerNorm of the CLS token, then the visual projection. SigLIP: the
@@ -140,7 +140,7 @@ class TransformersEmbedding(EmbeddingModel):
         elif self.model_type == "siglip" and getattr(vision, "use_head", True):
             pooled = vision.head(tokens)
         else:
-            return super().encode_vision_tokens(vision_tokens)
+            return super().embed_vision_tokens(vision_tokens)
         return F.normalize(pooled.float(), dim=-1)
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:

@@ -48,6 +48,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from edje._utils import atomic_write
 from edje.processing_edje import append_image_slots
 from edje.scoring.base import Scorer, as_caption_list
 
@@ -128,33 +129,40 @@ def export_onnx(
     dynamic["image_tokens"] = {0: "batch"}
     dynamic["logits"] = {0: "batch"}
     try:
-        with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
-            fp32 = Path(tmp) / "model.onnx"
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # tracer and deprecation chatter
-                torch.onnx.export(
-                    graph,
-                    example,
-                    str(fp32),
-                    dynamo=False,
-                    opset_version=opset,
-                    input_names=list(INPUT_NAMES),
-                    output_names=["logits"],
-                    dynamic_axes=dynamic,
-                    do_constant_folding=True,
-                )
-            _add_metadata(fp32, {"edje_image_token_id": graph.image_token_id})
-            result = fp32
-            if quantize == "int8":
-                from onnxruntime.quantization import QuantType, quantize_dynamic
-
-                result = Path(tmp) / "model.int8.onnx"
-                quantize_dynamic(str(fp32), str(result), weight_type=QuantType.QInt8)
-            os.replace(result, path)  # same filesystem: atomic
+        if quantize == "int8":  # the fp32 graph is only a step: a scratch folder beside `path`
+            with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
+                fp32 = Path(tmp) / "model.onnx"
+                _export_fp32(graph, example, dynamic, opset, fp32)
+                atomic_write(path, lambda temp: _quantize_int8(fp32, temp))
+        else:
+            atomic_write(path, lambda temp: _export_fp32(graph, example, dynamic, opset, temp))
     finally:
         for module, training in zip(graph.modules(), was_training, strict=True):
             module.train(training)
     return path
+
+
+def _export_fp32(graph: EDJEOnnxGraph, example, dynamic: dict, opset: int, out) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer and deprecation chatter
+        torch.onnx.export(
+            graph,
+            example,
+            str(out),
+            dynamo=False,
+            opset_version=opset,
+            input_names=list(INPUT_NAMES),
+            output_names=["logits"],
+            dynamic_axes=dynamic,
+            do_constant_folding=True,
+        )
+    _add_metadata(Path(out), {"edje_image_token_id": graph.image_token_id})
+
+
+def _quantize_int8(fp32: Path, out) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(fp32), str(out), weight_type=QuantType.QInt8)
 
 
 def _add_metadata(path: Path, values: dict) -> None:

@@ -128,53 +128,57 @@ class PackedBert:
         self.head_size = self.hidden_size // self.num_heads
         self.fp8 = fp8
 
-        def t(p: torch.Tensor | None) -> torch.Tensor | None:
-            return None if p is None else p.detach().to(self.device, self.dtype)
-
-        def s(p: torch.Tensor | None) -> torch.Tensor | None:  # kept in the stream's dtype
-            return None if p is None else p.detach().to(self.device, self.stream_dtype)
-
-        def lin(weight: torch.Tensor, bias: torch.Tensor | None) -> _Linear | Fp8Linear:
-            if fp8:
-                return Fp8Linear(t(weight), t(bias), out_dtype=self.dtype)
-            return _Linear(t(weight), t(bias))
-
-        def norm(module: nn.LayerNorm) -> tuple[torch.Tensor, torch.Tensor, float]:
-            return s(module.weight), s(module.bias), module.eps
-
+        s = self._stream
         emb = bert.embeddings
         self.word = s(emb.word_embeddings.weight)  # (V, d)
         self.position = s(emb.position_embeddings.weight)  # (P, d)
         self.segment = s(emb.token_type_embeddings.weight)  # (S, d)
-        self.embed_norm = norm(emb.LayerNorm)
+        self.embed_norm = self._norm_params(emb.LayerNorm)
         self.max_positions = self.position.shape[0]
-        self.layers: list[_Layer] = []
-        for layer in bert.encoder.layer:
-            attn = layer.attention
-            sa = attn.self
-            w = torch.cat([sa.query.weight, sa.key.weight, sa.value.weight]).detach()  # (3d, d)
-            b = torch.cat([sa.query.bias, sa.key.bias, sa.value.bias]).detach()  # (3d,)
-            d = self.hidden_size
-            qkv = lin(w, b)
-            if isinstance(qkv, _Linear):  # q and kv share the fused tensor's rows: no copy
-                q, kv = _Linear(qkv.weight[:d], qkv.bias[:d]), _Linear(qkv.weight[d:], qkv.bias[d:])
-            else:
-                q, kv = _Linear(t(w[:d]), t(b[:d])), lin(w[d:], b[d:])
-            self.layers.append(
-                _Layer(
-                    qkv=qkv,
-                    q=q,
-                    kv=kv,
-                    out=lin(attn.output.dense.weight, attn.output.dense.bias),
-                    norm1=norm(attn.output.LayerNorm),
-                    up=lin(layer.intermediate.dense.weight, layer.intermediate.dense.bias),
-                    down=lin(layer.output.dense.weight, layer.output.dense.bias),
-                    norm2=norm(layer.output.LayerNorm),
-                    act=layer.intermediate.intermediate_act_fn,
-                )
-            )
+        self.layers: list[_Layer] = [self._layer(layer) for layer in bert.encoder.layer]
         self.pooler = _Linear(s(bert.pooler.dense.weight), s(bert.pooler.dense.bias))
         self.head = _Linear(s(head.weight), s(head.bias))
+
+    # -- weights, referenced in the run dtype and device ---------------------------------------
+
+    def _tensor(self, p: torch.Tensor | None) -> torch.Tensor | None:
+        return None if p is None else p.detach().to(self.device, self.dtype)
+
+    def _linear(self, weight: torch.Tensor, bias: torch.Tensor | None) -> _Linear | Fp8Linear:
+        if self.fp8:
+            return Fp8Linear(self._tensor(weight), self._tensor(bias), out_dtype=self.dtype)
+        return _Linear(self._tensor(weight), self._tensor(bias))
+
+    def _stream(self, p: torch.Tensor | None) -> torch.Tensor | None:
+        """Kept in the residual stream's dtype (embeddings, LayerNorm, pooler, head)."""
+        return None if p is None else p.detach().to(self.device, self.stream_dtype)
+
+    def _norm_params(self, module: nn.LayerNorm) -> tuple[torch.Tensor, torch.Tensor, float]:
+        return self._stream(module.weight), self._stream(module.bias), module.eps
+
+    def _layer(self, layer: nn.Module) -> _Layer:
+        """One BertLayer's weights, with Q, K and V fused into one `(3d, d)` projection."""
+        t, lin, attn = self._tensor, self._linear, layer.attention
+        sa = attn.self
+        w = torch.cat([sa.query.weight, sa.key.weight, sa.value.weight]).detach()  # (3d, d)
+        b = torch.cat([sa.query.bias, sa.key.bias, sa.value.bias]).detach()  # (3d,)
+        d = self.hidden_size
+        qkv = lin(w, b)
+        if isinstance(qkv, _Linear):  # q and kv share the fused tensor's rows: no copy
+            q, kv = _Linear(qkv.weight[:d], qkv.bias[:d]), _Linear(qkv.weight[d:], qkv.bias[d:])
+        else:
+            q, kv = _Linear(t(w[:d]), t(b[:d])), lin(w[d:], b[d:])
+        return _Layer(
+            qkv=qkv,
+            q=q,
+            kv=kv,
+            out=lin(attn.output.dense.weight, attn.output.dense.bias),
+            norm1=self._norm_params(attn.output.LayerNorm),
+            up=lin(layer.intermediate.dense.weight, layer.intermediate.dense.bias),
+            down=lin(layer.output.dense.weight, layer.output.dense.bias),
+            norm2=self._norm_params(layer.output.LayerNorm),
+            act=layer.intermediate.intermediate_act_fn,
+        )
 
     # -- embeddings ----------------------------------------------------------------------------
 

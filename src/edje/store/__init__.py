@@ -5,7 +5,7 @@
 - `edje.store.lock`: `store_lock`, one writer of a store at a time (`StoreBusyError`);
 - `edje.store.reader`: `TokenStore`, memory-mapped reads by id;
 - `edje.store.fingerprint`: what made a store (vision encoder, preprocessing, adapter);
-- `edje.store.encode`: `encode_images`, images -> store through Lightning (many devices).
+- `edje.store.encode`: `encode_store`, images -> store through Lightning (many devices).
 """
 
 from edje.store.format import StoreCorruptError

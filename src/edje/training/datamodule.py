@@ -39,7 +39,7 @@ class EDJEDataModule(LightningDataModule):
         store: folder of the raw token store.
         first_stage: an `EmbeddingModel` or the folder/Hub id of one (a saved linear probe, a
             CLIP or SigLIP model of the network's vision encoder); it must embed raw vision
-            tokens (`encode_vision_tokens`). `None`: no mining signal (random negatives only)
+            tokens (`embed_vision_tokens`). `None`: no mining signal (random negatives only)
             and no text-embedding targets.
         fit_first_stage: fit a `LinearProbeEmbedding` on the train split (seconds, on cached
             features) into the folder `first_stage` names, when it does not exist yet. Only
@@ -134,14 +134,14 @@ class EDJEDataModule(LightningDataModule):
 
     def prepare_data(self) -> None:
         """Build (or finish) the raw token store; runs on one process per machine."""
-        from edje.store.encode import encode_images
+        from edje.store.encode import encode_store
 
         splits = self._load()
         vision_model, image_processor = load_vision_encoder(
             self.vision, image_size=self.vision_image_size
         )
         everything = concatenate_datasets(list(splits.values()))
-        result = encode_images(
+        result = encode_store(
             everything,
             self.store_path,
             vision_encoder=vision_model,
@@ -378,11 +378,11 @@ class PairTable:
         image_ids = [ids[int(text_to_image[k])] for k in keep]
         text_embeddings = image_embeddings = torch.zeros(len(keep), 1)
         if first_stage is not None and keep:
-            text_embeddings = first_stage.encode_texts(captions)
+            text_embeddings = first_stage.embed_texts(captions)
             distinct = sorted(set(image_ids))
             per_image = torch.cat(
                 [
-                    first_stage.encode_vision_tokens(
+                    first_stage.embed_vision_tokens(
                         store.gather(distinct[s : s + 256], torch.float32)
                     )
                     for s in range(0, len(distinct), 256)

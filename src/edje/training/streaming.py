@@ -48,7 +48,7 @@ class ShardDataModule(LightningDataModule):
         samples_per_epoch: samples in the shards (counted from local shards' headers when not
             given; needed for URLs). The remainder below `world_size * batch_size` is dropped.
         first_stage: an `EmbeddingModel` (or its folder) that embeds texts and raw vision tokens
-            (`encode_vision_tokens`): mining's similarities, as in the raw-store mode. None:
+            (`embed_vision_tokens`): mining's similarities, as in the raw-store mode. None:
             random negatives only.
         shuffle_buffer: samples held for shuffling (0: the shards' order).
     """
@@ -202,7 +202,7 @@ class ShardDataModule(LightningDataModule):
             "caption_key": keys,  # one caption a sample
         }
         if self.first_stage is not None:
-            batch["text_embedding"] = self.first_stage.encode_texts(captions)
+            batch["text_embedding"] = self.first_stage.embed_texts(captions)
         else:  # no mining signal: random negatives only, as EDJEDataModule without one
             batch["text_embedding"] = torch.zeros(len(rows), 1)
         return batch
