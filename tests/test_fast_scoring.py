@@ -75,6 +75,26 @@ def test_many_queries_match_forward(tiny_model, tiny_processor, scorer):
         torch.testing.assert_close(got[i], expected, **TOL)
 
 
+@pytest.mark.parametrize("cpu_rows", [1, 3, 7, None])
+def test_forwards_cut_to_cpu_rows_give_the_same_logits_in_order(
+    tiny_model, tiny_processor, cpu_rows
+):
+    scorer = FastScorer(tiny_model, tiny_processor, cpu_rows=cpu_rows)
+    g = torch.Generator().manual_seed(0)
+    pairs = torch.randn(len(CAPTIONS) * 2, 4, 32, generator=g)  # mixed lengths, shared captions
+    captions = CAPTIONS * 2
+    torch.testing.assert_close(
+        scorer.score_pairs(captions, pairs),
+        reference(tiny_model, tiny_processor, captions, pairs),
+        **TOL,
+    )
+    queries = torch.randn(len(CAPTIONS), 5, 4, 32, generator=g)  # 5 rows a query, cut across
+    got = scorer.score_queries(CAPTIONS, queries)
+    for i, caption in enumerate(CAPTIONS):
+        expected = reference(tiny_model, tiny_processor, caption, queries[i])
+        torch.testing.assert_close(got[i], expected, **TOL)
+
+
 def test_truncated_caption_matches_forward(tiny_model, tiny_processor, scorer):
     caption = " ".join(["word"] * 40)  # longer than max_caption_length = 16
     tokens = torch.randn(3, 4, 32)
@@ -151,6 +171,8 @@ def test_bad_options_raise(tiny_model):
     with pytest.raises(ValueError, match="fp8 matmuls need a CUDA device"):
         FastScorer(tiny_model, fp8=True)
     assert fp8_supported("cpu")[0] is False
+    with pytest.raises(ValueError, match="cpu_rows must be a positive int or None, got 0"):
+        FastScorer(tiny_model, cpu_rows=0)
 
 
 def test_varlen_path_plumbing_with_a_reference_kernel(tiny_model, tiny_processor, monkeypatch):

@@ -49,6 +49,9 @@ from edje.scoring.packed_bert import PackedBert, varlen_attn
 CACHE_SIZE = 65536  # tokenized captions kept
 
 
+CPU_ROWS = 64  # pairs per CPU forward (see `cpu_rows`)
+
+
 class FastScorer(Scorer):
     """Score (caption, image tokens) pairs with EDJEModel's weights, padding-free.
 
@@ -74,6 +77,9 @@ class FastScorer(Scorer):
             runs, else sdpa). Ignored with `compile=True`, which runs sdpa per bucket.
         fp8: run the QKV, output and MLP Linear layers in e4m3 (`torch._scaled_mm`); only on
             devices with compute capability >= 8.9, else a `ValueError`. Off by default.
+        cpu_rows: the most pairs in one forward on a CPU (`None`: all of a call's). Larger
+            forwards leave the caches: on 2 Xeon cores, 1,000 paper-size pairs in one bf16
+            forward ran at 0.6x the pairs/s of forwards of 64 (128 and 256: 0.75x).
 
     Outputs are float32 logits `[N]` on `device`, one per pair, in the order given.
     """
@@ -89,7 +95,11 @@ class FastScorer(Scorer):
         compile_mode: str | None = None,
         attention: str = "auto",
         fp8: bool = False,
+        cpu_rows: int | None = CPU_ROWS,
     ):
+        if cpu_rows is not None and cpu_rows < 1:
+            raise ValueError(f"FastScorer: cpu_rows must be a positive int or None, got {cpu_rows}")
+        self.cpu_rows = cpu_rows
         config = model.config
         self.num_image_tokens, self.hidden_size = config.image_token_shape
         device = torch.device(device) if device is not None else model.device
@@ -207,6 +217,13 @@ class FastScorer(Scorer):
         """jobs: `[(caption_ids (Qb, n), caption_of_row (B,) | None, tokens (B, m, d)), ...]`."""
         if self._compiled is not None:
             return torch.cat([self._run_compiled(*job) for job in jobs])
+        if self.device.type != "cpu" or self.cpu_rows is None:
+            return self._forward(jobs)
+        forwards = _forwards_of_at_most(jobs, self.cpu_rows)
+        return torch.cat([self._forward(part) for part in forwards])
+
+    def _forward(self, jobs) -> torch.Tensor:
+        """One packed forward of the jobs' rows, in their order."""
         sep, m = self.sep_id, self.num_image_tokens
         x = [self.encoder.embed_bucket(c, r, t, sep) for c, r, t in jobs]
         buckets = tuple((t.shape[0], c.shape[1] + m + 1) for c, _, t in jobs)
@@ -325,6 +342,22 @@ class FastScorer(Scorer):
                 tokens = tokens.pin_memory()
             tokens = tokens.to(self.device, non_blocking=True)
         return tokens.to(self.encoder.stream_dtype)
+
+
+def _forwards_of_at_most(jobs, rows: int) -> list[list]:
+    """The jobs' rows, in order, as forwards of at most `rows` rows (a job longer than that is
+    cut; consecutive short ones share a forward)."""
+    forwards, current, count = [], [], 0
+    for caption_ids, of_row, tokens in jobs:
+        for start in range(0, tokens.shape[0], rows):
+            part = slice(start, start + rows)
+            piece = (caption_ids, None if of_row is None else of_row[part], tokens[part])
+            if current and count + piece[2].shape[0] > rows:
+                forwards.append(current)
+                current, count = [], 0
+            current.append(piece)
+            count += piece[2].shape[0]
+    return [*forwards, current] if current else forwards
 
 
 def _round_rows(rows: int) -> int:
