@@ -28,7 +28,7 @@ import datasets
 
 from edje._utils import image_id
 from edje.data.columns import assemble
-from edje.data.load import SPLIT_FOLDERS, check_unique_ids
+from edje.data.schema import SPLIT_FOLDERS, check_unique_ids
 
 __all__ = ["is_hub_id", "load_hub_dataset"]
 

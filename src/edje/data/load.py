@@ -47,6 +47,8 @@ from pathlib import Path
 
 from datasets import DatasetDict, concatenate_datasets
 
+from edje.data.schema import SPLIT_FOLDERS, check_unique_ids
+
 __all__ = ["DATA_NAMES", "SPLITS", "check_unique_ids", "hub_datasets", "load_data"]
 
 logger = logging.getLogger(__name__)
@@ -59,12 +61,6 @@ ICON_SETS = (
     "icons-heldout-set",
     "icons-validation",
 )
-# The folder names of each split, as datasets' imagefolder reads them (its SPLIT_KEYWORDS).
-SPLIT_FOLDERS = {
-    "train": ("train", "training"),
-    "validation": ("validation", "valid", "dev", "val"),
-    "test": ("test", "testing", "eval", "evaluation"),
-}
 DATA_NAMES = ("builtin", "emoji", "flickr30k", "coco", *ICON_SETS)
 HELD_OUT = 0.1  # share of train held out as validation when no validation split is given
 
@@ -179,21 +175,6 @@ def _combined(names: list[str], **options) -> DatasetDict:
         {s: concatenate_datasets([part[s] for part in parts if s in part]) for s in splits}
     )
     return check_unique_ids(combined, "+".join(names))
-
-
-def check_unique_ids(splits: DatasetDict, name: str) -> DatasetDict:
-    """`splits` when no image id is in two rows of them (a token store keeps one image per id);
-    raises ValueError naming one that is."""
-    seen: set[str] = set()
-    for split, dataset in splits.items():
-        for image_id in dataset["image_id"]:
-            if image_id in seen:
-                raise ValueError(
-                    f"load_data: the image ids of {name} collide ({image_id!r} is in two rows; "
-                    f"the second in {split}); expected each image once"
-                )
-            seen.add(image_id)
-    return splits
 
 
 def canonical_split(name: str) -> str:

@@ -18,7 +18,14 @@ from collections.abc import Sequence
 import datasets
 import torch
 
-__all__ = ["SCHEMA", "check_schema", "flatten_captions", "make_dataset"]
+__all__ = [
+    "SCHEMA",
+    "SPLIT_FOLDERS",
+    "check_schema",
+    "check_unique_ids",
+    "flatten_captions",
+    "make_dataset",
+]
 
 SCHEMA = datasets.Features(
     {
@@ -61,3 +68,26 @@ def flatten_captions(ds: datasets.Dataset) -> tuple[list[str], torch.Tensor]:
     texts = [caption for captions in per_image for caption in captions]
     counts = torch.tensor([len(captions) for captions in per_image], dtype=torch.long)
     return texts, torch.repeat_interleave(torch.arange(len(per_image)), counts)
+
+
+# The folder names of each split, as datasets' imagefolder reads them (its SPLIT_KEYWORDS).
+SPLIT_FOLDERS = {
+    "train": ("train", "training"),
+    "validation": ("validation", "valid", "dev", "val"),
+    "test": ("test", "testing", "eval", "evaluation"),
+}
+
+
+def check_unique_ids(splits: datasets.DatasetDict, name: str) -> datasets.DatasetDict:
+    """`splits` when no image id is in two rows of them (a token store keeps one image per id);
+    raises ValueError naming one that is."""
+    seen: set[str] = set()
+    for split, dataset in splits.items():
+        for image_id in dataset["image_id"]:
+            if image_id in seen:
+                raise ValueError(
+                    f"load_data: the image ids of {name} collide ({image_id!r} is in two rows; "
+                    f"the second in {split}); expected each image once"
+                )
+            seen.add(image_id)
+    return splits

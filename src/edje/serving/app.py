@@ -62,10 +62,10 @@ from edje.serving.batching import MicroBatcher
 from edje.serving.budget import Budget
 from edje.serving.hosts import HostCheck
 from edje.serving.requests import (
-    NAMED_AT_MOST,
     Document,
     RequestError,
     ServeLimits,
+    non_finite_message,
 )
 
 logger = logging.getLogger(__name__)
@@ -231,18 +231,6 @@ def _document_request_schema(app) -> None:
         return app.openapi_schema
 
     app.openapi = openapi
-
-
-def non_finite_message(broken: list[int], documents: Sequence[Document]) -> str:
-    """What a 500 says when the model scored some documents NaN or infinite."""
-    named = [
-        f"{i} ({documents[i]!r})" if isinstance(documents[i], str) else str(i)
-        for i in broken[:NAMED_AT_MOST]
-    ]
-    return (
-        f"scoring gave non-finite scores for documents {', '.join(named)}: their stored tokens "
-        "or the model's weights are corrupt (TokenStore.verify() checks a store)."
-    )
 
 
 def run_server(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:

@@ -23,6 +23,7 @@ import io
 import json
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -331,3 +332,15 @@ def _first_stage_scores(scores: Any, count: int) -> list[float] | None:
 
 def _kind(value: Any) -> str:
     return "null" if value is None else f"{type(value).__name__} {value!r}"[:80]
+
+
+def non_finite_message(broken: list[int], documents: Sequence[Document]) -> str:
+    """What a 500 says when the model scored some documents NaN or infinite."""
+    named = [
+        f"{i} ({documents[i]!r})" if isinstance(documents[i], str) else str(i)
+        for i in broken[:NAMED_AT_MOST]
+    ]
+    return (
+        f"scoring gave non-finite scores for documents {', '.join(named)}: their stored tokens "
+        "or the model's weights are corrupt (TokenStore.verify() checks a store)."
+    )

@@ -8,6 +8,7 @@ only `create_app` imports it: `import edje.serving.app` works without the servin
 # No `from __future__ import annotations`: FastAPI reads the handlers' `Request` annotations.
 import asyncio
 import contextlib
+import logging
 import math
 import time
 import uuid
@@ -23,7 +24,6 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from edje.ranking import rank_logits
-from edje.serving.app import logger, non_finite_message
 from edje.serving.batching import MicroBatcher
 from edje.serving.budget import Budget
 from edje.serving.requests import (
@@ -32,6 +32,7 @@ from edje.serving.requests import (
     ServeLimits,
     body_size,
     decode_opened,
+    non_finite_message,
     open_documents,
     parse_json,
     parse_rerank_request,
@@ -39,6 +40,9 @@ from edje.serving.requests import (
     read_body,
     unknown_ids_message,
 )
+
+# The service logs under one name (edje.serving.app), whichever module a line comes from.
+logger = logging.getLogger("edje.serving.app")
 
 
 @dataclass
