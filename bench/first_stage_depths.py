@@ -13,19 +13,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-SETS = (
-    "icons-heldout-concepts",
-    "icons-heldout-noto",
-    "icons-heldout-emojione",
-    "icons-heldout-style",
-    "icons-heldout-set",
-    "icons-validation",
-)
 DEPTHS = (1, 10, 20, 50, 100)
 
 
 def main() -> None:
     from edje.data import load_data
+    from edje.data.load import ICON_SETS
     from edje.evaluation import evaluate
     from edje.first_stage import load_embedding_model
 
@@ -36,7 +29,7 @@ def main() -> None:
     first_stage = load_embedding_model(args.first_stage)
     print("| set | " + " | ".join(f"R@{d}" for d in DEPTHS) + " |")
     print("|---|" + "---|" * len(DEPTHS))
-    for name in SETS:
+    for name in ICON_SETS:  # the held-out sets, then icons-validation
         dataset = load_data(name, data_dir=str(args.corpus), splits=["test"])["test"]
         report = evaluate(dataset, first_stage, ks=(1, max(DEPTHS)), dataset_name=name)
         curves = report.curves["first_stage"]
