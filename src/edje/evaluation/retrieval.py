@@ -225,10 +225,10 @@ def with_fusion(report: EvaluationReport, weights) -> EvaluationReport:
 def _embed(first_stage, dataset, texts, device, image_batch_size, show_progress_bar):
     first_stage.to(device)
     images = DatasetImages(dataset)
-    image_emb = first_stage.embed_images(
+    image_emb = first_stage.encode_images(
         images, batch_size=image_batch_size, show_progress_bar=show_progress_bar
     )
-    text_emb = first_stage.embed_texts(texts, show_progress_bar=show_progress_bar)
+    text_emb = first_stage.encode_texts(texts, show_progress_bar=show_progress_bar)
     return text_emb.cpu(), image_emb.cpu()
 
 

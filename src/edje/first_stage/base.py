@@ -38,8 +38,8 @@ class EmbeddingModel(nn.Module, metaclass=ABCMeta):
     Subclasses implement `embedding_dim`, `embed_texts` and `embed_images` (PIL images), and
     `embed_vision_tokens` where the embedding can be read from the raw vision tokens a training
     batch already holds. `name` is what reports call the model. `encode_texts`,
-    `encode_images` and `encode_vision_tokens` are the older names: callers may use either, and
-    a subclass may implement either.
+    `encode_images` and `encode_vision_tokens` are the older names: a subclass may implement
+    either, and edje calls these, so a duck-typed first stage written before keeps working.
     """
 
     embedding_dim: int

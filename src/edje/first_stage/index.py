@@ -177,7 +177,7 @@ class VectorIndex:
         try:
             for start in range(0, len(ids), batch_size):
                 tokens = store.gather(ids[start : start + batch_size]).float()
-                chunks.append(first_stage.embed_vision_tokens(tokens))
+                chunks.append(first_stage.encode_vision_tokens(tokens))
         except NotImplementedError as error:
             raise ValueError(f"{error}; {hint}") from None
         embeddings = torch.cat(chunks)

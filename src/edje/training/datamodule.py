@@ -378,11 +378,11 @@ class PairTable:
         image_ids = [ids[int(text_to_image[k])] for k in keep]
         text_embeddings = image_embeddings = torch.zeros(len(keep), 1)
         if first_stage is not None and keep:
-            text_embeddings = first_stage.embed_texts(captions)
+            text_embeddings = first_stage.encode_texts(captions)
             distinct = sorted(set(image_ids))
             per_image = torch.cat(
                 [
-                    first_stage.embed_vision_tokens(
+                    first_stage.encode_vision_tokens(
                         store.gather(distinct[s : s + 256], torch.float32)
                     )
                     for s in range(0, len(distinct), 256)

@@ -270,7 +270,7 @@ class EDJETrainingModule(LightningModule):
         if "image_embedding" not in batch:
             first_stage = getattr(self._datamodule(), "first_stage", None)
             out["image_embedding"] = (
-                first_stage.embed_vision_tokens(out["vision_tokens"]).to(out["vision_tokens"])
+                first_stage.encode_vision_tokens(out["vision_tokens"]).to(out["vision_tokens"])
                 if first_stage is not None
                 else torch.zeros(len(out["vision_tokens"]), 1, device=out["vision_tokens"].device)
             )

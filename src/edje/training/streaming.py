@@ -202,7 +202,7 @@ class ShardDataModule(LightningDataModule):
             "caption_key": keys,  # one caption a sample
         }
         if self.first_stage is not None:
-            batch["text_embedding"] = self.first_stage.embed_texts(captions)
+            batch["text_embedding"] = self.first_stage.encode_texts(captions)
         else:  # no mining signal: random negatives only, as EDJEDataModule without one
             batch["text_embedding"] = torch.zeros(len(rows), 1)
         return batch
