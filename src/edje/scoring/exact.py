@@ -285,6 +285,36 @@ def calibrate(
     """
     from edje.scoring.fast import FastScorer
 
+    _check_calibration(captions, candidates, top, margin)
+    fast = FastScorer(model, processor, dtype=dtype, device=device)
+    fp32 = FastScorer(model, processor, dtype=torch.float32, device=device)
+    if top is None:
+        diff = _pair_differences(fast, fp32, captions, candidates, batch_size)
+        method = f"{len(captions)} given (caption, candidate) pairs"
+        captions_used, per_caption = len(captions), 1
+    else:
+        distinct = list(dict.fromkeys(captions))
+        diff = _top_differences(fast, fp32, distinct, candidates, top, batch_size)
+        captions_used, per_caption = len(distinct), candidates.shape[0]
+        method = (
+            f"each caption's top {top} of {per_caption} candidates by its {_name(dtype)} "
+            "score (the pairs exact mode re-scores)"
+        )
+    worst = float(diff.max())
+    return {
+        "bound": worst * margin,
+        "max_abs_diff": worst,
+        "safety_margin": margin,
+        "pairs": diff.numel(),
+        "captions": captions_used,
+        "candidates": per_caption,
+        "top": top,
+        "method": method,
+        "device": fp32.device.type,
+    }
+
+
+def _check_calibration(captions, candidates, top, margin) -> None:
     if not len(captions) or not candidates.shape[0]:
         raise ValueError(
             f"calibrate: expected captions and candidates, got {len(captions)} captions and "
@@ -299,41 +329,27 @@ def calibrate(
         raise ValueError(f"calibrate: top must be a positive int or None, got {top!r}.")
     if not margin >= 1:
         raise ValueError(f"calibrate: margin must be at least 1, got {margin!r}.")
-    fast = FastScorer(model, processor, dtype=dtype, device=device)
-    fp32 = FastScorer(model, processor, dtype=torch.float32, device=device)
+
+
+def _pair_differences(fast, fp32, captions, candidates, batch_size) -> torch.Tensor:
+    """|fast - fp32| of the pairs `(captions[i], candidates[i])`."""
     diffs = []
-    if top is None:
-        for start in range(0, len(captions), batch_size):
-            batch = list(captions[start : start + batch_size])
-            tokens = candidates[start : start + batch_size]
-            diffs.append(fast.score_pairs(batch, tokens) - fp32.score_pairs(batch, tokens))
-        method = f"{len(captions)} given (caption, candidate) pairs"
-        captions_used, per_caption = len(captions), 1
-    else:
-        captions_used = list(dict.fromkeys(captions))
-        for caption in captions_used:
-            scores = torch.cat([fast.score(caption, c) for c in candidates.split(batch_size)])
-            best = top_rows(scores, top)
-            tokens = candidates[best.to(candidates.device)]
-            diffs.append(scores[best] - fp32.score(caption, tokens))
-        per_caption, captions_used = candidates.shape[0], len(captions_used)
-        method = (
-            f"each caption's top {top} of {per_caption} candidates by its {_name(dtype)} "
-            "score (the pairs exact mode re-scores)"
-        )
-    diff = torch.cat(diffs).abs()
-    worst = float(diff.max())
-    return {
-        "bound": worst * margin,
-        "max_abs_diff": worst,
-        "safety_margin": margin,
-        "pairs": diff.numel(),
-        "captions": captions_used,
-        "candidates": per_caption,
-        "top": top,
-        "method": method,
-        "device": fp32.device.type,
-    }
+    for start in range(0, len(captions), batch_size):
+        batch = list(captions[start : start + batch_size])
+        tokens = candidates[start : start + batch_size]
+        diffs.append(fast.score_pairs(batch, tokens) - fp32.score_pairs(batch, tokens))
+    return torch.cat(diffs).abs()
+
+
+def _top_differences(fast, fp32, captions, candidates, top, batch_size) -> torch.Tensor:
+    """|fast - fp32| of each caption's `top` best candidates by its fast score."""
+    diffs = []
+    for caption in captions:
+        scores = torch.cat([fast.score(caption, c) for c in candidates.split(batch_size)])
+        best = top_rows(scores, top)
+        tokens = candidates[best.to(candidates.device)]
+        diffs.append(scores[best] - fp32.score(caption, tokens))
+    return torch.cat(diffs).abs()
 
 
 def write_bound(model_folder: str | Path, record: dict[str, Any], dtype=FAST_DTYPE) -> Path:
