@@ -1,18 +1,18 @@
 """Two-stage retrieval: a first stage proposes top-k candidates, EDJE reranks them, R@k both ways.
 
-Text -> image: each caption retrieves images (``image_retrieval_recall@k``). Image -> text: each
+Text -> image: each caption retrieves images (`image_retrieval_recall@k`). Image -> text: each
 image retrieves captions, a hit when any of its captions is in the top k
-(``text_retrieval_recall@k``). Ties count against the query (``edje.evaluation.metrics``).
+(`text_retrieval_recall@k`). Ties count against the query (`edje.evaluation.metrics`).
 
 - First-stage recall comes from the full caption x image score matrix when it has at most
-  ``full_matrix_limit`` entries, else from the FAISS candidates (where a tie at the k-th place
+  `full_matrix_limit` entries, else from the FAISS candidates (where a tie at the k-th place
   cannot be seen).
 - Reranking scores the deepest candidate list once; a shallower depth K reads its first K
   columns. Past the depth (k >= K), the reranked top k holds the same items as the first
   stage's, so its recall@k is the first stage's.
-- Image tokens come from a token store by image id when given (compressed ``[m, d]`` tokens, or
-  raw ``[n, d_vis]`` tokens that the model compresses), else from
-  ``model.compress(model.encode_images(pixels))``, computed once per image.
+- Image tokens come from a token store by image id when given (compressed `[m, d]` tokens, or
+  raw `[n, d_vis]` tokens that the model compresses), else from
+  `model.compress(model.encode_images(pixels))`, computed once per image.
 
 Example (first stage only: a toy embedding model that knows colours):
     >>> import torch
@@ -98,23 +98,23 @@ def evaluate(
     """First stage -> top-k both ways -> EDJE rerank -> recall@k, side by side.
 
     Args:
-        dataset: a ``datasets.Dataset`` in the edje schema (image, image_id, captions, split).
+        dataset: a `datasets.Dataset` in the edje schema (image, image_id, captions, split).
         first_stage: the embedding model proposing candidates.
-        model, processor: an ``EDJEModel`` and its ``EDJEProcessor``; without them only the
+        model, processor: an `EDJEModel` and its `EDJEProcessor`; without them only the
             first stage is reported.
-        store: a ``TokenStore`` holding every image id of ``dataset`` (the fast path).
-        k: the rerank depth reported as "reranked"; ``extra_k`` adds more depths.
+        store: a `TokenStore` holding every image id of `dataset` (the fast path).
+        k: the rerank depth reported as "reranked"; `extra_k` adds more depths.
         ks: recall cut-offs in the tables; the curves cover 1 .. the deepest depth.
         batch_size: (caption, image) pairs per scoring call.
         image_batch_size: images per forward pass of the vision encoders.
         device: where the models run (default: CUDA if available, else CPU).
-        backend: the scorer (``edje.scoring``): ``"fast"``, ``"torch"`` or ``"onnx"``.
+        backend: the scorer (`edje.scoring`): `"fast"`, `"torch"` or `"onnx"`.
         dtype: the scorer's dtype (default: the model's).
-        fusion: ``(edje_weight, first_stage_weight)`` for a "fused" row (``edje.fusion``);
-            ``"auto"``: the weights in the model's config, if any; ``None``: no fused row.
-        dataset_name: what the report calls the data (default: ``dataset.info.dataset_name``).
+        fusion: `(edje_weight, first_stage_weight)` for a "fused" row (`edje.fusion`);
+            `"auto"`: the weights in the model's config, if any; `None`: no fused row.
+        dataset_name: what the report calls the data (default: `dataset.info.dataset_name`).
         full_matrix_limit: the most captions x images to score in full for first-stage recall.
-        show_progress_bar: tqdm bars (``None``: when stderr is a terminal).
+        show_progress_bar: tqdm bars (`None`: when stderr is a terminal).
         force_store: use a store whose fingerprint differs from the model's (a warning instead
             of the `ValueError` naming both fingerprints).
     """
@@ -131,7 +131,7 @@ def evaluate(
 
 def choose_fusion_weights(report: EvaluationReport, grid=FUSION_GRID) -> FusionChoice:
     """Fusion weights that maximise R@1 over the queries of both directions at the report's
-    depth ``k``, from its candidates, kept only when they beat the first stage alone by more
+    depth `k`, from its candidates, kept only when they beat the first stage alone by more
     than chance (`edje.fusion.choose_fusion`); evaluate a validation split, then keep the
     weights for the test split."""
     candidates = report.candidates
@@ -298,7 +298,7 @@ def _embed(first_stage, queries: _Queries, run: _Run):
 
 
 def search_both_ways(text_emb: torch.Tensor, image_emb: torch.Tensor, depth: int) -> Candidates:
-    """Exact top-``depth`` by inner product: captions over images and images over captions."""
+    """Exact top-`depth` by inner product: captions over images and images over captions."""
     images = VectorIndex(image_emb.shape[1])
     images.add(image_emb)
     t2i_scores, t2i = images.search(text_emb, depth)
@@ -357,7 +357,7 @@ def _check_store_ids(store, image_ids: Sequence[str]) -> None:
 def image_token_source(
     model, processor, dataset, store, image_ids, image_batch_size, show_progress_bar
 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``rows -> image tokens [len(rows), m, d]`` on the model's device, from the store (raw
+    """`rows -> image tokens [len(rows), m, d]` on the model's device, from the store (raw
     stores through the adapter) or computed once from the pictures."""
     if store is not None:
         expected = tuple(model.config.image_token_shape)
@@ -387,10 +387,10 @@ def rerank_candidates(
     batch_size: int = 256,
     show_progress_bar: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """EDJE logits for every candidate, both ways: ``(t2i [T, K], i2t [I, K])`` float32 CPU.
+    """EDJE logits for every candidate, both ways: `(t2i [T, K], i2t [I, K])` float32 CPU.
 
     A caption against its K candidate images, and an image against its K candidate captions,
-    ``batch_size // K`` queries per scoring call.
+    `batch_size // K` queries per scoring call.
     """
     total = candidates.t2i.numel() + candidates.i2t.numel()
 
@@ -421,7 +421,7 @@ def _score_rows(candidates: torch.Tensor, batch_size: int, score, bar) -> torch.
 
 
 def _fused_lists(candidates: Candidates, depth: int, weights=None):
-    """``(t2i, t2i scores, i2t, i2t scores)`` cut at ``depth``: EDJE's logits, or fused ones."""
+    """`(t2i, t2i scores, i2t, i2t scores)` cut at `depth`: EDJE's logits, or fused ones."""
     t2i, i2t = candidates.t2i[:, :depth], candidates.i2t[:, :depth]
     t2i_scores, i2t_scores = candidates.t2i_rerank[:, :depth], candidates.i2t_rerank[:, :depth]
     if weights is not None:
@@ -431,8 +431,8 @@ def _fused_lists(candidates: Candidates, depth: int, weights=None):
 
 
 def _reranked_curve(candidates, depth, curve_ks, first_curve, weights=None):
-    """Recall at every k of the curve after reranking (or fusing, with ``weights``) the top
-    ``depth``; past the depth the top k is the first stage's, reordered: its recall."""
+    """Recall at every k of the curve after reranking (or fusing, with `weights`) the top
+    `depth`; past the depth the top k is the first stage's, reordered: its recall."""
     within = [k for k in curve_ks if k <= depth]
     out = _candidate_recall(*_fused_lists(candidates, depth, weights), within)
     for k in curve_ks[len(within) :]:
