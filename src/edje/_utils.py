@@ -180,7 +180,9 @@ def load_rgb(image: Any) -> Image.Image:
     `transformers.image_utils.load_image` and `datasets.Image` give it). Grayscale, palette,
     CMYK and 16-bit images are converted; transparency is composited over white. Pillow's
     decompression-bomb limit stays on and also refuses images past the warning threshold.
-    Raises `ValueError` with the reason when the image cannot be decoded.
+
+    Raises:
+        ValueError: the image cannot be decoded (naming the reason).
     """
     try:
         with warnings.catch_warnings():

@@ -241,9 +241,11 @@ class TokenStoreWriter:
         return path
 
     def close(self) -> dict | None:
-        """Flush, then (if `write_manifest`) index all shards into `manifest.json`.
+        """Flush, then (if `write_manifest`) index all shards into `manifest.json`. Closing
+        twice does nothing.
 
-        Returns the manifest written, else None. Closing twice does nothing.
+        Returns:
+            The manifest written, else None.
         """
         if self.closed:
             return None
