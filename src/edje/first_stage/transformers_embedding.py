@@ -33,16 +33,6 @@ __all__ = ["TransformersEmbedding"]
 SUPPORTED = ("clip", "siglip", "siglip2")
 
 
-def _features(output: Any) -> torch.Tensor:
-    """`get_*_features` gives a tensor (transformers 4.x) or a ModelOutput (5.x)."""
-    if isinstance(output, torch.Tensor):
-        return output
-    pooled = getattr(output, "pooler_output", None)
-    if pooled is None:
-        raise TypeError(f"expected a tensor or an output with pooler_output, got {type(output)}")
-    return pooled
-
-
 class TransformersEmbedding(EmbeddingModel):
     """A dual encoder from transformers: `get_text_features` / `get_image_features`.
 
@@ -152,3 +142,13 @@ class TransformersEmbedding(EmbeddingModel):
         if not chunks:
             return torch.empty(0, self.embedding_dim, device=self.device)
         return F.normalize(torch.cat(chunks), dim=-1)
+
+
+def _features(output: Any) -> torch.Tensor:
+    """`get_*_features` gives a tensor (transformers 4.x) or a ModelOutput (5.x)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    pooled = getattr(output, "pooler_output", None)
+    if pooled is None:
+        raise TypeError(f"expected a tensor or an output with pooler_output, got {type(output)}")
+    return pooled
