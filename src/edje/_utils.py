@@ -56,7 +56,7 @@ TMP_MARK = ".tmp-"
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> None:
-    """Call ``write(temp_path)`` on a temporary sibling of ``path``, flush it to disk, then rename
+    """Call `write(temp_path)` on a temporary sibling of `path`, flush it to disk, then rename
     it into place: readers see the old file or the whole new one, never a partial one."""
     path = Path(path)
     fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}{TMP_MARK}")
@@ -118,10 +118,10 @@ def refuse_foreign_folder(path: str | os.PathLike, action: str = "replace") -> N
 
 @contextlib.contextmanager
 def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary sibling folder to fill; on success it replaces ``path`` whole.
+    """Yield a temporary sibling folder to fill; on success it replaces `path` whole.
 
-    On an error the temporary folder is removed and ``path`` is left as it was. An existing
-    ``path`` is replaced only if edje wrote it (`refuse_foreign_folder`), checked first.
+    On an error the temporary folder is removed and `path` is left as it was. An existing
+    `path` is replaced only if edje wrote it (`refuse_foreign_folder`), checked first.
     """
     path = Path(path)
     refuse_foreign_folder(path)
@@ -144,7 +144,7 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def require(module: str, extra: str, who: str) -> Any:
-    """``import module``, or an ``ImportError`` naming the edje extra that installs it (the core
+    """`import module`, or an `ImportError` naming the edje extra that installs it (the core
     install leaves training, serving, FAISS and plots out)."""
     try:
         return importlib.import_module(module)
@@ -157,7 +157,7 @@ def require(module: str, extra: str, who: str) -> Any:
 
 
 def batches(items: Sequence[Any], batch_size: int) -> Iterator[Sequence[Any]]:
-    """Consecutive slices of ``items`` of at most ``batch_size``."""
+    """Consecutive slices of `items` of at most `batch_size`."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
     for start in range(0, len(items), batch_size):
@@ -165,7 +165,7 @@ def batches(items: Sequence[Any], batch_size: int) -> Iterator[Sequence[Any]]:
 
 
 def progress(total: int, show: bool | None, desc: str, unit: str = "it"):
-    """A tqdm bar; ``show=None`` shows it when stderr is a terminal."""
+    """A tqdm bar; `show=None` shows it when stderr is a terminal."""
     from tqdm.auto import tqdm
 
     disable = not (sys.stderr.isatty() if show is None else show)
@@ -173,14 +173,16 @@ def progress(total: int, show: bool | None, desc: str, unit: str = "it"):
 
 
 def load_rgb(image: Any) -> Image.Image:
-    """Decode ``image`` (path, bytes, ``{"bytes", "path"}``, uint8 array or PIL image) to an RGB
+    """Decode `image` (path, bytes, `{"bytes", "path"}`, uint8 array or PIL image) to an RGB
     image.
 
     The EXIF orientation tag is applied (a phone photo stored sideways comes back upright, as
-    ``transformers.image_utils.load_image`` and ``datasets.Image`` give it). Grayscale, palette,
+    `transformers.image_utils.load_image` and `datasets.Image` give it). Grayscale, palette,
     CMYK and 16-bit images are converted; transparency is composited over white. Pillow's
     decompression-bomb limit stays on and also refuses images past the warning threshold.
-    Raises ``ValueError`` with the reason when the image cannot be decoded.
+
+    Raises:
+        ValueError: the image cannot be decoded (naming the reason).
     """
     try:
         with warnings.catch_warnings():
@@ -223,7 +225,7 @@ def _as_file(image: Any) -> Any:
 
 
 def _upright(img: Image.Image) -> Image.Image:
-    """``img`` turned as its EXIF orientation tag says (a new image; the caller's is untouched)."""
+    """`img` turned as its EXIF orientation tag says (a new image; the caller's is untouched)."""
     if img.getexif().get(ExifTags.Base.Orientation, 1) in (0, 1):
         return img  # nothing to turn: no copy
     return ImageOps.exif_transpose(img)

@@ -115,8 +115,9 @@ def read_authors_checkpoint(
 ) -> AuthorsCheckpoint:
     """Read SOURCE (a weights file, a folder holding one, or a Hub repo id) and map its keys.
 
-    Raises `AuthorsCheckpointError` for an unreadable or unsafe file, and for keys that are
-    neither mapped nor known to be dropped (listing them).
+    Raises:
+        AuthorsCheckpointError: an unreadable or unsafe file, or keys that are neither mapped
+            nor known to be dropped (listing them).
     """
     path, origin = locate_weights(source, filename, revision)
     return map_authors_state_dict(load_weights(path), origin=origin)

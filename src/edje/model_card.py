@@ -28,11 +28,21 @@ def render_model_card(
     datasets: list[str] | None = None,
     license: str = LICENSE,
 ) -> str:
-    """The model card text for `model` (an `EDJEModel`), with optional results in markdown;
-    `compact`: the weights were saved with `save_pretrained(compact=True)`; `warning`: put
-    first, as a quote (e.g. that reranking lowers recall); `report`: an `EvaluationReport`
-    (or several) whose reranked (and fused) recall goes into the card's `model-index`; `tags`:
-    more tags; `datasets`: the Hub ids of the training data."""
+    """The model card text for `model`.
+
+    Args:
+        model: an `EDJEModel`.
+        repo_id: the Hub id the card names the model by and loads it from (default: "EDJE
+            reranker" and a folder path).
+        results: results in markdown (default: "Not evaluated yet.").
+        compact: the weights were saved with `save_pretrained(compact=True)`.
+        warning: put first, as a quote (e.g. that reranking lowers recall).
+        report: an `EvaluationReport` (or several) whose reranked (and fused) recall goes into
+            the card's `model-index`.
+        tags: more tags.
+        datasets: the Hub ids of the training data.
+        license: the card's license (default: edje's).
+    """
     config = model.config
     text = config.text_config
     m, d = config.image_token_shape

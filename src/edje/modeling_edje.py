@@ -359,8 +359,13 @@ class EDJEModel(EDJESavingMixin, EDJEPreTrainedModel):
     def check_store(self, store: Any, *, force: bool = False) -> None:
         """Refuse a token store made by another vision encoder, preprocessing or adapter.
 
-        Raises `ValueError` naming the differing fields of both fingerprints; with `force=True`
-        it only warns (for people who know the tokens are compatible).
+        Args:
+            store: the `TokenStore` to check.
+            force: only warn (for people who know the tokens are compatible).
+
+        Raises:
+            ValueError: the store's fingerprint differs from this model's (naming the differing
+                fields of both); a warning instead with `force=True`.
         """
         raw = store.fingerprint.get("adapter_sha256") == "raw"
         store.check_fingerprint(self.store_fingerprint(raw=raw), force=force)

@@ -180,7 +180,8 @@ def append_image_slots(
     """Pair inputs from right-padded `[CLS] caption [SEP]` ids: `<image> x m [SEP]` follows each
     caption, segment 1 from the first image slot on, padding at the end.
 
-    Returns `input_ids`, `attention_mask` and `token_type_ids`, each `[N, longest caption + m + 1]`.
+    Returns:
+        `input_ids`, `attention_mask` and `token_type_ids`, each `[N, longest caption + m + 1]`.
     """
     lengths = caption_mask.sum(dim=1, keepdim=True)  # (N, 1)
     m = num_image_tokens

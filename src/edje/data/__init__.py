@@ -1,28 +1,26 @@
 """Data sets: Flickr30k, COCO, your own images, any Hub data set of images and captions by its
-id (``load_hub_dataset``), the built-in offline set and emoji.
+id (`load_hub_dataset`), the built-in offline set and emoji.
 
-``load_emoji()`` gives real drawings with human-written names offline: Noto Color Emoji
-(``apt-get install fonts-noto-color-emoji``) captioned from their CLDR names, split so that test
+`load_emoji()` gives real drawings with human-written names offline: Noto Color Emoji
+(`apt-get install fonts-noto-color-emoji`) captioned from their CLDR names, split so that test
 holds concepts and concept x gender x skin-tone combinations train never shows;
-``emoji_slices`` cuts it into small sets with disjoint concepts.
+`emoji_slices` cuts it into small sets with disjoint concepts.
 
-Every loader returns a ``datasets.Dataset`` (a ``DatasetDict`` of them for the built-in and
-emoji sets) with one schema, ``edje.data.SCHEMA``:
+Every loader returns a `datasets.Dataset` (a `DatasetDict` of them for the built-in and
+emoji sets) with one schema, `edje.data.SCHEMA`:
 
-=============  ==============================  ===============================================
-column         feature                         meaning
-=============  ==============================  ===============================================
-``image``      ``datasets.Image()``            the picture (decoded to PIL when read)
-``image_id``   ``Value("string")``             unique within a data set
-``captions``   ``Sequence(Value("string"))``   one or more non-empty captions of this image
-``split``      ``Value("string")``             ``"train"``, ``"validation"``, ``"test"``, ...
-=============  ==============================  ===============================================
+| column     | feature                      | meaning                                        |
+| ---------- | ---------------------------- | ---------------------------------------------- |
+| `image`    | `datasets.Image()`           | the picture (decoded to PIL when read)         |
+| `image_id` | `Value("string")`            | unique within a data set                       |
+| `captions` | `Sequence(Value("string"))`  | one or more non-empty captions of this image   |
+| `split`    | `Value("string")`            | `"train"`, `"validation"`, `"test"`, ...       |
 
-``load_data(name_or_folder)`` gives the splits of any of them by one name, the same for
-``edje fit``, ``edje eval``, ``edje encode`` and ``edje index``.
+`load_data(name_or_folder)` gives the splits of any of them by one name, the same for
+`edje fit`, `edje eval`, `edje encode` and `edje index`.
 
-For retrieval, ``flatten_captions(ds)`` gives every caption in row order and, for each, the
-row index of its image: the ``text_to_image`` that ``edje.evaluation.metrics.recall_at_k`` takes.
+For retrieval, `flatten_captions(ds)` gives every caption in row order and, for each, the
+row index of its image: the `text_to_image` that `edje.evaluation.metrics.recall_at_k` takes.
 
 Example:
     >>> from edje.data import make_builtin_dataset

@@ -9,7 +9,7 @@ Compositional hold-out: a "family" is two object types (size + shape), a pair of
 an axis (horizontal or vertical). Every caption names exactly one family, and validation and
 test draw their triplets from families that train never uses, so no test caption occurs in
 train, though every word and attribute does. Everything (families, jitter, images) follows
-from ``seed``: the same seed gives byte-identical images.
+from `seed`: the same seed gives byte-identical images.
 
 Example:
     >>> from edje.data.builtin import make_builtin_dataset
@@ -72,7 +72,7 @@ BACKGROUND = (245, 245, 245)
 
 @dataclass(frozen=True)
 class SceneObject:
-    """One shape; ``x``, ``y`` (centre) and ``radius`` are fractions of the image side."""
+    """One shape; `x`, `y` (centre) and `radius` are fractions of the image side."""
 
     size: str
     colour: str
@@ -88,7 +88,7 @@ class SceneObject:
 
 @dataclass(frozen=True)
 class Scene:
-    """One image: one object, or two where ``objects[0]`` is ``relation`` of ``objects[1]``."""
+    """One image: one object, or two where `objects[0]` is `relation` of `objects[1]`."""
 
     image_id: str
     objects: tuple[SceneObject, ...]
@@ -252,11 +252,11 @@ def make_builtin_dataset(
 def save_builtin_dataset(
     out_dir: str | Path, seed: int = 0, image_size: int = 112, **sizes
 ) -> Path:
-    """Write the set as image folders, one per split, each with a ``metadata.jsonl``.
+    """Write the set as image folders, one per split, each with a `metadata.jsonl`.
 
-    The result looks like a user's own data: ``load_image_folder(out_dir / "test")`` reads a
-    split back, and ``datasets.load_dataset("imagefolder", data_dir=out_dir)`` reads them all.
-    ``sizes`` are the ``n_*`` arguments of :func:`make_builtin_scenes`.
+    The result looks like a user's own data: `load_image_folder(out_dir / "test")` reads a
+    split back, and `datasets.load_dataset("imagefolder", data_dir=out_dir)` reads them all.
+    `sizes` are the `n_*` arguments of `make_builtin_scenes`.
     """
     out_dir = Path(out_dir)
     for split, split_scenes in make_builtin_scenes(seed, **sizes).items():

@@ -1,4 +1,4 @@
-"""Any ``datasets.Dataset`` with an image column and a caption column, mapped to the schema.
+"""Any `datasets.Dataset` with an image column and a caption column, mapped to the schema.
 
 Rows that share an id are one image with several captions, so a data set with one row per
 caption (COCO style) and one with one row per image (a list of captions) both work.
@@ -37,17 +37,17 @@ def from_dataset(
     split: str | None = None,
     max_captions: int | None = None,
 ) -> datasets.Dataset:
-    """Map named columns of ``ds`` to the schema (image, image_id, captions, split).
+    """Map named columns of `ds` to the schema (image, image_id, captions, split).
 
     Args:
-        ds: any Dataset; the image column may be an ``Image`` feature or file paths / URLs
+        ds: any Dataset; the image column may be an `Image` feature or file paths / URLs
             (decoded lazily, when a row is read).
         image_column: the column holding images.
-        caption_column: a string or a list of strings per row (dicts with a ``"raw"`` key, as
+        caption_column: a string or a list of strings per row (dicts with a `"raw"` key, as
             in Karpathy's json, are read too). Empty or whitespace captions raise.
         id_column: rows with the same value are merged into one image (its first row's image,
             all rows' captions). None: each row is one image, id = its row number.
-        split: the ``split`` value; default ``ds.split`` when set, else ``"train"``.
+        split: the `split` value; default `ds.split` when set, else `"train"`.
         max_captions: keep at most this many captions per image (e.g. 5 for COCO), in order.
     """
     _require_columns(ds, [image_column, caption_column] + ([id_column] if id_column else []))
@@ -66,7 +66,7 @@ def assemble(
     max_captions: int | None = None,
     caption_column: str = "captions",
 ) -> datasets.Dataset:
-    """The schema Dataset from ``ds``'s image column and per-row captions and ids (merged by
+    """The schema Dataset from `ds`'s image column and per-row captions and ids (merged by
     id: first row's image, all rows' captions). Image data is not copied unless rows merge."""
     first_row: dict[str, int] = {}
     merged: dict[str, list[str]] = {}
@@ -98,7 +98,7 @@ def _has_side_by_side_blocks(ds: datasets.Dataset) -> bool:
 
 
 def caption_list(value, where: str) -> list[str]:
-    """One row's captions as a list of non-empty stripped strings; ``where`` names the row."""
+    """One row's captions as a list of non-empty stripped strings; `where` names the row."""
     items = [value] if isinstance(value, str | dict) else value
     if not isinstance(items, Sequence) or not items:
         raise ValueError(f"{where}: expected a caption string or a non-empty list, got {value!r}")

@@ -1,17 +1,17 @@
 """Real drawings with human-written names: Noto Color Emoji and their CLDR names, offline.
 
-The images are Google's Noto Color Emoji (Debian ``fonts-noto-color-emoji``, SIL OFL 1.1),
-drawn by people; the captions are the Unicode CLDR names that PyPI's ``emoji`` package (BSD)
+The images are Google's Noto Color Emoji (Debian `fonts-noto-color-emoji`, SIL OFL 1.1),
+drawn by people; the captions are the Unicode CLDR names that PyPI's `emoji` package (BSD)
 carries. Every fully-qualified emoji that the font draws is kept: with Debian 12's font
-(2.042) and ``emoji`` 2.16, 3,788 of the 3,963 (the other 175 are newer than the font: it
+(2.042) and `emoji` 2.16, 3,788 of the 3,963 (the other 175 are newer than the font: it
 draws them as two or three side-by-side glyphs, as nothing, or as its "unknown flag").
 
 Images: each emoji at the font's only size (136 x 128 px), centred on a white 136 x 136
-square, resized to ``image_size`` (default 112, the size the built-in set and the DINOv2-S/14
-backbone use). Image ids are the code points, e.g. ``"emoji-1f575-1f3fe-200d-2640-fe0f"``.
+square, resized to `image_size` (default 112, the size the built-in set and the DINOv2-S/14
+backbone use). Image ids are the code points, e.g. `"emoji-1f575-1f3fe-200d-2640-fe0f"`.
 
-Captions, one per image, from the CLDR name (which ``emoji`` spells
-``":woman_detective_medium-dark_skin_tone:"``): colons dropped, underscores to spaces, lower
+Captions, one per image, from the CLDR name (which `emoji` spells
+`":woman_detective_medium-dark_skin_tone:"`): colons dropped, underscores to spaces, lower
 case, curly apostrophes straight, then
 
 - skin tones and hair become a "with" phrase: "woman detective: medium-dark skin tone" ->
@@ -23,12 +23,12 @@ case, curly apostrophes straight, then
 - flags: "flag: Kuwait" -> "the flag of kuwait";
 - everything else gets "a" / "an" unless it reads as a plural ("men wrestling", "chopsticks").
 
-Splits, deterministic for a ``seed`` (stable sha256 ranks, never Python's ``hash``): every
+Splits, deterministic for a `seed` (stable sha256 ranks, never Python's `hash`): every
 emoji has a *concept* (what is drawn, without gender, skin tone, hair or "facing right":
 "detective" for all 18 detectives), a *gender* (the leading "man" / "woman" / "person" /
 "men" / ..., or who is in a family or kiss) and its *tones*.
 
-1. Held-out concepts: ``validation_concepts`` and ``test_concepts`` (fractions of all
+1. Held-out concepts: `validation_concepts` and `test_concepts` (fractions of all
    concepts) go wholly to validation or test: no variant of them is in train.
 2. Held-out triples: for every other concept drawn in at least two explicit genders and two
    tones, one (concept, gender, tones) triple goes to test and one to validation, with
@@ -234,7 +234,7 @@ def emoji_info(char_or_image_id: str) -> EmojiInfo:
 
 
 def find_emoji_font(font_path: str | os.PathLike | None = None) -> Path:
-    """``font_path``, else ``$EDJE_EMOJI_FONT``, else Debian's path, else ``fc-match``'s answer."""
+    """`font_path`, else `$EDJE_EMOJI_FONT`, else Debian's path, else `fc-match`'s answer."""
     given = font_path or os.environ.get(FONT_ENV)
     if given:
         if not Path(given).is_file():
@@ -359,7 +359,7 @@ def _assign(infos: list[EmojiInfo], seed: int, validation: float, test: float) -
 
 @dataclass(frozen=True)
 class EmojiHoldOut:
-    """What ``load_emoji`` keeps out of train: concepts and (concept, gender, tones) triples,
+    """What `load_emoji` keeps out of train: concepts and (concept, gender, tones) triples,
     each mapped to "validation" or "test". The icon corpus holds the same out in every style."""
 
     concepts: dict[str, str]
@@ -372,8 +372,8 @@ def emoji_hold_out(
     validation_concepts: float = 0.05,
     test_concepts: float = 0.1,
 ) -> EmojiHoldOut:
-    """The hold-out of ``load_emoji`` with the same arguments (draws the emoji to know which
-    the font has, as ``load_emoji`` does; encodes no image)."""
+    """The hold-out of `load_emoji` with the same arguments (draws the emoji to know which
+    the font has, as `load_emoji` does; encodes no image)."""
     infos = [
         emoji_info(char) for char in _drawn(_qualified(), _open_font(find_emoji_font(font_path)))
     ]
@@ -403,8 +403,8 @@ def load_emoji(
 ) -> datasets.DatasetDict:
     """Every fully-qualified emoji the font draws, captioned, split train / validation / test.
 
-    ``font_path`` defaults to what :func:`find_emoji_font` finds; ``validation_concepts`` and
-    ``test_concepts`` are the fractions of concepts held out whole (see the module docstring).
+    `font_path` defaults to what `find_emoji_font` finds; `validation_concepts` and
+    `test_concepts` are the fractions of concepts held out whole (see the module docstring).
     Takes 15-20 s on two CPU cores (drawing 3,963 emoji, encoding 3,788 PNGs); caches nothing.
 
     Example:
@@ -445,11 +445,11 @@ def load_emoji(
 def emoji_slices(
     ds: datasets.DatasetDict, n_slices: int = 4, max_images: int = 1000, seed: int = 0
 ) -> list[datasets.DatasetDict]:
-    """Cut ``load_emoji()``'s set into ``n_slices`` small sets with disjoint concepts.
+    """Cut `load_emoji()`'s set into `n_slices` small sets with disjoint concepts.
 
     Concepts go, in a seeded order, to the slice with the fewest images that still has room
-    for all of the concept's images (at most ``max_images`` per slice); concepts that fit
-    nowhere are left out. Each slice keeps every image's split from ``ds``, so its test still
+    for all of the concept's images (at most `max_images` per slice); concepts that fit
+    nowhere are left out. Each slice keeps every image's split from `ds`, so its test still
     holds concepts and triples its train never sees.
 
     Example:

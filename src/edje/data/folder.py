@@ -1,16 +1,16 @@
-"""Your own images: a folder of images plus ``metadata.jsonl``, ``metadata.csv`` or
-``metadata.parquet``: the layout of ``datasets``' imagefolder, so the same folder also loads
-with ``load_dataset("imagefolder", ...)``.
+"""Your own images: a folder of images plus `metadata.jsonl`, `metadata.csv` or
+`metadata.parquet`: the layout of `datasets`' imagefolder, so the same folder also loads
+with `load_dataset("imagefolder", ...)`.
 
-Metadata columns: ``file_name`` (relative to the folder) and the captions: ``caption`` (one
-string) and/or ``captions`` (a list; in CSV a JSON list such as ``["a dog", "a brown dog"]``),
-else ``text`` (the usual column of Hub image-text sets), or the column ``caption_column``
-names; optionally ``image_id`` (default: ``file_name`` without its suffix,
-`edje._utils.image_id`, as ``edje encode --images`` names it). Several rows may name the same
+Metadata columns: `file_name` (relative to the folder) and the captions: `caption` (one
+string) and/or `captions` (a list; in CSV a JSON list such as `["a dog", "a brown dog"]`),
+else `text` (the usual column of Hub image-text sets), or the column `caption_column`
+names; optionally `image_id` (default: `file_name` without its suffix,
+`edje._utils.image_id`, as `edje encode --images` names it). Several rows may name the same
 file: their captions are merged. Other columns are ignored.
 
 Images in the folder that no metadata row names are an error by default (so that a typo in
-``file_name`` cannot silently drop data); ``skip_uncaptioned=True`` skips them with a warning.
+`file_name` cannot silently drop data); `skip_uncaptioned=True` skips them with a warning.
 
 Example:
     >>> import json, tempfile
@@ -58,14 +58,14 @@ def load_image_folder(
     """Load a folder of captioned images in the common schema.
 
     Args:
-        folder: the image folder (images may sit in sub-folders; ``file_name`` is relative).
-        metadata: the metadata file; default ``folder/metadata.jsonl`` or ``metadata.csv``.
-        split: the ``split`` value; default the folder's name (``data/test`` -> ``"test"``).
+        folder: the image folder (images may sit in sub-folders; `file_name` is relative).
+        metadata: the metadata file; default `folder/metadata.jsonl` or `metadata.csv`.
+        split: the `split` value; default the folder's name (`data/test` -> `"test"`).
         skip_uncaptioned: skip images no row names, with a warning, instead of raising.
-        id_prefix: put before every image id (``"test/"``: ids stay unique across split
+        id_prefix: put before every image id (`"test/"`: ids stay unique across split
             folders that repeat file names).
         caption_column: the metadata column holding the captions (a string or a list a row);
-            default ``caption`` and/or ``captions``, else ``text``.
+            default `caption` and/or `captions`, else `text`.
 
     Raises:
         FileNotFoundError: the folder, the metadata file, or a listed image is missing.
@@ -106,9 +106,9 @@ def _find_metadata(folder: Path) -> Path:
 
 
 def _read_rows(metadata: Path) -> list[dict]:
-    """Rows as dicts; a CSV cell holding a JSON list (``["a dog", "a brown dog"]``) becomes
-    that list (a ``captions`` cell must; in other columns a cell that does not parse stays
-    text, such as ``[draft] a dog``)."""
+    """Rows as dicts; a CSV cell holding a JSON list (`["a dog", "a brown dog"]`) becomes
+    that list (a `captions` cell must; in other columns a cell that does not parse stays
+    text, such as `[draft] a dog`)."""
     if not metadata.is_file():
         raise FileNotFoundError(f"load_image_folder: metadata file {metadata} does not exist")
     text = "" if metadata.suffix == ".parquet" else metadata.read_text(encoding="utf-8")

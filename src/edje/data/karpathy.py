@@ -1,19 +1,19 @@
 """Flickr30k and COCO with Karpathy's splits, from parquet repositories on the Hub.
 
-No loading scripts (``datasets`` 4 dropped them): each supported repository is plain parquet,
-described by a :class:`HubSource` that maps its columns to the common schema. Karpathy's
+No loading scripts (`datasets` 4 dropped them): each supported repository is plain parquet,
+described by a `HubSource` that maps its columns to the common schema. Karpathy's
 splits: Flickr30k 29,000 / 1,014 / 1,000 images (train / validation / test), COCO 113,287
 (train + restval) / 5,000 / 5,000; five captions per image (a few COCO images have more:
-``max_captions=5`` keeps the first five, 25,000 test captions, as retrieval papers do).
+`max_captions=5` keeps the first five, 25,000 test captions, as retrieval papers do).
 
-Offline, point ``data_dir`` at a local copy of the repository (its parquet files, named as on
-the Hub, e.g. ``data/test-00000-of-00001.parquet``) or pass ``data_files``; both go through
+Offline, point `data_dir` at a local copy of the repository (its parquet files, named as on
+the Hub, e.g. `data/test-00000-of-00001.parquet`) or pass `data_files`; both go through
 the same column mapping as the Hub.
 
 COCO's default repository (yerevann/coco-karpathy) holds captions and image URLs, not the
-images: pass ``images_dir`` (the COCO 2014 folder holding ``train2014/`` and ``val2014/``) to
+images: pass `images_dir` (the COCO 2014 folder holding `train2014/` and `val2014/`) to
 read local files; without it the image column holds the cocodataset.org URLs, which
-``datasets`` fetches when a row's image is read.
+`datasets` fetches when a row's image is read.
 
 Example (needs the Hub):
     >>> from edje.data.karpathy import load_flickr30k
@@ -55,12 +55,12 @@ class HubSource:
         splits: our split (train / validation / test) -> the repository's split name(s),
             concatenated in order.
         caption_column: a list of captions per row.
-        id_column: the image id; file names lose their suffix (``"1000092795.jpg"`` ->
-            ``"1000092795"``, `edje._utils.image_id`), as `edje encode` stores them.
+        id_column: the image id; file names lose their suffix (`"1000092795.jpg"` ->
+            `"1000092795"`, `edje._utils.image_id`), as `edje encode` stores them.
         image_column: the column holding images; None when the repository has none.
         url_column: where images can be fetched from when there is no image column.
-        file_column / folder_column: where an image lies under ``images_dir``
-            (``images_dir / folder / file``, or ``images_dir / file``).
+        file_column / folder_column: where an image lies under `images_dir`
+            (`images_dir / folder / file`, or `images_dir / file`).
         file_pattern: the repository's parquet files of one split, so that loading the test
             split downloads only the test files.
     """
@@ -121,8 +121,8 @@ def load_flickr30k(
 ) -> datasets.Dataset:
     """Flickr30k (Karpathy split) in the common schema; test = 1,000 images, 5,000 captions.
 
-    ``repo_id`` must be a key of ``FLICKR30K_SOURCES``, or pass your own :class:`HubSource`
-    to :func:`load_karpathy_source`. ``data_dir`` / ``data_files`` load a local copy.
+    `repo_id` must be a key of `FLICKR30K_SOURCES`, or pass your own `HubSource`
+    to `load_karpathy_source`. `data_dir` / `data_files` load a local copy.
     """
     source = _source(FLICKR30K_SOURCES, repo_id, "load_flickr30k")
     return load_karpathy_source(
@@ -143,7 +143,7 @@ def load_coco_karpathy(
 ) -> datasets.Dataset:
     """COCO (Karpathy split) in the common schema; test = 5,000 images, 25,000 captions.
 
-    ``train`` is Karpathy's train + restval (113,287 images). ``images_dir``: see the module
+    `train` is Karpathy's train + restval (113,287 images). `images_dir`: see the module
     docstring.
     """
     source = _source(COCO_SOURCES, repo_id, "load_coco_karpathy")
@@ -162,7 +162,7 @@ def load_karpathy_source(
     cache_dir: str | None = None,
     revision: str | None = None,
 ) -> datasets.Dataset:
-    """Load one split of ``source`` (Hub, or a local copy) and map it to the schema."""
+    """Load one split of `source` (Hub, or a local copy) and map it to the schema."""
     split = SPLIT_ALIASES.get(split, split)
     if split not in source.splits:
         raise ValueError(

@@ -53,9 +53,10 @@ class NpmPackage:
 def fetch_npm_package(package: NpmPackage, cache: str | Path, *, npm: str = "npm") -> Path:
     """The unpacked package folder (`.../package`), fetched and checked on first use.
 
-    Raises `NpmFetchError` naming the package when npm is missing, the fetch fails, the
-    tarball's hash differs from the pinned one or the tarball cannot be read; nothing is left
-    in the cache then.
+    Raises:
+        NpmFetchError: npm is missing, the fetch fails, the tarball's hash differs from the
+            pinned one or the tarball cannot be read (naming the package); nothing is left in
+            the cache then.
     """
     target = Path(cache) / "npm" / package.folder_name
     if (target / "package").is_dir():

@@ -53,7 +53,7 @@ def make_dataset(
 
 
 def check_schema(ds: datasets.Dataset, source: str = "data set") -> datasets.Dataset:
-    """Raise ValueError unless ``ds`` has the schema's columns; return it with SCHEMA's order."""
+    """Raise ValueError unless `ds` has the schema's columns; return it with SCHEMA's order."""
     missing = [name for name in SCHEMA if name not in ds.column_names]
     if missing:
         raise ValueError(

@@ -1,17 +1,17 @@
 """Retrieval recall@k for image-text retrieval, both ways, with ties counted against the query.
 
-Names follow clip_benchmark: ``image_retrieval_recall@k`` is text -> image (each caption has
-exactly one correct image), ``text_retrieval_recall@k`` is image -> text (a hit when ANY of
+Names follow clip_benchmark: `image_retrieval_recall@k` is text -> image (each caption has
+exactly one correct image), `text_retrieval_recall@k` is image -> text (a hit when ANY of
 the image's captions is in the top k: a hit rate per image, as in the EDJE paper). Values are
 fractions (0-1), on clip_benchmark's scale, so results merge with its own; tables and plots
 show them as percentages, as papers report them.
 
-Ties never count in the query's favour. Two rules (argument ``ties``):
+Ties never count in the query's favour. Two rules (argument `ties`):
 
-- ``"worst"`` (default): the correct item goes after every wrong item that scores the same,
-  so its rank is the number of wrong items scoring ``>=`` it. A lower bound; a model that
+- `"worst"` (default): the correct item goes after every wrong item that scores the same,
+  so its rank is the number of wrong items scoring `>=` it. A lower bound; a model that
   scores everything equal gets 0 (below chance) for every k < n.
-- ``"expected"``: the expected recall when ties are broken uniformly at random. A model that
+- `"expected"`: the expected recall when ties are broken uniformly at random. A model that
   scores everything equal gets exactly chance, k / n (image -> text: the chance that one of
   the image's captions lands in the top k).
 
@@ -52,13 +52,13 @@ def recall_at_k(
     """Recall@k both ways from a full score matrix.
 
     Args:
-        scores: ``[n_texts, n_images]`` similarity of every caption to every image.
-        text_to_image: ``LongTensor[n_texts]``, the index of each caption's image.
+        scores: `[n_texts, n_images]` similarity of every caption to every image.
+        text_to_image: `LongTensor[n_texts]`, the index of each caption's image.
         ks: cut-offs; a k at least the gallery size gives 1.
-        ties: ``"worst"`` or ``"expected"`` (see the module docstring).
+        ties: `"worst"` or `"expected"` (see the module docstring).
 
     Returns:
-        ``{"image_retrieval_recall@k": r, ..., "text_retrieval_recall@k": r, ...}``, r in 0-1.
+        `{"image_retrieval_recall@k": r, ..., "text_retrieval_recall@k": r, ...}`, r in 0-1.
         Images without any caption are not image -> text queries and are left out of that mean.
     """
     _check_scores(scores, "scores", ndim=2)
@@ -87,14 +87,14 @@ def reranked_recall_at_k(
     Either direction may be left out; only the keys of the given directions are returned.
 
     Args:
-        text_to_image: ``LongTensor[n_texts]``, the index of each caption's image.
-        t2i_candidates: ``LongTensor[n_texts, K]``, image indices proposed for each caption.
-        t2i_scores: ``[n_texts, K]``, the reranker's score for each of those candidates.
-        i2t_candidates: ``LongTensor[n_images, K]``, caption indices proposed for each image
+        text_to_image: `LongTensor[n_texts]`, the index of each caption's image.
+        t2i_candidates: `LongTensor[n_texts, K]`, image indices proposed for each caption.
+        t2i_scores: `[n_texts, K]`, the reranker's score for each of those candidates.
+        i2t_candidates: `LongTensor[n_images, K]`, caption indices proposed for each image
             (row i belongs to image i).
-        i2t_scores: ``[n_images, K]``, the reranker's score for each of those candidates.
+        i2t_scores: `[n_images, K]`, the reranker's score for each of those candidates.
         ks: cut-offs, each at most K.
-        ties: ``"worst"`` or ``"expected"`` (see the module docstring).
+        ties: `"worst"` or `"expected"` (see the module docstring).
 
     Example:
         >>> import torch
@@ -166,7 +166,7 @@ def reranked_hits_at_1(
 def pair_accuracy(scores: torch.Tensor) -> float:
     """Share of (caption, wrong image) pairs scored below the caption's own image, in percent.
 
-    ``scores`` is square ``[n, n]``: caption i belongs to image i. Ties count as errors.
+    `scores` is square `[n, n]`: caption i belongs to image i. Ties count as errors.
 
     Example:
         >>> import torch
@@ -185,8 +185,8 @@ def pair_accuracy(scores: torch.Tensor) -> float:
 
 
 class Standing(NamedTuple):
-    """Per query: wrong items scoring above the best correct item (``above``), wrong items
-    tied with it (``tied_wrong``) and correct items tied with it (``tied_right``, >= 1)."""
+    """Per query: wrong items scoring above the best correct item (`above`), wrong items
+    tied with it (`tied_wrong`) and correct items tied with it (`tied_right`, >= 1)."""
 
     above: torch.Tensor
     tied_wrong: torch.Tensor

@@ -1,13 +1,13 @@
-"""What ``edje.evaluation.evaluate`` returns and writes: JSON, a markdown table, PNG plots.
+"""What `edje.evaluation.evaluate` returns and writes: JSON, a markdown table, PNG plots.
 
-``EvaluationReport.save(out_dir)`` writes, each file atomically (temporary file + rename):
+`EvaluationReport.save(out_dir)` writes, each file atomically (temporary file + rename):
 
-- ``report.json``: model, data, k, first-stage and reranked metrics (clip_benchmark's names
-  and 0-1 scale), recall curves, pairs scored, seconds, device; ``EvaluationReport.from_json``
+- `report.json`: model, data, k, first-stage and reranked metrics (clip_benchmark's names
+  and 0-1 scale), recall curves, pairs scored, seconds, device; `EvaluationReport.from_json`
   reads it back;
-- ``report.md``: first stage vs reranked, R@1/5/10 both ways;
-- ``recall_at_k.png``: recall@k against k for both stages, both directions;
-- ``contact_sheet.png`` (with ``contact_sheet=N`` and the data set): N captions, each with the
+- `report.md`: first stage vs reranked, R@1/5/10 both ways;
+- `recall_at_k.png`: recall@k against k for both stages, both directions;
+- `contact_sheet.png` (with `contact_sheet=N` and the data set): N captions, each with the
   first stage's top 5 images above the reranked top 5, the correct image outlined.
 
 Example:
@@ -50,8 +50,8 @@ SHORT = {"image_retrieval": "T2I", "text_retrieval": "I2T"}
 class Candidates:
     """First-stage candidate lists (best first) and, after reranking, EDJE's logits for them.
 
-    ``t2i[t]``: image rows proposed for caption ``t``; ``i2t[i]``: caption indices proposed for
-    image ``i``; ``*_first``: the first stage's scores; ``*_rerank``: EDJE's logits.
+    `t2i[t]`: image rows proposed for caption `t`; `i2t[i]`: caption indices proposed for
+    image `i`; `*_first`: the first stage's scores; `*_rerank`: EDJE's logits.
     """
 
     t2i: torch.Tensor
@@ -63,7 +63,7 @@ class Candidates:
     text_to_image: torch.Tensor | None = None  # the image row of each caption
 
     def truncate(self, depth: int) -> Candidates:
-        """The first ``depth`` candidates of every list."""
+        """The first `depth` candidates of every list."""
         lists = {
             f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[:, :depth]
             for f in dataclasses.fields(self)
@@ -77,19 +77,19 @@ class EvaluationReport:
     """Two-stage retrieval results. Metric dicts map clip_benchmark names to percentages.
 
     Attributes:
-        model: the reranker's name or folder (``None``: first stage only).
+        model: the reranker's name or folder (`None`: first stage only).
         first_stage: the embedding model's name.
-        dataset: ``{"name", "split", "images", "captions"}``.
-        k: the rerank depth reported as "reranked"; ``depths`` lists every depth evaluated.
-        ks: the cut-offs of ``first_stage_metrics`` and ``reranked_metrics``.
-        first_stage_metrics, reranked_metrics: recall@ks (``reranked_metrics`` at depth k;
-            empty without a model); ``reranked_by_depth``: the same for every depth.
-        fused_metrics: recall@ks at depth k of the fused score (``edje.fusion``) with
-            ``fusion_weights``; empty when no weights were given.
-        curves: ``{"k": [1..], "first_stage": {direction: [...]}, "reranked": {depth: {...}}}``.
-        pairs_scored: (caption, image) pairs the reranker scored; ``seconds``: wall time per
+        dataset: `{"name", "split", "images", "captions"}`.
+        k: the rerank depth reported as "reranked"; `depths` lists every depth evaluated.
+        ks: the cut-offs of `first_stage_metrics` and `reranked_metrics`.
+        first_stage_metrics, reranked_metrics: recall@ks (`reranked_metrics` at depth k;
+            empty without a model); `reranked_by_depth`: the same for every depth.
+        fused_metrics: recall@ks at depth k of the fused score (`edje.fusion`) with
+            `fusion_weights`; empty when no weights were given.
+        curves: `{"k": [1..], "first_stage": {direction: [...]}, "reranked": {depth: {...}}}`.
+        pairs_scored: (caption, image) pairs the reranker scored; `seconds`: wall time per
             phase (embed: first stage; search; image_tokens; rerank: scoring; total).
-        first_stage_recall_from: ``"full score matrix"`` or ``"faiss candidates"``.
+        first_stage_recall_from: `"full score matrix"` or `"faiss candidates"`.
         candidates: the candidate lists and scores (kept in memory, not in the JSON).
     """
 
@@ -250,7 +250,7 @@ class EvaluationReport:
         dataset: Any = None,
         contact_sheet: int = 0,
     ) -> dict[str, Path]:
-        """Write report.json, report.md, recall_at_k.png and (``contact_sheet=N`` with the
+        """Write report.json, report.md, recall_at_k.png and (`contact_sheet=N` with the
         data set evaluated) contact_sheet.png; returns their paths by kind."""
         folder = Path(out_dir)
         folder.mkdir(parents=True, exist_ok=True)
@@ -326,7 +326,7 @@ THUMB, PAD, LABEL_WIDTH, TEXT_HEIGHT, SHOWN = 96, 6, 92, 18, 5
 
 
 def draw_contact_sheet(report: EvaluationReport, dataset: Any, n_queries: int):
-    """A PIL image: for ``n_queries`` captions spread over the data set, the caption, the first
+    """A PIL image: for `n_queries` captions spread over the data set, the caption, the first
     stage's top 5 images and (with a reranker) EDJE's top 5, the correct image outlined green.
     """
     from PIL import Image, ImageDraw

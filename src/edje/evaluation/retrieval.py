@@ -1,18 +1,18 @@
 """Two-stage retrieval: a first stage proposes top-k candidates, EDJE reranks them, R@k both ways.
 
-Text -> image: each caption retrieves images (``image_retrieval_recall@k``). Image -> text: each
+Text -> image: each caption retrieves images (`image_retrieval_recall@k`). Image -> text: each
 image retrieves captions, a hit when any of its captions is in the top k
-(``text_retrieval_recall@k``). Ties count against the query (``edje.evaluation.metrics``).
+(`text_retrieval_recall@k`). Ties count against the query (`edje.evaluation.metrics`).
 
 - First-stage recall comes from the full caption x image score matrix when it has at most
-  ``full_matrix_limit`` entries, else from the FAISS candidates (where a tie at the k-th place
+  `full_matrix_limit` entries, else from the FAISS candidates (where a tie at the k-th place
   cannot be seen).
 - Reranking scores the deepest candidate list once; a shallower depth K reads its first K
   columns. Past the depth (k >= K), the reranked top k holds the same items as the first
   stage's, so its recall@k is the first stage's.
-- Image tokens come from a token store by image id when given (compressed ``[m, d]`` tokens, or
-  raw ``[n, d_vis]`` tokens that the model compresses), else from
-  ``model.compress(model.encode_images(pixels))``, computed once per image.
+- Image tokens come from a token store by image id when given (compressed `[m, d]` tokens, or
+  raw `[n, d_vis]` tokens that the model compresses), else from
+  `model.compress(model.encode_images(pixels))`, computed once per image.
 
 Example (first stage only: a toy embedding model that knows colours):
     >>> import torch
@@ -40,7 +40,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -74,14 +74,6 @@ __all__ = [
 FULL_MATRIX_LIMIT = 50_000_000  # captions x images; 200 MB in float32
 
 
-@dataclasses.dataclass
-class _Timer:
-    seconds: dict[str, float]
-
-    def __call__(self, name: str, start: float) -> None:
-        self.seconds[name] = round(time.perf_counter() - start, 3)
-
-
 def evaluate(
     dataset: Any,
     first_stage: EmbeddingModel,
@@ -106,97 +98,40 @@ def evaluate(
     """First stage -> top-k both ways -> EDJE rerank -> recall@k, side by side.
 
     Args:
-        dataset: a ``datasets.Dataset`` in the edje schema (image, image_id, captions, split).
+        dataset: a `datasets.Dataset` in the edje schema (image, image_id, captions, split).
         first_stage: the embedding model proposing candidates.
-        model, processor: an ``EDJEModel`` and its ``EDJEProcessor``; without them only the
+        model, processor: an `EDJEModel` and its `EDJEProcessor`; without them only the
             first stage is reported.
-        store: a ``TokenStore`` holding every image id of ``dataset`` (the fast path).
-        k: the rerank depth reported as "reranked"; ``extra_k`` adds more depths.
+        store: a `TokenStore` holding every image id of `dataset` (the fast path).
+        k: the rerank depth reported as "reranked"; `extra_k` adds more depths.
         ks: recall cut-offs in the tables; the curves cover 1 .. the deepest depth.
         batch_size: (caption, image) pairs per scoring call.
         image_batch_size: images per forward pass of the vision encoders.
         device: where the models run (default: CUDA if available, else CPU).
-        backend: the scorer (``edje.scoring``): ``"fast"``, ``"torch"`` or ``"onnx"``.
+        backend: the scorer (`edje.scoring`): `"fast"`, `"torch"` or `"onnx"`.
         dtype: the scorer's dtype (default: the model's).
-        fusion: ``(edje_weight, first_stage_weight)`` for a "fused" row (``edje.fusion``);
-            ``"auto"``: the weights in the model's config, if any; ``None``: no fused row.
-        dataset_name: what the report calls the data (default: ``dataset.info.dataset_name``).
+        fusion: `(edje_weight, first_stage_weight)` for a "fused" row (`edje.fusion`);
+            `"auto"`: the weights in the model's config, if any; `None`: no fused row.
+        dataset_name: what the report calls the data (default: `dataset.info.dataset_name`).
         full_matrix_limit: the most captions x images to score in full for first-stage recall.
-        show_progress_bar: tqdm bars (``None``: when stderr is a terminal).
+        show_progress_bar: tqdm bars (`None`: when stderr is a terminal).
         force_store: use a store whose fingerprint differs from the model's (a warning instead
             of the `ValueError` naming both fingerprints).
     """
-    ks, depths = _check_ks(ks, k, extra_k)
+    cutoffs = _cutoffs(ks, k, extra_k)
     if (model is None) != (processor is None):
         raise ValueError("evaluate: give model and processor together, or neither")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    timer, start = _Timer({}), time.perf_counter()
-    texts, text_to_image, image_ids = _captions_and_ids(dataset)
-    if model is not None and store is not None:  # before any image is embedded
-        _check_store_ids(store, image_ids)
-    if model is not None:  # both stages read the captions as the model was trained on them
-        texts = model.config.prepare_captions(texts)
-    curve_ks = list(range(1, max([*depths, *ks]) + 1))
-
-    t = time.perf_counter()
-    text_emb, image_emb = _embed(
-        first_stage, dataset, texts, device, image_batch_size, show_progress_bar
-    )
-    timer("embed", t)
-    t = time.perf_counter()
-    candidates = search_both_ways(text_emb, image_emb, max(curve_ks))
-    candidates.text_to_image = text_to_image
-    first_curve, source = _first_stage_recall(
-        text_emb, image_emb, text_to_image, candidates, curve_ks, full_matrix_limit
-    )
-    timer("search", t)
-
-    reranked, fused, weights, pairs = {}, {}, None, 0
-    if model is not None:
-        model.to(device).eval()
-        if store is not None:
-            model.check_store(store, force=force_store)
-        t = time.perf_counter()
-        tokens = image_token_source(
-            model, processor, dataset, store, image_ids, image_batch_size, show_progress_bar
-        )
-        timer("image_tokens", t)  # the vision encoder without a store; a lookup with one
-        t = time.perf_counter()
-        scorer = make_scorer(model, processor, backend, dtype=dtype, device=device)
-        candidates = candidates.truncate(max(depths))
-        candidates.t2i_rerank, candidates.i2t_rerank = rerank_candidates(
-            scorer, tokens, texts, candidates, batch_size, show_progress_bar
-        )
-        pairs = candidates.t2i.numel() + candidates.i2t.numel()
-        reranked = {d: _reranked_curve(candidates, d, curve_ks, first_curve) for d in depths}
-        weights = fusion_weights(model.config) if fusion == "auto" else fusion
-        if weights is not None:
-            fused = _reranked_curve(candidates, k, curve_ks, first_curve, weights)
-        timer("rerank", t)
-    timer("total", start)
-    return EvaluationReport.build(
-        model=_name(model),
-        first_stage=first_stage.name,
-        dataset=_describe(dataset, dataset_name, len(texts)),
-        k=k,
-        ks=ks,
-        depths=depths,
-        first_stage_curve=first_curve,
-        reranked_curves=reranked,
-        fused_curve=fused,
-        fusion_weights=None if weights is None else list(weights),
-        curve_ks=curve_ks,
-        pairs_scored=pairs,
-        seconds=timer.seconds,
-        device=str(device),
-        first_stage_recall_from=source,
-        candidates=candidates,
-    )
+    run = _Run(batch_size, image_batch_size, device, backend, dtype, show_progress_bar, force_store)
+    queries = _queries(dataset, model, store)
+    first = _first_stage_step(first_stage, queries, cutoffs.curve, full_matrix_limit, run)
+    second = _rerank_step(model, processor, store, queries, first, cutoffs, fusion, run)
+    return _report(model, first_stage, dataset_name, queries, cutoffs, first, second, run)
 
 
 def choose_fusion_weights(report: EvaluationReport, grid=FUSION_GRID) -> FusionChoice:
     """Fusion weights that maximise R@1 over the queries of both directions at the report's
-    depth ``k``, from its candidates, kept only when they beat the first stage alone by more
+    depth `k`, from its candidates, kept only when they beat the first stage alone by more
     than chance (`edje.fusion.choose_fusion`); evaluate a validation split, then keep the
     weights for the test split."""
     candidates = report.candidates
@@ -222,13 +157,140 @@ def with_fusion(report: EvaluationReport, weights) -> EvaluationReport:
     return dataclasses.replace(report, fused_metrics=fused, fusion_weights=list(weights))
 
 
-def _embed(first_stage, dataset, texts, device, image_batch_size, show_progress_bar):
-    first_stage.to(device)
-    images = DatasetImages(dataset)
-    image_emb = first_stage.encode_images(
-        images, batch_size=image_batch_size, show_progress_bar=show_progress_bar
+# ---- the steps of evaluate ----
+
+
+@dataclasses.dataclass
+class _Run:
+    """One `evaluate` call's settings, which every step reads, and its clock: `start` (when
+    the run was made) and the `seconds` each step took."""
+
+    batch_size: int
+    image_batch_size: int
+    device: torch.device
+    backend: str
+    dtype: torch.dtype | None
+    show_progress_bar: bool | None
+    force_store: bool
+    start: float = dataclasses.field(default_factory=time.perf_counter)
+    seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def record(self, name: str, start: float) -> None:
+        self.seconds[name] = round(time.perf_counter() - start, 3)
+
+
+class _Cutoffs(NamedTuple):
+    k: int  # the rerank depth reported as "reranked"
+    ks: list[int]  # the tables' recall cut-offs
+    depths: list[int]  # every rerank depth: k and extra_k
+    curve: list[int]  # the curves' cut-offs: 1 .. the deepest depth or cut-off
+
+
+class _Queries(NamedTuple):
+    dataset: Any
+    texts: list[str]  # every caption, as the model reads them
+    text_to_image: torch.Tensor  # each caption's image row
+    image_ids: list[str]
+
+
+class _FirstStage(NamedTuple):
+    candidates: Candidates  # both ways, as deep as the curves go
+    curve: dict[str, float]  # recall at every k of the curves
+    source: str  # "full score matrix" or "faiss candidates"
+
+
+class _Reranked(NamedTuple):
+    candidates: Candidates  # cut at the deepest depth, with EDJE's logits
+    curves: dict[int, dict[str, float]]  # recall at every k of the curves, by rerank depth
+    fused: dict[str, float]  # at depth k, when there are fusion weights
+    weights: Sequence[float] | None
+    pairs: int  # (caption, image) pairs scored
+
+
+def _first_stage_step(first_stage, queries, curve_ks, full_matrix_limit, run) -> _FirstStage:
+    """Embed captions and images, search both ways, and the first stage's recall curve."""
+    t = time.perf_counter()
+    text_emb, image_emb = _embed(first_stage, queries, run)
+    run.record("embed", t)
+    t = time.perf_counter()
+    candidates = search_both_ways(text_emb, image_emb, max(curve_ks))
+    candidates.text_to_image = queries.text_to_image
+    curve, source = _first_stage_recall(
+        text_emb, image_emb, queries.text_to_image, candidates, curve_ks, full_matrix_limit
     )
-    text_emb = first_stage.encode_texts(texts, show_progress_bar=show_progress_bar)
+    run.record("search", t)
+    return _FirstStage(candidates, curve, source)
+
+
+def _rerank_step(model, processor, store, queries, first, cutoffs, fusion, run) -> _Reranked:
+    """EDJE's logits for the first stage's candidates down to the deepest depth, both ways, and
+    the recall they give (`_fuse_step`); without a model, nothing is reranked."""
+    if model is None:
+        return _Reranked(first.candidates, {}, {}, None, 0)
+    dataset, texts, _, image_ids = queries
+    model.to(run.device).eval()
+    if store is not None:
+        model.check_store(store, force=run.force_store)
+    t = time.perf_counter()
+    tokens = image_token_source(
+        model, processor, dataset, store, image_ids, run.image_batch_size, run.show_progress_bar
+    )
+    run.record("image_tokens", t)  # the vision encoder without a store; a lookup with one
+    t = time.perf_counter()
+    scorer = make_scorer(model, processor, run.backend, dtype=run.dtype, device=run.device)
+    candidates = first.candidates.truncate(max(cutoffs.depths))
+    candidates.t2i_rerank, candidates.i2t_rerank = rerank_candidates(
+        scorer, tokens, texts, candidates, run.batch_size, run.show_progress_bar
+    )
+    reranked = _fuse_step(candidates, first.curve, cutoffs, fusion, model.config)
+    run.record("rerank", t)
+    return reranked
+
+
+def _fuse_step(candidates, first_curve, cutoffs, fusion, config) -> _Reranked:
+    """Recall after reranking the top d, for every depth d, and after fusing the top k with
+    `fusion`'s weights (`"auto"`: the config's, if any)."""
+    reranked = {
+        d: _reranked_curve(candidates, d, cutoffs.curve, first_curve) for d in cutoffs.depths
+    }
+    weights = fusion_weights(config) if fusion == "auto" else fusion
+    fused = {}
+    if weights is not None:
+        fused = _reranked_curve(candidates, cutoffs.k, cutoffs.curve, first_curve, weights)
+    pairs = candidates.t2i.numel() + candidates.i2t.numel()
+    return _Reranked(candidates, reranked, fused, weights, pairs)
+
+
+def _report(model, first_stage, dataset_name, queries, cutoffs, first, second, run):
+    """Stop the clock and put the steps' results in an `EvaluationReport`."""
+    run.record("total", run.start)
+    return EvaluationReport.build(
+        model=_name(model),
+        first_stage=first_stage.name,
+        dataset=_describe(queries.dataset, dataset_name, len(queries.texts)),
+        k=cutoffs.k,
+        ks=cutoffs.ks,
+        depths=cutoffs.depths,
+        first_stage_curve=first.curve,
+        reranked_curves=second.curves,
+        fused_curve=second.fused,
+        fusion_weights=None if second.weights is None else list(second.weights),
+        curve_ks=cutoffs.curve,
+        pairs_scored=second.pairs,
+        seconds=run.seconds,
+        device=str(run.device),
+        first_stage_recall_from=first.source,
+        candidates=second.candidates,
+    )
+
+
+def _embed(first_stage, queries: _Queries, run: _Run):
+    first_stage.to(run.device)
+    images = DatasetImages(queries.dataset)
+    image_emb = first_stage.encode_images(
+        images, batch_size=run.image_batch_size, show_progress_bar=run.show_progress_bar
+    )
+    text_emb = first_stage.encode_texts(queries.texts, show_progress_bar=run.show_progress_bar)
     return text_emb.cpu(), image_emb.cpu()
 
 
@@ -236,7 +298,7 @@ def _embed(first_stage, dataset, texts, device, image_batch_size, show_progress_
 
 
 def search_both_ways(text_emb: torch.Tensor, image_emb: torch.Tensor, depth: int) -> Candidates:
-    """Exact top-``depth`` by inner product: captions over images and images over captions."""
+    """Exact top-`depth` by inner product: captions over images and images over captions."""
     images = VectorIndex(image_emb.shape[1])
     images.add(image_emb)
     t2i_scores, t2i = images.search(text_emb, depth)
@@ -295,7 +357,7 @@ def _check_store_ids(store, image_ids: Sequence[str]) -> None:
 def image_token_source(
     model, processor, dataset, store, image_ids, image_batch_size, show_progress_bar
 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``rows -> image tokens [len(rows), m, d]`` on the model's device, from the store (raw
+    """`rows -> image tokens [len(rows), m, d]` on the model's device, from the store (raw
     stores through the adapter) or computed once from the pictures."""
     if store is not None:
         expected = tuple(model.config.image_token_shape)
@@ -325,10 +387,10 @@ def rerank_candidates(
     batch_size: int = 256,
     show_progress_bar: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """EDJE logits for every candidate, both ways: ``(t2i [T, K], i2t [I, K])`` float32 CPU.
+    """EDJE logits for every candidate, both ways: `(t2i [T, K], i2t [I, K])` float32 CPU.
 
     A caption against its K candidate images, and an image against its K candidate captions,
-    ``batch_size // K`` queries per scoring call.
+    `batch_size // K` queries per scoring call.
     """
     total = candidates.t2i.numel() + candidates.i2t.numel()
 
@@ -359,7 +421,7 @@ def _score_rows(candidates: torch.Tensor, batch_size: int, score, bar) -> torch.
 
 
 def _fused_lists(candidates: Candidates, depth: int, weights=None):
-    """``(t2i, t2i scores, i2t, i2t scores)`` cut at ``depth``: EDJE's logits, or fused ones."""
+    """`(t2i, t2i scores, i2t, i2t scores)` cut at `depth`: EDJE's logits, or fused ones."""
     t2i, i2t = candidates.t2i[:, :depth], candidates.i2t[:, :depth]
     t2i_scores, i2t_scores = candidates.t2i_rerank[:, :depth], candidates.i2t_rerank[:, :depth]
     if weights is not None:
@@ -369,8 +431,8 @@ def _fused_lists(candidates: Candidates, depth: int, weights=None):
 
 
 def _reranked_curve(candidates, depth, curve_ks, first_curve, weights=None):
-    """Recall at every k of the curve after reranking (or fusing, with ``weights``) the top
-    ``depth``; past the depth the top k is the first stage's, reordered: its recall."""
+    """Recall at every k of the curve after reranking (or fusing, with `weights`) the top
+    `depth`; past the depth the top k is the first stage's, reordered: its recall."""
     within = [k for k in curve_ks if k <= depth]
     out = _candidate_recall(*_fused_lists(candidates, depth, weights), within)
     for k in curve_ks[len(within) :]:
@@ -382,16 +444,18 @@ def _reranked_curve(candidates, depth, curve_ks, first_curve, weights=None):
 # ---- inputs and descriptions ----
 
 
-def _check_ks(ks, k, extra_k) -> tuple[list[int], list[int]]:
+def _cutoffs(ks, k, extra_k) -> _Cutoffs:
     ks = [ks] if isinstance(ks, int) else list(ks)
     depths = sorted({k, *extra_k})
     for name, values in (("ks", ks), ("k / extra_k", depths)):
         if not values or any(not isinstance(v, int) or v < 1 for v in values):
             raise ValueError(f"evaluate: {name} must be positive integers, got {values}")
-    return sorted(set(ks)), depths
+    ks = sorted(set(ks))
+    return _Cutoffs(k, ks, depths, list(range(1, max([*depths, *ks]) + 1)))
 
 
-def _captions_and_ids(dataset):
+def _queries(dataset, model, store) -> _Queries:
+    """The captions and image ids of `dataset`, checked; a store must hold every image id."""
     from edje.data import flatten_captions
 
     if isinstance(dataset, dict):  # a DatasetDict
@@ -410,7 +474,12 @@ def _captions_and_ids(dataset):
     texts, text_to_image = flatten_captions(dataset)
     if not texts:
         raise ValueError("evaluate: the data set has no captions; expected at least one")
-    return texts, text_to_image, list(dataset["image_id"])
+    image_ids = list(dataset["image_id"])
+    if model is not None and store is not None:  # before any image is embedded
+        _check_store_ids(store, image_ids)
+    if model is not None:  # both stages read the captions as the model was trained on them
+        texts = model.config.prepare_captions(texts)
+    return _Queries(dataset, texts, text_to_image, image_ids)
 
 
 def _describe(dataset, name: str | None, n_texts: int) -> dict[str, Any]:

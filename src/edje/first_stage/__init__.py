@@ -1,12 +1,12 @@
 """The first stage: embedding models for top-k retrieval, hard negatives and text targets.
 
-- :class:`EmbeddingModel`: the interface (``embed_texts``, ``embed_images``,
-  ``embed_vision_tokens``; L2-normalised float32 ``[N, D]``).
-- :class:`LinearProbeEmbedding`: offline, two linear heads over the frozen offline backbones,
+- `EmbeddingModel`: the interface (`embed_texts`, `embed_images`,
+  `embed_vision_tokens`; L2-normalised float32 `[N, D]`).
+- `LinearProbeEmbedding`: offline, two linear heads over the frozen offline backbones,
   trained contrastively on cached features in seconds.
-- :class:`TransformersEmbedding`: CLIP / SigLIP / SigLIP2 by Hub id or folder.
-- :class:`VectorIndex`: FAISS top-k search (exact inner product by default).
-- :func:`load_embedding_model`: either model from a folder or a Hub id.
+- `TransformersEmbedding`: CLIP / SigLIP / SigLIP2 by Hub id or folder.
+- `VectorIndex`: FAISS top-k search (exact inner product by default).
+- `load_embedding_model`: either model from a folder or a Hub id.
 
 Example:
     >>> import torch
@@ -40,11 +40,11 @@ __all__ = [
 
 
 def load_embedding_model(name_or_path: str | os.PathLike, **kwargs) -> EmbeddingModel:
-    """A folder written by ``LinearProbeEmbedding.save_pretrained``, else a transformers model.
+    """A folder written by `LinearProbeEmbedding.save_pretrained`, else a transformers model.
 
-    ``kwargs`` go to :class:`TransformersEmbedding` (``device``, ``dtype``, ``max_length``).
-    A folder of first stages, one per data set (as `edje quickstart` leaves ``first_stage/``),
-    is refused with a ``ValueError`` naming them: which one fits depends on the images.
+    `kwargs` go to `TransformersEmbedding` (`device`, `dtype`, `max_length`).
+    A folder of first stages, one per data set (as `edje quickstart` leaves `first_stage/`),
+    is refused with a `ValueError` naming them: which one fits depends on the images.
     """
     folder = Path(name_or_path)
     if (folder / CONFIG_NAME).is_file():

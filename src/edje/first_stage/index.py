@@ -1,13 +1,13 @@
 """Top-k search by inner product over L2-normalised embeddings, with FAISS.
 
-``VectorIndex`` wraps a FAISS index: exact (``IndexFlatIP``) by default, or any
-``faiss.index_factory`` string (e.g. ``"IVF4096,Flat"``, ``"HNSW32"``) for millions of
-vectors. Results are positions in the order vectors were added; ``ids`` maps them back.
+`VectorIndex` wraps a FAISS index: exact (`IndexFlatIP`) by default, or any
+`faiss.index_factory` string (e.g. `"IVF4096,Flat"`, `"HNSW32"`) for millions of
+vectors. Results are positions in the order vectors were added; `ids` maps them back.
 
 Ties: FAISS keeps a bounded heap per query and does not document how it orders equal scores
 (in practice the earlier-added vector often wins, which can favour the correct item). The
-metrics in ``edje.evaluation.metrics`` count ties against the query, so compute first-stage
-recall from the full score matrix where it fits in memory (``edje.evaluation`` does) and read FAISS
+metrics in `edje.evaluation.metrics` count ties against the query, so compute first-stage
+recall from the full score matrix where it fits in memory (`edje.evaluation` does) and read FAISS
 candidates only beyond that, where a tie at the k-th place cannot be seen.
 
 Example:
@@ -39,11 +39,11 @@ IDS_NAME = "ids.json"
 
 
 class VectorIndex:
-    """Inner-product search over ``dim``-wide vectors (exact unless ``factory`` says otherwise).
+    """Inner-product search over `dim`-wide vectors (exact unless `factory` says otherwise).
 
     Args:
         dim: vector width.
-        factory: a ``faiss.index_factory`` string; ``"Flat"`` (default) is exact.
+        factory: a `faiss.index_factory` string; `"Flat"` (default) is exact.
     """
 
     def __init__(self, dim: int, factory: str = "Flat"):
@@ -83,7 +83,7 @@ class VectorIndex:
         self.index.train(self._as_array(embeddings, "embeddings"))
 
     def add(self, embeddings: torch.Tensor | np.ndarray, ids: Sequence | None = None) -> None:
-        """Append vectors; ``ids`` (any JSON-serialisable values) name them, one per row."""
+        """Append vectors; `ids` (any JSON-serialisable values) name them, one per row."""
         array = self._as_array(embeddings, "embeddings")
         if not self.index.is_trained:
             raise ValueError(
@@ -102,9 +102,9 @@ class VectorIndex:
     def search(
         self, queries: torch.Tensor | np.ndarray, k: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Best ``k`` per query, best first: ``(scores [Q, k] float32, positions [Q, k] long)``.
+        """Best `k` per query, best first: `(scores [Q, k] float32, positions [Q, k] long)`.
 
-        ``k`` above the index size is cut to it (FAISS would pad with -1).
+        `k` above the index size is cut to it (FAISS would pad with -1).
         """
         array = self._as_array(queries, "queries")
         if k < 1:
@@ -124,7 +124,7 @@ class VectorIndex:
         return self.index.reconstruct(int(position))
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write ``index.faiss`` (``faiss.write_index``) and ``ids.json`` into folder ``path``."""
+        """Write `index.faiss` (`faiss.write_index`) and `ids.json` into folder `path`."""
         faiss = require("faiss", "faiss", "VectorIndex")
 
         folder = Path(path)
@@ -136,7 +136,7 @@ class VectorIndex:
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, require_ids: bool = False) -> VectorIndex:
-        """Read what ``save`` wrote; `require_ids`: refuse an index saved without ids (search
+        """Read what `save` wrote; `require_ids`: refuse an index saved without ids (search
         results must name images)."""
         faiss = require("faiss", "faiss", "VectorIndex")
 

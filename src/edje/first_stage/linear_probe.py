@@ -2,10 +2,10 @@
 
 Image side: the vision encoder's CLS token (DINOv2-S at 112 px by default) -> Linear -> 256.
 Text side: the text encoder's mean-pooled caption (all-MiniLM-L6-v2) -> Linear -> 256.
-Both heads train with a symmetric InfoNCE loss on features computed once (``fit`` takes cached
-features; ``fit_dataset`` computes them from an edje-schema data set).
+Both heads train with a symmetric InfoNCE loss on features computed once (`fit` takes cached
+features; `fit_dataset` computes them from an edje-schema data set).
 
-Example (a toy fit on random features; real use: ``fit_dataset(ds["train"])``):
+Example (a toy fit on random features; real use: `fit_dataset(ds["train"])`):
     >>> import torch
     >>> from edje.first_stage import LinearProbeEmbedding
     >>> probe = LinearProbeEmbedding(vision_dim=8, text_dim=8, embedding_dim=4)
@@ -45,13 +45,13 @@ class LinearProbeEmbedding(EmbeddingModel):
     """Linear heads over frozen vision (CLS) and text (mean-pooled) features.
 
     Args:
-        vision: vision encoder name (``edje.backbones.OFFLINE_VISION``, a Hub id or folder).
-        text: text encoder name (``edje.backbones.OFFLINE_TEXT``, a Hub id or folder).
+        vision: vision encoder name (`edje.backbones.OFFLINE_VISION`, a Hub id or folder).
+        text: text encoder name (`edje.backbones.OFFLINE_TEXT`, a Hub id or folder).
         image_size: the vision processor's side in pixels (112 for the built-in set).
         vision_dim, text_dim: backbone widths (384 for both offline backbones).
         embedding_dim: the shared space's width.
         temperature: initial softmax temperature of the InfoNCE loss.
-        learn_temperature: train the temperature (as CLIP's ``logit_scale``) or keep it fixed.
+        learn_temperature: train the temperature (as CLIP's `logit_scale`) or keep it fixed.
         max_length: caption tokens kept.
     """
 
@@ -102,13 +102,13 @@ class LinearProbeEmbedding(EmbeddingModel):
 
     @torch.no_grad()
     def embed_image_features(self, features: torch.Tensor) -> torch.Tensor:
-        """Cached vision CLS features ``[N, vision_dim]`` -> unit embeddings ``[N, D]``."""
+        """Cached vision CLS features `[N, vision_dim]` -> unit embeddings `[N, D]`."""
         features = check_embeddings(features, self.vision_dim, type(self).__name__, "features")
         return F.normalize(self.image_head(features.to(self.device)), dim=-1)
 
     @torch.no_grad()
     def embed_text_features(self, features: torch.Tensor) -> torch.Tensor:
-        """Cached mean-pooled text features ``[N, text_dim]`` -> unit embeddings ``[N, D]``."""
+        """Cached mean-pooled text features `[N, text_dim]` -> unit embeddings `[N, D]`."""
         features = check_embeddings(features, self.text_dim, type(self).__name__, "features")
         return F.normalize(self.text_head(features.to(self.device)), dim=-1)
 
@@ -125,7 +125,7 @@ class LinearProbeEmbedding(EmbeddingModel):
         return self.embed_text_features(features)
 
     def embed_vision_tokens(self, vision_tokens: torch.Tensor) -> torch.Tensor:
-        """Raw tokens ``[N, n, d_vis]`` of the same vision encoder: reads the CLS (index 0)."""
+        """Raw tokens `[N, n, d_vis]` of the same vision encoder: reads the CLS (index 0)."""
         if vision_tokens.ndim != 3 or vision_tokens.shape[-1] != self.vision_dim:
             raise ValueError(
                 f"{type(self).__name__}.embed_vision_tokens: expected [N, n, {self.vision_dim}], "
@@ -150,15 +150,15 @@ class LinearProbeEmbedding(EmbeddingModel):
     ) -> list[float]:
         """Train both heads with symmetric InfoNCE on cached features; returns epoch losses.
 
-        The heads start afresh from ``seed`` (as ``nn.Linear`` initialises them), so the same
+        The heads start afresh from `seed` (as `nn.Linear` initialises them), so the same
         features and seed give the same heads whatever the global random state. Each epoch
         draws one caption per image (so a batch never holds two positives of one image),
-        shuffles, and steps through batches of ``batch_size`` images.
+        shuffles, and steps through batches of `batch_size` images.
 
         Args:
-            image_features: ``[n_images, vision_dim]`` from ``backbones.image_features``.
-            text_features: ``[n_texts, text_dim]`` from ``backbones.text_features``.
-            text_to_image: ``LongTensor[n_texts]``, each caption's image row.
+            image_features: `[n_images, vision_dim]` from `backbones.image_features`.
+            text_features: `[n_texts, text_dim]` from `backbones.text_features`.
+            text_to_image: `LongTensor[n_texts]`, each caption's image row.
         """
         images, texts, text_to_image = self._fit_inputs(
             image_features, text_features, text_to_image
@@ -244,9 +244,9 @@ class LinearProbeEmbedding(EmbeddingModel):
         show_progress_bar: bool | None = None,
         **fit_kwargs: Any,
     ) -> list[float]:
-        """Compute the backbone features of an edje-schema ``datasets.Dataset``, then ``fit``.
+        """Compute the backbone features of an edje-schema `datasets.Dataset`, then `fit`.
 
-        ``fit_kwargs`` go to :meth:`fit` (``epochs``, ``lr``, ...); returns the epoch losses.
+        `fit_kwargs` go to `fit` (`epochs`, `lr`, ...); returns the epoch losses.
         """
         from edje.data import flatten_captions
 
@@ -272,8 +272,8 @@ class LinearProbeEmbedding(EmbeddingModel):
         show_progress_bar: bool | None = None,
         **fit_kwargs: Any,
     ) -> list[float]:
-        """``fit_dataset`` over the samples of tar shards (``edje.data.shards.ShardImages``:
-        each sample's image and its caption), or ``max_images`` of them spread evenly."""
+        """`fit_dataset` over the samples of tar shards (`edje.data.shards.ShardImages`:
+        each sample's image and its caption), or `max_images` of them spread evenly."""
         from edje.data.shards import ShardImages
 
         samples = ShardImages(shards)
@@ -297,7 +297,7 @@ class LinearProbeEmbedding(EmbeddingModel):
     # -- saving ------------------------------------------------------------------------------
 
     def config(self) -> dict[str, Any]:
-        """What ``save_pretrained`` writes to ``first_stage_config.json``."""
+        """What `save_pretrained` writes to `first_stage_config.json`."""
         return {
             "kind": KIND,
             "vision": self.vision_name,
@@ -314,7 +314,7 @@ class LinearProbeEmbedding(EmbeddingModel):
         }
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
-        """Write ``first_stage_config.json`` and the heads as ``first_stage.safetensors``."""
+        """Write `first_stage_config.json` and the heads as `first_stage.safetensors`."""
         from safetensors.torch import save_file
 
         folder = Path(save_directory)
@@ -327,7 +327,7 @@ class LinearProbeEmbedding(EmbeddingModel):
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> LinearProbeEmbedding:
-        """Load what ``save_pretrained`` wrote (the backbones load on first use)."""
+        """Load what `save_pretrained` wrote (the backbones load on first use)."""
         from safetensors.torch import load_file
 
         folder = Path(directory)
@@ -375,7 +375,7 @@ class _ShardPictures(Sequence):
 
 @torch.no_grad()
 def _reset_linear(layer: nn.Linear, generator: torch.Generator) -> None:
-    """``nn.Linear``'s own initialisation, drawn from ``generator`` instead of the global RNG
+    """`nn.Linear`'s own initialisation, drawn from `generator` instead of the global RNG
     (which torch seeds at random in every process)."""
     bound = 1.0 / math.sqrt(layer.in_features)
     for tensor in (layer.weight, layer.bias):

@@ -1,6 +1,6 @@
 """CLIP, SigLIP and SigLIP2 as first stage, by Hub id or folder (transformers AutoModel).
 
-Example (a tiny random CLIP saved to a folder; a real one: ``"openai/clip-vit-base-patch16"``):
+Example (a tiny random CLIP saved to a folder; a real one: `"openai/clip-vit-base-patch16"`):
     >>> import tempfile
     >>> from transformers import CLIPConfig, CLIPModel
     >>> from edje.first_stage import TransformersEmbedding
@@ -33,21 +33,11 @@ __all__ = ["TransformersEmbedding"]
 SUPPORTED = ("clip", "siglip", "siglip2")
 
 
-def _features(output: Any) -> torch.Tensor:
-    """``get_*_features`` gives a tensor (transformers 4.x) or a ModelOutput (5.x)."""
-    if isinstance(output, torch.Tensor):
-        return output
-    pooled = getattr(output, "pooler_output", None)
-    if pooled is None:
-        raise TypeError(f"expected a tensor or an output with pooler_output, got {type(output)}")
-    return pooled
-
-
 class TransformersEmbedding(EmbeddingModel):
-    """A dual encoder from transformers: ``get_text_features`` / ``get_image_features``.
+    """A dual encoder from transformers: `get_text_features` / `get_image_features`.
 
     Args:
-        name_or_path: a Hub id (e.g. ``"google/siglip2-large-patch16-384"``) or a folder holding
+        name_or_path: a Hub id (e.g. `"google/siglip2-large-patch16-384"`) or a folder holding
             a CLIP, SigLIP or SigLIP2 model with its processor.
         device: where the model runs.
         dtype: the model's dtype (outputs are float32 either way).
@@ -128,7 +118,7 @@ class TransformersEmbedding(EmbeddingModel):
 
     @torch.inference_mode()
     def embed_vision_tokens(self, vision_tokens: torch.Tensor) -> torch.Tensor:
-        """Raw ``last_hidden_state`` of this model's own vision tower -> image embeddings.
+        """Raw `last_hidden_state` of this model's own vision tower -> image embeddings.
 
         CLIP: post-LayerNorm of the CLS token, then the visual projection. SigLIP: the
         attention-pooling head. SigLIP2 NaFlex needs its patch mask: not supported here.
@@ -144,7 +134,7 @@ class TransformersEmbedding(EmbeddingModel):
         return F.normalize(pooled.float(), dim=-1)
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        """Save the model (safetensors) and its processor, for ``TransformersEmbedding(folder)``."""
+        """Save the model (safetensors) and its processor, for `TransformersEmbedding(folder)`."""
         self.model.save_pretrained(save_directory)
         self.processor.save_pretrained(save_directory)
 
@@ -152,3 +142,13 @@ class TransformersEmbedding(EmbeddingModel):
         if not chunks:
             return torch.empty(0, self.embedding_dim, device=self.device)
         return F.normalize(torch.cat(chunks), dim=-1)
+
+
+def _features(output: Any) -> torch.Tensor:
+    """`get_*_features` gives a tensor (transformers 4.x) or a ModelOutput (5.x)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    pooled = getattr(output, "pooler_output", None)
+    if pooled is None:
+        raise TypeError(f"expected a tensor or an output with pooler_output, got {type(output)}")
+    return pooled

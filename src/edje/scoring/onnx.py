@@ -112,7 +112,9 @@ def export_onnx(
 
     The file appears atomically: it is written under a temporary name in the same folder and
     renamed into place, so `path` is either absent, the previous file, or the complete new one.
-    Returns `path`.
+
+    Returns:
+        `path`.
     """
     if quantize not in QUANTIZE_MODES:
         raise ValueError(f"export_onnx: quantize must be one of {QUANTIZE_MODES}, got {quantize!r}")

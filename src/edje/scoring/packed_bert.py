@@ -191,14 +191,16 @@ class PackedBert:
     ) -> torch.Tensor:
         """Embed one bucket of pairs `[CLS] caption [SEP] <image tokens> [SEP]`, LayerNorm-ed.
 
+        The caption part (and its LayerNorm) is computed once per caption, not once per pair.
+
         Args:
             caption_ids: `(Qb, n)` token ids of the bucket's captions (`[CLS] ... [SEP]`).
             caption_of_row: `(B,)` which caption each row reads; `None` when `Qb == 1`.
             image_tokens: `(B, m, d)`.
             sep_id: the final `[SEP]` token id.
 
-        Returns the bucket's `(B * L, d)` packed embeddings, `L = n + m + 1`. The caption part
-        (and its LayerNorm) is computed once per caption, not once per pair.
+        Returns:
+            The bucket's `(B * L, d)` packed embeddings, `L = n + m + 1`.
         """
         n, (rows, m, d) = caption_ids.shape[1], image_tokens.shape
         pos, seg = self.position, self.segment

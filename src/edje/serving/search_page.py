@@ -167,12 +167,62 @@ def image_ids_in(folder: str | Path, ids: list[str]) -> list[str]:
 def add_search_page(app, collection: Collection) -> None:
     """Add the page's routes to the service's FastAPI `app` (from `create_app`); searches run
     on its device thread, never beside a forward."""
-    from fastapi import Request
-    from fastapi.responses import HTMLResponse, Response
+    from fastapi.responses import HTMLResponse
 
-    async def run_on_device(work, *args):
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(app.state.device_thread, work, *args)
+    @app.get("/", response_class=HTMLResponse)
+    async def page():
+        return HTMLResponse(PAGE.read_text(encoding="utf-8"))
+
+    _add_search(app, collection)
+    _add_describe(app, collection)
+    _add_images(app, collection)
+
+
+async def _run_on_device(app, work, *args):
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(app.state.device_thread, work, *args)
+
+
+def _add_search(app, collection: Collection) -> None:
+    """`POST /v1/search`: caption -> the first stage's top k and EDJE's reranking of them."""
+    from fastapi import Request
+
+    fusion_available = fusion_weights(collection.reranker.model.config) is not None
+
+    @app.post("/v1/search")
+    async def search(request: Request):
+        body = await read_body(request, app.state.limits)
+        payload = check_fields(parse_json(body), {"query", "k", "top_n", "fusion"})
+        query = check_query(payload.get("query"), app.state.limits)
+        k, fusion = _k(payload), payload.get("fusion", fusion_available)
+        if not isinstance(fusion, bool):
+            raise RequestError(400, f"'fusion' must be true or false, got {fusion!r}.")
+        fusion = fusion and fusion_available
+        answer = await _run_on_device(app, collection.search, query, k, fusion, _top_n(payload))
+        return {**answer, "fusion_available": fusion_available}
+
+
+def _add_describe(app, collection: Collection) -> None:
+    """`POST /v1/describe`: image -> the first stage's top k captions and EDJE's reranking."""
+    from fastapi import Request
+
+    @app.post("/v1/describe")
+    async def describe(request: Request):
+        body = await read_body(request, app.state.limits)
+        payload = check_fields(parse_json(body), {"image_id", "k", "top_n"})
+        image_id = payload.get("image_id")
+        if not isinstance(image_id, str) or image_id not in collection.positions:
+            raise RequestError(404, f"no image {image_id!r} in the collection.")
+        if not collection.captions:
+            raise RequestError(404, "this collection has no captions (start with --captions).")
+        k, top_n = _k(payload), _top_n(payload)
+        return await _run_on_device(app, collection.describe, image_id, k, top_n)
+
+
+def _add_images(app, collection: Collection) -> None:
+    """`GET /images/{image_id}`: thumbnails, each decoded once (the first asker makes it, the
+    others wait for it) and the last `THUMBNAILS_KEPT` kept in memory."""
+    from fastapi.responses import Response
 
     thumbnails: OrderedDict[str, bytes] = OrderedDict()
     making: dict[str, asyncio.Future] = {}  # thumbnails being made, by image id
@@ -186,35 +236,6 @@ def add_search_page(app, collection: Collection) -> None:
             thumbnails[image_id] = await asyncio.to_thread(_thumbnail, path)
         if len(thumbnails) > THUMBNAILS_KEPT:
             thumbnails.popitem(last=False)
-
-    fusion_available = fusion_weights(collection.reranker.model.config) is not None
-
-    @app.get("/", response_class=HTMLResponse)
-    async def page():
-        return HTMLResponse(PAGE.read_text(encoding="utf-8"))
-
-    @app.post("/v1/search")
-    async def search(request: Request):
-        body = await read_body(request, app.state.limits)
-        payload = check_fields(parse_json(body), {"query", "k", "top_n", "fusion"})
-        query = check_query(payload.get("query"), app.state.limits)
-        k, fusion = _k(payload), payload.get("fusion", fusion_available)
-        if not isinstance(fusion, bool):
-            raise RequestError(400, f"'fusion' must be true or false, got {fusion!r}.")
-        fusion = fusion and fusion_available
-        answer = await run_on_device(collection.search, query, k, fusion, _top_n(payload))
-        return {**answer, "fusion_available": fusion_available}
-
-    @app.post("/v1/describe")
-    async def describe(request: Request):
-        body = await read_body(request, app.state.limits)
-        payload = check_fields(parse_json(body), {"image_id", "k", "top_n"})
-        image_id = payload.get("image_id")
-        if not isinstance(image_id, str) or image_id not in collection.positions:
-            raise RequestError(404, f"no image {image_id!r} in the collection.")
-        if not collection.captions:
-            raise RequestError(404, "this collection has no captions (start with --captions).")
-        return await run_on_device(collection.describe, image_id, _k(payload), _top_n(payload))
 
     @app.get("/images/{image_id:path}")
     async def image(image_id: str):

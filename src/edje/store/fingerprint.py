@@ -70,12 +70,13 @@ def store_fingerprint(
 ) -> dict:
     """The fingerprint recorded in a token store's manifest.
 
-    ``adapter_sha256`` is `state_dict_sha256` of the token-compression adapter, or ``"raw"``
-    for a store of raw vision tokens. ``extra`` fields (e.g. ``image_size``) are kept as given
-    (JSON-able). ``edje_version`` and ``vision_name`` are informational: `TokenStore.check_
-    fingerprint` does not compare them (the same weights may be named by Hub id or folder),
-    except that ``vision_name`` is compared when ``vision_weights_sha256`` is None (left out:
-    a model folder that records no weight hash, checked without loading its vision encoder).
+    `adapter_sha256` is `state_dict_sha256` of the token-compression adapter, or `"raw"`
+    for a store of raw vision tokens. `extra` fields (e.g. `image_size`) are kept as given
+    (JSON-able). `edje_version` and `vision_name` are informational:
+    `TokenStore.check_fingerprint` does not compare them (the same weights may be named by Hub
+    id or folder), except that `vision_name` is compared when `vision_weights_sha256` is None
+    (left out: a model folder that records no weight hash, checked without loading its vision
+    encoder).
 
     Example:
         >>> fp = store_fingerprint("facebook/dinov2-small", "ab12", {"size": 224})
@@ -101,11 +102,11 @@ INFORMATIONAL_FIELDS = ("edje_version", "vision_name")
 
 
 def fingerprint_diff(store: Mapping, expected: Mapping) -> dict[str, tuple[object, object]]:
-    """Fields of ``expected`` (dotted for nested dicts) that the store's fingerprint does not
-    hold with the same value: ``{field: (store value or None, expected value)}``.
+    """Fields of `expected` (dotted for nested dicts) that the store's fingerprint does not
+    hold with the same value: `{field: (store value or None, expected value)}`.
 
     Fields only the store has are not compared (the expecting side did not ask about them);
-    nor are `INFORMATIONAL_FIELDS`, except ``vision_name`` when ``expected`` has no weight
+    nor are `INFORMATIONAL_FIELDS`, except `vision_name` when `expected` has no weight
     hash: the name is then all that says which vision encoder it means.
     """
     a, b = _flatten(store), _flatten(json.loads(json.dumps(dict(expected), default=str)))

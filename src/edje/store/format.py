@@ -1,39 +1,41 @@
 """On-disk format of a token store: shard files (safetensors) and the manifest (JSON).
 
-A store is a folder::
+A store is a folder:
 
-    STORE/
-      manifest.json                   index of everything below (written last, atomically)
-      shards/r000-000000.safetensors  one file per flush of one writer (rank 0, sequence 0)
-      shards/r001-000000.safetensors  ...
+```text
+STORE/
+  manifest.json                   index of everything below (written last, atomically)
+  shards/r000-000000.safetensors  one file per flush of one writer (rank 0, sequence 0)
+  shards/r001-000000.safetensors  ...
+```
 
-Each shard is a plain safetensors file (``safetensors.safe_open`` reads it) holding
+Each shard is a plain safetensors file (`safetensors.safe_open` reads it) holding
 
-- ``row_crc32``: ``[rows]`` ``U32``, the CRC-32 of each row's token bytes followed by its
+- `row_crc32`: `[rows]` `U32`, the CRC-32 of each row's token bytes followed by its
   scale bytes (format version 2 on): checked on every read, so a flipped byte is an error
   naming the shard and the id instead of a silently different score;
-- ``scales``: ``[rows, m]`` ``F32``, only for int8 stores (token = int8 row x its scale),
+- `scales`: `[rows, m]` `F32`, only for int8 stores (token = int8 row x its scale),
   stored before the tokens so every tensor stays aligned;
-- ``tokens``: ``[rows, m, d]`` in the store dtype (``F16``, ``BF16`` or ``I8``);
+- `tokens`: `[rows, m, d]` in the store dtype (`F16`, `BF16` or `I8`);
 
-and, in the header's ``__metadata__`` (all strings): ``format``, ``dtype`` (the store dtype),
-``ids`` (JSON list, row order),
-``failures`` (JSON object id -> reason, for the images of this shard that could not be
-encoded), ``fingerprint`` (JSON) and ``data_sha256`` (sha256 of the bytes after the header).
+and, in the header's `__metadata__` (all strings): `format`, `dtype` (the store dtype),
+`ids` (JSON list, row order),
+`failures` (JSON object id -> reason, for the images of this shard that could not be
+encoded), `fingerprint` (JSON) and `data_sha256` (sha256 of the bytes after the header).
 Every shard describes itself, so the manifest can be rebuilt from the shard headers alone
 (which is how an interrupted run resumes and how ranks' shards are merged).
 
-The manifest holds ``format``, ``format_version``, ``dtype``, ``token_shape`` ``[m, d]``,
-``count``, ``fingerprint``, ``failures`` and ``shards``: a list of ``{"file", "rows", "bytes",
-"data_sha256", "ids"}``; the row of an id is its position in its shard's ``ids``.
+The manifest holds `format`, `format_version`, `dtype`, `token_shape` `[m, d]`,
+`count`, `fingerprint`, `failures` and `shards`: a list of `{"file", "rows", "bytes",
+"data_sha256", "ids"}`; the row of an id is its position in its shard's `ids`.
 
-Files are written as ``NAME.tmp-<pid>`` and renamed, so a reader never sees half a file.
+Files are written as `NAME.tmp-<pid>` and renamed, so a reader never sees half a file.
 
 Integrity checks, from cheap to thorough: opening a store stats every shard (missing or
-truncated files: the size must equal the manifest's ``bytes``); the first read of a shard parses
-its header and checks its size, row count and ``data_sha256`` field against the manifest; every
-read checks each row it returns against ``row_crc32`` (a version 1 shard, which has none, is
-re-hashed whole on its first read instead); ``TokenStore.verify()`` (or ``open(verify=True)``)
+truncated files: the size must equal the manifest's `bytes`); the first read of a shard parses
+its header and checks its size, row count and `data_sha256` field against the manifest; every
+read checks each row it returns against `row_crc32` (a version 1 shard, which has none, is
+re-hashed whole on its first read instead); `TokenStore.verify()` (or `open(verify=True)`)
 re-hashes every shard's data and checks every token is finite, reading it all.
 """
 
@@ -78,7 +80,7 @@ class StoreCorruptError(ValueError):
 
 
 def check_dtype(dtype: str) -> str:
-    """Return ``dtype`` if it is a store dtype, else raise a ValueError naming the choices."""
+    """Return `dtype` if it is a store dtype, else raise a ValueError naming the choices."""
     if dtype not in STORE_DTYPES:
         raise ValueError(f"TokenStore: dtype must be one of {sorted(STORE_DTYPES)}, got {dtype!r}")
     return dtype
@@ -131,7 +133,7 @@ def row_checksum(tokens: np.ndarray, scales: np.ndarray | None) -> int:
 
 
 def row_checksums(tokens: np.ndarray, scales: np.ndarray | None) -> np.ndarray:
-    """``[rows]`` `row_checksum` of each row."""
+    """`[rows]` `row_checksum` of each row."""
     sums = [row_checksum(t, None if scales is None else scales[n]) for n, t in enumerate(tokens)]
     return np.asarray(sums, dtype=CHECKSUM_DTYPE[1])
 
@@ -143,8 +145,8 @@ def write_shard(
 ) -> int:
     """Write a safetensors file atomically (temp name, fsync, rename); return its size.
 
-    ``tensors`` maps name -> (safetensors dtype tag, shape, raw little-endian bytes). The
-    sha256 of the data section is added to the metadata as ``data_sha256``.
+    `tensors` maps name -> (safetensors dtype tag, shape, raw little-endian bytes). The
+    sha256 of the data section is added to the metadata as `data_sha256`.
     """
     digest = hashlib.sha256()
     header: dict[str, object] = {}
@@ -177,7 +179,7 @@ def write_shard(
 def read_shard_header(path: Path) -> ShardHeader:
     """Parse a shard's header and check the file is as long as the header says.
 
-    Reads only the first ``8 + header`` bytes. Raises `StoreCorruptError` naming the file if
+    Reads only the first `8 + header` bytes. Raises `StoreCorruptError` naming the file if
     the header is unreadable or the file is truncated.
     """
     try:
@@ -350,7 +352,7 @@ def build_manifest(
 def check_shard_matches(
     h: ShardHeader, dtype: str, token_shape: tuple[int, int], fingerprint: Mapping
 ) -> None:
-    """Raise if shard ``h`` was written with another dtype, token shape or fingerprint."""
+    """Raise if shard `h` was written with another dtype, token shape or fingerprint."""
     tokens = h.tensors.get("tokens")
     if tokens is None or len(tokens.shape) != 3 or len(h.ids) != tokens.shape[0]:
         raise StoreCorruptError(f"shard {h.path} has no [rows, m, d] 'tokens' matching its ids")
@@ -368,9 +370,9 @@ def check_shard_matches(
 
 
 def quantize_int8(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-token int8: ``tokens [B, m, d]`` -> ``(q int8 [B, m, d], scales f32 [B, m])``.
+    """Symmetric per-token int8: `tokens [B, m, d]` -> `(q int8 [B, m, d], scales f32 [B, m])`.
 
-    ``q * scale`` is within ``scale / 2 = max|token| / 254`` of each value of its token.
+    `q * scale` is within `scale / 2 = max|token| / 254` of each value of its token.
     """
     x = tokens.detach().to(torch.float32)
     scales = x.abs().amax(dim=-1) / 127.0  # [B, m]
@@ -380,7 +382,7 @@ def quantize_int8(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def dequantize_int8(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Inverse of `quantize_int8`: ``q [B, m, d]``, ``scales [B, m]`` -> ``[B, m, d]`` ``dtype``."""
+    """Inverse of `quantize_int8`: `q [B, m, d]`, `scales [B, m]` -> `[B, m, d]` `dtype`."""
     if dtype == torch.bfloat16:  # int8 is exact in bf16; the fast path on CPUs
         return q.to(torch.bfloat16) * scales.to(torch.bfloat16).unsqueeze(-1)
     out = torch.empty(q.shape, dtype=torch.float32, device=q.device)

@@ -46,12 +46,12 @@ class MappedShard(NamedTuple):
 
 
 class TokenStore:
-    """Read-only view of a token store: ``len``, ``ids``, ``in``, ``get``, ``gather``.
+    """Read-only view of a token store: `len`, `ids`, `in`, `get`, `gather`.
 
-    Opening reads only ``manifest.json`` (and stats the shard files to catch truncation); a
-    shard's header is parsed and its tokens memory-mapped on first access. ``gather`` returns
-    ``[B, m, d]`` in the store dtype (float16 / bfloat16); int8 stores are dequantised with
-    their per-token scales to ``float16``. ``to(device)`` loads the whole store onto a device.
+    Opening reads only `manifest.json` (and stats the shard files to catch truncation); a
+    shard's header is parsed and its tokens memory-mapped on first access. `gather` returns
+    `[B, m, d]` in the store dtype (float16 / bfloat16); int8 stores are dequantised with
+    their per-token scales to `float16`. `to(device)` loads the whole store onto a device.
 
     Example:
         >>> import tempfile, torch
@@ -80,7 +80,7 @@ class TokenStore:
     # -- construction ------------------------------------------------------------------------
     @classmethod
     def open(cls, path: str | Path, *, verify: bool = False) -> TokenStore:
-        """Open the store at ``path`` reading only its manifest (``verify=True``: hash all)."""
+        """Open the store at `path` reading only its manifest (`verify=True`: hash all)."""
         path = Path(path)
         manifest_path = path / MANIFEST_NAME
         try:
@@ -111,8 +111,8 @@ class TokenStore:
 
     @staticmethod
     def create(path: str | Path, **kwargs) -> TokenStoreWriter:
-        """Start writing a store: ``TokenStore.create(path, token_shape=(m, d), dtype=...,
-        fingerprint=..., shard_size=1024, resume=False, overwrite=False)``; see
+        """Start writing a store: `TokenStore.create(path, token_shape=(m, d), dtype=...,
+        fingerprint=..., shard_size=1024, resume=False, overwrite=False)`; see
         `TokenStoreWriter`."""
         return TokenStoreWriter(path, **kwargs)
 
@@ -141,7 +141,7 @@ class TokenStore:
 
     @property
     def failures(self) -> dict[str, str]:
-        """Images that could not be encoded: ``{id: reason}``."""
+        """Images that could not be encoded: `{id: reason}`."""
         return dict(self.manifest["failures"])
 
     @property
@@ -175,7 +175,7 @@ class TokenStore:
         return self._index
 
     def index(self, ids: Iterable[str]) -> np.ndarray:
-        """Row numbers ``[B]`` (int64) of ``ids``; KeyError naming the missing ones."""
+        """Row numbers `[B]` (int64) of `ids`; KeyError naming the missing ones."""
         table = self._id_index()
         try:
             return np.fromiter((table[i] for i in ids), dtype=np.int64)
@@ -188,20 +188,20 @@ class TokenStore:
             raise KeyError(f"TokenStore: id {e.args[0]!r} is not in {self.path}{failed}") from None
 
     def get(self, image_id: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Tokens ``[m, d]`` of one image."""
+        """Tokens `[m, d]` of one image."""
         return self.gather([image_id], dtype)[0]
 
     def gather(self, ids: Sequence[str], dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Tokens ``[B, m, d]`` of ``ids``, in the order given (repeats allowed).
+        """Tokens `[B, m, d]` of `ids`, in the order given (repeats allowed).
 
-        ``dtype`` (default `token_dtype`) is the dtype returned; int8 stores dequantise to it.
+        `dtype` (default `token_dtype`) is the dtype returned; int8 stores dequantise to it.
         """
         return self.gather_rows(self.index(ids), dtype)
 
     def gather_rows(
         self, rows: np.ndarray | torch.Tensor | Sequence[int], dtype: torch.dtype | None = None
     ) -> torch.Tensor:
-        """Tokens ``[B, m, d]`` of row numbers (see `index`)."""
+        """Tokens `[B, m, d]` of row numbers (see `index`)."""
         dtype = dtype or self.token_dtype
         if self._resident is not None:
             tokens, scales = self._resident
@@ -255,7 +255,7 @@ class TokenStore:
         return out, out_s
 
     def _check_rows(self, s, local, positions, sums, tokens, scales) -> None:
-        """Rows ``tokens[positions]`` (and ``scales``) against shard ``s``'s CRC-32s."""
+        """Rows `tokens[positions]` (and `scales`) against shard `s`'s CRC-32s."""
         for row, p in zip(local.tolist(), positions.tolist(), strict=True):
             if row_checksum(tokens[p], None if scales is None else scales[p]) != int(sums[row]):
                 meta = self._shard_meta[s]
@@ -266,7 +266,7 @@ class TokenStore:
                 )
 
     def _map(self, s: int) -> MappedShard:
-        """Memory-map shard ``s`` (header parsed and checked on first access)."""
+        """Memory-map shard `s` (header parsed and checked on first access)."""
         mapped = self._mapped[s]
         if mapped is None:
             meta = self._shard_meta[s]
@@ -306,7 +306,7 @@ class TokenStore:
 
     # -- whole-store operations --------------------------------------------------------------
     def to(self, device: str | torch.device) -> TokenStore:
-        """Hold every token on ``device`` (int8 stays int8 there); returns self."""
+        """Hold every token on `device` (int8 stays int8 there); returns self."""
         everything = np.arange(len(self), dtype=np.int64)
         tokens, scales = self._gather_numpy(everything) if len(self) else (None, None)
         if tokens is None:
@@ -352,7 +352,7 @@ class TokenStore:
         bar.close()
 
     def _check_finite(self, s: int, chunk: int = 256) -> None:
-        """Every row of shard ``s`` read (checksums, header against the manifest) and finite."""
+        """Every row of shard `s` read (checksums, header against the manifest) and finite."""
         meta, start = self._shard_meta[s], int(self._starts[s])
         for first in range(0, meta["rows"], chunk):
             rows = np.arange(start + first, start + min(first + chunk, meta["rows"]))
@@ -364,11 +364,11 @@ class TokenStore:
                 )
 
     def check_fingerprint(self, expected: Mapping, *, force: bool = False) -> None:
-        """Raise ValueError if this store was not made the way ``expected`` says.
+        """Raise ValueError if this store was not made the way `expected` says.
 
-        Every field of ``expected`` is compared (nested dicts field by field) except the
-        `INFORMATIONAL_FIELDS` (``edje_version``, ``vision_name``); fields only the store has
-        are ignored. With ``force=True`` a mismatch is a warning instead.
+        Every field of `expected` is compared (nested dicts field by field) except the
+        `INFORMATIONAL_FIELDS` (`edje_version`, `vision_name`); fields only the store has
+        are ignored. With `force=True` a mismatch is a warning instead.
         """
         diff = fingerprint_diff(self.fingerprint, expected)
         if not diff:

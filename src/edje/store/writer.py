@@ -37,14 +37,14 @@ from edje.store.lock import StoreLock
 class TokenStoreWriter:
     """Writes token rows to a store folder; use `TokenStore.create` to make one.
 
-    Rows are buffered and written as one shard file every ``shard_size`` rows (a shard holds
-    whole `add` calls, so a batch is never split across shards). With ``resume=True`` the
+    Rows are buffered and written as one shard file every `shard_size` rows (a shard holds
+    whole `add` calls, so a batch is never split across shards). With `resume=True` the
     shards already on disk are kept and their ids are in `done_ids` (failed ones are not: a
     re-run tries them again, and a success replaces the failure); half-written temporary files
-    of a killed run are deleted. ``rank`` names this writer's shards, so several
-    processes can write one store at once: give them ``write_manifest=False, clean=False,
-    lock=False``, hold `store_lock` around them all, and call `finalize` once all have closed.
-    Alone (``lock=True``), a writer holds the store's write lock until it closes: a second
+    of a killed run are deleted. `rank` names this writer's shards, so several
+    processes can write one store at once: give them `write_manifest=False, clean=False,
+    lock=False`, hold `store_lock` around them all, and call `finalize` once all have closed.
+    Alone (`lock=True`), a writer holds the store's write lock until it closes: a second
     writer of the same store raises `StoreBusyError` at once.
 
     Example:
@@ -148,10 +148,10 @@ class TokenStoreWriter:
     def add(
         self, ids: Sequence[str], tokens: torch.Tensor, failures: Mapping[str, str] | None = None
     ) -> None:
-        """Add token rows ``tokens [B, m, d]`` for ``ids`` (B strings), and optional failures.
+        """Add token rows `tokens [B, m, d]` for `ids` (B strings), and optional failures.
 
         Everything is checked before anything is buffered: ids must be new strings, the shape
-        must be ``[len(ids), m, d]`` and all values finite.
+        must be `[len(ids), m, d]` and all values finite.
         """
         self._check_open()
         ids = list(ids)
@@ -174,7 +174,7 @@ class TokenStoreWriter:
             self.flush()
 
     def add_failures(self, failures: Mapping[str, str]) -> None:
-        """Record images that could not be encoded: ``{id: reason}``."""
+        """Record images that could not be encoded: `{id: reason}`."""
         self.add([], torch.empty(0, *self.token_shape), failures)
 
     def _check_ids(self, ids: list[str]) -> None:
@@ -241,9 +241,11 @@ class TokenStoreWriter:
         return path
 
     def close(self) -> dict | None:
-        """Flush, then (if ``write_manifest``) index all shards into ``manifest.json``.
+        """Flush, then (if `write_manifest`) index all shards into `manifest.json`. Closing
+        twice does nothing.
 
-        Returns the manifest written, else None. Closing twice does nothing.
+        Returns:
+            The manifest written, else None.
         """
         if self.closed:
             return None
@@ -295,10 +297,10 @@ def finalize(
     token_shape: Sequence[int] | None = None,
     fingerprint: Mapping | None = None,
 ) -> dict:
-    """Index every completed shard of the store at ``path`` into ``manifest.json``.
+    """Index every completed shard of the store at `path` into `manifest.json`.
 
     Called by the writer that closes last (rank 0 after a barrier, in a multi-process run).
-    Without ``dtype``/``token_shape``/``fingerprint`` those of the first shard are used; every
+    Without `dtype`/`token_shape`/`fingerprint` those of the first shard are used; every
     shard must match them.
     """
     path = Path(path)

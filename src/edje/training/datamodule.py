@@ -92,18 +92,30 @@ class EDJEDataModule(LightningDataModule):
         backbones: dict[str, Any] | None = None,
     ):
         super().__init__()
-        if neighbourhood_size > 1 and first_stage is None:
-            raise ValueError(
-                "EDJEDataModule: neighbourhood_size > 1 groups captions by the first stage's "
-                "similarities; give a first_stage."
-            )
-        if fit_first_stage and not isinstance(first_stage, str | Path):
-            raise ValueError(
-                "EDJEDataModule: fit_first_stage=True fits a probe into the folder first_stage "
-                f"names; got first_stage={first_stage!r}."
-            )
+        _check_first_stage_settings(first_stage, fit_first_stage, neighbourhood_size)
         self.data, self.store_path = data, Path(store)
         self.first_stage, self.fit_first_stage = first_stage, fit_first_stage
+        self._link_backbones(
+            backbones, vision, vision_image_size, text, max_caption_length, normalize_captions
+        )
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.encode_batch_size = encode_batch_size
+        self.seed = seed
+        self.builtin = builtin
+        self.columns = dict(
+            caption_column=caption_column, image_column=image_column, id_column=id_column
+        )
+        self.neighbourhood_size, self.neighbourhood_pool = neighbourhood_size, neighbourhood_pool
+        self.splits: DatasetDict | None = None
+        self.pairs: dict[str, PairTable] = {}
+
+    def _link_backbones(
+        self, backbones, vision, vision_image_size, text, max_caption_length, normalize_captions
+    ) -> None:
+        """The backbone settings: the network's (`backbones`) or those given here (the two must
+        agree), else the offline backbones, 64 caption tokens and captions as they are."""
         linked = agreeing(
             backbones or {},
             vision=vision,
@@ -117,18 +129,6 @@ class EDJEDataModule(LightningDataModule):
         self.text = linked.get("text") or OFFLINE_TEXT
         self.max_caption_length = linked.get("max_caption_length") or 64
         self.normalize_captions = bool(linked.get("normalize_captions"))
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size or batch_size
-        self.num_workers = num_workers
-        self.encode_batch_size = encode_batch_size
-        self.seed = seed
-        self.builtin = builtin
-        self.columns = dict(
-            caption_column=caption_column, image_column=image_column, id_column=id_column
-        )
-        self.neighbourhood_size, self.neighbourhood_pool = neighbourhood_size, neighbourhood_pool
-        self.splits: DatasetDict | None = None
-        self.pairs: dict[str, PairTable] = {}
 
     # -- Lightning hooks -----------------------------------------------------------------------
 
@@ -391,3 +391,20 @@ class PairTable:
             position = {image_id: n for n, image_id in enumerate(distinct)}
             image_embeddings = per_image[[position[i] for i in image_ids]]
         return cls(split, captions, image_ids, text_embeddings, image_embeddings)
+
+
+def _check_first_stage_settings(
+    first_stage, fit_first_stage: bool, neighbourhood_size: int
+) -> None:
+    """Refuse what needs a first stage without one: neighbourhoods, and fitting a probe (into
+    the folder `first_stage` names)."""
+    if neighbourhood_size > 1 and first_stage is None:
+        raise ValueError(
+            "EDJEDataModule: neighbourhood_size > 1 groups captions by the first stage's "
+            "similarities; give a first_stage."
+        )
+    if fit_first_stage and not isinstance(first_stage, str | Path):
+        raise ValueError(
+            "EDJEDataModule: fit_first_stage=True fits a probe into the folder first_stage "
+            f"names; got first_stage={first_stage!r}."
+        )
