@@ -11,7 +11,7 @@ import importlib
 import sys
 from typing import TYPE_CHECKING
 
-__version__ = "0.1.0.dev0"
+from edje._version import __version__
 
 _EXPORTS = {
     "EDJEConfig": "edje.configuration_edje",

@@ -121,7 +121,8 @@ class EDJEReranker:
         precision: str | None = None,
         error_bound: float | None = None,
     ):
-        from edje import EDJEModel, EDJEProcessor
+        from edje.modeling_edje import EDJEModel
+        from edje.processing_edje import EDJEProcessor
         from edje.scoring import make_scorer
         from edje.store import TokenStore
 

@@ -96,7 +96,8 @@ def load_data(
 
 
 def _load_all(name, *, data_dir, seed, builtin, columns) -> DatasetDict:
-    from edje import data as edje_data
+    from edje.data.builtin import make_builtin_dataset
+    from edje.data.emoji import load_emoji
     from edje.data.hub import is_hub_id, load_hub_dataset
 
     if isinstance(name, DatasetDict):
@@ -109,9 +110,9 @@ def _load_all(name, *, data_dir, seed, builtin, columns) -> DatasetDict:
     if hub:
         return _with_validation(load_hub_dataset(name, **columns))
     if name == "builtin":
-        return edje_data.make_builtin_dataset(seed=seed, **(builtin or {}))
+        return make_builtin_dataset(seed=seed, **(builtin or {}))
     if name == "emoji":
-        return edje_data.load_emoji()
+        return load_emoji()
     if name in ICON_SETS:  # built by `edje data build icons` (edje.data.icon_shards)
         return _folder_splits(_icon_set_folder(name, data_dir), None)
     if name in ("flickr30k", "coco"):
@@ -162,9 +163,9 @@ def _icon_set_folder(name: str, data_dir: str | None) -> Path:
 
 
 def _karpathy(name: str, data_dir: str | None, splits: Sequence[str]) -> DatasetDict:
-    from edje import data as edje_data
+    from edje.data.karpathy import load_coco_karpathy, load_flickr30k
 
-    load = edje_data.load_flickr30k if name == "flickr30k" else edje_data.load_coco_karpathy
+    load = load_flickr30k if name == "flickr30k" else load_coco_karpathy
     return DatasetDict({split: load(split, data_dir=data_dir) for split in splits})
 
 

@@ -83,7 +83,7 @@ def store_fingerprint(
         >>> fp["adapter_sha256"], fp["image_processor"]
         ('raw', {'size': 224})
     """
-    from edje import __version__
+    from edje._version import __version__
 
     fingerprint = {
         "edje_version": __version__,
