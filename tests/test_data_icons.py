@@ -1,4 +1,4 @@
-"""The icon corpus on a fixture of real icons (tests/data/icons: a few icons of twelve iconify
+"""The icon corpus on a fixture of real icons (tests/fixtures/icons: a few icons of twelve iconify
 sets with their licences, and the side packages' entries for them): readable captions, the
 zero-shot hold-out (checked over a whole built corpus by `edje data check`), shards that
 edje's shard readers and `edje encode --shards` read, deterministic and resumable builds, and
@@ -22,7 +22,7 @@ from edje.data.icon_shards import build_icon_corpus, check_icon_corpus
 from edje.data.icons import IconSource, catalogue
 from edje.data.npm import NpmFetchError, NpmPackage, fetch_npm_package
 
-FIXTURE = Path(__file__).parent / "data" / "icons"
+FIXTURE = Path(__file__).parent / "fixtures" / "icons"
 
 
 @pytest.fixture(scope="module")
