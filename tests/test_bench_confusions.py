@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
 from edje.data.builtin import MIRROR, make_builtin_scenes
+from tests.helpers.paths import ROOT
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "confusions.py"
+BENCH = ROOT / "bench" / "confusions.py"
 spec = importlib.util.spec_from_file_location("bench_confusions", BENCH)
 confusions = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(confusions)

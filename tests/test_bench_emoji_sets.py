@@ -12,8 +12,9 @@ import pytest
 from PIL import Image
 
 from edje.data import load_data
+from tests.helpers.paths import ROOT
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "emoji_sets.py"
+BENCH = ROOT / "bench" / "emoji_sets.py"
 spec = importlib.util.spec_from_file_location("bench_emoji_sets", BENCH)
 emoji_sets = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(emoji_sets)

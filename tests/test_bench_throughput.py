@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
 from edje.training.hardware import cpu_has_native_bf16
+from tests.helpers.paths import ROOT
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "throughput.py"
+BENCH = ROOT / "bench" / "throughput.py"
 
 
 @pytest.fixture(scope="module")

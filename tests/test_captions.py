@@ -9,8 +9,8 @@ import pytest
 import torch
 from datasets import Dataset
 
-from conftest import make_tiny_config
 from edje import EDJEConfig, EDJEModel, clean_caption
+from tests.helpers.tiny import make_tiny_config
 
 RAW = "Two young Guys with shaggy_hair look at their hands ."
 CLEAN = "two young guys with shaggy hair look at their hands"

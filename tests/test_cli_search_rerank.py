@@ -9,12 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import make_tiny_config
 from edje import EDJEModel
 from edje.cli import main
 from edje.commands import UsageError
 from edje.rerank import EDJEReranker
 from edje.store import TokenStore
+from tests.helpers.tiny import make_tiny_config
 
 CAPTIONS = ["a cat", "a red circle", "dogs in the park", "two birds", "a boat", "snow"]
 
@@ -435,10 +435,10 @@ def test_eval_in_exact_mode_gives_exactly_the_fp32_report(files, tmp_path):
 def test_the_search_page_in_exact_mode_shows_fp32s_top_n(files):
     """`/v1/search` and `/v1/describe` with `top_n` < k over real HTTP: the exact-mode service
     shows the fp32 service's top n (ids, captions, scores) after its bf16 + fp32 phases."""
-    from conftest import http_json
     from edje.first_stage import VectorIndex, load_embedding_model
     from edje.serving.app import RerankerBackend, create_app, serve_in_background
     from edje.serving.search_page import Collection, add_search_page
+    from tests.helpers.loopback import http_json
 
     root, ids, _ = files
     probe = load_embedding_model(root / "probe")

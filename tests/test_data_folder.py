@@ -4,7 +4,6 @@ imagefolder, and from_dataset."""
 from __future__ import annotations
 
 import csv
-import json
 
 import datasets
 import pytest
@@ -18,19 +17,7 @@ from edje.data import (
     read_captions,
     save_builtin_dataset,
 )
-
-
-def write_images(folder, names):
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, name in enumerate(names):
-        (folder / name).parent.mkdir(parents=True, exist_ok=True)
-        Image.new("RGB", (6, 6), (40 * i, 0, 0)).save(folder / name)
-    return folder
-
-
-def write_jsonl(folder, rows):
-    text = "".join(json.dumps(row) + "\n" for row in rows)
-    (folder / "metadata.jsonl").write_text(text, encoding="utf-8")
+from tests.helpers.data_files import write_images, write_jsonl
 
 
 def write_csv(folder, header, rows):

@@ -15,7 +15,7 @@ from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
 from PIL import Image
 
 from edje.data import SCHEMA, load_data
-from test_data_folder import write_images, write_jsonl
+from tests.helpers.data_files import write_images, write_jsonl
 
 REPO = "user/my-captions"
 

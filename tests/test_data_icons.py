@@ -21,8 +21,9 @@ from edje.data.icon_captions import icon_caption, icon_concept
 from edje.data.icon_shards import build_icon_corpus, check_icon_corpus
 from edje.data.icons import IconSource, catalogue
 from edje.data.npm import NpmFetchError, NpmPackage, fetch_npm_package
+from tests.helpers.paths import ROOT
 
-FIXTURE = Path(__file__).parent / "fixtures" / "icons"
+FIXTURE = ROOT / "tests" / "fixtures" / "icons"
 
 
 @pytest.fixture(scope="module")
@@ -291,7 +292,7 @@ def test_pretrain_icons_runs_a_few_steps_on_the_corpus_shards(
     monkeypatch.chdir(tmp_path)
     assert main(["data", "first-stage", str(out), "--images", "16", "--out", "probe"]) == 0
     train = sorted(str(p) for p in (out / "train").glob("*.tar"))
-    recipe = Path(__file__).resolve().parents[1] / "recipes" / "pretrain_icons.yaml"
+    recipe = ROOT / "recipes" / "pretrain_icons.yaml"
     argv = ["fit", "--config", str(recipe), "--trainer.max_steps", "2",
             "--trainer.precision", "32-true", "--data.init_args.batch_size", "4",
             "--data.init_args.num_workers", "0", "--data.init_args.first_stage", "probe",

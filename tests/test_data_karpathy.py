@@ -9,35 +9,7 @@ from PIL import Image
 
 from edje.data import SCHEMA, load_coco_karpathy, load_flickr30k
 from edje.data.karpathy import COCO_SOURCES, FLICKR30K_SOURCES
-
-
-def write_parquet(path, columns: dict, features: dict | None = None):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    features = datasets.Features(features) if features else None
-    datasets.Dataset.from_dict(columns, features=features).to_parquet(str(path))
-
-
-def flickr_rows(split: str, first: int, n: int) -> dict:
-    """Rows with umaru97/flickr30k_train_val_test's columns (those of nlphuji/flickr30k)."""
-    names = [f"{1000000 + first + i}.jpg" for i in range(n)]
-    return {
-        "image": [Image.new("RGB", (5, 4), (first + i, 0, 0)) for i in range(n)],
-        "caption": [[f"caption {j} of {name}" for j in range(5)] for name in names],
-        "sentids": [[str(5 * (first + i) + j) for j in range(5)] for i in range(n)],
-        "split": [split] * n,
-        "img_id": [str(first + i) for i in range(n)],
-        "filename": names,
-    }
-
-
-FLICKR_FEATURES = {
-    "image": datasets.Image(),
-    "caption": datasets.Sequence(datasets.Value("string")),
-    "sentids": datasets.Sequence(datasets.Value("string")),
-    "split": datasets.Value("string"),
-    "img_id": datasets.Value("string"),
-    "filename": datasets.Value("string"),
-}
+from tests.helpers.data_files import FLICKR_FEATURES, flickr_rows, write_parquet
 
 
 @pytest.fixture(scope="module")

@@ -169,7 +169,7 @@ def test_encode_reads_flickr30k_from_a_local_copy_of_one_split(
     """`edje encode --data flickr30k DIR --split test`: the test parquet alone, ids as eval's."""
     import datasets
 
-    from test_data_karpathy import FLICKR_FEATURES, flickr_rows, write_parquet
+    from tests.helpers.data_files import FLICKR_FEATURES, flickr_rows, write_parquet
 
     root = tmp_path / "flickr30k"
     write_parquet(root / "data" / "test-00000-of-00001.parquet", flickr_rows("test", 20, 2),

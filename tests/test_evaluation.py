@@ -69,8 +69,8 @@ def tiny_dataset():
 @pytest.fixture(scope="module")
 def reranker(tiny_processor, tiny_vision_encoder):
     """A tiny random EDJE shared by the module (tests that change weights build their own)."""
-    from conftest import make_tiny_config
     from edje import EDJEModel
+    from tests.helpers.tiny import make_tiny_config
 
     torch.manual_seed(0)
     config = make_tiny_config(len(tiny_processor.tokenizer), tiny_processor.image_token_id)

@@ -8,11 +8,11 @@ import importlib
 import pytest
 import torch
 
-from conftest import make_tiny_config, spread_weights_
 from edje import EDJEModel
 from edje.scoring.fast import FastScorer
 from edje.scoring.fp8 import Fp8Linear, fp8_supported
 from edje.scoring.packed_bert import PackedBert
+from tests.helpers.tiny import make_tiny_config, spread_weights_
 
 CAPTIONS = [
     "a dog",

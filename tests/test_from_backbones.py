@@ -21,9 +21,9 @@ from transformers import (
     SiglipVisionModel,
 )
 
-from conftest import absolute_paths
 from edje import EDJEModel, EDJEProcessor
 from edje.backbones import OFFLINE_TEXT, OFFLINE_VISION
+from tests.helpers.paths import absolute_paths
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
 

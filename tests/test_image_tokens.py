@@ -11,9 +11,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from conftest import TINY_IMAGE_SIZE
 from edje import image_tokens
 from edje.image_tokens import pixel_inputs, reduced
+from tests.helpers.tiny import TINY_IMAGE_SIZE
 
 
 def detailed_picture(side: int, seed: int = 2) -> Image.Image:

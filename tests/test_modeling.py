@@ -9,7 +9,6 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import make_tiny_config
 from edje import (
     EDJELightAdapter,
     EDJELocalAdapter,
@@ -20,6 +19,7 @@ from edje import (
     TokenCompressionAdapter,
 )
 from edje.modeling_edje import ADAPTER_CLASSES, sincos_grid_positions
+from tests.helpers.tiny import make_tiny_config
 
 CAPTIONS = ["a small red circle left of a large blue square", "a green star"]
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import edje.scoring.onnx as onnx_export
-from conftest import make_tiny_config, spread_weights_
 from edje import EDJEModel
 from edje.scoring.onnx import OnnxScorer, export_onnx
+from tests.helpers.tiny import make_tiny_config, spread_weights_
 
 pytest.importorskip("onnxruntime")
 

@@ -107,7 +107,7 @@ def test_save_and_auto_processor_round_trip(tiny_processor, tmp_path):
     import edje  # noqa: F401  (registers the Auto classes)
 
     # AutoProcessor finds the class through the model's config, as for any model folder.
-    from conftest import make_tiny_config
+    from tests.helpers.tiny import make_tiny_config
 
     make_tiny_config(len(tiny_processor.tokenizer), tiny_processor.image_token_id).save_pretrained(
         tmp_path

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import argparse
 import os
-from pathlib import Path
 
 import pytest
 import yaml
 from lightning.pytorch.cli import LightningCLI
 
 from edje.training import EDJEDataModule, EDJETrainingModule
+from tests.helpers.paths import ROOT
 
-RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 REQUIRED = {
     "pretrain",
     "distill_blip",
@@ -112,8 +112,8 @@ def fit_command(tmp_path, *args: str):
     import subprocess
     import sys
 
-    # The installed edje (its recipes are package data); the tests folder for their callbacks.
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent))
+    # The installed edje (its recipes are package data); the repository for the tests' callbacks.
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
     command = [sys.executable, "-c", "import edje_cli; edje_cli.run()", "fit", *args]
     return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
 
@@ -133,13 +133,18 @@ def test_a_recipe_names_other_modules_only_when_the_user_trusts_their_code(tmp_p
     from edje.commands.fit import make_cli, packaged_recipes
     from edje.training.recipe_trust import recipe_imports
 
-    callback = {"class_path": "training_callbacks.RecordSteps", "init_args": {"path": "x"}}
+    callback = {
+        "class_path": "tests.helpers.training_callbacks.RecordSteps",
+        "init_args": {"path": "x"},
+    }
     recipe = tmp_path / "callback.yaml"
     recipe.write_text(yaml.safe_dump({"trainer": {"callbacks": [callback]}}))
     args = ["--config", str(packaged_recipes()["quickstart"]), "--config", str(recipe)]
-    with pytest.raises(argparse.ArgumentError, match=r"training_callbacks\.RecordSteps"):
+    with pytest.raises(
+        argparse.ArgumentError, match=r"tests\.helpers\.training_callbacks\.RecordSteps"
+    ):
         make_cli(args, run=False)
-    cli = make_cli(args, run=False, trusted_code=["training_callbacks"])
+    cli = make_cli(args, run=False, trusted_code=["tests.helpers.training_callbacks"])
     assert any(type(c).__name__ == "RecordSteps" for c in cli.trainer.callbacks)
     # The trust lasts one run: the next recipe is refused again, and torch's loaders always.
     with pytest.raises(argparse.ArgumentError):

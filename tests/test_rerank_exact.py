@@ -10,7 +10,6 @@ import logging
 import pytest
 import torch
 
-from conftest import crowded_tokens, make_tiny_model, spread_weights_
 from edje.rerank import EDJEReranker
 from edje.scoring.exact import (
     ExactTopN,
@@ -21,6 +20,7 @@ from edje.scoring.exact import (
     write_bound,
 )
 from edje.store import TokenStore
+from tests.helpers.tiny import crowded_tokens, make_tiny_model, spread_weights_
 
 CAPTION = "a red circle left of a blue square"
 TOP_N = 5

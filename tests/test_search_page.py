@@ -16,9 +16,10 @@ import pytest
 import edje.serving.app
 from edje.cli import main
 from edje.serving.app import serve_in_background
+from tests.helpers.paths import ROOT
 
 CHROMIUM = os.environ.get("EDJE_CHROMIUM") or shutil.which("chromium")
-SCREENSHOT = Path(__file__).parents[1] / "docs" / "search_page.png"
+SCREENSHOT = ROOT / "docs" / "search_page.png"
 
 
 def request(url: str, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:

@@ -18,7 +18,6 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import http_json, make_tiny_config
 from edje import EDJEModel
 from edje.rerank import EDJEReranker
 from edje.serving.app import (
@@ -28,6 +27,8 @@ from edje.serving.app import (
     serve_in_background,
 )
 from edje.store import TokenStore
+from tests.helpers.loopback import http_json
+from tests.helpers.tiny import make_tiny_config
 
 # The `serving` extra (fastapi, uvicorn) is part of the test environment: no skipping here.
 

@@ -12,12 +12,13 @@ import threading
 import pytest
 import torch
 
-from conftest import crowded_tokens, http_json, make_tiny_model, spread_weights_
 from edje.rerank import EDJEReranker
 from edje.scoring.exact import calibrate
 from edje.serving.app import RerankerBackend, ServeLimits, create_app, serve_in_background
 from edje.serving.batching import MicroBatcher
 from edje.store import TokenStore
+from tests.helpers.loopback import http_json
+from tests.helpers.tiny import crowded_tokens, make_tiny_model, spread_weights_
 
 CAPTION = "a red circle left of a blue square"
 TOP_N = 5

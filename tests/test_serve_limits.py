@@ -22,11 +22,12 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import http_json, make_tiny_config
 from edje import EDJEModel
 from edje.rerank import EDJEReranker
 from edje.serving.app import RerankerBackend, ServeLimits, create_app, serve_in_background
 from edje.store import TokenStore
+from tests.helpers.loopback import http_json
+from tests.helpers.tiny import make_tiny_config
 
 IDS = [f"img{i}" for i in range(1000)]
 MB = 1024 * 1024

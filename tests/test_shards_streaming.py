@@ -19,10 +19,11 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import make_tiny_config
 from edje import EDJEModel
 from edje.data.shards import ShardImages, expand_shards, stream_shards
 from edje.training.datamodule import stable_key
+from tests.helpers.paths import ROOT
+from tests.helpers.tiny import make_tiny_config
 
 SHARDS, PER_SHARD = 4, 6
 WORDS = [
@@ -288,8 +289,8 @@ TRAIN = textwrap.dedent(
     import torch
     from lightning.pytorch import Callback, Trainer
     from lightning.pytorch.callbacks import ModelCheckpoint
-    sys.path.insert(0, {tests!r})
-    from conftest import make_tiny_config
+    sys.path.insert(0, {root!r})
+    from tests.helpers.tiny import make_tiny_config
     from edje import EDJEModel
     from edje.backbones import load_vision_encoder
     from edje.training import EDJEForPreTraining, EDJETrainingModule
@@ -327,7 +328,7 @@ TRAIN = textwrap.dedent(
 
 def train(tmp_path: Path, shards: tuple[str, Path], vision: Path, devices=1, kill_at=-1,
           resume="") -> subprocess.CompletedProcess:  # fmt: skip
-    script = TRAIN.format(tests=str(Path(__file__).parent), out=str(tmp_path),
+    script = TRAIN.format(root=str(ROOT), out=str(tmp_path),
                           vision=str(vision), pattern=shards[0])  # fmt: skip
     (tmp_path / "train.py").write_text(script)  # a file: DDP starts the other rank from it
     return subprocess.run(

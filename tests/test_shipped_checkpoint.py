@@ -73,7 +73,7 @@ def test_the_shipped_card_metadata_has_license_pipeline_tag_and_both_evaluations
 def test_no_shipped_file_holds_an_absolute_path(checkpoint):
     """Saved files name backbones by their offline names, never by where they were installed
     (the text config's `_name_or_path` used to keep the MiniLM package's folder)."""
-    from conftest import absolute_paths
+    from tests.helpers.paths import absolute_paths
 
     for file in sorted(checkpoint.parent.rglob("*")):  # the model and its first stages
         if file.suffix in (".json", ".md"):

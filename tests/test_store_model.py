@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import make_tiny_model
 from edje.store import TokenStore
 from edje.store.encode import encode_images
+from tests.helpers.tiny import make_tiny_model
 
 
 def photos(count: int = 4) -> list[Image.Image]:

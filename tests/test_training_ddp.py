@@ -7,7 +7,8 @@ import json
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
+
+from tests.helpers.paths import ROOT
 
 SCRIPT = textwrap.dedent(
     """
@@ -15,8 +16,8 @@ SCRIPT = textwrap.dedent(
     import torch
     import torch.nn.functional as F
     from lightning.pytorch import LightningDataModule, Trainer
-    sys.path.insert(0, {tests!r})
-    from conftest import make_tiny_config
+    sys.path.insert(0, {root!r})
+    from tests.helpers.tiny import make_tiny_config
     from edje import EDJEModel
     from edje.training import EDJEForPreTraining, EDJETrainingModule
 
@@ -61,9 +62,8 @@ SCRIPT = textwrap.dedent(
 
 
 def test_hard_negatives_come_from_the_batch_gathered_across_processes(tmp_path):
-    tests = str(Path(__file__).resolve().parent)
     script = tmp_path / "ddp_mining.py"
-    script.write_text(SCRIPT.format(tests=tests, out=str(tmp_path)))
+    script.write_text(SCRIPT.format(root=str(ROOT), out=str(tmp_path)))
     result = subprocess.run(
         [sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path
     )

@@ -10,7 +10,6 @@ import torch
 from datasets import DatasetDict
 from lightning.pytorch import Trainer
 
-from conftest import make_tiny_config
 from edje import EDJEModel
 from edje.backbones import OFFLINE_TEXT, OFFLINE_VISION
 from edje.data import make_builtin_dataset
@@ -18,6 +17,8 @@ from edje.evaluation.metrics import pair_accuracy
 from edje.training import EDJEDataModule, EDJEForPreTraining, EDJETrainingModule
 from edje.training.export import processor_for
 from edje.training.hardware import describe_hardware
+from tests.helpers.paths import ROOT
+from tests.helpers.tiny import make_tiny_config
 
 RECIPE = "recipes/quickstart.yaml"
 
@@ -110,7 +111,7 @@ def test_quickstart_recipe_trains_and_its_loss_decreases(tmp_path, monkeypatch):
 
     from edje.commands.fit import make_cli
 
-    recipe = Path(__file__).resolve().parents[1] / RECIPE
+    recipe = ROOT / RECIPE
     monkeypatch.chdir(tmp_path)
     make_cli(
         [

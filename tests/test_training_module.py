@@ -6,7 +6,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import make_tiny_config
 from edje import EDJEModel
 from edje.training import (
     EDJEForPreTraining,
@@ -15,6 +14,7 @@ from edje.training import (
     FirstStageTeacher,
     stable_key,
 )
+from tests.helpers.tiny import make_tiny_config
 
 
 @pytest.fixture

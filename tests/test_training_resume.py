@@ -10,7 +10,8 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers.paths import ROOT
+
 SMALL = {"n_train_triplets": 8, "n_train_single": 4, "n_val_triplets": 2, "n_test_triplets": 2}
 
 
@@ -32,10 +33,10 @@ def recipe(tmp_path: Path, extra_callbacks: list[dict]) -> Path:
 
 
 def fit(tmp_path: Path, config: Path, *extra: str) -> subprocess.CompletedProcess:
-    path = os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])
+    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
     env = dict(os.environ, PYTHONPATH=path, HF_HUB_OFFLINE="1")
     command = [sys.executable, "-m", "edje.cli", "fit", "--config", str(config), *extra]
-    command += ["--trust-code-from", "training_callbacks"]  # the test callbacks
+    command += ["--trust-code-from", "tests.helpers.training_callbacks"]  # the test callbacks
     return subprocess.run(
         command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900
     )
@@ -43,12 +44,18 @@ def fit(tmp_path: Path, config: Path, *extra: str) -> subprocess.CompletedProces
 
 def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
     steps = tmp_path / "steps.json"
-    crash = {"class_path": "training_callbacks.KillAfterStep", "init_args": {"step": 5}}
+    crash = {
+        "class_path": "tests.helpers.training_callbacks.KillAfterStep",
+        "init_args": {"step": 5},
+    }
     killed = fit(tmp_path, recipe(tmp_path, [crash]))
     assert killed.returncode == -9, killed.stderr[-3000:]
     checkpoint = tmp_path / "outputs" / "quickstart" / "checkpoints" / "last.ckpt"
     assert checkpoint.is_file()
-    record = {"class_path": "training_callbacks.RecordSteps", "init_args": {"path": str(steps)}}
+    record = {
+        "class_path": "tests.helpers.training_callbacks.RecordSteps",
+        "init_args": {"path": str(steps)},
+    }
     resumed = fit(tmp_path, recipe(tmp_path, [record]), "--ckpt_path", "last")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     # The last checkpoint before the kill was written after step 4: training went on from there.

