@@ -24,7 +24,7 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
-# ---- model fixtures (tests/test_config.py, test_modeling.py, test_processing.py, ...) ----------
+# ---- model fixtures (tests/model/, and most tests that need a tiny EDJE) -----------------------
 
 
 @pytest.fixture(scope="session")
@@ -104,7 +104,7 @@ def tiny_model(tiny_config, tiny_vision_encoder):
 # ---- end of model fixtures ---------------------------------------------------------------------
 
 
-# ---- edje.backbones fixtures (tests/test_backbones.py; owner: backbones) ---------------------
+# ---- edje.backbones fixtures (tests/backbones/test_backbones.py; owner: backbones) -------------
 
 
 @pytest.fixture(scope="session")
@@ -130,8 +130,8 @@ def offline_dinov2_dir(edje_cache):
 @pytest.fixture(scope="session")
 def shipped_quickstart(tmp_path_factory):
     """`edje quickstart` with the shipped model, run once (about 4 minutes on 2 CPU cores), its
-    output kept in printed.txt: tests/test_shipped_checkpoint.py checks its reports and
-    suggested query, tests/test_search_page.py its page."""
+    output kept in printed.txt: tests/model/test_shipped_checkpoint.py checks its reports and
+    suggested query, tests/serving/test_search_page.py its page."""
     import contextlib
     import io
 
