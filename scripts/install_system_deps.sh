@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The system packages edje needs beyond pip: Noto Color Emoji (the drawings of edje.data.emoji),
 # npm (fetches the icon corpus's packages: edje data build icons) and, with --browser, Chromium
-# (the search page's browser test, tests/test_search_page.py).
+# (the search page's browser test, tests/serving/test_search_page.py).
 # Returns at once when they are there; otherwise installs them with apt-get (as root).
 set -euo pipefail
 FONT=/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf

@@ -8,12 +8,12 @@ import json
 import subprocess
 import sys
 import tomllib
-from pathlib import Path
 
 import torch
 
-from conftest import make_tiny_model
 from edje.store import TokenStore
+from tests.helpers.paths import ROOT
+from tests.helpers.tiny import make_tiny_model
 
 EXTRAS_ONLY = ("lightning", "faiss", "matplotlib", "torchmetrics", "fastapi", "uvicorn")
 # Run first in the subprocess: the extras' packages look uninstalled.
@@ -25,7 +25,6 @@ class NotInstalled:
             raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
 sys.meta_path.insert(0, NotInstalled())
 """
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_python(code: str) -> subprocess.CompletedProcess:

@@ -11,7 +11,6 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import http_json, make_tiny_model, spread_weights_
 from edje.commands import UsageError
 from edje.data import load_data
 from edje.evaluation import choose_fusion_weights, evaluate
@@ -23,6 +22,8 @@ from edje.model_card import render_model_card
 from edje.rerank import EDJEReranker
 from edje.serving.app import RerankerBackend, create_app, serve_in_background
 from edje.store import TokenStore
+from tests.helpers.loopback import http_json
+from tests.helpers.tiny import make_tiny_model, spread_weights_
 
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange"]
 

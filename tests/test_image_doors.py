@@ -14,7 +14,6 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY_IMAGE_SIZE, make_tiny_model, spread_weights_
 from edje._utils import load_rgb
 from edje.data.schema import make_dataset
 from edje.evaluation import evaluate
@@ -22,6 +21,7 @@ from edje.first_stage import EmbeddingModel
 from edje.rerank import EDJEReranker
 from edje.serving.app import RerankerBackend, create_app, serve_in_background
 from edje.store.encode import encode_images
+from tests.helpers.tiny import TINY_IMAGE_SIZE, make_tiny_model, spread_weights_
 
 CAPTION = "a half transparent red disc"
 

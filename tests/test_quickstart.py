@@ -14,7 +14,7 @@ from edje.backbones import OFFLINE_TEXT, OFFLINE_VISION
 from edje.quickstart import DATA_SETS, run_quickstart, shipped_first_stages
 from edje.store import TokenStore
 
-EMOJI_TEST_IMAGES = 446  # edje.data.emoji's default split (tests/test_data_emoji.py)
+EMOJI_TEST_IMAGES = 446  # edje.data.emoji's default split (tests/data/test_data_emoji.py)
 SMALL = {"n_train_triplets": 6, "n_train_single": 2, "n_val_triplets": 1, "n_test_triplets": 2}
 
 

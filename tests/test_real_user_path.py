@@ -1,5 +1,5 @@
 """The real user's path with the authors' checkpoint, offline: the commands of
-docs/authors_checkpoint.md run against a fake Hugging Face cache (`tests/fake_hub.py`: tiny
+docs/authors_checkpoint.md run against a fake Hugging Face cache (`tests/helpers/fake_hub.py`: tiny
 random models in the real classes under the real repo ids), and edje's first stage, logits and
 eval table are compared with the authors' protocol re-implemented here from the facts of their
 public code (shahafwa/EDJE): every caption cleaned (`pre_caption`: HTML entities decoded, `_` a
@@ -20,11 +20,12 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import http_json
 from edje.cli import main
-from fake_hub import AUTHORS, SIGLIP, WORDS, build_fake_hub
-from test_authors_checkpoint import authors_tokenizer, reference_logits
-from test_data_karpathy import FLICKR_FEATURES, write_parquet
+from tests.helpers.authors import authors_tokenizer, reference_logits
+from tests.helpers.data_files import FLICKR_FEATURES, write_parquet
+from tests.helpers.fake_hub import AUTHORS, SIGLIP, WORDS, build_fake_hub
+from tests.helpers.loopback import http_json
+from tests.helpers.paths import ROOT
 
 IMAGES, K = 12, 10
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -210,7 +211,7 @@ def test_fit_the_custom_recipe_from_the_converted_model_with_siglip2_first_stage
         image.save(folder / f"{i:03d}.png")
         rows += [{"file_name": f"{i:03d}.png", "caption": caption} for caption in five]
     (folder / "metadata.jsonl").write_text("\n".join(map(json.dumps, rows)))
-    recipe = Path(__file__).resolve().parents[1] / "recipes" / "finetune_custom.yaml"
+    recipe = ROOT / "recipes" / "finetune_custom.yaml"
     args = ["fit", "--config", str(recipe), "--data.data", str(folder),
             "--model.network.init_args.pretrained", str(root / "edje-authors"),
             "--data.first_stage", SIGLIP, "--data.fit_first_stage", "false",

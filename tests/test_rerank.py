@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import make_tiny_model
 from edje.rerank import EDJEReranker
 from edje.store import TokenStore
+from tests.helpers.tiny import make_tiny_model
 
 IDS = [f"img{i}" for i in range(6)]
 CAPTIONS = ["a cat", "a red circle on a big blue square", "a cat", "dogs", "two birds in a tree"]

@@ -14,8 +14,8 @@ shapes. torch 2.13's default exporter (`dynamo=True`) needs `onnxscript`, which 
 depend on; the TorchScript exporter (`dynamo=False`) is used instead and needs only `onnx`.
 
 `quantize="int8"` applies onnxruntime's dynamic quantisation (int8 weights of every MatMul,
-activations quantised per call). Its error is not bounded a priori; `tests/test_onnx_export.py`
-measures it on a fixed set of pairs (see `OnnxScorer`).
+activations quantised per call). Its error is not bounded a priori;
+`tests/scoring/test_onnx_export.py` measures it on a fixed set of pairs (see `OnnxScorer`).
 
 Example:
 
@@ -203,7 +203,7 @@ class OnnxScorer(Scorer):
 
     Rows are grouped by sequence length and each group runs unpadded (one session call per
     length), so no compute goes to padding. The int8 error is measured, not bounded: see
-    `tests/test_onnx_export.py`.
+    `tests/scoring/test_onnx_export.py`.
     """
 
     def __init__(

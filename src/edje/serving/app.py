@@ -39,7 +39,7 @@ backend is anything with the three methods of `ScoringBackend`; `edje serve` run
 `RerankerBackend` over an `edje.rerank.EDJEReranker` (store lookups, raw stores compressed on
 the fly, base64 images through the same decoding as `edje encode`, any `edje.scoring` backend).
 
-Example (the tiny model and store as in `tests/test_serve.py`):
+Example (the tiny model and store as in `tests/serving/test_serve.py`):
 
     reranker = EDJEReranker(model, store=store, processor=processor)
     app = create_app(RerankerBackend(reranker), model_name="edje-tiny")

@@ -1,0 +1,1 @@
+"""Tests of edje.backbones: the offline vision and text encoders."""

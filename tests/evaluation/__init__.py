@@ -1,0 +1,1 @@
+"""Tests of edje.evaluation: recall@k and two-stage evaluation."""

@@ -1,0 +1,1 @@
+"""Tests of edje.first_stage: linear probe, dual encoders, FAISS search."""

@@ -1,0 +1,1 @@
+"""Tests of edje.scoring: the fast and ONNX scorers and exact mode."""

@@ -1,0 +1,1 @@
+"""Tests of edje.serving: `edje serve` over HTTP, its limits, exact mode and the search page."""

@@ -1,0 +1,1 @@
+"""Tests of edje.store: the token store, its fingerprints, and encoding images into it."""

@@ -1,0 +1,1 @@
+"""Tests of edje.training: losses, sampling, the module, data modules, recipes and real fits."""
