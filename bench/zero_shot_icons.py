@@ -62,6 +62,10 @@ def main() -> None:
         "--depths", type=int, nargs="+", default=[10],
         help="candidate depths to choose from on icons-validation (default: 10, the paper's)",
     )  # fmt: skip
+    parser.add_argument(
+        "--validation-only", action="store_true",
+        help="icons-validation alone: for comparing training options, no held-out set is read",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, help="JSON of every report's metrics")
     args = parser.parse_args()
     model = EDJEModel.from_pretrained(args.model).eval()
@@ -77,7 +81,7 @@ def main() -> None:
     weights = choose_fusion_weights(validation).weights
     rows = {"icons-validation": with_fusion(validation, weights)}  # where they were chosen
     shallower = [d for d in args.depths if d <= depth]  # free: prefixes of the depth's lists
-    for name in HELD_OUT:
+    for name in () if args.validation_only else HELD_OUT:
         rows[name] = evaluate_set(
             name, args.corpus, first_stage, model, processor, weights, shallower
         )

@@ -376,6 +376,7 @@ def test_a_run_killed_mid_epoch_and_resumed_sees_exactly_the_rest_of_the_epoch(
     checkpoint = tmp_path / "ckpt" / "epoch=0-step=2.ckpt"
     resumed = train(tmp_path, shards, vision_folder, resume=str(checkpoint))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "not resumable" not in resumed.stderr  # Lightning knows the loader resumes exactly
     epochs = seen_per_epoch(tmp_path, per_epoch=len(ALL_KEYS) // 3)
     every = sorted(stable_key(k) for k in ALL_KEYS)
     assert epochs == [every, every]  # nothing seen twice or skipped, in either epoch
@@ -483,3 +484,25 @@ def test_a_bad_image_in_a_stream_is_skipped_listed_and_counted_and_resume_goes_p
     data.load_state_dict({"epoch": 0, "batches": 1})  # a checkpoint after the bad batch
     resumed = list(data.train_dataloader())
     assert len(resumed) == 1 and torch.equal(resumed[0]["image_key"], batches[1]["image_key"])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_resume_passes_the_trained_batches_without_decoding_them_and_yields_the_rest_exactly(
+    shards, vision_folder, workers
+):
+    from edje.training import ShardDataModule
+
+    pattern, _ = shards
+    data = ShardDataModule(pattern, vision=str(vision_folder), batch_size=3, shuffle_buffer=5,
+                           num_workers=workers)  # fmt: skip
+    data.setup()
+    full = [batch["image_key"].tolist() for batch in data.train_dataloader()]
+    assert len(full) == len(ALL_KEYS) // 3
+    decoded = []
+    collate = data.collate
+    data.collate = lambda rows: decoded.append(len(rows)) or collate(rows)
+    data.load_state_dict({"epoch": 0, "batches": 5})
+    resumed = [batch["image_key"].tolist() for batch in data.train_dataloader()]
+    assert resumed == full[5:]
+    if workers == 0:  # in workers the calls happen in other processes
+        assert len(decoded) == len(full) - 5

@@ -60,6 +60,28 @@ def test_itm_alone_starts_near_chance(tiny_network, tiny_processor):
     assert abs(terms["itm"].item() - torch.log(torch.tensor(2.0)).item()) < 0.05
 
 
+def test_itm_on_the_fused_score_adds_the_first_stages_similarity_to_every_pair(
+    tiny_network, tiny_processor
+):
+    """With the first stage's embeddings equal for each positive pair and orthogonal across
+    pairs, a large fused weight ranks every positive above its negatives (loss near 0) where
+    EDJE's own logits, near chance at the start, cannot; the weight scales the difference."""
+    batch = synthetic_batch(tiny_processor)
+    aligned = torch.eye(6, 8)  # pair i's caption and image share embedding i
+    batch["text_embedding"], batch["image_embedding"] = aligned, aligned.clone()
+    tiny_network.eval()  # no dropout: the calls below compare the fusion alone
+    itm_only = dict(mlm_weight=0, text_recovery_weight=0, negatives={"random": 1.0})
+    alone, _ = EDJETrainingModule(tiny_network, **itm_only)._losses(batch, train=True)
+    fused = {}
+    for weight in (5.0, 50.0):
+        module = EDJETrainingModule(tiny_network, **itm_only, itm_first_stage_weight=weight)
+        fused[weight], accuracy = module._losses(batch, train=True)
+        assert accuracy == 1.0
+    assert alone["itm"] > 0.5
+    assert alone["itm"] > fused[5.0]["itm"] > fused[50.0]["itm"]
+    assert fused[50.0]["itm"] < 1e-6
+
+
 def test_distillation_from_a_local_edje_teacher(tiny_network, tiny_processor):
     torch.manual_seed(1)
     local = make_tiny_config(

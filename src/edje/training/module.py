@@ -42,6 +42,9 @@ class EDJETrainingModule(LightningModule):
         mlm_start_step: MLM joins the loss from this step on (0: from the start). On a small set
             MLM from the start holds ITM at chance; joining once ITM has learned, it sharpens
             attribute binding (measured on the built-in set).
+        itm_first_stage_weight: ITM on the fused score, EDJE's logit plus this times the first
+            stage's cosine similarity of the pair (as `edje eval`'s fusion scores): the EDJE
+            learns what the first stage misses. 0 (the paper's): EDJE's logit alone.
         warmup_steps, lr_decay_per_epoch: the paper's schedule: linear warm-up, then the
             learning rate times `lr_decay_per_epoch` after each epoch.
     """
@@ -59,6 +62,7 @@ class EDJETrainingModule(LightningModule):
         negative_topk: int = 16,
         mlm_probability: float = 0.5,
         mlm_start_step: int = 0,
+        itm_first_stage_weight: float = 0.0,
         warmup_steps: int = 100,
         lr_decay_per_epoch: float = 0.9,
         seed: int = 0,
@@ -82,6 +86,7 @@ class EDJETrainingModule(LightningModule):
                 f"EDJETrainingModule: mlm_start_step must be >= 0, got {mlm_start_step}"
             )
         self.mlm_start_step = mlm_start_step
+        self.itm_first_stage_weight = itm_first_stage_weight
         self.warmup_steps = warmup_steps
         self.lr_decay_per_epoch = lr_decay_per_epoch
         self.seed = seed
@@ -205,7 +210,12 @@ class EDJETrainingModule(LightningModule):
         )
         images = torch.cat([tokens, everyone_tokens[neg_image], tokens])
         logits = self.network.itm_logits(self._pairs(captions, masks), images)  # (3B,)
-        positive, negative_image, negative_caption = logits.chunk(3)
+        scores = logits  # what ITM ranks; distillation reads EDJE's own logits
+        if self.itm_first_stage_weight:
+            scores = logits + self.itm_first_stage_weight * self._first_stage_similarities(
+                batch, everyone, neg_image, neg_caption
+            ).to(logits)
+        positive, negative_image, negative_caption = scores.chunk(3)
         terms = {}
         if self.weights["itm"]:
             terms["itm"] = (
@@ -225,6 +235,15 @@ class EDJETrainingModule(LightningModule):
             torch.cat([positive > negative_image, positive > negative_caption]).float().mean()
         )
         return terms, accuracy
+
+    @staticmethod
+    def _first_stage_similarities(batch, everyone, neg_image, neg_caption) -> torch.Tensor:
+        """The first stage's similarity of the 3B scored pairs, in `logits`' order."""
+        texts = torch.cat([batch["text_embedding"], batch["text_embedding"],
+                           everyone["text_embedding"][neg_caption]])  # fmt: skip
+        images = torch.cat([batch["image_embedding"], everyone["image_embedding"][neg_image],
+                            batch["image_embedding"]])  # fmt: skip
+        return (texts * images).sum(-1)
 
     def _distillation(self, batch, everyone, neg_image, neg_caption, captions, masks, logits):
         # The 3B scored pairs: positives, negative images, negative captions.

@@ -218,6 +218,14 @@ class _Epoch:
     def __len__(self) -> int:
         return self.data.batches_per_epoch
 
+    # Lightning asks the loader, not the data module, whether a mid-epoch resume is exact (and
+    # warns it is not otherwise): the loader's state is the data module's.
+    def state_dict(self) -> dict[str, int]:
+        return self.data.state_dict()
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.data.load_state_dict(state)
+
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         data, trainer = self.data, self.data.trainer
         epoch = trainer.current_epoch if trainer else 0
@@ -228,17 +236,24 @@ class _Epoch:
         if data.shuffle_buffer:
             stream = stream.shuffle(seed=data.seed, buffer_size=data.shuffle_buffer)
         stream.set_epoch(epoch)
-        # Batches a checkpoint of this epoch trained on are read again and dropped: exact with
-        # any number of workers, and cheap beside the vision forward they skip.
+        # Batches a checkpoint of this epoch trained on are read again (the shuffle's order
+        # needs their samples) but not decoded: exact with any number of workers.
         skip = data._resume.get("batches", 0) if data._resume.get("epoch") == epoch else 0
         data._resume = {}
         loader = torch.utils.data.DataLoader(
             stream, batch_size=data.batch_size, num_workers=data.num_workers,
-            collate_fn=data.collate,
+            collate_fn=_CollateAfter(data.collate, skip),
         )  # fmt: skip
         for number, batch in enumerate(loader):
             if number >= len(self):
                 return
+            if "passed" in batch:
+                if batch["passed"] != number:  # the workers' order is not the assumed one
+                    raise RuntimeError(
+                        f"ShardDataModule: resuming, batch {number} came as batch "
+                        f"{batch['passed']}; resume with num_workers=0."
+                    )
+                continue
             for key, reason in batch.pop("skipped"):
                 data.skipped[key] = reason
                 logger.warning(
@@ -247,3 +262,22 @@ class _Epoch:
                 )  # fmt: skip
             if number >= skip:
                 yield batch
+
+
+class _CollateAfter:
+    """`collate` for the batches from number `skip` on, a `{"passed": number}` marker for the
+    ones before: decoding, resizing and embedding captions are most of a batch's reading
+    cost, and a resume late in an epoch would pay them for every batch it passes.
+
+    A DataLoader asks its workers for batches in turn, so worker `w` of `W` makes batches
+    `w, w + W, w + 2W, ...` (until one worker's shards run out: `_Epoch` checks each marker's
+    number against the order batches come in)."""
+
+    def __init__(self, collate, skip: int):
+        self.collate, self.skip, self.made = collate, skip, 0
+
+    def __call__(self, rows: list[dict]) -> dict[str, Any]:
+        worker = torch.utils.data.get_worker_info()
+        number = self.made * (worker.num_workers if worker else 1) + (worker.id if worker else 0)
+        self.made += 1
+        return {"passed": number} if number < self.skip else self.collate(rows)
