@@ -56,7 +56,12 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
         "class_path": "tests.helpers.training_callbacks.RecordSteps",
         "init_args": {"path": str(steps)},
     }
-    resumed = fit(tmp_path, recipe(tmp_path, [record]), "--ckpt_path", "last")
+    # A module argument changed on resume does not apply (LightningCLI takes the checkpoint's):
+    # edje fit says so rather than let it pass silently.
+    resumed = fit(tmp_path, recipe(tmp_path, [record]), "--ckpt_path", str(checkpoint),
+                  "--model.negative_topk", "3")  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     # The last checkpoint before the kill was written after step 4: training went on from there.
     assert json.loads(steps.read_text()) == {"start": 4, "end": 6}
+    assert "model.negative_topk is the checkpoint's 16, not the 3 given" in resumed.stderr
+    assert resumed.stderr.count("edje fit: resuming, model.") == 1  # the others agree

@@ -144,10 +144,12 @@ def make_cli(cli_args: list[str], run: bool = True, trusted_code: Sequence[str] 
             # `args` is the command line edje fit was given: Lightning's warning about passing
             # args while sys.argv is set does not apply.
             self.config = parser.parse_args(args)
+            self.asked_model = _model_arguments(self.config)  # before a checkpoint's replace them
 
         def before_instantiate_classes(self) -> None:
             config = self.config[self.subcommand] if self.subcommand else self.config
             cpu_precision(config["trainer"])
+            warn_replaced_on_resume(self.asked_model, _model_arguments(self.config))
 
     with recipe_imports(trusted_code):
         return EDJECLI(
@@ -160,3 +162,24 @@ def make_cli(cli_args: list[str], run: bool = True, trusted_code: Sequence[str] 
             parser_kwargs={"epilog": EXAMPLE, "exit_on_error": False},  # errors: `run` says them
             auto_configure_optimizers=False,  # the optimizer is the module's own argument
         )
+
+
+def _model_arguments(config) -> dict:
+    model = config.get("fit", config).get("model")
+    return model.as_dict() if model is not None else {}
+
+
+def warn_replaced_on_resume(asked: dict, used: dict) -> None:
+    """On resume (`--ckpt_path`) LightningCLI takes the module's arguments from the checkpoint:
+    say which of the recipe's or command line's it replaced, or a changed option would
+    silently not apply."""
+    import logging
+
+    replaced = {key: (asked[key], used[key]) for key in asked if used.get(key) != asked[key]}
+    for key, (given, kept) in sorted(replaced.items()):
+        logging.getLogger(__name__).warning(
+            "edje fit: resuming, model.%s is the checkpoint's %r, not the %r given (the module's "
+            "arguments come from the checkpoint; to change one, start a run from the exported "
+            "model with --model.network.init_args.pretrained)",
+            key, kept, given,
+        )  # fmt: skip
