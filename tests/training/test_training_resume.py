@@ -56,12 +56,22 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
         "class_path": "tests.helpers.training_callbacks.RecordSteps",
         "init_args": {"path": str(steps)},
     }
-    # A module argument changed on resume does not apply (LightningCLI takes the checkpoint's):
-    # edje fit says so rather than let it pass silently.
-    resumed = fit(tmp_path, recipe(tmp_path, [record]), "--ckpt_path", str(checkpoint),
-                  "--model.negative_topk", "3")  # fmt: skip
+    resumed = fit(tmp_path, recipe(tmp_path, [record]), "--ckpt_path", "last")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     # The last checkpoint before the kill was written after step 4: training went on from there.
     assert json.loads(steps.read_text()) == {"start": 4, "end": 6}
+
+
+def test_a_resume_says_which_module_arguments_the_checkpoint_replaced(tmp_path):
+    """LightningCLI takes the module's arguments from a checkpoint given by its path: one
+    changed on the command line does not apply, and edje fit says so rather than let it pass
+    silently. (The checkpoint is at max_steps already: the fit ends at once.)"""
+    config = recipe(tmp_path, [])
+    first = fit(tmp_path, config, "--trainer.max_steps", "2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    checkpoint = tmp_path / "outputs" / "quickstart" / "checkpoints" / "last.ckpt"
+    resumed = fit(tmp_path, config, "--trainer.max_steps", "2", "--ckpt_path", str(checkpoint),
+                  "--model.negative_topk", "3")  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "model.negative_topk is the checkpoint's 16, not the 3 given" in resumed.stderr
     assert resumed.stderr.count("edje fit: resuming, model.") == 1  # the others agree
