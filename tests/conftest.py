@@ -143,3 +143,17 @@ def shipped_quickstart(tmp_path_factory):
         run_quickstart(folder)
     (folder / "printed.txt").write_text(printed.getvalue())  # what a user reads
     return folder
+
+
+@pytest.fixture(scope="session")
+def icon_corpus(offline_dinov2_dir, tmp_path_factory):
+    """`edje data build icons` on tests/fixtures/icons, then `edje data first-stage` on 16 of
+    its images (about 20 s): a built corpus with its first stage, as the zero-shot protocol
+    reads it. Returns `(folder, manifest)`."""
+    from edje.cli import main
+    from tests.helpers.icons import build_fixture_corpus
+
+    out = tmp_path_factory.mktemp("icon_corpus")
+    manifest = build_fixture_corpus(out)
+    assert main(["data", "first-stage", str(out), "--images", "16"]) == 0
+    return out, manifest

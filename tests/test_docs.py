@@ -9,10 +9,12 @@ import importlib
 import io
 import re
 import shlex
+import shutil
 from pathlib import Path
 
 import pytest
 
+from edje.evaluation.zero_shot import HELD_OUT
 from tests.helpers.paths import ROOT
 
 DOCTESTED = [
@@ -98,13 +100,31 @@ def check_reranking(namespace: dict, tmp_path: Path) -> None:
     assert [e["score"] for e in exact] == pytest.approx([e["score"] for e in ranking], abs=1e-5)
 
 
+def check_icons(namespace: dict, tmp_path: Path) -> None:
+    table = namespace["table"]
+    assert list(table.reports) == ["icons-validation", *HELD_OUT] and table.depth in (10, 20)
+
+
+def icons_page_inputs(request, tmp_path: Path) -> None:
+    """What docs/icons.md's example reads: a built corpus with its first stage (the fixture's)
+    and a model (the shipped one) where the page says."""
+    from edje.quickstart import shipped_checkpoint
+
+    corpus, _ = request.getfixturevalue("icon_corpus")
+    (tmp_path / "outputs").mkdir()
+    (tmp_path / "outputs" / "icons").symlink_to(corpus)
+    shutil.copytree(shipped_checkpoint(), tmp_path / "outputs" / "pretrain_icons" / "model")
+
+
 # What a page's examples must have made, beyond running without an error.
 CHECKS = {
     "README.md": check_readme,
     "docs/model.md": check_model,
     "docs/store.md": check_store,
     "docs/reranking.md": check_reranking,
+    "docs/icons.md": check_icons,
 }
+INPUTS = {"docs/icons.md": icons_page_inputs}  # made before a page's examples run
 
 
 def test_every_page_with_python_is_checked():
@@ -113,7 +133,9 @@ def test_every_page_with_python_is_checked():
 
 
 @pytest.mark.parametrize("page", sorted(CHECKS))
-def test_python_examples_run(page, tmp_path, monkeypatch):
+def test_python_examples_run(page, tmp_path, monkeypatch, request):
+    if page in INPUTS:
+        INPUTS[page](request, tmp_path)
     namespace = run_python_blocks(ROOT / page, tmp_path, monkeypatch)
     CHECKS[page](namespace, tmp_path)
 

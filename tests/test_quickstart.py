@@ -67,6 +67,30 @@ def test_quickstart_leaves_store_first_stage_and_both_reports_and_reuses_them(
     assert copied.stat().st_mtime_ns == probe
 
 
+def test_quickstart_with_a_built_icon_corpus_prints_and_saves_its_zero_shot_table(
+    untrained_edje, icon_corpus, tmp_path, capsys
+):
+    corpus, manifest = icon_corpus
+    report = run_quickstart(tmp_path, model=str(untrained_edje), builtin=SMALL, k=5, icons=corpus)
+    printed = capsys.readouterr().out
+    table = (report / "icons" / "zero_shot.md").read_text()
+    assert f"**zero-shot** on the icon corpus {corpus}" in printed and table.strip() in printed
+    saved = json.loads((report / "icons" / "zero_shot.json").read_text())
+    assert saved["depths_tried"] == [5]  # the quickstart's depth, its only choice
+    for name, images in manifest["eval_sets"].items():  # validation and the five held out
+        assert saved["sets"][name]["dataset"]["images"] == images, name
+        assert f"| `{name}` | {images} |" in table, name
+
+
+def test_quickstart_refuses_an_icon_corpus_without_its_first_stage_before_any_work(tmp_path):
+    corpus = tmp_path / "icons"
+    corpus.mkdir()
+    (corpus / "manifest.json").write_text("{}")
+    with pytest.raises(ValueError, match=f"edje data first-stage {corpus}"):
+        run_quickstart(tmp_path / "qs", builtin=SMALL, icons=corpus)
+    assert not (tmp_path / "qs").exists()
+
+
 def test_the_suggested_query_is_a_test_caption_edje_ranks_first_and_the_first_stage_does_not():
     from types import SimpleNamespace
 

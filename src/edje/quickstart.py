@@ -60,17 +60,24 @@ def run_quickstart(
     train: bool = False,
     builtin: dict[str, int] | None = None,
     k: int = 10,
+    icons: str | Path | None = None,
 ) -> Path:
     """Run the quickstart into `out`; returns the report folder, with one folder per data set
-    (`report/builtin`, `report/emoji`).
+    (`report/builtin`, `report/emoji`, and `report/icons` with `icons`).
 
     `model` is an EDJE folder to rerank with (by default the shipped checkpoint), over the
     shipped first stage; with `train=True` every split is encoded, a first stage fitted on the
     train splits and an EDJE trained here from `recipes/quickstart.yaml` then
-    `recipes/quickstart_emoji.yaml`. `builtin` sizes a reduced built-in set (tests).
+    `recipes/quickstart_emoji.yaml`. `builtin` sizes a reduced built-in set (tests). `icons`
+    is a built icon corpus with its first stage (`edje data build icons --out DIR`, `edje data
+    first-stage DIR`): its held-out sets are reranked zero-shot too, at depth `k`, fused with
+    weights chosen on its validation set (`edje.evaluation.zero_shot`).
     """
     from datasets import DatasetDict
 
+    from edje.evaluation.zero_shot import corpus_first_stage
+
+    icons_first_stage = corpus_first_stage(icons) if icons is not None else None  # before work
     out = Path(out).resolve()
     if model is None and not train and not (out / "model" / "config.json").is_file():
         refuse_foreign_folder(out / "model", "copy the shipped model into")  # before the work
@@ -84,6 +91,8 @@ def run_quickstart(
     model_dir = _model_folder(out, model, train, builtin, step)
     report_root = out / "report"
     suggestion = _reports(out, model_dir, sets, report_root, k, step)
+    if icons is not None:
+        _zero_shot_report(Path(icons), icons_first_stage, model_dir, report_root, k, step)
     step(f"reports, plots and contact sheets in {report_root}")
     _print_next(out, model_dir, suggestion)
     return report_root
@@ -145,6 +154,31 @@ def _reports(out: Path, model_dir: Path, sets: dict, report_root: Path, k: int, 
         if report.regressions():
             print(f"\nwarning: {report.regressions()}")
     return suggestion
+
+
+def _zero_shot_report(corpus: Path, first_stage: Path, model_dir, report_root, k, step):
+    """The icon corpus's held-out sets, zero-shot: printed, and saved as `report/icons/`
+    `zero_shot.md` and `zero_shot.json`."""
+    from edje import EDJEModel, EDJEProcessor
+    from edje.evaluation.zero_shot import zero_shot_icons
+    from edje.first_stage import load_embedding_model
+
+    def on_set(name: str) -> None:
+        step(f"icon corpus, {name}: reranking the first-stage top {k} zero-shot")
+
+    table = zero_shot_icons(
+        EDJEModel.from_pretrained(model_dir).eval(),
+        EDJEProcessor.from_pretrained(model_dir),
+        load_embedding_model(first_stage),
+        corpus,
+        depths=[k],
+        on_set=on_set,
+    )
+    markdown = table.to_markdown()
+    with atomic_folder(report_root / "icons") as partial:
+        (partial / "zero_shot.md").write_text(markdown + "\n")
+        (partial / "zero_shot.json").write_text(json.dumps(table.to_dict(), indent=1) + "\n")
+    print(f"**zero-shot** on the icon corpus {corpus} (R@1 in percent)\n\n{markdown}")
 
 
 def _print_next(out: Path, model_dir: Path, suggestion) -> None:
@@ -261,8 +295,9 @@ def _model_class_instance():
 
 
 def _train(out: Path, builtin: dict[str, int] | None) -> None:
-    """The shipped model's two stages: the built-in scenes alone, mining with their first
-    stage, then the built-in scenes and the emoji together, mining with one fitted on both."""
+    """The quickstart's two recipes (the shipped model's stages 1 and 2; its card's stages 3
+    and 4 need the icon corpus): the built-in scenes alone, mining with their first stage, then
+    the built-in scenes and the emoji together, mining with one fitted on both."""
     first = out / "outputs" / "quickstart"
     stages = [
         ("quickstart.yaml", ["--data.first_stage", str(out / "first_stage" / "builtin")]),

@@ -19,26 +19,15 @@ import pytest
 
 from edje.data.icon_captions import icon_caption, icon_concept
 from edje.data.icon_shards import build_icon_corpus, check_icon_corpus
-from edje.data.icons import IconSource, catalogue
+from edje.data.icons import catalogue
 from edje.data.npm import NpmFetchError, NpmPackage, fetch_npm_package
+from tests.helpers.icons import build_fixture_corpus, fixture_icon_source
 from tests.helpers.paths import ROOT
-
-FIXTURE = ROOT / "tests" / "fixtures" / "icons"
 
 
 @pytest.fixture(scope="module")
 def source():
-    from edje.data.emoji import emoji_hold_out
-
-    hold = emoji_hold_out()  # the emoji set's real hold-out (needs the Noto font, as its tests)
-    return IconSource(
-        iconify=FIXTURE / "iconify",
-        emojibase=FIXTURE / "emojibase",
-        mdi=FIXTURE / "mdi",
-        phosphor=FIXTURE / "phosphor",
-        held_concepts=hold.concepts,
-        held_triples=hold.triples,
-    )
+    return fixture_icon_source()
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +38,7 @@ def icons(source):
 @pytest.fixture(scope="module")
 def corpus(source, tmp_path_factory):
     out = tmp_path_factory.mktemp("icons")
-    manifest = build_icon_corpus(out, source=source, shard_size=4, workers=1, show_progress=False)
-    return out, manifest
+    return out, build_fixture_corpus(out, source)
 
 
 def test_names_read_as_words_with_style_words_written_out_and_sizes_dropped():

@@ -1,8 +1,10 @@
 """`ExportEDJE`: the best model survives a resume; without a monitor the final weights are
-exported; the card names the hardware."""
+exported; the card names the hardware; a score error bound of the weights training started
+from is not exported with the trained ones."""
 
 from __future__ import annotations
 
+import json
 import os
 from types import SimpleNamespace
 
@@ -54,3 +56,14 @@ def test_with_a_monitor_the_fit_end_keeps_the_best_export(tmp_path):
     validated(callback, 0.9, exported)
     fit_ended(callback, exported)
     assert exported == [0.9]
+
+
+def test_the_exported_model_drops_the_error_bound_of_the_weights_it_started_from(
+    tiny_model, tmp_path
+):
+    tiny_model.config.score_error_bounds = {"bfloat16": {"bound": 0.2}}  # from `pretrained`
+    callback = ExportEDJE(str(tmp_path / "model"), monitor=None, evaluate_test=False)
+    module = SimpleNamespace(network=SimpleNamespace(edje=tiny_model))
+    callback.export(SimpleNamespace(is_global_zero=True, datamodule=None), module)
+    saved = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert saved.get("score_error_bounds") is None

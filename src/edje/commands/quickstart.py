@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from edje.commands import add_model_option, count, output_folder
+from edje.commands import add_model_option, count, existing_folder, output_folder
 
 EXAMPLE = """example:
   edje quickstart                        # everything in ./edje-quickstart
   edje quickstart --out /tmp/qs          # run again on the same folder: done steps are reused
   edje quickstart --train                # train EDJE here (minutes on a GPU, hours on a CPU)
   edje quickstart --model my-edje        # rerank with any EDJE trained on these backbones
+  edje quickstart --icons outputs/icons  # and zero-shot on the icon corpus's held-out sets
 """
 
 
@@ -37,6 +38,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="train EDJE here first (recipes/quickstart.yaml, then quickstart_emoji.yaml)",
     )
     parser.add_argument("--k", type=count, default=10, help="rerank depth (default: 10)")
+    parser.add_argument(
+        "--icons",
+        type=existing_folder,
+        metavar="CORPUS",
+        help="a built icon corpus (edje data build icons --out CORPUS, then edje data "
+        "first-stage CORPUS): also rerank its held-out sets zero-shot (about 4 minutes on 2 "
+        "cores)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -51,5 +60,5 @@ def run(args: argparse.Namespace) -> int:
             "steps take 1.6-2.5 s each on 2 cores)",
             flush=True,
         )
-    run_quickstart(args.out, model=args.model, train=args.train, k=args.k)
+    run_quickstart(args.out, model=args.model, train=args.train, k=args.k, icons=args.icons)
     return 0

@@ -2,7 +2,8 @@
 
 - `edje.evaluation.retrieval`: `evaluate`, `choose_fusion_weights`, `with_fusion`;
 - `edje.evaluation.metrics`: recall@k with ties counted against the query;
-- `edje.evaluation.report`: `EvaluationReport` (JSON, markdown, plots, contact sheet).
+- `edje.evaluation.report`: `EvaluationReport` (JSON, markdown, plots, contact sheet);
+- `edje.evaluation.zero_shot`: the icon corpus's zero-shot protocol (`zero_shot_icons`).
 """
 
 from edje.evaluation.report import Candidates, EvaluationReport

@@ -148,6 +148,9 @@ class ExportEDJE(Callback):
         pairs = getattr(datamodule, "pairs", None) or {}
         if "train" in pairs:  # what edje search shows when a query matches nothing
             edje.config.example_captions = list(dict.fromkeys(pairs["train"].captions))[:3]
+        # A bound measured on the weights training started from (`pretrained`) is not these
+        # weights': exact mode would trust it. `edje calibrate` measures theirs.
+        edje.config.score_error_bounds = None
         edje.save_pretrained(self.dirpath, compact=self.compact)
         if datamodule is not None:
             processor_for(edje, datamodule).save_pretrained(self.dirpath)
