@@ -108,18 +108,25 @@ def test_one_adapter_type_picks_one_class_and_the_old_names_still_work(tiny_proc
         assert type(EDJEModel(config).adapter) is cls
 
 
-def test_the_shipped_checkpoint_whose_config_has_adapter_mode_scores_as_before(tmp_path):
-    """Its config.json predates `adapter_type` alone choosing (it holds `adapter_mode`): the
-    logits are those the model gave before (computed with edje at 61222b5), and a copy saved
-    with the new config scores bitwise the same."""
+def test_a_config_that_still_has_adapter_mode_loads_and_scores_as_the_current_one(tmp_path):
+    """A config.json from before `adapter_type` alone chose the adapter (it holds
+    `adapter_mode`: tests/fixtures/config_with_adapter_mode.json, the quickstart model's until
+    2026-12-07) loads the same adapter over the shipped weights and scores bitwise as the
+    shipped config does; saved again, it drops `adapter_mode` and still scores the same."""
+    import shutil
+
     from edje import EDJEProcessor
     from edje.quickstart import shipped_checkpoint
+    from tests.helpers.paths import ROOT
 
-    folder = shipped_checkpoint()
-    assert "adapter_mode" in json.loads((folder / "config.json").read_text())
-    model = EDJEModel.from_pretrained(folder).eval()
+    legacy = tmp_path / "legacy"
+    shutil.copytree(shipped_checkpoint(), legacy)
+    old_config = ROOT / "tests" / "fixtures" / "config_with_adapter_mode.json"
+    assert "adapter_mode" in json.loads(old_config.read_text())
+    shutil.copyfile(old_config, legacy / "config.json")
+    model = EDJEModel.from_pretrained(legacy).eval()
     assert type(model.adapter) is EDJELightAdapter
-    processor = EDJEProcessor.from_pretrained(folder)
+    processor = EDJEProcessor.from_pretrained(legacy)
     generator = torch.Generator().manual_seed(0)
     config = model.config
     vision = torch.randn(
@@ -130,13 +137,13 @@ def test_the_shipped_checkpoint_whose_config_has_adapter_mode_scores_as_before(t
     del inputs["image_tokens"]
     with torch.no_grad():
         logits = model(**inputs, vision_tokens=vision).logits
-    before = torch.tensor([-10.008508682250977, -7.306509494781494])
-    torch.testing.assert_close(logits, before, rtol=0, atol=1e-5)
-    model.save_pretrained(tmp_path)
-    assert "adapter_mode" not in json.loads((tmp_path / "config.json").read_text())
+        current = EDJEModel.from_pretrained(shipped_checkpoint()).eval()
+        assert torch.equal(current(**inputs, vision_tokens=vision).logits, logits)
+    model.save_pretrained(tmp_path / "saved")
+    assert "adapter_mode" not in json.loads((tmp_path / "saved" / "config.json").read_text())
     with torch.no_grad():
-        again = EDJEModel.from_pretrained(tmp_path).eval()(**inputs, vision_tokens=vision).logits
-    assert torch.equal(again, logits)
+        again = EDJEModel.from_pretrained(tmp_path / "saved").eval()
+        assert torch.equal(again(**inputs, vision_tokens=vision).logits, logits)
 
 
 def test_image_token_path_gives_one_logit_per_pair(tiny_model, tiny_processor):
