@@ -90,9 +90,10 @@ def run_quickstart(
     step(f"raw token store ready: {out / 'raw.store'}; first stages: {out / 'first_stage'}")
     model_dir = _model_folder(out, model, train, builtin, step)
     report_root = out / "report"
-    suggestion = _reports(out, model_dir, sets, report_root, k, step)
+    loaded = _load_model(model_dir)  # once, for every table
+    suggestion = _reports(out, loaded, model_dir, sets, report_root, k, step)
     if icons is not None:
-        _zero_shot_report(Path(icons), icons_first_stage, model_dir, report_root, k, step)
+        _zero_shot_report(Path(icons), icons_first_stage, loaded, report_root, k, step)
     step(f"reports, plots and contact sheets in {report_root}")
     _print_next(out, model_dir, suggestion)
     return report_root
@@ -128,16 +129,22 @@ def _encode_and_first_stages(out: Path, train: bool, splits, sets: dict, step) -
             _write_images(sets[name]["test"], out / "images" / name)
 
 
-def _reports(out: Path, model_dir: Path, sets: dict, report_root: Path, k: int, step):
-    """Rerank each data set's first-stage top `k` with the model, save and print the reports;
-    returns the query `edje search` is suggested with (from the built-in set), or None."""
+def _load_model(model_dir: Path):
+    """The EDJE to rerank with and its processor, `(model, processor)`."""
     from edje import EDJEModel, EDJEProcessor
+
+    return EDJEModel.from_pretrained(model_dir).eval(), EDJEProcessor.from_pretrained(model_dir)
+
+
+def _reports(out: Path, loaded, model_dir: Path, sets: dict, report_root: Path, k: int, step):
+    """Rerank each data set's first-stage top `k` with the model (`loaded`: model, processor),
+    save and print the reports; returns the query `edje search` is suggested with (from the
+    built-in set), or None."""
     from edje.evaluation import evaluate
     from edje.first_stage import load_embedding_model
     from edje.store import TokenStore
 
-    edje = EDJEModel.from_pretrained(model_dir).eval()
-    processor = EDJEProcessor.from_pretrained(model_dir)
+    edje, processor = loaded
     store = TokenStore.open(out / "raw.store")
     suggestion = None
     for name, title in DATA_SETS.items():
@@ -156,24 +163,18 @@ def _reports(out: Path, model_dir: Path, sets: dict, report_root: Path, k: int, 
     return suggestion
 
 
-def _zero_shot_report(corpus: Path, first_stage: Path, model_dir, report_root, k, step):
-    """The icon corpus's held-out sets, zero-shot: printed, and saved as `report/icons/`
-    `zero_shot.md` and `zero_shot.json`."""
-    from edje import EDJEModel, EDJEProcessor
+def _zero_shot_report(corpus: Path, first_stage: Path, loaded, report_root, k, step):
+    """The icon corpus's held-out sets, zero-shot with `loaded` (model, processor): printed, and
+    saved as `report/icons/` `zero_shot.md` and `zero_shot.json`."""
     from edje.evaluation.zero_shot import zero_shot_icons
     from edje.first_stage import load_embedding_model
 
     def on_set(name: str) -> None:
         step(f"icon corpus, {name}: reranking the first-stage top {k} zero-shot")
 
-    table = zero_shot_icons(
-        EDJEModel.from_pretrained(model_dir).eval(),
-        EDJEProcessor.from_pretrained(model_dir),
-        load_embedding_model(first_stage),
-        corpus,
-        depths=[k],
-        on_set=on_set,
-    )
+    model, processor = loaded
+    first = load_embedding_model(first_stage)
+    table = zero_shot_icons(model, processor, first, corpus, depths=[k], on_set=on_set)
     markdown = table.to_markdown()
     with atomic_folder(report_root / "icons") as partial:
         (partial / "zero_shot.md").write_text(markdown + "\n")
