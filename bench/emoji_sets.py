@@ -1,6 +1,6 @@
 """Small real sets for choosing fine-tuning defaults, written in the custom-data layout.
 
-Two sources of human-made drawings with human-written names:
+Three sources of human-made drawings with human-written names:
 
 - `--source noto` (default): slices of the emoji corpus (`edje.data.load_emoji`: Noto Color
   Emoji, CLDR names) with disjoint concepts. The shipped quickstart model trained on its train
@@ -19,6 +19,13 @@ Two sources of human-made drawings with human-written names:
         --data.first_stage outputs/emoji-sets/slice0.first_stage \\
         --trainer.default_root_dir outputs/emoji-sets/slice0.run \\
         --trainer.callbacks.dirpath outputs/emoji-sets/slice0.model
+
+- `--source heldout --corpus DIR`: the held-out style (OpenMoji) and icon set (game-icons) of a
+  built icon corpus (`edje data build icons`, docs/icons.md), as sets `style` and `set`: no
+  pretraining step saw them. A concept (a drawing and its skin-tone variants) goes whole to
+  train, validation or test (70 / 10 / 20) by a hash of its caption without the skin tones.
+
+    python bench/emoji_sets.py --source heldout --corpus outputs/icons --out outputs/heldout-sets
 
 Each set is a folder with train/, validation/ and test/, each with its images (PNG) and a
 metadata.jsonl, the layout `edje fit` and `edje eval` read (`edje.data.load_data`).
@@ -41,6 +48,8 @@ EMOJIONE_SETS = {
 }
 TONES = {"1": "light", "2": "medium-light", "3": "medium", "4": "medium-dark", "5": "dark"}
 TONE = re.compile(r"\s*tone\s*([1-5])$")
+SKIN = re.compile(r" with [a-z-]+( and [a-z-]+)? skin$")  # the corpus's skin-tone captions
+HELDOUT_SETS = {"style": "icons-heldout-style", "set": "icons-heldout-set"}
 
 
 def write_split(rows, folder: Path) -> int:
@@ -78,12 +87,15 @@ def emojione_caption(name: str) -> str:
     return TONE.sub("", name) + (f", {TONES[tone.group(1)]} skin tone" if tone else "")
 
 
-def emojione_split(code: str) -> str:
-    """train / validation / test (70 / 10 / 20) by a hash of the base code point, so a
-    drawing's skin-tone variants share a split."""
-    base = code.split("-1F3F")[0]  # U+1F3FB..1F3FF are the skin-tone modifiers
-    bucket = int(hashlib.sha256(base.encode()).hexdigest(), 16) % 10
+def concept_split(concept: str) -> str:
+    """train / validation / test (70 / 10 / 20) by a hash of a concept's key."""
+    bucket = int(hashlib.sha256(concept.encode()).hexdigest(), 16) % 10
     return "test" if bucket < 2 else "validation" if bucket < 3 else "train"
+
+
+def emojione_split(code: str) -> str:
+    """The split of a code point's base, so a drawing's skin-tone variants share a split."""
+    return concept_split(code.split("-1F3F")[0])  # U+1F3FB..1F3FF: the skin-tone modifiers
 
 
 def write_emojione(out: Path, root: str | None) -> None:
@@ -113,17 +125,40 @@ def write_emojione(out: Path, root: str | None) -> None:
         print(name, sizes)
 
 
+def write_heldout(out: Path, corpus: Path | None) -> None:
+    from PIL import Image
+
+    if corpus is None:
+        raise SystemExit("--source heldout needs --corpus DIR, a built icon corpus")
+    for name, heldout in HELDOUT_SETS.items():
+        metadata = corpus / heldout / "test" / "metadata.jsonl"
+        if not metadata.is_file():
+            raise SystemExit(f"{metadata} not found: build the corpus with edje data build icons")
+        splits: dict[str, list] = {"train": [], "validation": [], "test": []}
+        for line in metadata.read_text().splitlines():
+            row = json.loads(line)
+            image = Image.open(metadata.parent / row["file_name"]).convert("RGB")
+            image_id = Path(row["file_name"]).stem
+            concept = SKIN.sub("", row["caption"])
+            splits[concept_split(concept)].append((image_id, image, [row["caption"]]))
+        sizes = {split: write_split(rows, out / name / split) for split, rows in splits.items()}
+        print(name, sizes)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--source", choices=["noto", "emojione"], default="noto")
+    parser.add_argument("--source", choices=["noto", "emojione", "heldout"], default="noto")
     parser.add_argument("--slices", type=int, default=4, help="noto: how many slices")
     parser.add_argument("--emojione", help="emojione: a gemojione-* folder (default: Debian's)")
+    parser.add_argument("--corpus", type=Path, help="heldout: a built icon corpus")
     args = parser.parse_args()
     if args.source == "noto":
         write_noto(args.out, args.slices)
-    else:
+    elif args.source == "emojione":
         write_emojione(args.out, args.emojione)
+    else:
+        write_heldout(args.out, args.corpus)
 
 
 if __name__ == "__main__":

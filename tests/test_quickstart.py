@@ -67,7 +67,7 @@ def test_quickstart_leaves_store_first_stage_and_both_reports_and_reuses_them(
     assert copied.stat().st_mtime_ns == probe
 
 
-def test_quickstart_with_a_built_icon_corpus_prints_and_saves_its_zero_shot_table(
+def test_quickstart_with_a_built_icon_corpus_prints_and_saves_its_zero_shot_table_for_that_run_only(
     untrained_edje, icon_corpus, tmp_path, capsys
 ):
     corpus, manifest = icon_corpus
@@ -80,6 +80,14 @@ def test_quickstart_with_a_built_icon_corpus_prints_and_saves_its_zero_shot_tabl
     for name, images in manifest["eval_sets"].items():  # validation and the five held out
         assert saved["sets"][name]["dataset"]["images"] == images, name
         assert f"| `{name}` | {images} |" in table, name
+    # A later run without --icons does not leave that table beside its own reports...
+    run_quickstart(tmp_path, model=str(untrained_edje), builtin=SMALL, k=5)
+    assert not (report / "icons").exists()
+    # ...and a folder of that name that edje did not write stays.
+    (report / "icons").mkdir()
+    (report / "icons" / "zero_shot.md").write_text("mine")
+    run_quickstart(tmp_path, model=str(untrained_edje), builtin=SMALL, k=5)
+    assert (report / "icons" / "zero_shot.md").read_text() == "mine"
 
 
 def test_quickstart_refuses_an_icon_corpus_without_its_first_stage_before_any_work(tmp_path):

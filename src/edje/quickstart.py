@@ -15,7 +15,7 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from edje._utils import atomic_folder, refuse_foreign_folder
+from edje._utils import OWNED_MARK, atomic_folder, refuse_foreign_folder
 from edje.backbones import OFFLINE_TEXT, OFFLINE_VISION
 from edje.data import load_data
 
@@ -94,6 +94,8 @@ def run_quickstart(
     suggestion = _reports(out, loaded, model_dir, sets, report_root, k, step)
     if icons is not None:
         _zero_shot_report(Path(icons), icons_first_stage, loaded, report_root, k, step)
+    else:
+        _drop_earlier_zero_shot(report_root, step)
     step(f"reports, plots and contact sheets in {report_root}")
     _print_next(out, model_dir, suggestion)
     return report_root
@@ -180,6 +182,15 @@ def _zero_shot_report(corpus: Path, first_stage: Path, loaded, report_root, k, s
         (partial / "zero_shot.md").write_text(markdown + "\n")
         (partial / "zero_shot.json").write_text(json.dumps(table.to_dict(), indent=1) + "\n")
     print(f"**zero-shot** on the icon corpus {corpus} (R@1 in percent)\n\n{markdown}")
+
+
+def _drop_earlier_zero_shot(report_root: Path, step) -> None:
+    """Remove the held-out table an earlier `--icons` run saved: the report folder is this
+    run's, and that table may be another model's. A folder edje did not write stays."""
+    folder = report_root / "icons"
+    if (folder / OWNED_MARK).is_file():
+        shutil.rmtree(folder)
+        step(f"removed {folder}, an earlier --icons run's table (not measured with this model)")
 
 
 def _print_next(out: Path, model_dir: Path, suggestion) -> None:

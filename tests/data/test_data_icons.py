@@ -21,7 +21,7 @@ from edje.data.icon_captions import icon_caption, icon_concept
 from edje.data.icon_shards import build_icon_corpus, check_icon_corpus
 from edje.data.icons import catalogue
 from edje.data.npm import NpmFetchError, NpmPackage, fetch_npm_package
-from tests.helpers.icons import build_fixture_corpus, fixture_icon_source
+from tests.helpers.icons import fixture_icon_source
 from tests.helpers.paths import ROOT
 
 
@@ -35,10 +35,10 @@ def icons(source):
     return {icon.key: icon for icon in catalogue(source)}
 
 
-@pytest.fixture(scope="module")
-def corpus(source, tmp_path_factory):
-    out = tmp_path_factory.mktemp("icons")
-    return out, build_fixture_corpus(out, source)
+@pytest.fixture
+def corpus(icon_corpus):
+    """The session's built fixture corpus (with its first stage), read only."""
+    return icon_corpus
 
 
 def test_names_read_as_words_with_style_words_written_out_and_sizes_dropped():
@@ -276,14 +276,14 @@ def test_pretrain_icons_runs_a_few_steps_on_the_corpus_shards(
     from edje import EDJEModel
     from edje.cli import main
 
-    out, manifest = corpus
+    out, manifest = corpus  # its first stage: `edje data first-stage` on 16 of its images
     monkeypatch.chdir(tmp_path)
-    assert main(["data", "first-stage", str(out), "--images", "16", "--out", "probe"]) == 0
     train = sorted(str(p) for p in (out / "train").glob("*.tar"))
     recipe = ROOT / "recipes" / "pretrain_icons.yaml"
     argv = ["fit", "--config", str(recipe), "--trainer.max_steps", "2",
             "--trainer.precision", "32-true", "--data.init_args.batch_size", "4",
-            "--data.init_args.num_workers", "0", "--data.init_args.first_stage", "probe",
+            "--data.init_args.num_workers", "0",
+            "--data.init_args.first_stage", str(out / "first_stage"),
             "--data.init_args.samples_per_epoch", str(manifest["splits"]["train"]),
             "--data.init_args.shards", json.dumps(train)]  # fmt: skip
     assert main(argv) == 0
