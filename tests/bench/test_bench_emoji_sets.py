@@ -1,6 +1,6 @@
-"""bench/emoji_sets.py's EmojiOne source: readable captions, skin-tone variants kept in one
-split, the custom-data layout `edje.data.load_data` reads, and a clear error without the
-package."""
+"""bench/emoji_sets.py's EmojiOne and held-out sources: readable captions, skin-tone variants
+kept in one split, the custom-data layout `edje.data.load_data` reads, and a clear error without
+the package or the corpus."""
 
 from __future__ import annotations
 
@@ -79,3 +79,28 @@ def test_emojione_sets_are_written_in_the_layout_fit_and_eval_read(tmp_path):
 def test_a_missing_emojione_package_names_the_debian_package(tmp_path):
     with pytest.raises(SystemExit, match="ruby-gemojione"):
         emoji_sets.write_emojione(tmp_path / "sets", str(tmp_path / "nowhere"))
+
+
+def test_a_held_out_style_drawing_and_its_skin_tones_share_a_split():
+    captions = ["a woman pilot", "a woman pilot with dark skin",
+                "a kiss of a man and a man with medium-light and dark skin"]  # fmt: skip
+    assert [emoji_sets.SKIN.sub("", c) for c in captions] == [
+        "a woman pilot", "a woman pilot", "a kiss of a man and a man"
+    ]  # fmt: skip
+    assert emoji_sets.concept_split("1F473") == emoji_sets.emojione_split("1F473-1F3FB")
+
+
+def test_the_corpus_held_out_sets_are_written_whole_in_the_custom_layout(icon_corpus, tmp_path):
+    corpus, manifest = icon_corpus
+    emoji_sets.write_heldout(tmp_path / "sets", corpus)
+    for name, heldout in emoji_sets.HELDOUT_SETS.items():
+        written = [
+            json.loads(line)
+            for metadata in (tmp_path / "sets" / name).glob("*/metadata.jsonl")
+            for line in metadata.read_text().splitlines()
+        ]
+        source = (corpus / heldout / "test" / "metadata.jsonl").read_text().splitlines()
+        assert len(written) == manifest["eval_sets"][heldout] == len(source), name
+        assert {r["caption"] for r in written} == {json.loads(r)["caption"] for r in source}
+    with pytest.raises(SystemExit, match="edje data build icons"):
+        emoji_sets.write_heldout(tmp_path / "more", tmp_path / "nowhere")
