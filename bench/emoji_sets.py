@@ -125,6 +125,11 @@ def write_emojione(out: Path, root: str | None) -> None:
         print(name, sizes)
 
 
+def heldout_split(caption: str) -> str:
+    """The split of a held-out drawing's concept: its caption without the skin tones."""
+    return concept_split(SKIN.sub("", caption))
+
+
 def write_heldout(out: Path, corpus: Path | None) -> None:
     from PIL import Image
 
@@ -139,8 +144,7 @@ def write_heldout(out: Path, corpus: Path | None) -> None:
             row = json.loads(line)
             image = Image.open(metadata.parent / row["file_name"]).convert("RGB")
             image_id = Path(row["file_name"]).stem
-            concept = SKIN.sub("", row["caption"])
-            splits[concept_split(concept)].append((image_id, image, [row["caption"]]))
+            splits[heldout_split(row["caption"])].append((image_id, image, [row["caption"]]))
         sizes = {split: write_split(rows, out / name / split) for split, rows in splits.items()}
         print(name, sizes)
 

@@ -87,7 +87,9 @@ def test_a_held_out_style_drawing_and_its_skin_tones_share_a_split():
     assert [emoji_sets.SKIN.sub("", c) for c in captions] == [
         "a woman pilot", "a woman pilot", "a kiss of a man and a man"
     ]  # fmt: skip
-    assert emoji_sets.concept_split("1F473") == emoji_sets.emojione_split("1F473-1F3FB")
+    assert len({emoji_sets.heldout_split(c) for c in captions[:2]}) == 1
+    splits = {emoji_sets.heldout_split(f"thing {n} with dark skin") for n in range(100)}
+    assert splits == {"train", "validation", "test"}
 
 
 def test_the_corpus_held_out_sets_are_written_whole_in_the_custom_layout(icon_corpus, tmp_path):
@@ -98,7 +100,8 @@ def test_the_corpus_held_out_sets_are_written_whole_in_the_custom_layout(icon_co
             json.loads(line)
             for metadata in (tmp_path / "sets" / name).glob("*/metadata.jsonl")
             for line in metadata.read_text().splitlines()
-        ]
+            if emoji_sets.heldout_split(json.loads(line)["caption"]) == metadata.parent.name
+        ]  # only rows in their concept's split count
         source = (corpus / heldout / "test" / "metadata.jsonl").read_text().splitlines()
         assert len(written) == manifest["eval_sets"][heldout] == len(source), name
         assert {r["caption"] for r in written} == {json.loads(r)["caption"] for r in source}
