@@ -58,6 +58,7 @@ class EDJESavingMixin:
         model = _load_compact(cls, pretrained_model_name_or_path, kwargs)
         if model is None:
             model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        model.eval()  # as transformers loads any model: dropout off until a trainer turns it on
         model._vision_source = pretrained_model_name_or_path
         # Weights memory-mapped from safetensors can sit at unaligned addresses, where CPU kernels
         # take other code paths; aligned copies make a loaded model score bitwise as it was saved.

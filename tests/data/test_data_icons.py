@@ -288,5 +288,5 @@ def test_pretrain_icons_runs_a_few_steps_on_the_corpus_shards(
             "--data.init_args.shards", json.dumps(train)]  # fmt: skip
     assert main(argv) == 0
     model = EDJEModel.from_pretrained(tmp_path / "outputs" / "pretrain_icons" / "model")
-    assert model.config.image_token_shape == (16, 384)
+    assert model.config.image_token_shape == (32, 384)  # the recipe's stored tokens
     assert (tmp_path / "outputs" / "pretrain_icons" / "last.ckpt").is_file()  # resumable

@@ -44,7 +44,8 @@ def test_compact_checkpoint_keeps_only_changed_weights_and_scores_identically(fi
     full_bytes = sum(t.numel() * 2 for t in fine_tuned.state_dict().values())
     assert (tmp_path / COMPACT_WEIGHTS).stat().st_size < 0.5 * full_bytes
 
-    loaded = EDJEModel.from_pretrained(tmp_path).eval()
+    loaded = EDJEModel.from_pretrained(tmp_path)
+    assert not loaded.training, "a compact folder loads in eval mode, as a full one does"
     assert not loaded.config.compact_checkpoint
     processor = EDJEProcessor.from_backbones(**OPTIONS, num_image_tokens=4)
     inputs = processor(

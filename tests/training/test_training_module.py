@@ -185,15 +185,19 @@ def test_mlm_joins_the_loss_at_its_start_step(tiny_network, tiny_processor, monk
 
 
 def test_training_from_a_saved_model_starts_with_dropout_active(tiny_processor, tmp_path):
-    """`from_pretrained` returns eval mode; training from it must still use dropout from the
-    first step, while a frozen teacher stays in eval mode."""
+    """`from_pretrained` returns eval mode; a network built from it starts in train mode (so
+    Lightning's summary counts it training), and training uses dropout from the first step even
+    when the network was put in eval mode before `fit`, while a frozen teacher stays in eval
+    mode."""
     from lightning.pytorch import Callback, Trainer
 
     torch.manual_seed(0)
     config = make_tiny_config(len(tiny_processor.tokenizer), tiny_processor.image_token_id)
     EDJEModel(config).save_pretrained(tmp_path / "saved")
     network = EDJEForPreTraining(pretrained=str(tmp_path / "saved"), text_embedding_dim=8)
-    assert not network.edje.training  # as transformers loads it
+    assert not EDJEModel.from_pretrained(tmp_path / "saved").training  # as transformers loads
+    assert network.training and network.edje.training
+    network.eval()  # as after an evaluation run before fitting
     teacher = EDJETeacher(EDJEModel(config))
     modes = {}
 

@@ -107,9 +107,9 @@ class EDJETrainingModule(LightningModule):
         }
 
     def on_fit_start(self) -> None:
-        # `from_pretrained` returns a model in eval mode and Lightning keeps each module's mode:
-        # without this a fine-tune from a saved model would run with dropout off. Teachers
-        # stay frozen in eval mode.
+        # Lightning keeps each module's mode: a network put in eval mode after it was built (a
+        # saved model loads in eval mode) would otherwise train with dropout off. Teachers stay
+        # frozen in eval mode.
         self.network.train()
         if self.teacher is not None:
             self.teacher.eval()

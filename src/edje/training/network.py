@@ -82,6 +82,7 @@ class EDJEForPreTraining(nn.Module):
         self.text_embedding_head = (
             nn.Linear(hidden, text_embedding_dim) if text_embedding_dim else None
         )
+        self.train()  # a saved model loads in eval mode; a network built to train starts training
 
     def itm_logits(self, pairs: dict[str, torch.Tensor], image_tokens: torch.Tensor):
         """One match logit per pair, `[B]`."""
