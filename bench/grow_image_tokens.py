@@ -4,9 +4,12 @@ of docs/icons.md, which compares the two sizes on the same steps and data.
 
     python bench/grow_image_tokens.py --checkpoint outputs/pretrain_icons/last.ckpt \\
         --model src/edje/checkpoints/quickstart --tokens 32 --out outputs/grown32
-    edje fit --config pretrain_icons ... \\
-        --model.network.init_args.pretrained outputs/grown32/model \\
-        --ckpt_path outputs/grown32/last.ckpt
+    edje fit --config pretrain_icons --model.network.init_args.pretrained outputs/grown32/model \\
+        --model.network.init_args.vision null --model.network.init_args.text null \\
+        --model.network.init_args.vision_image_size null \\
+        --model.network.init_args.config null --ckpt_path outputs/grown32/last.ckpt
+
+(in the run's folder, so it goes on writing `outputs/pretrain_icons`; a try runs it in its own.)
 
 `--model` is the saved model the run was built from (its `pretrained`): it gives the config,
 tokenizer and image processing. Writes `OUT/model` (the run's weights at the new size: the
@@ -20,9 +23,6 @@ checkpoint does not match the model.
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -41,37 +41,46 @@ def grow(queries: torch.Tensor, tokens: int, noise: float, generator) -> torch.T
     return torch.cat([queries, extra], 1)
 
 
-def grown_checkpoint(checkpoint: dict, tokens: int, seed: int = 0) -> dict:
-    """The Lightning checkpoint of a run with its queries (and their AdamW moments) grown."""
-    queries = checkpoint["state_dict"].get(QUERIES)
+def grown_checkpoint(checkpoint: dict, tokens: int) -> dict:
+    """The Lightning checkpoint of a run with its queries and their optimizer state (AdamW's
+    moments: every state tensor shaped like the queries) grown; checked whole before a change."""
+    queries = checkpoint.get("state_dict", {}).get(QUERIES)
     if queries is None or queries.dim() != 3:
         raise ValueError(f"grow_image_tokens: the checkpoint has no {QUERIES} [1, m, d] weight.")
     if tokens <= queries.shape[1]:
         raise ValueError(
             f"grow_image_tokens: --tokens must exceed the run's {queries.shape[1]}, got {tokens}."
         )
-    generator = torch.Generator().manual_seed(seed)
-    checkpoint["state_dict"][QUERIES] = grow(queries, tokens, 0.5, generator)
-    states = checkpoint["optimizer_states"][0]["state"].values()
-    moments = [s for s in states if s.get("exp_avg", torch.empty(0)).shape == queries.shape]
-    if len(moments) != 1:
+    optimizers = checkpoint.get("optimizer_states") or [{}]
+    states = [
+        state
+        for state in optimizers[0].get("state", {}).values()
+        if state.get("exp_avg", torch.empty(0)).shape == queries.shape
+    ]
+    if len(optimizers) != 1 or len(states) != 1:
         raise ValueError(
-            f"grow_image_tokens: expected one AdamW state shaped like the queries "
-            f"{tuple(queries.shape)}, found {len(moments)}."
+            "grow_image_tokens: expected one optimizer with one AdamW state shaped like the "
+            f"queries {tuple(queries.shape)}; the checkpoint has {len(optimizers)} optimizer(s) "
+            f"and {len(states)} such state(s) (a weights-only checkpoint cannot resume)."
         )
-    for name in ("exp_avg", "exp_avg_sq"):
-        moments[0][name] = grow(moments[0][name], tokens, 0.0, generator)
+    generator = torch.Generator().manual_seed(0)
+    checkpoint["state_dict"][QUERIES] = grow(queries, tokens, 0.5, generator)
+    for name, value in states[0].items():
+        if isinstance(value, torch.Tensor) and value.shape == queries.shape:
+            states[0][name] = grow(value, tokens, 0.0, generator)
     return checkpoint
 
 
 def write_grown(checkpoint_path: Path, model_dir: str, tokens: int, out: Path) -> None:
     from edje import EDJEModel, EDJEProcessor
+    from edje._utils import atomic_folder
 
     checkpoint = grown_checkpoint(
         torch.load(checkpoint_path, map_location="cpu", weights_only=True), tokens
     )
     config = EDJEModel.from_pretrained(model_dir).config
     config.num_image_tokens = tokens
+    config.score_error_bounds = None  # measured on other weights: exact mode would trust it
     model = EDJEModel(config)
     weights = {
         name[len(PREFIX) :]: tensor
@@ -81,18 +90,10 @@ def write_grown(checkpoint_path: Path, model_dir: str, tokens: int, out: Path) -
     model.load_state_dict(weights, strict=True)  # the checkpoint must be this model's run
     processor = EDJEProcessor.from_pretrained(model_dir)
     processor.num_image_tokens = tokens
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes 0700
-    try:
+    with atomic_folder(out) as staging:
         model.save_pretrained(staging / "model")
         processor.save_pretrained(staging / "model")
         torch.save(checkpoint, staging / "last.ckpt")
-        staging.rename(out)  # whole or not at all
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def main() -> None:

@@ -8,7 +8,8 @@ reranks each model's first-stage top `--depth` on `icons-validation` and every g
     python bench/validation_galleries.py --corpus outputs/icons --galleries 3 \\
         --out outputs/icons-validation-galleries --models RUN_MODEL TRY_MODEL
 
-Prints T2I / I2T R@1 (percent) per model and gallery, and the mean over all, first stage on top.
+Prints T2I / I2T R@1 (percent) per model and gallery, and the mean over all (exact: a caption
+is 0.1 point), first stage on top.
 Galleries already written in `--out` are read, not written again. Validation only: a choice
 made here never sees a held-out set.
 """
@@ -20,8 +21,11 @@ import json
 import tarfile
 from pathlib import Path
 
+from edje._utils import atomic_folder
+from edje.evaluation.metrics import I2T_KEY, T2I_KEY
+
 VALIDATION = "icons-validation"
-METRICS = ("image_retrieval_recall@1", "text_retrieval_recall@1")
+METRICS = (T2I_KEY.format(k=1), I2T_KEY.format(k=1))
 
 
 def validation_samples(corpus: Path):
@@ -58,13 +62,12 @@ def write_galleries(corpus: Path, out: Path, galleries: int, size: int = 1000) -
             f"{sum(map(len, chosen))}."
         )
     for folder, gallery in zip(folders, chosen, strict=True):
-        test = folder / "test"
-        test.mkdir(parents=True, exist_ok=True)
-        rows = []
-        for key, caption, png in gallery:
-            (test / f"{key}.png").write_bytes(png)
-            rows.append(json.dumps({"file_name": f"{key}.png", "caption": caption}))
-        (test / "metadata.jsonl").write_text("\n".join(rows) + "\n")  # last: marks it whole
+        with atomic_folder(folder) as staging:  # whole or absent
+            (staging / "test").mkdir()
+            for key, _, png in gallery:
+                (staging / "test" / f"{key}.png").write_bytes(png)
+            rows = [json.dumps({"file_name": f"{key}.png", "caption": c}) for key, c, _ in gallery]
+            (staging / "test" / "metadata.jsonl").write_text("\n".join(rows) + "\n")
     return folders
 
 
@@ -114,7 +117,7 @@ def main() -> None:
 def _row(name: str, cells: list[list[float]]) -> str:
     mean = [sum(c[j] for c in cells) / len(cells) for j in (0, 1)]
     shown = [f"{t2i:.1f} / {i2t:.1f}" for t2i, i2t in cells]
-    return f"| {name} | " + " | ".join(shown) + f" | **{mean[0]:.2f} / {mean[1]:.2f}** |"
+    return f"| {name} | " + " | ".join(shown) + f" | **{mean[0]:.3f} / {mean[1]:.3f}** |"
 
 
 if __name__ == "__main__":

@@ -43,6 +43,8 @@ def test_a_gallery_holds_the_validation_captions_icons_validation_does_not(corpu
     [caption] = captions(folder)
     assert len(shards) == 2 and held[0] in shards
     assert caption in shards - set(held)
+    # fluent-emoji's drawing of icons-validation's caption stays out
+    assert [p.name for p in folder.glob("test/*.png")] == ["streamline-emojis__airplane.png"]
     [image] = folder.glob("test/*.png")
     assert image.read_bytes().startswith(b"\x89PNG")
 
@@ -54,3 +56,4 @@ def test_a_gallery_holds_the_validation_captions_icons_validation_does_not(corpu
 def test_more_galleries_than_the_split_holds_is_an_error_naming_both(corpus, tmp_path):
     with pytest.raises(ValueError, match=r"2 galleries of 1 need 2 captions .* holds 1\."):
         galleries.write_galleries(corpus, tmp_path, 2, size=1)
+    assert list(tmp_path.iterdir()) == []

@@ -184,6 +184,15 @@ def test_mlm_joins_the_loss_at_its_start_step(tiny_network, tiny_processor, monk
         EDJETrainingModule(tiny_network, mlm_start_step=-1)
 
 
+def test_a_saved_model_with_a_config_for_new_models_is_refused(tiny_processor, tmp_path):
+    """A recipe's `config` shapes models built from backbones; warm-started from a saved model it
+    would silently not apply (its stored tokens stay the saved model's)."""
+    config = make_tiny_config(len(tiny_processor.tokenizer), tiny_processor.image_token_id)
+    EDJEModel(config).save_pretrained(tmp_path / "saved")
+    with pytest.raises(ValueError, match=r"a given or saved model keeps its own.*config null"):
+        EDJEForPreTraining(pretrained=str(tmp_path / "saved"), config={"num_image_tokens": 8})
+
+
 def test_training_from_a_saved_model_starts_with_dropout_active(tiny_processor, tmp_path):
     """`from_pretrained` returns eval mode; a network built from it starts in train mode (so
     Lightning's summary counts it training), and training uses dropout from the first step even

@@ -107,9 +107,9 @@ class EDJETrainingModule(LightningModule):
         }
 
     def on_fit_start(self) -> None:
-        # Lightning keeps each module's mode: a network put in eval mode after it was built (a
-        # saved model loads in eval mode) would otherwise train with dropout off. Teachers stay
-        # frozen in eval mode.
+        # Lightning keeps each module's mode: a network put in eval mode after it was built (an
+        # evaluation before fit) would otherwise train with dropout off. Teachers stay frozen in
+        # eval mode.
         self.network.train()
         if self.teacher is not None:
             self.teacher.eval()

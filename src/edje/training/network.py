@@ -56,6 +56,13 @@ class EDJEForPreTraining(nn.Module):
                 f"edje={edje is not None}, pretrained={pretrained!r}, vision={vision!r}, "
                 f"text={text!r}."
             )
+        if (edje is not None or pretrained is not None) and (config or vision_image_size):
+            raise ValueError(
+                "EDJEForPreTraining: config and vision_image_size shape a model built from "
+                "backbones; a given or saved model keeps its own. Got them with "
+                f"pretrained={pretrained!r} (on the command line, set "
+                "--model.network.init_args.config null and ...vision_image_size null)."
+            )
         if pretrained is not None:
             edje = EDJEModel.from_pretrained(pretrained)
         elif edje is None:
