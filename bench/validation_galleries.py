@@ -35,6 +35,8 @@ def validation_samples(corpus: Path):
             members = {m.name: m for m in tar.getmembers()}
             for name in (n for n in members if n.endswith(".txt")):
                 key = name[: -len(".txt")]
+                if f"{key}.png" not in members:
+                    raise ValueError(f"validation_galleries: {shard} has {name} but no {key}.png.")
                 caption = tar.extractfile(members[name]).read().decode()
                 yield key, caption, tar.extractfile(members[f"{key}.png"]).read()
 
