@@ -12,7 +12,7 @@ from edje import EDJEModel
 from edje.training import EDJEForPreTraining, EDJETrainingModule
 from tests.helpers.paths import ROOT
 from tests.helpers.tiny import make_tiny_config
-from tests.training.test_training_module import synthetic_batch
+from tests.helpers.training_batches import synthetic_batch
 
 BENCH = ROOT / "bench" / "grow_image_tokens.py"
 spec = importlib.util.spec_from_file_location("bench_grow_image_tokens", BENCH)

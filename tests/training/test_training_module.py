@@ -12,9 +12,9 @@ from edje.training import (
     EDJETeacher,
     EDJETrainingModule,
     FirstStageTeacher,
-    stable_key,
 )
 from tests.helpers.tiny import make_tiny_config
+from tests.helpers.training_batches import synthetic_batch
 
 
 @pytest.fixture
@@ -22,21 +22,6 @@ def tiny_network(tiny_processor):
     torch.manual_seed(0)
     config = make_tiny_config(len(tiny_processor.tokenizer), tiny_processor.image_token_id)
     return EDJEForPreTraining(EDJEModel(config), text_embedding_dim=8)
-
-
-def synthetic_batch(processor, size: int = 6, seed: int = 0) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    captions = [f"a shape number {i} of colour {i * 7 % 5}" for i in range(size)]
-    encoded = processor.tokenize_captions(captions, pad_to_max_length=True)
-    return {
-        "caption_ids": encoded["input_ids"],
-        "caption_mask": encoded["attention_mask"],
-        "vision_tokens": torch.randn(size, 5, 32, generator=generator),
-        "image_key": torch.tensor([stable_key(f"img{i}") for i in range(size)]),
-        "caption_key": torch.tensor([stable_key(c) for c in captions]),
-        "text_embedding": F.normalize(torch.randn(size, 8, generator=generator), dim=-1),
-        "image_embedding": F.normalize(torch.randn(size, 8, generator=generator), dim=-1),
-    }
 
 
 def test_every_objective_gives_a_finite_loss_and_gradients(tiny_network, tiny_processor):
