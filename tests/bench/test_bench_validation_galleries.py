@@ -57,3 +57,19 @@ def test_more_galleries_than_the_split_holds_is_an_error_naming_both(corpus, tmp
     with pytest.raises(ValueError, match=r"2 galleries of 1 need 2 captions .* holds 1\."):
         galleries.write_galleries(corpus, tmp_path, 2, size=1)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_validation_sample_without_its_image_is_an_error_naming_the_shard_and_file(tmp_path):
+    import io
+    import tarfile
+
+    (tmp_path / "validation").mkdir()
+    shard = tmp_path / "validation" / "validation-000000.tar"
+    with tarfile.open(shard, "w") as tar:
+        info = tarfile.TarInfo("icon__cat.txt")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"cat"))
+    with pytest.raises(
+        ValueError, match=r"validation-000000\.tar has icon__cat\.txt but no icon__cat\.png"
+    ):
+        list(galleries.validation_samples(tmp_path))
