@@ -24,6 +24,29 @@ def make_tiny_config(tokenizer_size: int, image_token_id: int, **overrides):
     return EDJEConfig(**values)
 
 
+def make_tiny_config_on_offline_dinov2(tokenizer_size: int, **overrides):
+    """A tiny joint encoder (width 64, 2 layers) over the offline DINOv2-S's raw tokens at
+    112 px (65 of width 384), for training on a real raw store; <image> is the last id.
+    `text_config` entries given are added to the tiny one's."""
+    text = dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=128,
+        vocab_size=tokenizer_size,
+    )
+    text.update(overrides.pop("text_config", {}))
+    values = dict(
+        text_config=text,
+        vision_hidden_size=384,
+        vision_num_tokens=65,
+        vision_num_heads=6,
+        max_caption_length=32,
+    )
+    values.update(overrides)
+    return make_tiny_config(tokenizer_size, tokenizer_size - 1, **values)
+
+
 def make_tiny_model(processor, vision_encoder, seed: int = 0):
     """A tiny EDJE whose config names its vision encoder and preprocessing (for stores)."""
     import torch

@@ -18,7 +18,7 @@ from edje.training import EDJEDataModule, EDJEForPreTraining, EDJETrainingModule
 from edje.training.export import processor_for
 from edje.training.hardware import describe_hardware
 from tests.helpers.paths import ROOT
-from tests.helpers.tiny import make_tiny_config
+from tests.helpers.tiny import make_tiny_config_on_offline_dinov2
 
 RECIPE = "recipes/quickstart.yaml"
 
@@ -45,27 +45,14 @@ def test_sixty_four_pairs_overfit_to_95_percent_pair_accuracy(sixty_four_scenes,
     data.prepare_data()
     data.setup("fit")
     tokenizer_size = len(data.tokenizer) + 1  # + <image>
-    config = make_tiny_config(
+    config = make_tiny_config_on_offline_dinov2(
         tokenizer_size,
-        tokenizer_size - 1,
-        text_config=dict(
-            hidden_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=128,
-            vocab_size=tokenizer_size,
-            hidden_dropout_prob=0.0,
-            attention_probs_dropout_prob=0.0,
-        ),
-        vision_hidden_size=384,
-        vision_num_tokens=65,
-        vision_num_heads=6,
+        text_config=dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
         num_image_tokens=8,
         adapter_mlp_size=128,
         adapter_type="light",
         adapter_qk_norm=True,  # without these two a tiny random model sits at chance longer
         adapter_position_embedding=True,
-        max_caption_length=32,
     )
     torch.manual_seed(0)
     network = EDJEForPreTraining(EDJEModel(config), mlm=False)

@@ -16,6 +16,7 @@ from edje.training.teachers import (
     Teacher,
     TeacherPairs,
 )
+from edje.training.validation_recall import ValidationRecall
 
 __all__ = [
     "BlipITMTeacher",
@@ -28,5 +29,6 @@ __all__ = [
     "ShardDataModule",
     "Teacher",
     "TeacherPairs",
+    "ValidationRecall",
     "stable_key",
 ]

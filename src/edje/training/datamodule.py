@@ -152,7 +152,8 @@ class EDJEDataModule(LightningDataModule):
             devices=1,
         )
         logger.info(result.summary())
-        if self.fit_first_stage and not Path(self.first_stage).exists():
+        loaded = not isinstance(self.first_stage, str | Path)  # setup() ran before: it exists
+        if self.fit_first_stage and not loaded and not Path(self.first_stage).exists():
             self._fit_first_stage(splits["train"])
 
     def _load(self) -> DatasetDict:
