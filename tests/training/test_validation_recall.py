@@ -4,6 +4,7 @@ module: Lightning's second prepare_data, after setup, keeps the fitted first sta
 
 from __future__ import annotations
 
+from collections import Counter
 from types import SimpleNamespace
 
 import pytest
@@ -14,6 +15,7 @@ from edje import EDJEModel
 from edje.backbones import OFFLINE_TEXT, OFFLINE_VISION, load_image_processor
 from edje.data import make_builtin_dataset
 from edje.evaluation import evaluate
+from edje.first_stage.base import EmbeddingModel
 from edje.training import (
     EDJEDataModule,
     EDJEForPreTraining,
@@ -147,6 +149,51 @@ def test_recall_is_of_the_weights_given_and_the_network_goes_back_to_train_mode(
         assert recall["val/reranked_r1"] == pytest.approx(mean_r1(direct), abs=1e-4)
         figures.append(recall)
     assert figures[0] != figures[1], "two random networks ranked the split alike"
+
+
+class CountingFirstStage(EmbeddingModel):
+    """The data module's first stage, counting what it embeds and where it is moved."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.embedding_dim, self.name = inner, inner.embedding_dim, inner.name
+        self.calls, self.moves = Counter(), []
+
+    def embed_texts(self, texts, batch_size=256, show_progress_bar=None):
+        self.calls["texts"] += 1
+        return self.inner.encode_texts(texts, batch_size, show_progress_bar)
+
+    def embed_images(self, images, batch_size=64, show_progress_bar=None):
+        self.calls["images"] += 1
+        return self.inner.encode_images(images, batch_size, show_progress_bar)
+
+    def to(self, *args, **kwargs):
+        self.moves.append(torch.device(args[0] if args else kwargs["device"]))
+        return super().to(*args, **kwargs)
+
+
+def test_the_first_stage_embeds_the_split_once_and_goes_back_where_it_was(
+    scenes_module, monkeypatch
+):
+    data, _ = scenes_module
+    counting = CountingFirstStage(data.first_stage)
+    monkeypatch.setattr(data, "first_stage", counting)
+    split, recall = data.splits["validation"], ValidationRecall(k=5)
+    figures = [recall._rerank(tiny_network(data, seed).edje, data, split) for seed in (0, 0, 1)]
+    assert counting.calls == {"texts": 1, "images": 1}
+    # For the images, then the captions: to the device evaluate asks for, then back to its own.
+    assert counting.moves == [torch.device("cpu"), counting.device] * 2
+    # The remembered embeddings rank as the first stage's own.
+    assert figures[0] == figures[1] != figures[2]
+    edje = tiny_network(data, 1).edje.eval()
+    direct = evaluate(split, counting.inner, edje, processor_for(edje, data), data.store, k=5,
+                      ks=(1,), fusion=None, device="cpu", show_progress_bar=False)  # fmt: skip
+    assert figures[2]["val/reranked_r1"] == pytest.approx(mean_r1(direct), abs=1e-4)
+    # Another first stage is embedded anew.
+    other = CountingFirstStage(counting.inner)
+    monkeypatch.setattr(data, "first_stage", other)
+    recall._rerank(tiny_network(data, 0).edje, data, split)
+    assert other.calls == {"texts": 1, "images": 1}
 
 
 def test_a_data_module_without_a_first_stage_is_refused_before_training():

@@ -7,6 +7,8 @@ import logging
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from edje.first_stage.base import EmbeddingModel
+
 logger = logging.getLogger(__name__)
 
 T2I, I2T = "image_retrieval_recall@1", "text_retrieval_recall@1"
@@ -32,6 +34,7 @@ class ValidationRecall(Callback):
         if k < 1:
             raise ValueError(f"ValidationRecall: k must be >= 1, got {k}")
         self.k = k
+        self._first_stage: _RememberedEmbeddings | None = None
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         # Checked before the first epoch, not after it.
@@ -66,11 +69,13 @@ class ValidationRecall(Callback):
         from edje.evaluation import evaluate
         from edje.training.export import processor_for
 
+        if self._first_stage is None or self._first_stage.model is not datamodule.first_stage:
+            self._first_stage = _RememberedEmbeddings(datamodule.first_stage)
         modes = {module: module.training for module in edje.modules()}
         edje.eval()
         try:
             report = evaluate(
-                split, datamodule.first_stage, edje, processor_for(edje, datamodule),
+                split, self._first_stage, edje, processor_for(edje, datamodule),
                 datamodule.store, k=self.k, ks=(1,), fusion=None,
                 device=next(edje.parameters()).device, show_progress_bar=False,
             )  # fmt: skip
@@ -83,3 +88,46 @@ class ValidationRecall(Callback):
             "val/reranked_i2t_r1": i2t,
             "val/reranked_r1": (t2i + i2t) / 2,
         }
+
+
+class _RememberedEmbeddings(EmbeddingModel):
+    """A frozen first stage's embeddings of the validation split, computed at the first
+    validation and served again after (on a small set they were a third of each epoch's
+    ranking). The first stage runs on the device `evaluate` asks for and goes back to its own.
+    """
+
+    def __init__(self, model: EmbeddingModel):
+        super().__init__()
+        self.__dict__["model"] = model  # not a submodule: `.to()` must not move it for good
+        self.embedding_dim = getattr(model, "embedding_dim", None)
+        self.name = getattr(model, "name", type(model).__name__)
+        self._target = torch.device("cpu")
+        self._remembered: dict[str, tuple[object, torch.Tensor]] = {}
+
+    def to(self, device, *args, **kwargs):
+        self._target = torch.device(device)
+        return self
+
+    def embed_texts(self, texts, batch_size=256, show_progress_bar=None):
+        key = tuple(texts)
+        return self._remember("texts", key, lambda: self.model.encode_texts(
+            texts, batch_size=batch_size, show_progress_bar=show_progress_bar))  # fmt: skip
+
+    def embed_images(self, images, batch_size=64, show_progress_bar=None):
+        # Validation hands the same split each time; its length tells another one apart.
+        key = len(images)
+        return self._remember("images", key, lambda: self.model.encode_images(
+            images, batch_size=batch_size, show_progress_bar=show_progress_bar))  # fmt: skip
+
+    def _remember(self, kind: str, key, embed) -> torch.Tensor:
+        if kind in self._remembered and self._remembered[kind][0] == key:
+            return self._remembered[kind][1]
+        home = getattr(self.model, "device", None)
+        self.model.to(self._target)
+        try:
+            embeddings = embed().cpu()
+        finally:
+            if home is not None:
+                self.model.to(home)
+        self._remembered[kind] = (key, embeddings)
+        return embeddings
