@@ -104,8 +104,10 @@ class _RememberedEmbeddings(EmbeddingModel):
         self._target = torch.device("cpu")
         self._remembered: dict[str, tuple[object, torch.Tensor]] = {}
 
-    def to(self, device, *args, **kwargs):
-        self._target = torch.device(device)
+    def to(self, *args, **kwargs):
+        device = torch._C._nn._parse_to(*args, **kwargs)[0]  # nn.Module.to's own reading
+        if device is not None:
+            self._target = device
         return self
 
     def embed_texts(self, texts, batch_size=256, show_progress_bar=None):
