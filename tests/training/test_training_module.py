@@ -213,3 +213,30 @@ def test_training_from_a_saved_model_starts_with_dropout_active(tiny_processor, 
     trainer.fit(module, train_dataloaders=batches)
     assert modes["network"] and all(modes["network"]), modes["network"]
     assert not any(modes["teacher"])
+
+
+def test_text_recovery_reads_the_captions_cropped_to_the_longest_and_gives_the_same_embedding(
+    tiny_network, tiny_processor
+):
+    """Batches pad to the maximum length; the text-only pass reads only the longest caption's
+    columns (the cost of the padding) and gives what the padded pass would."""
+    tiny_network.eval()  # no dropout: the two passes compare
+    batch = synthetic_batch(tiny_processor)
+    ids, mask = batch["caption_ids"], batch["caption_mask"]
+    longest = int(mask.sum(dim=1).max())
+    padded_ids = torch.nn.functional.pad(ids, (0, 20), value=tiny_processor.tokenizer.pad_token_id)
+    padded_mask = torch.nn.functional.pad(mask, (0, 20))
+    widths = []
+    hook = tiny_network.edje.joint_encoder.register_forward_pre_hook(
+        lambda module, args, kwargs: widths.append(kwargs["input_ids"].shape[1]), with_kwargs=True
+    )
+    with torch.no_grad():
+        padded = tiny_network.text_embedding(padded_ids, padded_mask)
+        full = tiny_network.edje.joint_encoder(
+            input_ids=padded_ids,
+            attention_mask=padded_mask,
+            token_type_ids=torch.zeros_like(padded_ids),
+        ).last_hidden_state[:, 0]
+    hook.remove()
+    assert widths[0] == longest < padded_ids.shape[1]
+    torch.testing.assert_close(padded, tiny_network.text_embedding_head(full), atol=1e-5, rtol=1e-5)

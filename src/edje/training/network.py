@@ -113,6 +113,10 @@ class EDJEForPreTraining(nn.Module):
                 "EDJEForPreTraining was built without text_embedding_dim: it has no "
                 "text-embedding head."
             )
+        # Right-padded captions: columns past the longest hold padding only. Batches pad to the
+        # maximum length (equal shapes across processes), which would otherwise triple the work.
+        width = int(caption_mask.sum(dim=1).max())
+        caption_ids, caption_mask = caption_ids[:, :width], caption_mask[:, :width]
         hidden = self.edje.joint_encoder(
             input_ids=caption_ids,
             attention_mask=caption_mask,
