@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from edje._utils import atomic_write
 from edje.backbones import OFFLINE_TEXT, OFFLINE_VISION
 from edje.training import EDJEForPreTraining, EDJETrainingModule
 from edje.training.hardware import describe_hardware
@@ -84,6 +85,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    if args.out:  # before the measurements: a missing folder must not cost them
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     network = EDJEForPreTraining(
         vision=OFFLINE_VISION, text=OFFLINE_TEXT, vision_image_size=args.image_size,
@@ -137,8 +140,8 @@ def main(argv: list[str] | None = None) -> dict:
         report["reading_tar_shards"] = stream_rate(Path(folder), side=args.image_size)
     print(json.dumps(report, indent=2))
     if args.out:
-        with open(args.out, "w") as file:
-            json.dump(report, file, indent=2)
+        text = json.dumps(report, indent=2)
+        atomic_write(args.out, lambda temp: Path(temp).write_text(text))
     return report
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 def main() -> None:
     from edje import EDJEModel, EDJEProcessor
+    from edje._utils import atomic_write
     from edje.evaluation.zero_shot import zero_shot_icons
     from edje.first_stage import load_embedding_model
 
@@ -36,6 +37,8 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--out", type=Path, help="JSON of every report's metrics")
     args = parser.parse_args()
+    if args.out:  # before the work: a missing folder must not cost an evaluation of minutes
+        args.out.parent.mkdir(parents=True, exist_ok=True)
     table = zero_shot_icons(
         EDJEModel.from_pretrained(args.model).eval(),
         EDJEProcessor.from_pretrained(args.model),
@@ -46,7 +49,8 @@ def main() -> None:
     )
     print(table.to_markdown())
     if args.out:
-        args.out.write_text(json.dumps(table.to_dict(), indent=1))
+        text = json.dumps(table.to_dict(), indent=1)
+        atomic_write(args.out, lambda temp: Path(temp).write_text(text))
 
 
 if __name__ == "__main__":
