@@ -1,9 +1,11 @@
-"""`edje fit` keeps bf16 where the CPU computes it natively and falls back to float32 where a
-bf16 matmul would run a reference kernel tens of times slower."""
+"""`edje fit` keeps bf16 where the CPU computes it faster than float32 and falls back to
+float32 where it does not: no native bf16 (a reference kernel tens of times slower), or native
+bf16 that still measures slower (AVX-512 BF16 without AMX)."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 
 from edje.commands import fit
 from edje.training import hardware
@@ -19,17 +21,38 @@ def test_native_bf16_is_read_from_the_cpu_flags():
     assert not hardware.cpu_has_native_bf16(AVX2_ONLY)
 
 
+def test_matmul_speed_is_measured_in_each_dtype(monkeypatch):
+    products = []
+    real_matmul = torch.Tensor.__matmul__
+
+    def counting_matmul(a, b):
+        products.append(a.dtype)
+        return real_matmul(a, b)
+
+    monkeypatch.setattr(torch.Tensor, "__matmul__", counting_matmul)
+    assert hardware.matmul_gflops(torch.float32, size=64, repeats=3) > 0
+    assert hardware.matmul_gflops(torch.bfloat16, size=64, repeats=3) > 0
+    assert products == [torch.float32] * 4 + [torch.bfloat16] * 4  # a warm-up and 3 timed
+
+
 @pytest.mark.parametrize(
-    ("cpuinfo", "accelerator", "expected"),
+    ("cpuinfo", "speedup", "accelerator", "expected"),
     [
-        (AVX2_ONLY, "cpu", "32-true"),
-        (AVX512_BF16, "cpu", "bf16-mixed"),
-        (AVX2_ONLY, "gpu", "bf16-mixed"),  # not the CPU's business
+        (AVX2_ONLY, 9.6, "cpu", "32-true"),  # no native bf16: not even measured
+        (AVX512_BF16, 9.6, "cpu", "bf16-mixed"),  # AMX
+        (AVX512_BF16, 0.5, "cpu", "32-true"),  # AVX-512 BF16 without AMX
+        (AVX2_ONLY, 0.5, "gpu", "bf16-mixed"),  # not the CPU's business
     ],
 )
-def test_cpu_without_bf16_trains_in_float32(monkeypatch, cpuinfo, accelerator, expected):
+def test_cpu_trains_in_float32_where_bf16_is_not_faster(
+    monkeypatch, caplog, cpuinfo, speedup, accelerator, expected
+):
     native = hardware.cpu_has_native_bf16(cpuinfo)
     monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(hardware, "cpu_bf16_speedup", lambda: speedup)
     trainer = {"precision": "bf16-mixed", "accelerator": accelerator}
     fit.cpu_precision(trainer)
     assert trainer["precision"] == expected
+    if expected == "32-true":
+        assert "training in float32" in caplog.text
+        assert ("0.50x" in caplog.text) == native
