@@ -4,6 +4,8 @@ bf16 that still measures slower (AVX-512 BF16 without AMX)."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -48,11 +50,28 @@ def test_cpu_trains_in_float32_where_bf16_is_not_faster(
     monkeypatch, caplog, cpuinfo, speedup, accelerator, expected
 ):
     native = hardware.cpu_has_native_bf16(cpuinfo)
+    measured = []
     monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: native)
-    monkeypatch.setattr(hardware, "cpu_bf16_speedup", lambda: speedup)
+    monkeypatch.setattr(hardware, "cpu_bf16_speedup", lambda: measured.append(1) or speedup)
+    monkeypatch.setenv(fit.BF16_SPEEDUP_ENV, "")  # unmeasured; restored after the test
     trainer = {"precision": "bf16-mixed", "accelerator": accelerator}
     fit.cpu_precision(trainer)
     assert trainer["precision"] == expected
+    assert len(measured) == (native and accelerator == "cpu")  # timed only where it decides
     if expected == "32-true":
         assert "training in float32" in caplog.text
         assert ("0.50x" in caplog.text) == native
+
+
+def test_the_runs_other_processes_reuse_the_first_measurement(monkeypatch):
+    """DDP's processes start from the first one's environment: they take its measurement, so
+    no rank trains in another precision because its own timing came out on the other side."""
+    speeds = iter([0.5, 9.6])
+    monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(hardware, "cpu_bf16_speedup", lambda: next(speeds))
+    monkeypatch.setenv(fit.BF16_SPEEDUP_ENV, "")  # unmeasured; restored after the test
+    first, other = ({"precision": "bf16-mixed", "accelerator": "cpu"} for _ in range(2))
+    fit.cpu_precision(first)
+    fit.cpu_precision(other)
+    assert first["precision"] == other["precision"] == "32-true"
+    assert float(os.environ[fit.BF16_SPEEDUP_ENV]) == 0.5

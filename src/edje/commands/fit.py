@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -101,6 +102,9 @@ def with_packaged_recipes(cli_args: list[str]) -> list[str]:
     return out
 
 
+BF16_SPEEDUP_ENV = "EDJE_CPU_BF16_SPEEDUP"  # cpu_precision's measurement, for the run's other ranks
+
+
 def cpu_precision(trainer) -> None:
     """Recipes ask for bf16-mixed (GPUs, CPUs with fast bf16 units). On a CPU, train in float32
     where bf16 is slower: without native bf16 a matmul runs a reference kernel tens of times
@@ -120,7 +124,10 @@ def cpu_precision(trainer) -> None:
     if not hardware.cpu_has_native_bf16():
         reason = "this CPU has no native bfloat16, where a bf16 matmul runs tens of times slower"
     else:
-        speedup = hardware.cpu_bf16_speedup()
+        # Measured once per run: DDP's processes start from this one's environment, so every
+        # rank trains in the precision the first one measured.
+        speedup = float(os.environ.get(BF16_SPEEDUP_ENV) or hardware.cpu_bf16_speedup())
+        os.environ[BF16_SPEEDUP_ENV] = repr(speedup)
         if speedup >= 1:
             return
         reason = f"bf16 matmuls measured {speedup:.2f}x float32's speed on this CPU"
