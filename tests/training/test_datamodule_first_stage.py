@@ -56,6 +56,25 @@ def test_a_probe_folder_that_names_a_cached_hub_model_is_refused(no_encoding, mo
     assert not (no_encoding / "acme").exists()
 
 
+def test_a_probe_folder_named_like_a_hub_id_is_not_refused_where_the_hub_cannot_be_reached(
+    monkeypatch,
+):
+    """`--data.first_stage sets/people.first_stage` on a machine without the Hub (and without
+    HF_HUB_OFFLINE): the real client's connection error means no Hub model to shadow."""
+    import huggingface_hub
+    from huggingface_hub import HfApi, constants
+
+    from edje.training.datamodule import refuse_probe_folder
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    unreachable = HfApi(endpoint="http://127.0.0.1:9")  # the discard port: refused at once
+    monkeypatch.setattr(huggingface_hub, "repo_exists", unreachable.repo_exists)
+    with pytest.raises(Exception) as refused:  # what the client raises without the Hub
+        unreachable.repo_exists("sets/people.first_stage")
+    assert not isinstance(refused.value, ValueError)
+    refuse_probe_folder("sets/people.first_stage", EDJEDataModule("builtin").vision)  # no raise
+
+
 def test_a_probe_is_refused_on_a_vision_encoder_without_cls(no_encoding):
     from transformers import SiglipVisionConfig
 

@@ -317,8 +317,8 @@ def _names_a_hub_model(repo_id: str) -> bool:
         return False
     try:
         return repo_exists(repo_id)
-    except OSError:  # unreachable: nothing to shadow that this run could load
-        return False
+    except Exception:  # the Hub unreachable (its HTTP client's own error type, not OSError
+        return False  # with httpx): nothing there that this run could load either
 
 
 def agreeing(linked: dict[str, Any], **given: Any) -> dict[str, Any]:
